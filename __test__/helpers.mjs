@@ -1,0 +1,71 @@
+// Shared fixtures for the addon's tests: a fake mcpd per test, a temporary
+// config dir (never the real ~/.mcpctl), providers that record their calls,
+// and a logger that captures every line.
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createRequire } from 'node:module'
+
+const require = createRequire(import.meta.url)
+export const addon = require('../index.js')
+export const { FakeMcpd } = require('../testing/index.js')
+export const TOKEN = 'sk-test-token-0123456789'
+
+/** A fake mcpd listening on loopback, closed when the test ends. */
+export async function startMcpd(t, options = {}) {
+  const mcpd = new FakeMcpd({ token: TOKEN, keepAliveMs: 0, ...options })
+  await mcpd.listen()
+  t.after(() => mcpd.close())
+  return mcpd
+}
+
+/** A fresh config dir under the OS temp dir, removed when the test ends. */
+export async function tempConfigDir(t) {
+  const dir = await mkdtemp(join(tmpdir(), 'mcpctl-registrar-test-'))
+  t.after(() => rm(dir, { recursive: true, force: true }))
+  return dir
+}
+
+/** Captures every log line, to assert on and to check no line carries the token. */
+export function captureLogger() {
+  const lines = []
+  const record = (level) => (msg, fields) => lines.push({ level, msg, fields })
+  return { lines, debug: record('debug'), info: record('info'), warn: record('warn'), error: record('error') }
+}
+
+/** A provider that answers `reply(options)` and records the options it got. */
+export function recordingProvider(reply = () => ({ content: 'hello from the provider', finishReason: 'stop', usage: { promptTokens: 3, completionTokens: 4 } })) {
+  const calls = []
+  return {
+    calls,
+    async complete(options) {
+      calls.push(options)
+      return reply(options)
+    },
+  }
+}
+
+/** Starts a registrar against `mcpd` publishing `providers` ({ name: LlmProvider }). */
+export async function startRegistrar(t, mcpd, providers, options = {}) {
+  const configDir = options.configDir ?? (await tempConfigDir(t))
+  const logger = options.logger ?? captureLogger()
+  const registrar = new addon.VirtualLlmRegistrar({
+    mcpdUrl: mcpd.url,
+    token: TOKEN,
+    configDir,
+    logger,
+    backoff: { initialMs: 50, maxMs: 200 },
+    heartbeatIntervalMs: 60_000,
+    providers: Object.entries(providers).map(([name, provider]) => ({ name, type: 'test', model: `${name}-model`, publish: true, provider })),
+    ...options,
+    ...(options.logger ? {} : { logger }),
+  })
+  t.after(() => registrar.stop())
+  await registrar.start()
+  await mcpd.waitFor(() => registrar.status().state === 'connected' && mcpd.connections.some((c) => c.closedAt === null))
+  return { registrar, configDir, logger }
+}
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+export const chatBody = (extra = {}) => ({ model: 'local', messages: [{ role: 'user', content: 'Say hello' }], ...extra })

@@ -1,0 +1,5 @@
+//! The napi layer: thin glue between JavaScript and the core.
+
+mod options;
+mod provider_bridge;
+mod registrar;

@@ -1,0 +1,361 @@
+//! The JavaScript surface (API.md): the `VirtualLlmRegistrar` class and
+//! mcplocal's boot hook `maybeStartVirtualLlmRegistrar`. Thin glue over the core.
+
+use std::sync::Arc;
+
+use napi::bindgen_prelude::{Array, Function, JsObjectValue, Object, PromiseRaw, Unknown};
+use napi::{Env, ValueType};
+use parking_lot::Mutex;
+
+use super::options::{self, ProviderEntry, Settings};
+use super::provider_bridge::{JsBridge, KeepAlive, KeepAliveSource, ProviderBridge};
+use crate::config::{resolve_config_dir, Credentials};
+use crate::dispatch::PublishedProvider;
+use crate::error::{describe, Error, Result};
+use crate::logging::LogRoute;
+use crate::registrar::{Registrar, RegistrarConfig};
+use crate::secret::Secret;
+
+/// Publishes local LLM providers to mcpd and serves the inference mcpd relays back.
+#[napi]
+pub struct VirtualLlmRegistrar {
+  core: Arc<Registrar>,
+  keep_alive_source: KeepAliveSource,
+  keep_alive: Arc<Mutex<Option<KeepAlive>>>,
+  _log_route: Arc<LogRoute>,
+}
+
+/// What both entry points read first: the callbacks, the bridge and the log route.
+struct Setup<'env> {
+  bridge: Arc<JsBridge>,
+  bridge_object: Object<'env>,
+  keep_alive_source: KeepAliveSource,
+  log_route: Arc<LogRoute>,
+}
+
+impl<'env> Setup<'env> {
+  fn new(env: &'env Env, options: &Object<'env>) -> Result<Self> {
+    let logger = options::object(options, "logger", "")?;
+    if let Some(logger) = &logger {
+      for level in ["debug", "info", "warn", "error"] {
+        if !options::has_function(logger, level)? {
+          return Err(Error::InvalidInput(format!(
+            "logger.{level} must be a function"
+          )));
+        }
+      }
+    }
+    let on_state_change = options::function(options, "onStateChange", "")?;
+    let has_logger = logger.is_some();
+    let parts = JsBridge::create(env, logger, on_state_change).map_err(napi_failure)?;
+    let sink = has_logger.then(|| parts.bridge.log_sink());
+    Ok(Self {
+      log_route: Arc::new(LogRoute::register(sink, None)),
+      bridge: parts.bridge,
+      bridge_object: parts.object,
+      keep_alive_source: parts.keep_alive,
+    })
+  }
+
+  /// Hands a provider to the JavaScript side and wraps it for the core.
+  fn publish(
+    &self,
+    entry: ProviderEntry,
+    provider: Object<'env>,
+    path: &str,
+  ) -> Result<PublishedProvider> {
+    if !options::has_function(&provider, "complete")? {
+      return Err(Error::InvalidInput(format!(
+        "{path}provider.complete must be a function"
+      )));
+    }
+    let can_stream = options::has_function(&provider, "stream")?;
+    let publish: Function<napi::bindgen_prelude::FnArgs<(String, Object)>, Unknown> = self
+      .bridge_object
+      .get_named_property("publish")
+      .map_err(napi_failure)?;
+    publish
+      .call((entry.descriptor.name.clone(), provider).into())
+      .map_err(napi_failure)?;
+    Ok(PublishedProvider {
+      provider: Arc::new(ProviderBridge {
+        name: entry.descriptor.name.clone(),
+        can_stream,
+        bridge: Arc::clone(&self.bridge),
+      }),
+      descriptor: entry.descriptor,
+    })
+  }
+
+  fn build(
+    self,
+    settings: Settings,
+    credentials: Credentials,
+    providers: Vec<PublishedProvider>,
+  ) -> Result<VirtualLlmRegistrar> {
+    self.log_route.set_token(credentials.token.clone());
+    let config = RegistrarConfig {
+      mcpd_url: credentials.mcpd_url,
+      token: credentials.token,
+      providers,
+      config_dir: resolve_config_dir(settings.config_dir.as_deref())?,
+      heartbeat_interval: settings.heartbeat_interval,
+      idle_timeout: settings.idle_timeout,
+      backoff: settings.backoff,
+      dispatch: settings.dispatch,
+      allow_insecure_http: settings.allow_insecure_http,
+    };
+    let core = Registrar::new(
+      config,
+      Some(self.bridge.status_observer()),
+      self.log_route.span(),
+    )?;
+    Ok(VirtualLlmRegistrar {
+      core: Arc::new(core),
+      keep_alive_source: self.keep_alive_source,
+      keep_alive: Arc::new(Mutex::new(None)),
+      _log_route: self.log_route,
+    })
+  }
+}
+
+fn napi_failure(error: napi::Error) -> Error {
+  Error::InvalidInput(error.reason.clone())
+}
+
+#[napi]
+impl VirtualLlmRegistrar {
+  /// Checks the options and reads the sticky session id; contacts nobody until `start()`.
+  #[napi(constructor, ts_args_type = "options: RegistrarOptions")]
+  pub fn new(env: Env, options: Object) -> napi::Result<Self> {
+    Ok(Self::from_options(&env, &options)?)
+  }
+
+  fn from_options(env: &Env, options: &Object) -> Result<Self> {
+    let setup = Setup::new(env, options)?;
+    let settings = options::settings(options)?;
+    let credentials = Credentials {
+      mcpd_url: settings
+        .mcpd_url
+        .clone()
+        .ok_or_else(|| Error::InvalidInput("mcpdUrl must be a string".to_owned()))?,
+      token: Secret::new(
+        settings
+          .token
+          .clone()
+          .filter(|token| !token.is_empty())
+          .ok_or_else(|| Error::InvalidInput("token must be a non-empty string".to_owned()))?,
+      ),
+    };
+    let entries: Array = options
+      .get("providers")
+      .ok()
+      .flatten()
+      .filter(|array: &Array| array.len() > 0)
+      .ok_or_else(|| Error::InvalidInput("providers must be a non-empty array".to_owned()))?;
+    let mut providers = Vec::new();
+    for index in 0..entries.len() {
+      let path = format!("providers[{index}].");
+      let entry: Object = entries
+        .get(index)
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::InvalidInput(format!("providers[{index}] must be an object")))?;
+      let parsed = options::provider_entry(&entry, &path)?;
+      if parsed.publish == Some(false) {
+        setup.log_route.span().in_scope(|| {
+          tracing::warn!(provider = %parsed.descriptor.name, "not publishing a provider marked publish: false")
+        });
+        continue;
+      }
+      let provider = options::object(&entry, "provider", &path)?
+        .ok_or_else(|| Error::InvalidInput(format!("{path}provider must be an LlmProvider")))?;
+      providers.push(setup.publish(parsed, provider, &path)?);
+    }
+    options::check_unique(providers.iter().map(|p| p.descriptor.name.as_str()))?;
+    setup.build(settings, credentials, providers)
+  }
+
+  /// Registers, persists the session id, opens the channel, starts the heartbeat.
+  /// Rejects (with the HTTP status in the message) when the first register fails.
+  #[napi(ts_return_type = "Promise<void>")]
+  pub fn start<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
+    let installed = self.hold_event_loop(env)?;
+    let core = Arc::clone(&self.core);
+    let keep_alive = Arc::clone(&self.keep_alive);
+    env.spawn_future(async move {
+      let started = core.start().await;
+      if started.is_err() && installed {
+        keep_alive.lock().take();
+      }
+      Ok(started?)
+    })
+  }
+
+  /// Stops taking tasks, aborts in-flight ones (answered 503), closes the channel,
+  /// clears timers. Idempotent. Afterwards nothing keeps the Node process alive.
+  #[napi(ts_return_type = "Promise<void>")]
+  pub fn stop<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
+    let core = Arc::clone(&self.core);
+    let keep_alive = Arc::clone(&self.keep_alive);
+    env.spawn_future(async move {
+      core.stop().await;
+      // Releasing the strong reference is what lets Node exit.
+      keep_alive.lock().take();
+      Ok(())
+    })
+  }
+
+  /// A snapshot of the registrar's state and counters.
+  #[napi(ts_return_type = "RegistrarStatus")]
+  pub fn status(&self) -> serde_json::Value {
+    serde_json::to_value(self.core.status()).unwrap_or_default()
+  }
+
+  /// Takes a strong reference on Node's event loop for as long as the registrar
+  /// runs; `false` when one is held already.
+  fn hold_event_loop(&self, env: &Env) -> napi::Result<bool> {
+    let mut slot = self.keep_alive.lock();
+    if slot.is_some() {
+      return Ok(false);
+    }
+    let source = self.keep_alive_source.borrow_back(env)?;
+    *slot = Some(
+      source
+        .build_threadsafe_function()
+        .callee_handled::<false>()
+        .weak::<false>()
+        .build()?,
+    );
+    Ok(true)
+  }
+}
+
+/// mcplocal's boot hook. Resolves null (after a logger.warn) when no provider is
+/// opted in, none of the opted-in ones is in the registry, or the credentials
+/// file (<configDir>/credentials: { "mcpdUrl": string, "token": string }) is
+/// missing or unreadable. Never rejects: a failed first register is logged and
+/// retried in the background with backoff.
+#[napi(
+  ts_args_type = "options: { providers: LlmProviderFileEntry[]; registry: Map<string, LlmProvider> | { get(name: string): LlmProvider | undefined } } & Partial<Omit<RegistrarOptions, 'providers'>>",
+  ts_return_type = "Promise<VirtualLlmRegistrar | null>"
+)]
+pub fn maybe_start_virtual_llm_registrar<'env>(
+  env: &'env Env,
+  options: Unknown<'env>,
+) -> napi::Result<PromiseRaw<'env, Option<VirtualLlmRegistrar>>> {
+  let registrar = match prepare_boot(env, options) {
+    Ok(registrar) => registrar,
+    Err(error) => {
+      // Still never rejects: an unusable option is a warning at boot.
+      tracing::warn!(target: "mcpctl_registrar", error = %describe(&error), "virtual LLM registrar not started");
+      None
+    }
+  };
+  let Some(registrar) = registrar else {
+    return env.spawn_future_with_callback(async { Ok(()) }, |_, ()| Ok(None));
+  };
+  let installed = registrar.hold_event_loop(env)?;
+  let core = Arc::clone(&registrar.core);
+  env.spawn_future_with_callback(
+    async move {
+      if let Err(error) = core.start_in_background().await {
+        tracing::debug!(target: "mcpctl_registrar", error = %describe(&error), "first register failed; retrying in the background");
+      }
+      Ok(())
+    },
+    move |_, ()| {
+      let _ = installed;
+      Ok(Some(registrar))
+    },
+  )
+}
+
+/// `Ok(None)` for the cases API.md resolves null, after a warning.
+fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistrar>> {
+  if options.get_type().ok() != Some(ValueType::Object) {
+    return Err(Error::InvalidInput("options must be an object".to_owned()));
+  }
+  // SAFETY: the type was checked just above.
+  let options: Object = unsafe { options.cast() }.map_err(napi_failure)?;
+  let setup = Setup::new(env, &options)?;
+  let span = setup.log_route.span();
+  let _entered = span.enter();
+  let settings = options::settings(&options)?;
+  let registry = options::object(&options, "registry", "")?.ok_or_else(|| {
+    Error::InvalidInput("registry must be a Map or an object with get(name)".to_owned())
+  })?;
+  if !options::has_function(&registry, "get")? {
+    return Err(Error::InvalidInput(
+      "registry.get must be a function".to_owned(),
+    ));
+  }
+  let lookup: Function<String, Unknown> =
+    registry.get_named_property("get").map_err(napi_failure)?;
+  let entries: Array = options
+    .get("providers")
+    .ok()
+    .flatten()
+    .ok_or_else(|| Error::InvalidInput("providers must be an array".to_owned()))?;
+  let mut providers = Vec::new();
+  let mut opted_in = 0;
+  for index in 0..entries.len() {
+    let path = format!("providers[{index}].");
+    let Some(entry) = entries.get::<Object>(index).ok().flatten() else {
+      tracing::warn!(index, "skipping a provider entry that is not an object");
+      continue;
+    };
+    let parsed = match options::provider_entry(&entry, &path) {
+      Ok(parsed) => parsed,
+      Err(error) => {
+        tracing::warn!(error = %error, "skipping an invalid provider entry");
+        continue;
+      }
+    };
+    if parsed.publish != Some(true) {
+      continue;
+    }
+    opted_in += 1;
+    let name = parsed.descriptor.name.clone();
+    let found = lookup.apply(&registry, name.clone()).map_err(|error| {
+      Error::InvalidInput(format!("registry.get('{name}') threw: {}", error.reason))
+    })?;
+    if found.get_type().ok() != Some(ValueType::Object) {
+      tracing::warn!(provider = %name, "provider is opted in (publish: true) but not in the registry");
+      continue;
+    }
+    // SAFETY: the type was checked just above.
+    let provider: Object = unsafe { found.cast() }.map_err(napi_failure)?;
+    match setup.publish(parsed, provider, &path) {
+      Ok(published) => providers.push(published),
+      Err(error) => tracing::warn!(provider = %name, error = %error, "not publishing provider"),
+    }
+  }
+  if opted_in == 0 {
+    tracing::warn!("no provider has publish: true; virtual LLM registrar not started");
+    return Ok(None);
+  }
+  if providers.is_empty() {
+    tracing::warn!(
+      "none of the opted-in providers is in the registry; virtual LLM registrar not started"
+    );
+    return Ok(None);
+  }
+  options::check_unique(providers.iter().map(|p| p.descriptor.name.as_str()))?;
+  let config_dir = resolve_config_dir(settings.config_dir.as_deref())?;
+  let credentials = match (settings.mcpd_url.clone(), settings.token.clone()) {
+    (Some(mcpd_url), Some(token)) if !token.is_empty() => Credentials {
+      mcpd_url,
+      token: Secret::new(token),
+    },
+    _ => match Credentials::read(&config_dir) {
+      Ok(credentials) => credentials,
+      Err(error) => {
+        tracing::warn!(error = %describe(&error), "no usable mcpd credentials; virtual LLM registrar not started");
+        return Ok(None);
+      }
+    },
+  };
+  drop(_entered);
+  setup.build(settings, credentials, providers).map(Some)
+}

@@ -1,0 +1,710 @@
+//! Runs the tasks mcpd sends: de-duplication, per-provider concurrency and
+//! FIFO queue, timeouts, cancellation, and the answer (one result POST, or a
+//! chunk sequence ending in `[DONE]`) for every task received.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+use crate::error::describe;
+use crate::mcpd::{Delivery, McpdClient};
+use crate::openai::{self, AnswerIdentity, ErrorReply, StreamEncoder, DONE};
+use crate::provider::{AbortReason, Provider, ProviderCall};
+use crate::wire::{CancelEvent, ProviderDescriptor, ProviderLoad, TaskEvent};
+
+/// A task id seen this recently is not run again (PROTOCOL.md section 2).
+const REPLAY_WINDOW: Duration = Duration::from_secs(600);
+/// Payloads a streaming task may have waiting for the relay; the provider's
+/// iterator is not pulled while this is full.
+const RELAY_BUFFER: usize = 256;
+/// The most payloads and bytes one chunk POST carries.
+const MAX_BATCH_PAYLOADS: usize = 1024;
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchSettings {
+  pub task_timeout: Duration,
+  pub max_concurrency: u32,
+  pub max_queue: u32,
+}
+
+impl Default for DispatchSettings {
+  fn default() -> Self {
+    Self {
+      task_timeout: Duration::from_secs(600),
+      max_concurrency: 4,
+      max_queue: 64,
+    }
+  }
+}
+
+/// A provider the registrar publishes.
+#[derive(Clone)]
+pub struct PublishedProvider {
+  pub descriptor: ProviderDescriptor,
+  pub provider: Arc<dyn Provider>,
+}
+
+/// What ends a task from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+  Cancelled,
+  Stopping,
+}
+
+impl Ending {
+  fn abort_reason(self) -> AbortReason {
+    match self {
+      Ending::Cancelled => AbortReason::Cancelled,
+      Ending::Stopping => AbortReason::Stopping,
+    }
+  }
+}
+
+/// How a task ended, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+  Completed,
+  Failed,
+  Cancelled,
+}
+
+/// One provider's slots, queue and counters.
+struct Lane {
+  published: PublishedProvider,
+  permits: Arc<Semaphore>,
+  max_concurrency: u32,
+  max_queue: u32,
+  in_flight: AtomicU32,
+  queued: AtomicU32,
+  completed: AtomicU64,
+  failed: AtomicU64,
+}
+
+enum Admission {
+  Admitted(OwnedSemaphorePermit),
+  Full,
+  Ended(Ending),
+}
+
+impl Lane {
+  /// A slot now, a place in the FIFO queue, or 429 when both are full.
+  async fn admit(&self, end: &mut watch::Receiver<Option<Ending>>) -> Admission {
+    if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+      return Admission::Admitted(permit);
+    }
+    let max_queue = self.max_queue;
+    let entered = self
+      .queued
+      .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |queued| {
+        (queued < max_queue).then_some(queued + 1)
+      });
+    if entered.is_err() {
+      return Admission::Full;
+    }
+    // tokio's semaphore is fair, so waiting here is the FIFO queue.
+    let admission = tokio::select! {
+      permit = self.permits.clone().acquire_owned() => match permit {
+        Ok(permit) => Admission::Admitted(permit),
+        Err(_) => Admission::Ended(Ending::Stopping),
+      },
+      ending = wait_for_ending(end) => Admission::Ended(ending),
+    };
+    self.queued.fetch_sub(1, Ordering::SeqCst);
+    admission
+  }
+}
+
+/// Counts the task in flight for as long as it holds its slot.
+struct InFlight<'a>(&'a AtomicU32);
+
+impl<'a> InFlight<'a> {
+  fn enter(counter: &'a AtomicU32) -> Self {
+    counter.fetch_add(1, Ordering::SeqCst);
+    Self(counter)
+  }
+}
+
+impl Drop for InFlight<'_> {
+  fn drop(&mut self) {
+    self.0.fetch_sub(1, Ordering::SeqCst);
+  }
+}
+
+#[derive(Default)]
+struct TaskTable {
+  live: HashMap<String, watch::Sender<Option<Ending>>>,
+  recent: HashMap<String, Instant>,
+  recent_order: VecDeque<(Instant, String)>,
+}
+
+impl TaskTable {
+  fn seen(&mut self, task_id: &str) -> bool {
+    self.prune();
+    self.live.contains_key(task_id) || self.recent.contains_key(task_id)
+  }
+
+  fn prune(&mut self) {
+    let now = Instant::now();
+    while let Some((at, _)) = self.recent_order.front() {
+      if now.duration_since(*at) < REPLAY_WINDOW {
+        break;
+      }
+      if let Some((at, id)) = self.recent_order.pop_front() {
+        if self.recent.get(&id) == Some(&at) {
+          self.recent.remove(&id);
+        }
+      }
+    }
+  }
+
+  fn retire(&mut self, task_id: &str) {
+    self.live.remove(task_id);
+    let now = Instant::now();
+    self.recent.insert(task_id.to_owned(), now);
+    self.recent_order.push_back((now, task_id.to_owned()));
+  }
+}
+
+/// Load totals for `status()`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadTotals {
+  pub in_flight: u32,
+  pub queued: u32,
+  pub completed: u64,
+  pub failed: u64,
+}
+
+pub struct TaskDispatcher {
+  lanes: HashMap<String, Lane>,
+  client: Arc<McpdClient>,
+  settings: DispatchSettings,
+  table: Mutex<TaskTable>,
+  stopping: AtomicBool,
+  idle: Notify,
+  /// Tasks answered with an error before reaching a provider's lane (unknown provider).
+  unrouted_failed: AtomicU64,
+}
+
+impl TaskDispatcher {
+  pub fn new(
+    providers: Vec<PublishedProvider>,
+    client: Arc<McpdClient>,
+    settings: DispatchSettings,
+  ) -> Self {
+    let lanes = providers
+      .into_iter()
+      .map(|published| {
+        let name = published.descriptor.name.clone();
+        let lane = Lane {
+          published,
+          permits: Arc::new(Semaphore::new(settings.max_concurrency as usize)),
+          max_concurrency: settings.max_concurrency,
+          max_queue: settings.max_queue,
+          in_flight: AtomicU32::new(0),
+          queued: AtomicU32::new(0),
+          completed: AtomicU64::new(0),
+          failed: AtomicU64::new(0),
+        };
+        (name, lane)
+      })
+      .collect();
+    Self {
+      lanes,
+      client,
+      settings,
+      table: Mutex::new(TaskTable::default()),
+      stopping: AtomicBool::new(false),
+      idle: Notify::new(),
+      unrouted_failed: AtomicU64::new(0),
+    }
+  }
+
+  /// The load figures the heartbeat reports, one entry per provider.
+  pub fn loads(&self) -> Vec<ProviderLoad> {
+    let mut loads: Vec<ProviderLoad> = self
+      .lanes
+      .iter()
+      .map(|(name, lane)| ProviderLoad {
+        name: name.clone(),
+        in_flight: lane.in_flight.load(Ordering::SeqCst),
+        queued: lane.queued.load(Ordering::SeqCst),
+        max_concurrency: lane.max_concurrency,
+        completed: lane.completed.load(Ordering::SeqCst),
+        failed: lane.failed.load(Ordering::SeqCst),
+      })
+      .collect();
+    loads.sort_by(|a, b| a.name.cmp(&b.name));
+    loads
+  }
+
+  pub fn totals(&self) -> LoadTotals {
+    self.loads().iter().fold(
+      LoadTotals {
+        failed: self.unrouted_failed.load(Ordering::SeqCst),
+        ..LoadTotals::default()
+      },
+      |totals, load| LoadTotals {
+        in_flight: totals.in_flight + load.in_flight,
+        queued: totals.queued + load.queued,
+        completed: totals.completed + load.completed,
+        failed: totals.failed + load.failed,
+      },
+    )
+  }
+
+  /// A `task` event: runs it unless its id was seen in the last 10 minutes.
+  pub fn accept(self: &Arc<Self>, data: &str) {
+    let event: TaskEvent = match serde_json::from_str(data) {
+      Ok(event) => event,
+      Err(error) => return self.reject_malformed(data, &error.to_string()),
+    };
+    if event.task_id.is_empty() {
+      return tracing::warn!("ignoring a task event with an empty taskId");
+    }
+    let (sender, receiver) = watch::channel(None);
+    {
+      let mut table = self.table.lock();
+      if table.seen(&event.task_id) {
+        return tracing::debug!(task_id = %event.task_id, "task already running or answered; not run again");
+      }
+      table.live.insert(event.task_id.clone(), sender);
+    }
+    let dispatcher = Arc::clone(self);
+    tokio::spawn(
+      async move {
+        let task_id = event.task_id.clone();
+        dispatcher.run(event, receiver).await;
+        dispatcher.retire(&task_id);
+      }
+      .instrument(tracing::Span::current()),
+    );
+  }
+
+  /// A task event we cannot parse: answered 400 if it names its task, else only logged.
+  fn reject_malformed(self: &Arc<Self>, data: &str, error: &str) {
+    let task_id = serde_json::from_str::<Value>(data).ok().and_then(|value| {
+      value
+        .get("taskId")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    });
+    let Some(task_id) = task_id.filter(|id| !id.is_empty()) else {
+      return tracing::warn!(%error, "ignoring a task event without a taskId");
+    };
+    if self.table.lock().seen(&task_id) {
+      return;
+    }
+    self.table.lock().retire(&task_id);
+    self.unrouted_failed.fetch_add(1, Ordering::SeqCst);
+    let reply = ErrorReply::invalid_request(format!("the task event is malformed: {error}"));
+    let client = Arc::clone(&self.client);
+    tokio::spawn(
+      async move { answer_error(&client, &task_id, &reply).await }
+        .instrument(tracing::Span::current()),
+    );
+  }
+
+  /// A `cancel` event: fires the task's signal; unknown or finished tasks are a no-op.
+  pub fn cancel(&self, data: &str) {
+    let Ok(event) = serde_json::from_str::<CancelEvent>(data) else {
+      return tracing::warn!("ignoring a cancel event without a taskId");
+    };
+    match self.table.lock().live.get(&event.task_id) {
+      Some(ending) => {
+        tracing::debug!(task_id = %event.task_id, "cancelled by mcpd");
+        ending.send_replace(Some(Ending::Cancelled));
+      }
+      None => tracing::debug!(task_id = %event.task_id, "cancel for a task not running; ignored"),
+    }
+  }
+
+  /// Stops taking tasks and aborts every running or queued one (answered 503),
+  /// waiting at most `grace` for their answers to go out.
+  pub async fn stop(&self, grace: Duration) {
+    self.stopping.store(true, Ordering::SeqCst);
+    for ending in self.table.lock().live.values() {
+      ending.send_if_modified(|ending| {
+        if ending.is_none() {
+          *ending = Some(Ending::Stopping);
+          true
+        } else {
+          false
+        }
+      });
+    }
+    let deadline = tokio::time::sleep(grace);
+    tokio::pin!(deadline);
+    loop {
+      let idle = self.idle.notified();
+      tokio::pin!(idle);
+      idle.as_mut().enable();
+      if self.table.lock().live.is_empty() {
+        return;
+      }
+      tokio::select! {
+        _ = &mut idle => {}
+        _ = &mut deadline => {
+          return tracing::warn!("stopped with tasks still answering");
+        }
+      }
+    }
+  }
+
+  fn retire(&self, task_id: &str) {
+    let mut table = self.table.lock();
+    table.retire(task_id);
+    if table.live.is_empty() {
+      self.idle.notify_waiters();
+    }
+  }
+
+  async fn run(&self, event: TaskEvent, mut end: watch::Receiver<Option<Ending>>) {
+    let task_id = event.task_id.as_str();
+    let stream = event
+      .stream
+      .or_else(|| event.body.get("stream").and_then(Value::as_bool))
+      .unwrap_or(false);
+    let provider = event.provider.as_deref().unwrap_or_default();
+    let Some(lane) = self.lanes.get(provider) else {
+      self.unrouted_failed.fetch_add(1, Ordering::SeqCst);
+      return answer_error(
+        &self.client,
+        task_id,
+        &ErrorReply::model_not_found(provider),
+      )
+      .await;
+    };
+    let outcome = self.run_in_lane(lane, &event, stream, &mut end).await;
+    let counter = match outcome {
+      Outcome::Completed => &lane.completed,
+      Outcome::Failed => &lane.failed,
+      Outcome::Cancelled => return,
+    };
+    counter.fetch_add(1, Ordering::SeqCst);
+  }
+
+  async fn run_in_lane(
+    &self,
+    lane: &Lane,
+    event: &TaskEvent,
+    stream: bool,
+    end: &mut watch::Receiver<Option<Ending>>,
+  ) -> Outcome {
+    let task_id = event.task_id.as_str();
+    if self.stopping.load(Ordering::SeqCst) {
+      return self.fail(task_id, &ErrorReply::unavailable()).await;
+    }
+    let request = match openai::to_completion_options(&event.body) {
+      Ok(request) => request,
+      Err(reply) => return self.fail(task_id, &reply).await,
+    };
+    let _permit = match lane.admit(end).await {
+      Admission::Admitted(permit) => permit,
+      Admission::Full => {
+        let reply = ErrorReply::rate_limited(&lane.published.descriptor.name);
+        return self.fail(task_id, &reply).await;
+      }
+      Admission::Ended(Ending::Cancelled) => return Outcome::Cancelled,
+      Admission::Ended(Ending::Stopping) => {
+        return self.fail(task_id, &ErrorReply::unavailable()).await
+      }
+    };
+    let _in_flight = InFlight::enter(&lane.in_flight);
+    let descriptor = &lane.published.descriptor;
+    let model = request
+      .model
+      .clone()
+      .or_else(|| descriptor.model.clone())
+      .unwrap_or_else(|| descriptor.name.clone());
+    let identity = AnswerIdentity::new(task_id, model);
+    let call = ProviderCall {
+      task_id: task_id.to_owned(),
+      options: request.options,
+    };
+    let provider = &lane.published.provider;
+    if stream {
+      let encoder = StreamEncoder::new(identity, request.include_usage);
+      self.stream_task(provider, call, encoder, end).await
+    } else {
+      self.complete_task(provider, call, identity, end).await
+    }
+  }
+
+  async fn fail(&self, task_id: &str, reply: &ErrorReply) -> Outcome {
+    answer_error(&self.client, task_id, reply).await;
+    Outcome::Failed
+  }
+
+  async fn complete_task(
+    &self,
+    provider: &Arc<dyn Provider>,
+    call: ProviderCall,
+    identity: AnswerIdentity,
+    end: &mut watch::Receiver<Option<Ending>>,
+  ) -> Outcome {
+    let task_id = call.task_id.clone();
+    let settled = tokio::select! {
+      settled = provider.complete(call) => settled,
+      _ = tokio::time::sleep(self.settings.task_timeout) => {
+        provider.abort(&task_id, AbortReason::TimedOut);
+        return self.fail(&task_id, &self.timeout_reply()).await;
+      }
+      ending = wait_for_ending(end) => {
+        provider.abort(&task_id, ending.abort_reason());
+        return match ending {
+          Ending::Cancelled => Outcome::Cancelled,
+          Ending::Stopping => self.fail(&task_id, &ErrorReply::unavailable()).await,
+        };
+      }
+    };
+    let result = settled
+      .map_err(|failure| failure.0)
+      .and_then(openai::parse_result);
+    match result {
+      Ok(result) => {
+        let body = openai::chat_completion(&identity, &result);
+        match deliver_result(&self.client, &task_id, 200, &body).await {
+          true => Outcome::Completed,
+          false => Outcome::Failed,
+        }
+      }
+      Err(message) => {
+        tracing::warn!(task_id = %task_id, error = %message, "provider failed");
+        self
+          .fail(&task_id, &ErrorReply::provider_error(message))
+          .await
+      }
+    }
+  }
+
+  fn timeout_reply(&self) -> ErrorReply {
+    ErrorReply::timeout(self.settings.task_timeout.as_millis() as u64)
+  }
+
+  async fn stream_task(
+    &self,
+    provider: &Arc<dyn Provider>,
+    call: ProviderCall,
+    mut encoder: StreamEncoder,
+    end: &mut watch::Receiver<Option<Ending>>,
+  ) -> Outcome {
+    let task_id = call.task_id.clone();
+    let (sender, receiver) = mpsc::channel::<String>(RELAY_BUFFER);
+    let relay = relay_chunks(&self.client, &task_id, receiver, end.clone());
+    let produce = async {
+      let sender = sender;
+      let failure = tokio::select! {
+        produced = produce(provider.as_ref(), call, &mut encoder, &sender) => match produced {
+          Ok(()) => return Outcome::Completed,
+          Err(failure) => failure,
+        },
+        _ = tokio::time::sleep(self.settings.task_timeout) => {
+          provider.abort(&task_id, AbortReason::TimedOut);
+          StreamFailure::Reply(self.timeout_reply())
+        }
+        ending = wait_for_ending(end) => {
+          provider.abort(&task_id, ending.abort_reason());
+          match ending {
+            Ending::Cancelled => return Outcome::Cancelled,
+            Ending::Stopping => StreamFailure::Reply(ErrorReply::unavailable()),
+          }
+        }
+      };
+      let reply = match failure {
+        StreamFailure::Reply(reply) => reply,
+        StreamFailure::RelayClosed => {
+          provider.abort(&task_id, AbortReason::Abandoned);
+          return Outcome::Failed;
+        }
+      };
+      if encoder.started() {
+        // Payloads went out: the error goes in-band, then [DONE].
+        let mut out = Vec::new();
+        encoder.fail(&reply, &mut out);
+        let _ = send_all(&sender, &mut out).await;
+      } else {
+        drop(sender);
+        answer_error(&self.client, &task_id, &reply).await;
+      }
+      Outcome::Failed
+    };
+    let (outcome, relayed) = tokio::join!(produce, relay);
+    match (outcome, relayed) {
+      (Outcome::Cancelled, _) | (_, Relayed::Cancelled) => Outcome::Cancelled,
+      (outcome, Relayed::Finished) => outcome,
+      (_, Relayed::Undelivered) => Outcome::Failed,
+    }
+  }
+}
+
+enum StreamFailure {
+  Reply(ErrorReply),
+  /// The relay gave up (mcpd forgot the task, or retries ran out).
+  RelayClosed,
+}
+
+/// Pulls the provider's chunks (or its one result, for a provider without
+/// `stream()`) and hands the payloads to the relay, waiting while it is full.
+async fn produce(
+  provider: &dyn Provider,
+  call: ProviderCall,
+  encoder: &mut StreamEncoder,
+  sender: &mpsc::Sender<String>,
+) -> Result<(), StreamFailure> {
+  let provider_failed = |message: String| {
+    tracing::warn!(error = %message, "provider failed");
+    StreamFailure::Reply(ErrorReply::provider_error(message))
+  };
+  let mut out = Vec::new();
+  if provider.can_stream() {
+    let mut source = provider
+      .stream(call)
+      .await
+      .map_err(|failure| provider_failed(failure.0))?;
+    while let Some(value) = source
+      .next_chunk()
+      .await
+      .map_err(|failure| provider_failed(failure.0))?
+    {
+      let chunk = openai::parse_chunk(value).map_err(provider_failed)?;
+      encoder.push(chunk, &mut out);
+      send_all(sender, &mut out).await?;
+    }
+  } else {
+    let value = provider
+      .complete(call)
+      .await
+      .map_err(|failure| provider_failed(failure.0))?;
+    let result = openai::parse_result(value).map_err(provider_failed)?;
+    encoder.push_result(result, &mut out);
+  }
+  encoder.finish(&mut out);
+  send_all(sender, &mut out).await
+}
+
+async fn send_all(
+  sender: &mpsc::Sender<String>,
+  out: &mut Vec<String>,
+) -> Result<(), StreamFailure> {
+  for payload in out.drain(..) {
+    sender
+      .send(payload)
+      .await
+      .map_err(|_| StreamFailure::RelayClosed)?;
+  }
+  Ok(())
+}
+
+enum Relayed {
+  /// Everything up to `[DONE]` was delivered (or nothing was ever sent).
+  Finished,
+  Cancelled,
+  Undelivered,
+}
+
+/// POSTs a task's payloads in order, one POST at a time; payloads that arrive
+/// while a POST is in flight go together in the next one.
+async fn relay_chunks(
+  client: &McpdClient,
+  task_id: &str,
+  mut receiver: mpsc::Receiver<String>,
+  mut end: watch::Receiver<Option<Ending>>,
+) -> Relayed {
+  let mut seq = 0u64;
+  let mut batch: Vec<String> = Vec::new();
+  loop {
+    let first = tokio::select! {
+      first = receiver.recv() => first,
+      _ = wait_for_cancel(&mut end) => return Relayed::Cancelled,
+    };
+    let Some(first) = first else {
+      return Relayed::Finished;
+    };
+    let mut bytes = first.len();
+    batch.push(first);
+    while batch.len() < MAX_BATCH_PAYLOADS && bytes < MAX_BATCH_BYTES {
+      match receiver.try_recv() {
+        Ok(payload) => {
+          bytes += payload.len();
+          batch.push(payload);
+        }
+        Err(_) => break,
+      }
+    }
+    let done = batch.last().is_some_and(|payload| payload == DONE);
+    let delivery = tokio::select! {
+      delivery = client.post_chunks(task_id, seq, &batch) => delivery,
+      _ = wait_for_cancel(&mut end) => return Relayed::Cancelled,
+    };
+    match delivery {
+      Delivery::Delivered => {
+        seq += batch.len() as u64;
+        batch.clear();
+        if done {
+          return Relayed::Finished;
+        }
+      }
+      Delivery::Gone => {
+        tracing::debug!(
+          task_id,
+          "mcpd no longer knows the task; dropping its stream"
+        );
+        return Relayed::Undelivered;
+      }
+      Delivery::Failed(error) => {
+        tracing::warn!(task_id, error = %describe(&error), "could not deliver the task's chunks");
+        return Relayed::Undelivered;
+      }
+    }
+  }
+}
+
+/// Answers a task with an OpenAI error body on the result endpoint.
+async fn answer_error(client: &McpdClient, task_id: &str, reply: &ErrorReply) {
+  tracing::debug!(task_id, status = reply.status, message = %reply.message, "answering with an error");
+  deliver_result(client, task_id, reply.status, &reply.body()).await;
+}
+
+async fn deliver_result(client: &McpdClient, task_id: &str, status: u16, body: &Value) -> bool {
+  match client.post_result(task_id, status, body).await {
+    Delivery::Delivered => true,
+    Delivery::Gone => {
+      tracing::debug!(task_id, "mcpd no longer knows the task; result dropped");
+      false
+    }
+    Delivery::Failed(error) => {
+      tracing::warn!(task_id, error = %describe(&error), "could not deliver the task's result");
+      false
+    }
+  }
+}
+
+async fn wait_for_ending(end: &mut watch::Receiver<Option<Ending>>) -> Ending {
+  loop {
+    if let Some(ending) = *end.borrow_and_update() {
+      return ending;
+    }
+    if end.changed().await.is_err() {
+      return std::future::pending().await;
+    }
+  }
+}
+
+/// Only a cancel stops the relay: when stopping, the 503 still has to go out.
+async fn wait_for_cancel(end: &mut watch::Receiver<Option<Ending>>) {
+  loop {
+    if *end.borrow_and_update() == Some(Ending::Cancelled) {
+      return;
+    }
+    if end.changed().await.is_err() {
+      return std::future::pending().await;
+    }
+  }
+}

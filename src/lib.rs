@@ -1,0 +1,40 @@
+//! `@mcpctl/registrar`: publishes mcplocal's LLM providers to mcpd as virtual
+//! LLMs and serves the inference mcpd relays back. The core (everything but
+//! `binding`) knows nothing of napi; `binding` is the JavaScript surface.
+#![deny(clippy::all)]
+
+#[macro_use]
+extern crate napi_derive;
+
+pub mod backoff;
+mod binding;
+pub mod channel;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod heartbeat;
+pub mod logging;
+pub mod mcpd;
+pub mod openai;
+pub mod provider;
+pub mod registrar;
+pub mod secret;
+pub mod sse;
+pub mod wire;
+
+/// The registrar runs on its own small runtime with named threads, so that its
+/// threads are recognisable in a profiler or a thread dump of mcplocal.
+#[napi_derive::module_init]
+fn init() {
+  let runtime = tokio::runtime::Builder::new_multi_thread()
+    .worker_threads(2)
+    .thread_name("mcpctl-registrar")
+    .enable_all()
+    .build();
+  match runtime {
+    Ok(runtime) => napi::bindgen_prelude::create_custom_tokio_runtime(runtime),
+    Err(error) => {
+      eprintln!("[mcpctl-registrar] cannot build its runtime, using napi's default: {error}")
+    }
+  }
+}

@@ -1,0 +1,957 @@
+//! The OpenAI chat-completions wire format on both sides of a provider call:
+//! a request body becomes `CompletionOptions`; a `CompletionResult` becomes a
+//! `chat.completion`, and `CompletionChunk`s become `chat.completion.chunk` payloads.
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+/// An OpenAI error answer: the HTTP status plus `{ "error": { message, type, code } }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+  pub status: u16,
+  pub kind: &'static str,
+  pub code: &'static str,
+  pub message: String,
+}
+
+impl ErrorReply {
+  pub fn model_not_found(provider: &str) -> Self {
+    Self {
+      status: 404,
+      kind: "invalid_request_error",
+      code: "model_not_found",
+      message: format!("the model '{provider}' is not published by this registrar"),
+    }
+  }
+
+  pub fn invalid_request(message: impl Into<String>) -> Self {
+    Self {
+      status: 400,
+      kind: "invalid_request_error",
+      code: "invalid_request",
+      message: message.into(),
+    }
+  }
+
+  pub fn provider_error(message: impl Into<String>) -> Self {
+    Self {
+      status: 502,
+      kind: "provider_error",
+      code: "provider_error",
+      message: message.into(),
+    }
+  }
+
+  pub fn timeout(timeout_ms: u64) -> Self {
+    Self {
+      status: 504,
+      kind: "timeout",
+      code: "timeout",
+      message: format!("the provider did not finish within {timeout_ms} ms"),
+    }
+  }
+
+  pub fn rate_limited(provider: &str) -> Self {
+    Self {
+      status: 429,
+      kind: "rate_limit_exceeded",
+      code: "rate_limit_exceeded",
+      message: format!(
+        "the provider '{provider}' is busy: its concurrency and queue limits are reached"
+      ),
+    }
+  }
+
+  pub fn unavailable() -> Self {
+    Self {
+      status: 503,
+      kind: "unavailable",
+      code: "unavailable",
+      message: "the registrar is stopping".to_owned(),
+    }
+  }
+
+  pub fn body(&self) -> Value {
+    json!({ "error": { "message": self.message, "type": self.kind, "code": self.code } })
+  }
+}
+
+/// A validated chat request: the provider's `CompletionOptions` (without
+/// `signal`, which the JavaScript side adds) and what the answer needs to know.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+  pub options: Value,
+  pub model: Option<String>,
+  pub include_usage: bool,
+}
+
+const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
+const TOOL_CHOICES: [&str; 3] = ["auto", "none", "required"];
+pub const FINISH_REASONS: [&str; 4] = ["stop", "length", "tool_calls", "content_filter"];
+
+type Invalid = ErrorReply;
+
+/// Turns an OpenAI `POST /v1/chat/completions` body into `CompletionOptions`.
+pub fn to_completion_options(body: &Value) -> Result<ChatRequest, Invalid> {
+  let request = body
+    .as_object()
+    .ok_or_else(|| ErrorReply::invalid_request("the request body must be a JSON object"))?;
+  let messages = match present(request, "messages") {
+    Some(Value::Array(messages)) if !messages.is_empty() => messages,
+    Some(Value::Array(_)) => {
+      return Err(ErrorReply::invalid_request("'messages' must not be empty"))
+    }
+    _ => {
+      return Err(ErrorReply::invalid_request(
+        "'messages' must be an array of messages",
+      ))
+    }
+  };
+  let mut options = Map::new();
+  let messages = messages
+    .iter()
+    .enumerate()
+    .map(|(index, message)| convert_message(index, message))
+    .collect::<Result<Vec<_>, _>>()?;
+  options.insert("messages".into(), Value::Array(messages));
+
+  let model = optional_string(request, "model")?;
+  if let Some(model) = &model {
+    options.insert("model".into(), json!(model));
+  }
+  for (wire, camel) in [
+    ("temperature", "temperature"),
+    ("top_p", "topP"),
+    ("presence_penalty", "presencePenalty"),
+    ("frequency_penalty", "frequencyPenalty"),
+  ] {
+    if let Some(value) = present(request, wire) {
+      if !value.is_number() {
+        return Err(ErrorReply::invalid_request(format!(
+          "'{wire}' must be a number"
+        )));
+      }
+      options.insert(camel.into(), value.clone());
+    }
+  }
+  let max_tokens = match present(request, "max_completion_tokens") {
+    Some(value) => Some(("max_completion_tokens", value)),
+    None => present(request, "max_tokens").map(|value| ("max_tokens", value)),
+  };
+  if let Some((wire, value)) = max_tokens {
+    if value.as_u64().is_none() {
+      return Err(ErrorReply::invalid_request(format!(
+        "'{wire}' must be a non-negative integer"
+      )));
+    }
+    options.insert("maxTokens".into(), value.clone());
+  }
+  if let Some(value) = present(request, "seed") {
+    if value.as_i64().is_none() {
+      return Err(ErrorReply::invalid_request("'seed' must be an integer"));
+    }
+    options.insert("seed".into(), value.clone());
+  }
+  match present(request, "stop") {
+    None => {}
+    Some(Value::String(stop)) => {
+      options.insert("stop".into(), json!([stop]));
+    }
+    Some(Value::Array(stops)) if stops.iter().all(Value::is_string) => {
+      options.insert("stop".into(), Value::Array(stops.clone()));
+    }
+    Some(_) => {
+      return Err(ErrorReply::invalid_request(
+        "'stop' must be a string or an array of strings",
+      ))
+    }
+  }
+  if let Some(tools) = present(request, "tools") {
+    options.insert("tools".into(), convert_tools(tools)?);
+  }
+  if let Some(choice) = present(request, "tool_choice") {
+    options.insert("toolChoice".into(), convert_tool_choice(choice)?);
+  }
+  if let Some(format) = present(request, "response_format") {
+    if !format.is_object() {
+      return Err(ErrorReply::invalid_request(
+        "'response_format' must be an object",
+      ));
+    }
+    options.insert("responseFormat".into(), format.clone());
+  }
+  if let Some(user) = optional_string(request, "user")? {
+    options.insert("user".into(), json!(user));
+  }
+  let include_usage = match present(request, "stream_options") {
+    None => false,
+    Some(Value::Object(stream_options)) => match present(stream_options, "include_usage") {
+      None => false,
+      Some(Value::Bool(include)) => *include,
+      Some(_) => {
+        return Err(ErrorReply::invalid_request(
+          "'stream_options.include_usage' must be a boolean",
+        ))
+      }
+    },
+    Some(_) => {
+      return Err(ErrorReply::invalid_request(
+        "'stream_options' must be an object",
+      ))
+    }
+  };
+  options.insert("request".into(), body.clone());
+  Ok(ChatRequest {
+    options: Value::Object(options),
+    model,
+    include_usage,
+  })
+}
+
+/// A field that is there and not `null` (OpenAI treats `null` as absent).
+fn present<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+  object.get(key).filter(|value| !value.is_null())
+}
+
+fn optional_string(object: &Map<String, Value>, key: &str) -> Result<Option<String>, Invalid> {
+  match present(object, key) {
+    None => Ok(None),
+    Some(Value::String(text)) => Ok(Some(text.clone())),
+    Some(_) => Err(ErrorReply::invalid_request(format!(
+      "'{key}' must be a string"
+    ))),
+  }
+}
+
+fn convert_message(index: usize, message: &Value) -> Result<Value, Invalid> {
+  let at = |what: &str| ErrorReply::invalid_request(format!("messages[{index}]: {what}"));
+  let message = message.as_object().ok_or_else(|| at("must be an object"))?;
+  let role = match present(message, "role") {
+    Some(Value::String(role)) if ROLES.contains(&role.as_str()) => role,
+    Some(Value::String(role)) => return Err(at(&format!("unsupported role '{role}'"))),
+    _ => return Err(at("'role' must be a string")),
+  };
+  let mut out = Map::new();
+  out.insert("role".into(), json!(role));
+  let content = match present(message, "content") {
+    None => Value::Null,
+    Some(Value::String(text)) => json!(text),
+    Some(Value::Array(parts)) => Value::Array(
+      parts
+        .iter()
+        .enumerate()
+        .map(|(part_index, part)| convert_part(index, part_index, part))
+        .collect::<Result<_, _>>()?,
+    ),
+    Some(_) => return Err(at("'content' must be a string, an array of parts or null")),
+  };
+  out.insert("content".into(), content);
+  if let Some(name) = optional_string(message, "name").map_err(|e| at(&e.message))? {
+    out.insert("name".into(), json!(name));
+  }
+  if let Some(id) = optional_string(message, "tool_call_id").map_err(|e| at(&e.message))? {
+    out.insert("toolCallId".into(), json!(id));
+  }
+  if let Some(calls) = present(message, "tool_calls") {
+    let calls = calls
+      .as_array()
+      .ok_or_else(|| at("'tool_calls' must be an array"))?;
+    let calls = calls
+      .iter()
+      .map(|call| {
+        convert_tool_call(call).ok_or_else(|| {
+          at("each tool call needs an id and a function with a name and string arguments")
+        })
+      })
+      .collect::<Result<Vec<_>, _>>()?;
+    out.insert("toolCalls".into(), Value::Array(calls));
+  }
+  Ok(Value::Object(out))
+}
+
+fn convert_part(index: usize, part_index: usize, part: &Value) -> Result<Value, Invalid> {
+  let at = |what: &str| {
+    ErrorReply::invalid_request(format!("messages[{index}].content[{part_index}]: {what}"))
+  };
+  let part = part.as_object().ok_or_else(|| at("must be an object"))?;
+  match present(part, "type").and_then(Value::as_str) {
+    Some("text") => match present(part, "text") {
+      Some(Value::String(text)) => Ok(json!({ "type": "text", "text": text })),
+      _ => Err(at("a text part needs a string 'text'")),
+    },
+    Some("image_url") => {
+      let (url, detail) = match present(part, "image_url") {
+        Some(Value::String(url)) => (url.clone(), None),
+        Some(Value::Object(image)) => match present(image, "url") {
+          Some(Value::String(url)) => (
+            url.clone(),
+            present(image, "detail").and_then(Value::as_str),
+          ),
+          _ => return Err(at("an image_url part needs 'image_url.url'")),
+        },
+        _ => return Err(at("an image_url part needs 'image_url.url'")),
+      };
+      let mut image = Map::new();
+      image.insert("url".into(), json!(url));
+      if let Some(detail) = detail {
+        image.insert("detail".into(), json!(detail));
+      }
+      Ok(json!({ "type": "image_url", "imageUrl": image }))
+    }
+    Some(other) => Err(at(&format!("unsupported content part type '{other}'"))),
+    None => Err(at("a content part needs a 'type'")),
+  }
+}
+
+fn convert_tool_call(call: &Value) -> Option<Value> {
+  let call = call.as_object()?;
+  let id = present(call, "id")?.as_str()?;
+  let function = present(call, "function")?.as_object()?;
+  let name = present(function, "name")?.as_str()?;
+  let arguments = present(function, "arguments").map_or(Some(""), Value::as_str)?;
+  Some(
+    json!({ "id": id, "type": "function", "function": { "name": name, "arguments": arguments } }),
+  )
+}
+
+fn convert_tools(tools: &Value) -> Result<Value, Invalid> {
+  let invalid = || {
+    ErrorReply::invalid_request("'tools' must be an array of { type: 'function', function: { name, description?, parameters? } }")
+  };
+  let tools = tools.as_array().ok_or_else(invalid)?;
+  tools
+    .iter()
+    .map(|tool| {
+      let tool = tool.as_object().ok_or_else(invalid)?;
+      if present(tool, "type").and_then(Value::as_str) != Some("function") {
+        return Err(invalid());
+      }
+      let function = present(tool, "function")
+        .and_then(Value::as_object)
+        .ok_or_else(invalid)?;
+      let name = present(function, "name")
+        .and_then(Value::as_str)
+        .ok_or_else(invalid)?;
+      let mut out = Map::new();
+      out.insert("name".into(), json!(name));
+      if let Some(description) = present(function, "description") {
+        out.insert(
+          "description".into(),
+          json!(description.as_str().ok_or_else(invalid)?),
+        );
+      }
+      if let Some(parameters) = present(function, "parameters") {
+        if !parameters.is_object() {
+          return Err(invalid());
+        }
+        out.insert("parameters".into(), parameters.clone());
+      }
+      Ok(json!({ "type": "function", "function": out }))
+    })
+    .collect::<Result<Vec<_>, _>>()
+    .map(Value::Array)
+}
+
+fn convert_tool_choice(choice: &Value) -> Result<Value, Invalid> {
+  match choice {
+    Value::String(mode) if TOOL_CHOICES.contains(&mode.as_str()) => Ok(json!(mode)),
+    Value::Object(choice) => {
+      let name = (present(choice, "type").and_then(Value::as_str) == Some("function"))
+        .then(|| present(choice, "function").and_then(Value::as_object))
+        .flatten()
+        .and_then(|function| present(function, "name"))
+        .and_then(Value::as_str);
+      match name {
+        Some(name) => Ok(json!({ "type": "function", "function": { "name": name } })),
+        None => Err(ErrorReply::invalid_request(
+          "'tool_choice' object must be { type: 'function', function: { name } }",
+        )),
+      }
+    }
+    _ => Err(ErrorReply::invalid_request(
+      "'tool_choice' must be 'auto', 'none', 'required' or a function choice",
+    )),
+  }
+}
+
+/// Token counts as providers report them (camelCase).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+  pub prompt_tokens: u64,
+  pub completion_tokens: u64,
+  #[serde(default)]
+  pub total_tokens: Option<u64>,
+}
+
+impl Usage {
+  fn wire(&self) -> Value {
+    json!({
+      "prompt_tokens": self.prompt_tokens,
+      "completion_tokens": self.completion_tokens,
+      "total_tokens": self.total_tokens.unwrap_or(self.prompt_tokens + self.completion_tokens),
+    })
+  }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionCall {
+  pub name: String,
+  #[serde(default, deserialize_with = "arguments_text")]
+  pub arguments: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolCall {
+  pub id: String,
+  pub function: FunctionCall,
+}
+
+/// What `LlmProvider.complete()` resolves to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompletionResult {
+  #[serde(default)]
+  pub content: Option<String>,
+  #[serde(default)]
+  pub tool_calls: Option<Vec<ToolCall>>,
+  #[serde(default)]
+  pub finish_reason: Option<String>,
+  #[serde(default)]
+  pub usage: Option<Usage>,
+  #[serde(default)]
+  pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct FunctionDelta {
+  #[serde(default)]
+  pub name: Option<String>,
+  #[serde(default, deserialize_with = "optional_arguments_text")]
+  pub arguments: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolCallDelta {
+  pub index: u32,
+  #[serde(default)]
+  pub id: Option<String>,
+  #[serde(default)]
+  pub function: Option<FunctionDelta>,
+}
+
+/// One item of `LlmProvider.stream()`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompletionChunk {
+  #[serde(default)]
+  pub content: Option<String>,
+  #[serde(default)]
+  pub tool_calls: Option<Vec<ToolCallDelta>>,
+  #[serde(default)]
+  pub finish_reason: Option<String>,
+  #[serde(default)]
+  pub usage: Option<Usage>,
+}
+
+/// Providers sometimes hand arguments over as an object; the wire wants JSON text.
+fn arguments_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+  Ok(optional_arguments_text(deserializer)?.unwrap_or_default())
+}
+
+fn optional_arguments_text<'de, D: serde::Deserializer<'de>>(
+  deserializer: D,
+) -> Result<Option<String>, D::Error> {
+  Ok(match Value::deserialize(deserializer)? {
+    Value::Null => None,
+    Value::String(text) => Some(text),
+    other => Some(other.to_string()),
+  })
+}
+
+pub fn parse_result(value: Value) -> Result<CompletionResult, String> {
+  if !value.is_object() {
+    return Err(
+      "the provider's complete() did not resolve to a CompletionResult object".to_owned(),
+    );
+  }
+  serde_json::from_value(value)
+    .map_err(|error| format!("the provider returned an invalid CompletionResult: {error}"))
+}
+
+pub fn parse_chunk(value: Value) -> Result<CompletionChunk, String> {
+  if !value.is_object() {
+    return Err(
+      "the provider's stream() yielded something that is not a CompletionChunk object".to_owned(),
+    );
+  }
+  serde_json::from_value(value)
+    .map_err(|error| format!("the provider yielded an invalid CompletionChunk: {error}"))
+}
+
+/// Maps a provider's finish reason onto the four OpenAI allows; `None` when it
+/// gave none. Native names of common backends are translated, anything else is "stop".
+pub fn normalize_finish_reason(reason: Option<&str>) -> Option<&'static str> {
+  Some(match reason? {
+    "stop" | "end_turn" | "stop_sequence" | "eos" => "stop",
+    "length" | "max_tokens" => "length",
+    "tool_calls" | "tool_use" | "function_call" => "tool_calls",
+    "content_filter" => "content_filter",
+    _ => "stop",
+  })
+}
+
+/// What every object of one answer shares: `id`, integer `created` and `model`.
+#[derive(Debug, Clone)]
+pub struct AnswerIdentity {
+  pub id: String,
+  pub created: u64,
+  pub model: String,
+}
+
+impl AnswerIdentity {
+  pub fn new(task_id: &str, model: String) -> Self {
+    let created = std::time::SystemTime::now()
+      .duration_since(std::time::UNIX_EPOCH)
+      .map_or(0, |elapsed| elapsed.as_secs());
+    Self {
+      id: format!("chatcmpl-{task_id}"),
+      created,
+      model,
+    }
+  }
+}
+
+/// The `chat.completion` object for a non-streaming answer.
+pub fn chat_completion(identity: &AnswerIdentity, result: &CompletionResult) -> Value {
+  let mut message = Map::new();
+  message.insert("role".into(), json!("assistant"));
+  message.insert("content".into(), json!(result.content));
+  message.insert("refusal".into(), Value::Null);
+  let tool_calls = result.tool_calls.as_deref().unwrap_or_default();
+  if !tool_calls.is_empty() {
+    let calls: Vec<Value> = tool_calls
+      .iter()
+      .map(|call| json!({ "id": call.id, "type": "function", "function": { "name": call.function.name, "arguments": call.function.arguments } }))
+      .collect();
+    message.insert("tool_calls".into(), Value::Array(calls));
+  }
+  let finish_reason =
+    normalize_finish_reason(result.finish_reason.as_deref()).unwrap_or(if tool_calls.is_empty() {
+      "stop"
+    } else {
+      "tool_calls"
+    });
+  let mut completion = json!({
+    "id": identity.id,
+    "object": "chat.completion",
+    "created": identity.created,
+    "model": result.model.as_deref().unwrap_or(&identity.model),
+    "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason }],
+  });
+  if let Some(usage) = result.usage {
+    completion["usage"] = usage.wire();
+  }
+  completion
+}
+
+/// Turns provider chunks into the payloads of an OpenAI stream, keeping the
+/// rules real clients check: the role first, each tool call introduced once
+/// with its id and name, exactly one finish_reason, usage last, then `[DONE]`.
+pub struct StreamEncoder {
+  identity: AnswerIdentity,
+  include_usage: bool,
+  started: bool,
+  tool_indices: BTreeSet<u32>,
+  finish_reason: Option<&'static str>,
+  usage: Option<Usage>,
+}
+
+pub const DONE: &str = "[DONE]";
+
+impl StreamEncoder {
+  pub fn new(identity: AnswerIdentity, include_usage: bool) -> Self {
+    Self {
+      identity,
+      include_usage,
+      started: false,
+      tool_indices: BTreeSet::new(),
+      finish_reason: None,
+      usage: None,
+    }
+  }
+
+  /// Whether any payload has been produced (errors then go in-band).
+  pub fn started(&self) -> bool {
+    self.started
+  }
+
+  fn payload(&self, delta: Value, finish_reason: Option<&str>) -> String {
+    let mut chunk = json!({
+      "id": self.identity.id,
+      "object": "chat.completion.chunk",
+      "created": self.identity.created,
+      "model": self.identity.model,
+      "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
+    });
+    if self.include_usage {
+      chunk["usage"] = Value::Null;
+    }
+    chunk.to_string()
+  }
+
+  fn start(&mut self, out: &mut Vec<String>) {
+    if !self.started {
+      self.started = true;
+      out.push(self.payload(json!({ "role": "assistant", "content": "" }), None));
+    }
+  }
+
+  pub fn push(&mut self, chunk: CompletionChunk, out: &mut Vec<String>) {
+    self.start(out);
+    if let Some(reason) = normalize_finish_reason(chunk.finish_reason.as_deref()) {
+      self.finish_reason = Some(reason);
+    }
+    if chunk.usage.is_some() {
+      self.usage = chunk.usage;
+    }
+    let mut delta = Map::new();
+    if let Some(content) = chunk.content.filter(|content| !content.is_empty()) {
+      delta.insert("content".into(), json!(content));
+    }
+    let calls: Vec<Value> = chunk
+      .tool_calls
+      .unwrap_or_default()
+      .into_iter()
+      .filter_map(|call| self.tool_call_delta(call))
+      .collect();
+    if !calls.is_empty() {
+      delta.insert("tool_calls".into(), Value::Array(calls));
+    }
+    if !delta.is_empty() {
+      out.push(self.payload(Value::Object(delta), None));
+    }
+  }
+
+  fn tool_call_delta(&mut self, call: ToolCallDelta) -> Option<Value> {
+    let function = call.function.unwrap_or_default();
+    if self.tool_indices.insert(call.index) {
+      // First sight of this index: the delta must introduce the call fully.
+      let id = call
+        .id
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| format!("call_{}_{}", self.identity.id, call.index));
+      return Some(json!({
+        "index": call.index,
+        "id": id,
+        "type": "function",
+        "function": { "name": function.name.unwrap_or_default(), "arguments": function.arguments.unwrap_or_default() },
+      }));
+    }
+    let arguments = function
+      .arguments
+      .filter(|arguments| !arguments.is_empty())?;
+    Some(json!({ "index": call.index, "function": { "arguments": arguments } }))
+  }
+
+  /// The v1 answer of a provider without `stream()`: its whole result as one delta.
+  pub fn push_result(&mut self, result: CompletionResult, out: &mut Vec<String>) {
+    let tool_calls = result.tool_calls.map(|calls| {
+      calls
+        .into_iter()
+        .enumerate()
+        .map(|(index, call)| ToolCallDelta {
+          index: index as u32,
+          id: Some(call.id),
+          function: Some(FunctionDelta {
+            name: Some(call.function.name),
+            arguments: Some(call.function.arguments),
+          }),
+        })
+        .collect()
+    });
+    self.push(
+      CompletionChunk {
+        content: result.content,
+        tool_calls,
+        finish_reason: result.finish_reason,
+        usage: result.usage,
+      },
+      out,
+    );
+  }
+
+  /// The finish chunk, the usage chunk when asked for, and `[DONE]`.
+  pub fn finish(&mut self, out: &mut Vec<String>) {
+    self.start(out);
+    let reason = self
+      .finish_reason
+      .unwrap_or(if self.tool_indices.is_empty() {
+        "stop"
+      } else {
+        "tool_calls"
+      });
+    out.push(self.payload(json!({}), Some(reason)));
+    if self.include_usage {
+      let usage = self.usage.unwrap_or(Usage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        total_tokens: None,
+      });
+      let chunk = json!({
+        "id": self.identity.id,
+        "object": "chat.completion.chunk",
+        "created": self.identity.created,
+        "model": self.identity.model,
+        "choices": [],
+        "usage": usage.wire(),
+      });
+      out.push(chunk.to_string());
+    }
+    out.push(DONE.to_owned());
+  }
+
+  /// An error after payloads went out: `{"error":{…}}` in-band, then `[DONE]`.
+  pub fn fail(&mut self, error: &ErrorReply, out: &mut Vec<String>) {
+    out.push(error.body().to_string());
+    out.push(DONE.to_owned());
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  fn identity() -> AnswerIdentity {
+    AnswerIdentity {
+      id: "chatcmpl-t-1".into(),
+      created: 1_700_000_000,
+      model: "qwen".into(),
+    }
+  }
+
+  #[test]
+  fn converts_a_full_request_to_camel_case_options() {
+    let body = json!({
+      "model": "local-qwen",
+      "messages": [
+        { "role": "system", "content": "be brief" },
+        { "role": "user", "content": [ { "type": "text", "text": "hi" }, { "type": "image_url", "image_url": { "url": "data:x", "detail": "low" } } ] },
+        { "role": "assistant", "content": null, "tool_calls": [ { "id": "c1", "type": "function", "function": { "name": "f", "arguments": "{}" } } ] },
+        { "role": "tool", "tool_call_id": "c1", "content": "42" }
+      ],
+      "temperature": 0.2, "max_completion_tokens": 64, "max_tokens": 10, "top_p": 0.9, "stop": "END",
+      "tools": [ { "type": "function", "function": { "name": "f", "parameters": { "type": "object" } } } ],
+      "tool_choice": { "type": "function", "function": { "name": "f" } },
+      "response_format": { "type": "json_object" }, "seed": 7, "presence_penalty": 0.1, "frequency_penalty": 0.3,
+      "user": "u1", "stream": true, "stream_options": { "include_usage": true }, "vendor_extra": 1
+    });
+    let request = to_completion_options(&body).unwrap();
+    assert!(request.include_usage);
+    assert_eq!(request.model.as_deref(), Some("local-qwen"));
+    let options = &request.options;
+    assert_eq!(options["maxTokens"], json!(64));
+    assert_eq!(options["stop"], json!(["END"]));
+    assert_eq!(options["topP"], json!(0.9));
+    assert_eq!(options["seed"], json!(7));
+    assert_eq!(options["presencePenalty"], json!(0.1));
+    assert_eq!(options["frequencyPenalty"], json!(0.3));
+    assert_eq!(
+      options["toolChoice"],
+      json!({ "type": "function", "function": { "name": "f" } })
+    );
+    assert_eq!(options["responseFormat"], json!({ "type": "json_object" }));
+    assert_eq!(
+      options["messages"][1]["content"][1],
+      json!({ "type": "image_url", "imageUrl": { "url": "data:x", "detail": "low" } })
+    );
+    assert_eq!(
+      options["messages"][2]["toolCalls"][0]["function"]["name"],
+      json!("f")
+    );
+    assert_eq!(options["messages"][3]["toolCallId"], json!("c1"));
+    assert_eq!(options["request"], body);
+    assert!(options.get("signal").is_none());
+  }
+
+  #[test]
+  fn max_tokens_alone_is_used() {
+    let request = to_completion_options(&json!({ "messages": [{ "role": "user", "content": "x" }], "max_tokens": 5, "temperature": null })).unwrap();
+    assert_eq!(request.options["maxTokens"], json!(5));
+    assert!(request.options.get("temperature").is_none());
+    assert!(!request.include_usage);
+  }
+
+  #[test]
+  fn rejects_invalid_requests_with_a_named_field() {
+    for (body, needle) in [
+      (json!([]), "JSON object"),
+      (json!({}), "'messages'"),
+      (json!({ "messages": [] }), "must not be empty"),
+      (
+        json!({ "messages": [{ "role": "robot", "content": "x" }] }),
+        "messages[0]: unsupported role 'robot'",
+      ),
+      (
+        json!({ "messages": [{ "role": "user", "content": 5 }] }),
+        "messages[0]",
+      ),
+      (
+        json!({ "messages": [{ "role": "user", "content": [{ "type": "audio" }] }] }),
+        "unsupported content part type 'audio'",
+      ),
+      (
+        json!({ "messages": [{ "role": "user", "content": "x" }], "temperature": "hot" }),
+        "'temperature'",
+      ),
+      (
+        json!({ "messages": [{ "role": "user", "content": "x" }], "max_tokens": -1 }),
+        "'max_tokens'",
+      ),
+      (
+        json!({ "messages": [{ "role": "user", "content": "x" }], "stop": [1] }),
+        "'stop'",
+      ),
+      (
+        json!({ "messages": [{ "role": "user", "content": "x" }], "tools": [{ "type": "retrieval" }] }),
+        "'tools'",
+      ),
+      (
+        json!({ "messages": [{ "role": "user", "content": "x" }], "tool_choice": "always" }),
+        "'tool_choice'",
+      ),
+    ] {
+      let error = to_completion_options(&body).unwrap_err();
+      assert_eq!(error.status, 400);
+      assert_eq!(error.kind, "invalid_request_error");
+      assert!(
+        error.message.contains(needle),
+        "{} lacks {needle}",
+        error.message
+      );
+    }
+  }
+
+  #[test]
+  fn chat_completion_has_integer_created_and_snake_case_usage() {
+    let result = parse_result(json!({
+      "content": null,
+      "toolCalls": [{ "id": "c1", "type": "function", "function": { "name": "f", "arguments": { "a": 1 } } }],
+      "usage": { "promptTokens": 3, "completionTokens": 4 }
+    }))
+    .unwrap();
+    let completion = chat_completion(&identity(), &result);
+    assert_eq!(completion["object"], json!("chat.completion"));
+    assert_eq!(completion["created"], json!(1_700_000_000u64));
+    assert_eq!(
+      completion["usage"],
+      json!({ "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7 })
+    );
+    assert_eq!(
+      completion["choices"][0]["finish_reason"],
+      json!("tool_calls")
+    );
+    assert_eq!(
+      completion["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+      json!("{\"a\":1}")
+    );
+  }
+
+  #[test]
+  fn invalid_results_are_named() {
+    assert!(parse_result(json!("text")).is_err());
+    assert!(parse_result(json!({ "content": 5 }))
+      .unwrap_err()
+      .contains("invalid CompletionResult"));
+    assert!(parse_result(
+      json!({ "content": "x", "usage": { "promptTokens": -1, "completionTokens": 1 } })
+    )
+    .is_err());
+  }
+
+  #[test]
+  fn stream_encoder_follows_the_openai_rules() {
+    let mut encoder = StreamEncoder::new(identity(), true);
+    let mut out = Vec::new();
+    assert!(!encoder.started());
+    encoder.push(parse_chunk(json!({ "content": "Hel" })).unwrap(), &mut out);
+    encoder.push(parse_chunk(json!({ "toolCalls": [{ "index": 0, "function": { "name": "f", "arguments": "{\"a\"" } }] })).unwrap(), &mut out);
+    encoder.push(parse_chunk(json!({ "toolCalls": [{ "index": 0, "id": "ignored", "function": { "name": "again", "arguments": ":1}" } }] })).unwrap(), &mut out);
+    encoder.push(parse_chunk(json!({ "finishReason": "tool_use", "usage": { "promptTokens": 1, "completionTokens": 2, "totalTokens": 3 } })).unwrap(), &mut out);
+    encoder.finish(&mut out);
+    let chunks: Vec<Value> = out[..out.len() - 1]
+      .iter()
+      .map(|p| serde_json::from_str(p).unwrap())
+      .collect();
+    assert_eq!(out.last().unwrap(), DONE);
+    assert_eq!(
+      chunks[0]["choices"][0]["delta"],
+      json!({ "role": "assistant", "content": "" })
+    );
+    assert_eq!(
+      chunks[1]["choices"][0]["delta"],
+      json!({ "content": "Hel" })
+    );
+    assert_eq!(
+      chunks[2]["choices"][0]["delta"]["tool_calls"][0],
+      json!({ "index": 0, "id": "call_chatcmpl-t-1_0", "type": "function", "function": { "name": "f", "arguments": "{\"a\"" } })
+    );
+    assert_eq!(
+      chunks[3]["choices"][0]["delta"]["tool_calls"][0],
+      json!({ "index": 0, "function": { "arguments": ":1}" } })
+    );
+    assert_eq!(
+      chunks[4]["choices"][0]["finish_reason"],
+      json!("tool_calls")
+    );
+    assert_eq!(chunks[5]["choices"], json!([]));
+    assert_eq!(
+      chunks[5]["usage"],
+      json!({ "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3 })
+    );
+    for chunk in &chunks {
+      assert_eq!(chunk["id"], json!("chatcmpl-t-1"));
+      assert_eq!(chunk["created"], json!(1_700_000_000u64));
+      assert_eq!(chunk["model"], json!("qwen"));
+      assert!(chunk.get("usage").is_some());
+    }
+    let finishes = chunks
+      .iter()
+      .filter(|c| {
+        !c["choices"][0]["finish_reason"].is_null()
+          && c["choices"].as_array().map_or(false, |a| !a.is_empty())
+      })
+      .count();
+    assert_eq!(finishes, 1);
+  }
+
+  #[test]
+  fn stream_without_usage_has_no_usage_field() {
+    let mut encoder = StreamEncoder::new(identity(), false);
+    let mut out = Vec::new();
+    encoder.push_result(
+      parse_result(json!({ "content": "hi", "finishReason": "length" })).unwrap(),
+      &mut out,
+    );
+    encoder.finish(&mut out);
+    assert_eq!(out.len(), 4);
+    let last: Value = serde_json::from_str(&out[2]).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], json!("length"));
+    assert!(last.get("usage").is_none());
+  }
+
+  #[test]
+  fn in_band_error_then_done() {
+    let mut encoder = StreamEncoder::new(identity(), false);
+    let mut out = Vec::new();
+    encoder.push(parse_chunk(json!({ "content": "x" })).unwrap(), &mut out);
+    encoder.fail(&ErrorReply::provider_error("boom"), &mut out);
+    assert_eq!(
+      out[out.len() - 2],
+      r#"{"error":{"code":"provider_error","message":"boom","type":"provider_error"}}"#
+    );
+    assert_eq!(out[out.len() - 1], DONE);
+  }
+}
