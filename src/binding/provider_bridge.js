@@ -51,6 +51,16 @@
       providers.set(name, provider)
     },
 
+    // mcplocal's registry is a Map or any object with get(name); its errors
+    // become a warning, not an exception.
+    lookup(registry, name) {
+      try {
+        return { provider: registry.get(name), error: null }
+      } catch (error) {
+        return { provider: undefined, error: describe(error) }
+      }
+    },
+
     complete(name, taskId, optionsJson) {
       return new Promise((resolve) => {
         const provider = providers.get(name)

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{Array, Function, JsObjectValue, Object, PromiseRaw, Unknown};
+use napi::bindgen_prelude::{Array, FnArgs, Function, JsObjectValue, Object, PromiseRaw, Unknown};
 use napi::{Env, ValueType};
 use parking_lot::Mutex;
 
@@ -70,7 +70,7 @@ impl<'env> Setup<'env> {
       )));
     }
     let can_stream = options::has_function(&provider, "stream")?;
-    let publish: Function<napi::bindgen_prelude::FnArgs<(String, Object)>, Unknown> = self
+    let publish: Function<FnArgs<(String, Object)>, Unknown> = self
       .bridge_object
       .get_named_property("publish")
       .map_err(napi_failure)?;
@@ -85,6 +85,27 @@ impl<'env> Setup<'env> {
       }),
       descriptor: entry.descriptor,
     })
+  }
+
+  /// `registry.get(name)`, called on the JavaScript side so that a throwing
+  /// registry is a warning; `None` (after the warning) when it has no such provider.
+  fn lookup(&self, registry: Object<'env>, name: &str) -> Result<Option<Object<'env>>> {
+    let lookup: Function<FnArgs<(Object, String)>, Object> = self
+      .bridge_object
+      .get_named_property("lookup")
+      .map_err(napi_failure)?;
+    let found = lookup
+      .call((registry, name.to_owned()).into())
+      .map_err(napi_failure)?;
+    if let Some(error) = options::string(&found, "error", "")? {
+      tracing::warn!(provider = %name, %error, "registry.get threw; not publishing the provider");
+      return Ok(None);
+    }
+    let provider = options::object(&found, "provider", "")?;
+    if provider.is_none() {
+      tracing::warn!(provider = %name, "provider is opted in (publish: true) but not in the registry");
+    }
+    Ok(provider)
   }
 
   fn build(
@@ -290,8 +311,6 @@ fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistra
       "registry.get must be a function".to_owned(),
     ));
   }
-  let lookup: Function<String, Unknown> =
-    registry.get_named_property("get").map_err(napi_failure)?;
   let entries: Array = options
     .get("providers")
     .ok()
@@ -317,15 +336,9 @@ fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistra
     }
     opted_in += 1;
     let name = parsed.descriptor.name.clone();
-    let found = lookup.apply(&registry, name.clone()).map_err(|error| {
-      Error::InvalidInput(format!("registry.get('{name}') threw: {}", error.reason))
-    })?;
-    if found.get_type().ok() != Some(ValueType::Object) {
-      tracing::warn!(provider = %name, "provider is opted in (publish: true) but not in the registry");
+    let Some(provider) = setup.lookup(registry, &name)? else {
       continue;
-    }
-    // SAFETY: the type was checked just above.
-    let provider: Object = unsafe { found.cast() }.map_err(napi_failure)?;
+    };
     match setup.publish(parsed, provider, &path) {
       Ok(published) => providers.push(published),
       Err(error) => tracing::warn!(provider = %name, error = %error, "not publishing provider"),
