@@ -346,3 +346,36 @@ test('the token never appears in logs, errors or status()', async (t) => {
   assert.ok(!everything.includes(TOKEN), 'token leaked')
   assert.ok(everything.includes('***'), 'the echoed token was redacted')
 })
+
+test('MCPCTL_LOG sets the level: debug adds detail, off mutes', async (t) => {
+  const previous = process.env.MCPCTL_LOG
+  t.after(() => { if (previous === undefined) delete process.env.MCPCTL_LOG; else process.env.MCPCTL_LOG = previous })
+  const mcpd = await startMcpd(t)
+  process.env.MCPCTL_LOG = 'debug'
+  const verbose = captureLogger()
+  await startRegistrar(t, mcpd, { local: recordingProvider() }, { logger: verbose })
+  await mcpd.waitFor(() => verbose.lines.some((line) => line.level === 'debug' && /control channel open/.test(line.msg)))
+  process.env.MCPCTL_LOG = 'off'
+  const muted = captureLogger()
+  const { registrar } = await startRegistrar(t, mcpd, { local: recordingProvider() }, { logger: muted })
+  mcpd.dropStreams()
+  await mcpd.waitFor(() => registrar.status().reconnects >= 1 && registrar.status().state === 'connected')
+  assert.deepEqual(muted.lines, [])
+})
+
+test('without a logger, warnings go to stderr, without the token', async (t) => {
+  const { spawnSync } = await import('node:child_process')
+  const configDir = await tempConfigDir(t)
+  const script = `
+    const { VirtualLlmRegistrar } = require(${JSON.stringify(new URL('../index.js', import.meta.url).pathname)})
+    const registrar = new VirtualLlmRegistrar({ mcpdUrl: 'http://127.0.0.1:9', token: ${JSON.stringify(TOKEN)}, configDir: ${JSON.stringify(configDir)},
+      providers: [{ name: 'local', type: 'test', provider: { complete: async () => ({ content: '' }) } }] })
+    registrar.start().catch((error) => console.log('rejected: ' + error.message))`
+  const env = { ...process.env }
+  delete env.MCPCTL_LOG
+  const run = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8', timeout: 20_000 })
+  assert.equal(run.status, 0, run.stderr)
+  assert.match(run.stdout, /rejected: register failed: no answer from mcpd/)
+  assert.match(run.stderr, /\[mcpctl-registrar\] WARN register failed/)
+  assert.ok(!run.stderr.includes(TOKEN) && !run.stdout.includes(TOKEN))
+})
