@@ -388,6 +388,8 @@ impl Shared {
     );
     // A reconnect that follows a failure waits first; the first connect does not.
     let mut pause: Option<Duration> = needs_register.then(|| backoff.next_delay());
+    // 404s on connect right after registering mean mcpd keeps forgetting us.
+    let mut unknown_in_a_row = 0u32;
     loop {
       if let Some(delay) = pause.take() {
         tokio::select! {
@@ -427,10 +429,8 @@ impl Shared {
           self.set_state(RegistrarState::Registering);
           needs_register = true;
           // Straight away the first time; with backoff if it keeps happening.
-          pause = self
-            .session_lost
-            .swap(true, Ordering::SeqCst)
-            .then(|| backoff.next_delay());
+          unknown_in_a_row += 1;
+          pause = (unknown_in_a_row > 1).then(|| backoff.next_delay());
         }
         ChannelEnd::Unauthorized(error) => {
           let text = describe(&error);
@@ -447,6 +447,7 @@ impl Shared {
           let text = describe(&error);
           tracing::warn!(error = %text, "control channel lost; reconnecting");
           self.record_error(text);
+          unknown_in_a_row = 0;
           if delivered || lasted >= STABLE_CONNECTION {
             backoff.reset();
           }

@@ -101,10 +101,11 @@ pub struct SseParser {
 
 impl SseParser {
   /// `max_frame_bytes`: the most bytes one event (all its lines, including
-  /// field names) may take before FrameTooLarge.
+  /// field names) may take before `FrameTooLarge`.
   ///
   /// Line terminators are not counted, and comment lines count only while
   /// they are unfinished, so keep-alives between events never add up.
+  #[must_use]
   pub fn new(max_frame_bytes: usize) -> Self {
     Self {
       max_frame_bytes,
@@ -128,7 +129,11 @@ impl SseParser {
   /// `out`, in order. After an Err, the parser is poisoned: further feeds
   /// return the same error.
   ///
-  /// On an Err, the items completed before the faulty line are still appended.
+  /// # Errors
+  ///
+  /// [`SseError::InvalidUtf8`] for a line that is not UTF-8, and
+  /// [`SseError::FrameTooLarge`] for an event over the limit. The items
+  /// completed before the faulty line are still appended.
   pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseItem>) -> Result<(), SseError> {
     if let Some(error) = &self.poisoned {
       return Err(error.clone());
@@ -146,6 +151,7 @@ impl SseParser {
 
   /// The last event ID buffer (persists across events, as WHATWG says), for
   /// Last-Event-ID on reconnect.
+  #[must_use]
   pub fn last_event_id(&self) -> Option<&str> {
     self.last_event_id.as_deref()
   }
@@ -898,7 +904,7 @@ mod tests {
           "data" => data = data + value + "\n",
           "id" if !value.contains('\0') => id = Some(value.to_owned()).filter(|v| !v.is_empty()),
           "retry" if !value.is_empty() && value.chars().all(|c| c.is_ascii_digit()) => {
-            items.push(SseItem::Retry(value.parse().unwrap_or(u64::MAX)))
+            items.push(SseItem::Retry(value.parse().unwrap_or(u64::MAX)));
           }
           _ => {}
         }
