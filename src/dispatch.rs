@@ -26,6 +26,8 @@ const RELAY_BUFFER: usize = 256;
 /// The most payloads and bytes one chunk POST carries.
 const MAX_BATCH_PAYLOADS: usize = 1024;
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// How long a chunk POST after the first waits for more payloads to join it.
+const BATCH_LINGER: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Copy)]
 pub struct DispatchSettings {
@@ -627,17 +629,11 @@ async fn relay_chunks(
     let Some(first) = first else {
       return Relayed::Finished;
     };
-    let mut bytes = first.len();
-    batch.push(first);
-    while batch.len() < MAX_BATCH_PAYLOADS && bytes < MAX_BATCH_BYTES {
-      match receiver.try_recv() {
-        Ok(payload) => {
-          bytes += payload.len();
-          batch.push(payload);
-        }
-        Err(_) => break,
-      }
-    }
+    // The first POST goes at once (time to first token); later ones wait a
+    // few milliseconds for company, so a fast provider is not relayed one
+    // payload per POST when mcpd answers quickly.
+    let linger = (seq > 0).then(|| tokio::time::Instant::now() + BATCH_LINGER);
+    collect_batch(&mut receiver, &mut batch, first, linger).await;
     let done = batch.last().is_some_and(|payload| payload == DONE);
     let delivery = tokio::select! {
       delivery = client.post_chunks(task_id, seq, &batch) => delivery,
@@ -663,6 +659,38 @@ async fn relay_chunks(
         return Relayed::Undelivered;
       }
     }
+  }
+}
+
+/// Fills a batch: what is already waiting, then, until `linger`, what arrives,
+/// up to the batch limits or `[DONE]`.
+async fn collect_batch(
+  receiver: &mut mpsc::Receiver<String>,
+  batch: &mut Vec<String>,
+  first: String,
+  linger: Option<tokio::time::Instant>,
+) {
+  let mut bytes = first.len();
+  let mut done = first == DONE;
+  batch.push(first);
+  while !done && batch.len() < MAX_BATCH_PAYLOADS && bytes < MAX_BATCH_BYTES {
+    let next = match receiver.try_recv() {
+      Ok(payload) => Some(payload),
+      Err(mpsc::error::TryRecvError::Disconnected) => None,
+      Err(mpsc::error::TryRecvError::Empty) => match linger {
+        Some(deadline) => tokio::time::timeout_at(deadline, receiver.recv())
+          .await
+          .ok()
+          .flatten(),
+        None => None,
+      },
+    };
+    let Some(payload) = next else {
+      break;
+    };
+    bytes += payload.len();
+    done = payload == DONE;
+    batch.push(payload);
   }
 }
 

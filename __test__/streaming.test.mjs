@@ -1,0 +1,251 @@
+// The streaming relay itself, seen from mcpd: chunk batching and seq, backpressure
+// toward a provider faster than mcpd, cancel and stop() mid-stream, broken stream()s.
+import test from 'node:test'
+import assert from 'node:assert/strict'
+import { startMcpd, startRegistrar, chatBody, sleep } from './helpers.mjs'
+import { abortedAt } from './providers.mjs'
+
+/** The payloads of every accepted chunk POST of the task, in order. */
+const postedPayloads = (mcpd, taskId) => mcpd.chunkPosts(taskId).flatMap((post) => post.chunks)
+
+/** Each post starts where the previous one ended: seq is the index of its first payload. */
+function assertSeqConsistent(posts) {
+  assert.equal(posts[0].seq, 0)
+  for (let i = 1; i < posts.length; i++) {
+    assert.equal(posts[i].seq, posts[i - 1].seq + posts[i - 1].chunks.length, `post ${i}: seq ${posts[i].seq}`)
+  }
+}
+
+const contentOf = (payloads) => payloads
+  .filter((payload) => payload !== '[DONE]')
+  .map((payload) => JSON.parse(payload))
+  .map((chunk) => chunk.choices?.[0]?.delta?.content ?? '')
+  .join('')
+
+const noComplete = async () => { throw new Error('complete() must not be called for a streaming task') }
+
+test('10,000 small chunks as fast as the provider can: all relayed in order, in far fewer POSTs', async (t) => {
+  const mcpd = await startMcpd(t)
+  const count = 10_000
+  const fast = {
+    complete: noComplete,
+    async *stream() {
+      for (let i = 0; i < count; i++) yield { content: `${i},` }
+    },
+  }
+  await startRegistrar(t, mcpd, { fast })
+  const started = performance.now()
+  const taskId = mcpd.sendTask({ provider: 'fast', body: chatBody({ stream: true }) })
+  const outcome = await mcpd.outcome(taskId, { timeoutMs: 30_000 })
+  const elapsed = performance.now() - started
+  const posts = mcpd.chunkPosts(taskId)
+  t.diagnostic(`${count} chunks in ${posts.length} POSTs (largest ${Math.max(...posts.map((p) => p.chunks.length))} payloads) in ${elapsed.toFixed(0)} ms`)
+
+  await t.test('every chunk arrives once, in order, with consistent seq and one POST in flight at a time', () => {
+    assert.equal(outcome.kind, 'stream')
+    const expected = Array.from({ length: count }, (_, i) => `${i},`).join('')
+    assert.equal(contentOf(outcome.payloads), expected)
+    // role chunk + one payload per provider chunk + finish chunk + [DONE]
+    assert.equal(outcome.payloads.length, count + 3)
+    assert.equal(outcome.payloads.at(-1), '[DONE]')
+    assertSeqConsistent(posts)
+    assert.deepEqual(postedPayloads(mcpd, taskId), outcome.payloads, 'no payload was posted twice')
+    assert.deepEqual(mcpd.violations, [], 'never two POSTs in flight, and every chunk well-formed')
+  })
+
+  // Against a fake mcpd that answers in well under a millisecond, the relay POSTs as soon as it
+  // holds one payload and the provider is pulled one chunk per JS round trip (~0.25-0.4 ms in
+  // the debug build), so batches hold 1-3 payloads: 3,700-4,600 POSTs measured for 10,000 chunks.
+  await t.test('far fewer than 10,000 chunk POSTs', () => {
+    assert.ok(posts.length < 1000, `${posts.length} chunk POSTs for ${count} chunks`)
+  })
+})
+
+test('backpressure: a provider faster than mcpd is held a bounded number of chunks ahead', async (t) => {
+  // MEASURED (debug build, x86_64 Linux, 5 runs): with 200 ms per chunk POST the registrar
+  // sends 16 payloads of 64 KiB per POST (its 1 MiB batch cap), so mcpd takes 64 chunks/s
+  // (~4 MiB/s). The provider makes ~120-190 chunks/s (~8-12 MiB/s: each chunk is a JS round
+  // trip and 64 KiB of JSON each way) until the relay's buffer is full, ~2-2.5 s in; from then
+  // on it is pulled only as fast as mcpd takes chunks. produced − received rises to 257
+  // (the 256-payload relay buffer + the chunk in hand; the batch on the wire already counts as
+  // received) and stays there: over 4 s the provider made ~480 chunks (~30 MiB) where an
+  // unthrottled one would have made ~700 and kept climbing. RSS grew 44-60 MB (peak), most of it
+  // the fake mcpd keeping every payload it accepted.
+  const mcpd = await startMcpd(t)
+  const chunkBytes = 64 * 1024
+  const filler = 'x'.repeat(chunkBytes - 8)
+  const produceForMs = 4000
+  let produced = 0
+  let producing = true
+  const firehose = {
+    complete: noComplete,
+    async *stream() {
+      const until = performance.now() + produceForMs
+      while (performance.now() < until) {
+        const content = produced.toString(36).padStart(8, '0') + filler
+        produced++
+        yield { content }
+      }
+      producing = false
+    },
+  }
+  await startRegistrar(t, mcpd, { firehose })
+  mcpd.delay('chunks', 200)
+  const rssBefore = process.memoryUsage().rss
+  const taskId = mcpd.sendTask({ provider: 'firehose', body: chatBody({ stream: true }) })
+
+  // Content payloads mcpd has accepted (the first payload is the role chunk).
+  const received = () => Math.max(0, postedPayloads(mcpd, taskId).length - 1)
+  const samples = []
+  let rssPeak = rssBefore
+  const startedAt = performance.now()
+  while (producing && performance.now() - startedAt < produceForMs + 2000) {
+    await sleep(250)
+    rssPeak = Math.max(rssPeak, process.memoryUsage().rss)
+    samples.push({ ms: Math.round(performance.now() - startedAt), producing, produced, received: received() })
+  }
+  assert.equal(producing, false, 'the provider finished its 4 s')
+  const lead = (sample) => sample.produced - sample.received
+  const maxLead = Math.max(...samples.map(lead))
+  const rssGrowthMb = (rssPeak - rssBefore) / 2 ** 20
+  t.diagnostic(`samples (ms produced/received): ${samples.map((s) => `${s.ms}:${s.produced}/${s.received}`).join(' ')}`)
+  t.diagnostic(`max lead ${maxLead} chunks (${((maxLead * chunkBytes) / 2 ** 20).toFixed(1)} MiB); RSS growth ${rssGrowthMb.toFixed(0)} MB; produced ${produced}`)
+
+  assert.ok(samples.length >= 10, `${samples.length} samples`)
+  assert.ok(maxLead <= 1500, `the provider ran ${maxLead} chunks ahead of mcpd`)
+  // A plateau, not a slope: over the last 1.5 s of production the lead does not keep growing
+  // (unthrottled, it would grow by ~180 chunks here).
+  const last = samples.filter((s) => s.producing && s.ms >= produceForMs - 1500)
+  assert.ok(last.length >= 3, `${last.length} late samples`)
+  assert.ok(lead(last.at(-1)) - lead(last[0]) <= 64, `the lead grew from ${lead(last[0])} to ${lead(last.at(-1))}`)
+  assert.ok(received() >= 100, `mcpd received ${received()} chunks: the relay kept moving`)
+  assert.ok(rssGrowthMb < 300, `RSS grew ${rssGrowthMb.toFixed(0)} MB`)
+
+  // Drain the rest quickly and check nothing was lost, damaged or reordered.
+  mcpd.delay('chunks', 0)
+  const outcome = await mcpd.outcome(taskId, { timeoutMs: 20_000 })
+  assert.equal(outcome.kind, 'stream')
+  const contents = outcome.payloads.slice(1, -2).map((payload) => JSON.parse(payload).choices[0].delta.content)
+  assert.equal(contents.length, produced)
+  contents.forEach((content, i) => {
+    if (content.length !== chunkBytes || parseInt(content.slice(0, 8), 36) !== i) assert.fail(`chunk ${i} is out of order or damaged`)
+  })
+  assertSeqConsistent(mcpd.chunkPosts(taskId))
+  assert.deepEqual(mcpd.violations, [])
+})
+
+test('cancel of a running streaming task: signal fires, the iterator is closed, nothing more is posted', async (t) => {
+  const mcpd = await startMcpd(t)
+  let signal
+  let finalized = false
+  let yieldedAfterAbort = 0
+  const stubborn = {
+    complete: noComplete,
+    async *stream(options) {
+      signal = options.signal
+      try {
+        for (let i = 0; i < 5; i++) yield { content: `c${i} ` }
+        await abortedAt(options.signal)
+        // A provider that ignores its signal: the registrar must stop pulling and close it.
+        for (let i = 0; i < 1000; i++) {
+          yieldedAfterAbort++
+          yield { content: `late${i} ` }
+        }
+      } finally {
+        finalized = true
+      }
+    },
+  }
+  const { registrar } = await startRegistrar(t, mcpd, { stubborn })
+  const taskId = mcpd.sendTask({ provider: 'stubborn', body: chatBody({ stream: true }) })
+  await mcpd.waitFor(() => postedPayloads(mcpd, taskId).length === 6) // role + 5
+  await sleep(50) // let the last chunk POST's answer reach the registrar
+  const postsBefore = mcpd.chunkPosts(taskId).length
+
+  mcpd.cancel(taskId)
+  await mcpd.waitFor(() => signal.aborted, { timeoutMs: 1000 })
+  assert.equal(signal.reason.name, 'AbortError')
+  await mcpd.waitFor(() => finalized, { timeoutMs: 1000 })
+  await sleep(300)
+  assert.ok(yieldedAfterAbort <= 1, `the iterator was pulled ${yieldedAfterAbort} times after the abort`)
+  assert.equal(mcpd.chunkPosts(taskId).length, postsBefore, 'nothing posted after the cancel')
+  assert.ok(!mcpd.requests.some((r) => r.path.endsWith(`/${taskId}/result`)), 'no result POST either')
+  assert.equal((await mcpd.outcome(taskId)).kind, 'cancelled')
+  assert.equal(contentOf(postedPayloads(mcpd, taskId)), 'c0 c1 c2 c3 c4 ')
+  assert.equal(registrar.status().inFlight, 0)
+  assert.deepEqual(mcpd.violations, [])
+})
+
+test('stop() mid-stream: an in-band unavailable error then [DONE]; stop() resolves', async (t) => {
+  const mcpd = await startMcpd(t)
+  let signal
+  let finalized = false
+  const parked = {
+    complete: noComplete,
+    async *stream(options) {
+      signal = options.signal
+      try {
+        yield { content: 'one ' }
+        yield { content: 'two ' }
+        await abortedAt(options.signal)
+      } finally {
+        finalized = true
+      }
+    },
+  }
+  const { registrar } = await startRegistrar(t, mcpd, { parked })
+  const taskId = mcpd.sendTask({ provider: 'parked', body: chatBody({ stream: true }) })
+  await mcpd.waitFor(() => postedPayloads(mcpd, taskId).length === 3)
+
+  const stopping = performance.now()
+  await registrar.stop()
+  const stopMs = performance.now() - stopping
+  assert.ok(stopMs < 2000, `stop() took ${stopMs.toFixed(0)} ms`)
+  assert.equal(registrar.status().state, 'stopped')
+  assert.equal(signal.aborted, true)
+  assert.equal(signal.reason.name, 'AbortError')
+  await mcpd.waitFor(() => finalized, { timeoutMs: 1000 })
+
+  const outcome = await mcpd.outcome(taskId, { timeoutMs: 1000 })
+  assert.equal(outcome.kind, 'stream')
+  assert.equal(outcome.payloads.at(-1), '[DONE]')
+  const { error } = JSON.parse(outcome.payloads.at(-2))
+  assert.equal(error.type, 'unavailable')
+  assert.equal(typeof error.message, 'string')
+  assert.equal(contentOf(outcome.payloads.slice(0, -2)), 'one two ')
+  assertSeqConsistent(mcpd.chunkPosts(taskId))
+  assert.deepEqual(mcpd.violations, [])
+  t.diagnostic(`stop() resolved in ${stopMs.toFixed(0)} ms`)
+})
+
+test('a stream() that throws or returns no async iterable: 502 before any chunk', async (t) => {
+  const mcpd = await startMcpd(t)
+  let completeCalls = 0
+  const broken = (stream) => ({ complete: async () => { completeCalls++; return { content: 'fallback' } }, stream })
+  const providers = {
+    throwsSync: broken(() => { throw new TypeError('stream() exploded') }),
+    returnsNull: broken(() => null),
+    returnsPlainObject: broken(() => ({ chunks: ['not', 'iterable'] })),
+    returnsPromise: broken(async () => [{ content: 'x' }]),
+    nextThrowsSync: broken(() => ({ [Symbol.asyncIterator]: () => ({ next() { throw new Error('next() exploded') } }) })),
+  }
+  const { registrar } = await startRegistrar(t, mcpd, providers)
+  for (const [name, pattern] of [
+    ['throwsSync', /stream\(\) exploded/],
+    ['returnsNull', /async iterable/],
+    ['returnsPlainObject', /async iterable/],
+    ['returnsPromise', /async iterable/],
+    ['nextThrowsSync', /next\(\) exploded/],
+  ]) {
+    const taskId = mcpd.sendTask({ provider: name, body: chatBody({ stream: true }) })
+    const outcome = await mcpd.outcome(taskId)
+    assert.equal(outcome.kind, 'result', name)
+    assert.equal(outcome.status, 502, name)
+    assert.equal(outcome.body.error.type, 'provider_error', name)
+    assert.match(outcome.body.error.message, pattern, name)
+    assert.deepEqual(mcpd.chunkPosts(taskId), [], `${name}: no chunk before the 502`)
+  }
+  assert.equal(completeCalls, 0, 'a broken stream() does not fall back to complete()')
+  await mcpd.waitFor(() => registrar.status().failed === 5)
+  assert.deepEqual(mcpd.violations, [])
+})
