@@ -3,7 +3,6 @@
 import test from 'node:test'
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
-import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
 import { addon, startMcpd, startRegistrar, tempConfigDir, captureLogger, recordingProvider, chatBody, sleep, TOKEN } from './helpers.mjs'
 
@@ -13,6 +12,8 @@ const child = fileURLToPath(new URL('./fixtures/child-registrar.mjs', import.met
 function runChild(t, env) {
   const proc = spawn(process.execPath, [child], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
   t.after(() => proc.kill('SIGKILL'))
+  // Listen from the start: the child may exit before the test looks.
+  const exit = new Promise((resolve) => proc.on('exit', (code) => resolve({ code, at: Date.now() })))
   const events = []
   let buffer = ''
   proc.stdout.on('data', (data) => {
@@ -23,7 +24,7 @@ function runChild(t, env) {
   })
   let stderr = ''
   proc.stderr.on('data', (data) => { stderr += data })
-  return { proc, events, stderr: () => stderr }
+  return { proc, events, exit, stderr: () => stderr }
 }
 
 test('after stop() the Node process exits by itself within 2 s; a running registrar keeps it alive', async (t) => {
@@ -35,9 +36,11 @@ test('after stop() the Node process exits by itself within 2 s; a running regist
   await mcpd.waitFor(() => stopping.events.some((e) => e.event === 'stopped'), { timeoutMs: 10_000 })
   const stopped = stopping.events.find((e) => e.event === 'stopped')
   assert.equal(stopped.status.state, 'stopped')
-  const [code] = await once(stopping.proc, 'exit')
+  const { code, at } = await Promise.race([stopping.exit, sleep(5000).then(() => {
+    throw new Error(`the child did not exit after stop(): ${JSON.stringify(stopping.events.at(-1))}`)
+  })])
   assert.equal(code, 0, stopping.stderr())
-  const lag = Date.now() - stopped.at
+  const lag = at - stopped.at
   assert.ok(lag < 2000, `exited ${lag} ms after stop()`)
   // The child used $MCPCTL_HOME for its session file (no configDir option).
   const { readFile } = await import('node:fs/promises')
@@ -127,7 +130,8 @@ test('taskTimeoutMs: a never-settling provider is aborted, answered 504, and its
   assert.equal(signal.aborted, true)
   assert.equal(signal.reason.name, 'TimeoutError')
   assert.equal((await mcpd.outcome(next)).status, 200)
-  assert.equal(registrar.status().inFlight, 0)
+  // The slot is released once mcpd has acknowledged the answer.
+  await mcpd.waitFor(() => registrar.status().inFlight === 0)
 })
 
 test('cancel: a running task is aborted and nothing is posted; a queued one never reaches the provider', async (t) => {

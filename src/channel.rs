@@ -83,7 +83,7 @@ impl ControlChannel {
     tracing::debug!("control channel open");
     let opened = Instant::now();
     let mut delivered = false;
-    let mut parser = SseParser::new(DEFAULT_MAX_FRAME_BYTES);
+    let mut parser = SseParser::resuming(DEFAULT_MAX_FRAME_BYTES, self.last_event_id.clone());
     let mut items = Vec::new();
     let mut response = response;
     let error = loop {
@@ -110,6 +110,7 @@ impl ControlChannel {
         }
       };
       let fed = parser.feed(&bytes, &mut items);
+      self.last_event_id = parser.dispatched_event_id().map(str::to_owned);
       for item in items.drain(..) {
         match item {
           SseItem::Event(event) => {
@@ -131,10 +132,7 @@ impl ControlChannel {
     }
   }
 
-  fn handle(&mut self, event: SseEvent) {
-    if event.id.is_some() {
-      self.last_event_id = event.id;
-    }
+  fn handle(&self, event: SseEvent) {
     match event.event.as_str() {
       "task" => self.dispatcher.accept(&event.data),
       "cancel" => self.dispatcher.cancel(&event.data),

@@ -3,13 +3,13 @@
 //! chunk sequence ending in `[DONE]`) for every task received.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::Instrument;
 
 use crate::error::describe;
@@ -80,63 +80,102 @@ enum Outcome {
 /// One provider's slots, queue and counters.
 struct Lane {
   published: PublishedProvider,
-  permits: Arc<Semaphore>,
   max_concurrency: u32,
   max_queue: u32,
-  in_flight: AtomicU32,
-  queued: AtomicU32,
+  slots: Mutex<Slots>,
   completed: AtomicU64,
   failed: AtomicU64,
 }
 
+/// Slots in use and the FIFO queue of tasks waiting for one. Admission happens
+/// on the channel's task, in the order events arrive, so the queue is in
+/// arrival order whatever the runtime's scheduling.
+#[derive(Default)]
+struct Slots {
+  in_use: u32,
+  waiting: VecDeque<(String, oneshot::Sender<()>)>,
+}
+
 enum Admission {
-  Admitted(OwnedSemaphorePermit),
+  /// A slot is held.
+  Now(Slot),
+  /// In the queue; the sender fires when a slot is handed over.
+  Queued(oneshot::Receiver<()>),
   Full,
-  Ended(Ending),
 }
 
 impl Lane {
-  /// A slot now, a place in the FIFO queue, or 429 when both are full.
-  async fn admit(&self, end: &mut watch::Receiver<Option<Ending>>) -> Admission {
-    if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-      return Admission::Admitted(permit);
+  fn admit(self: &Arc<Self>, task_id: &str) -> Admission {
+    let mut slots = self.slots.lock();
+    if slots.in_use < self.max_concurrency {
+      slots.in_use += 1;
+      return Admission::Now(Slot(Arc::clone(self)));
     }
-    let max_queue = self.max_queue;
-    let entered = self
-      .queued
-      .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |queued| {
-        (queued < max_queue).then_some(queued + 1)
-      });
-    if entered.is_err() {
-      return Admission::Full;
+    if (slots.waiting.len() as u32) < self.max_queue {
+      let (sender, receiver) = oneshot::channel();
+      slots.waiting.push_back((task_id.to_owned(), sender));
+      return Admission::Queued(receiver);
     }
-    // tokio's semaphore is fair, so waiting here is the FIFO queue.
-    let admission = tokio::select! {
-      permit = self.permits.clone().acquire_owned() => match permit {
-        Ok(permit) => Admission::Admitted(permit),
-        Err(_) => Admission::Ended(Ending::Stopping),
+    Admission::Full
+  }
+
+  /// Hands a freed slot to the first task still waiting, or frees it.
+  fn release(&self) {
+    let mut slots = self.slots.lock();
+    while let Some((_, waiter)) = slots.waiting.pop_front() {
+      if waiter.send(()).is_ok() {
+        return;
+      }
+    }
+    slots.in_use = slots.in_use.saturating_sub(1);
+  }
+
+  fn leave_queue(&self, task_id: &str) {
+    self.slots.lock().waiting.retain(|(id, _)| id != task_id);
+  }
+
+  /// Waits in the queue for a slot, unless the task ends first.
+  async fn wait_for_slot(
+    self: &Arc<Self>,
+    task_id: &str,
+    mut granted: oneshot::Receiver<()>,
+    end: &mut watch::Receiver<Option<Ending>>,
+  ) -> Result<Slot, Ending> {
+    tokio::select! {
+      biased;
+      result = &mut granted => match result {
+        Ok(()) => Ok(Slot(Arc::clone(self))),
+        Err(_) => Err(Ending::Stopping),
       },
-      ending = wait_for_ending(end) => Admission::Ended(ending),
-    };
-    self.queued.fetch_sub(1, Ordering::SeqCst);
-    admission
+      ending = wait_for_ending(end) => {
+        self.leave_queue(task_id);
+        // A slot handed over just before we left is ours to give back.
+        if granted.try_recv().is_ok() {
+          drop(Slot(Arc::clone(self)));
+        }
+        Err(ending)
+      }
+    }
   }
 }
 
-/// Counts the task in flight for as long as it holds its slot.
-struct InFlight<'a>(&'a AtomicU32);
+/// A concurrency slot of a lane, given back when dropped.
+struct Slot(Arc<Lane>);
 
-impl<'a> InFlight<'a> {
-  fn enter(counter: &'a AtomicU32) -> Self {
-    counter.fetch_add(1, Ordering::SeqCst);
-    Self(counter)
-  }
-}
-
-impl Drop for InFlight<'_> {
+impl Drop for Slot {
   fn drop(&mut self) {
-    self.0.fetch_sub(1, Ordering::SeqCst);
+    self.0.release();
   }
+}
+
+/// What `accept` decided for a task, in arrival order.
+enum Decision {
+  Answer(ErrorReply, Option<Arc<Lane>>),
+  Run {
+    lane: Arc<Lane>,
+    request: openai::ChatRequest,
+    admission: Admission,
+  },
 }
 
 #[derive(Default)]
@@ -184,7 +223,7 @@ pub struct LoadTotals {
 }
 
 pub struct TaskDispatcher {
-  lanes: HashMap<String, Lane>,
+  lanes: HashMap<String, Arc<Lane>>,
   client: Arc<McpdClient>,
   settings: DispatchSettings,
   table: Mutex<TaskTable>,
@@ -204,16 +243,14 @@ impl TaskDispatcher {
       .into_iter()
       .map(|published| {
         let name = published.descriptor.name.clone();
-        let lane = Lane {
+        let lane = Arc::new(Lane {
           published,
-          permits: Arc::new(Semaphore::new(settings.max_concurrency as usize)),
           max_concurrency: settings.max_concurrency,
           max_queue: settings.max_queue,
-          in_flight: AtomicU32::new(0),
-          queued: AtomicU32::new(0),
+          slots: Mutex::new(Slots::default()),
           completed: AtomicU64::new(0),
           failed: AtomicU64::new(0),
-        };
+        });
         (name, lane)
       })
       .collect();
@@ -233,10 +270,14 @@ impl TaskDispatcher {
     let mut loads: Vec<ProviderLoad> = self
       .lanes
       .iter()
-      .map(|(name, lane)| ProviderLoad {
+      .map(|(name, lane)| {
+        let slots = lane.slots.lock();
+        (name, lane, slots.in_use, slots.waiting.len() as u32)
+      })
+      .map(|(name, lane, in_flight, queued)| ProviderLoad {
         name: name.clone(),
-        in_flight: lane.in_flight.load(Ordering::SeqCst),
-        queued: lane.queued.load(Ordering::SeqCst),
+        in_flight,
+        queued,
         max_concurrency: lane.max_concurrency,
         completed: lane.completed.load(Ordering::SeqCst),
         failed: lane.failed.load(Ordering::SeqCst),
@@ -278,15 +319,43 @@ impl TaskDispatcher {
       }
       table.live.insert(event.task_id.clone(), sender);
     }
+    let decision = self.decide(&event);
     let dispatcher = Arc::clone(self);
     tokio::spawn(
       async move {
         let task_id = event.task_id.clone();
-        dispatcher.run(event, receiver).await;
+        dispatcher.run(event, decision, receiver).await;
         dispatcher.retire(&task_id);
       }
       .instrument(tracing::Span::current()),
     );
+  }
+
+  /// Routes, checks and admits a task, synchronously and in arrival order.
+  fn decide(&self, event: &TaskEvent) -> Decision {
+    let provider = event.provider.as_deref().unwrap_or_default();
+    let Some(lane) = self.lanes.get(provider) else {
+      return Decision::Answer(ErrorReply::model_not_found(provider), None);
+    };
+    let lane = Arc::clone(lane);
+    if self.stopping.load(Ordering::SeqCst) {
+      return Decision::Answer(ErrorReply::unavailable(), Some(lane));
+    }
+    let request = match openai::to_completion_options(&event.body) {
+      Ok(request) => request,
+      Err(reply) => return Decision::Answer(reply, Some(lane)),
+    };
+    match lane.admit(&event.task_id) {
+      Admission::Full => {
+        let reply = ErrorReply::rate_limited(&lane.published.descriptor.name);
+        Decision::Answer(reply, Some(lane))
+      }
+      admission => Decision::Run {
+        lane,
+        request,
+        admission,
+      },
+    }
   }
 
   /// A task event we cannot parse: answered 400 if it names its task, else only logged.
@@ -367,58 +436,67 @@ impl TaskDispatcher {
     }
   }
 
-  async fn run(&self, event: TaskEvent, mut end: watch::Receiver<Option<Ending>>) {
+  async fn run(
+    &self,
+    event: TaskEvent,
+    decision: Decision,
+    mut end: watch::Receiver<Option<Ending>>,
+  ) {
     let task_id = event.task_id.as_str();
-    let stream = event
-      .stream
-      .or_else(|| event.body.get("stream").and_then(Value::as_bool))
-      .unwrap_or(false);
-    let provider = event.provider.as_deref().unwrap_or_default();
-    let Some(lane) = self.lanes.get(provider) else {
-      self.unrouted_failed.fetch_add(1, Ordering::SeqCst);
-      return answer_error(
-        &self.client,
-        task_id,
-        &ErrorReply::model_not_found(provider),
-      )
-      .await;
+    let (lane, outcome) = match decision {
+      Decision::Answer(reply, lane) => (lane, self.fail(task_id, &reply).await),
+      Decision::Run {
+        lane,
+        request,
+        admission,
+      } => {
+        let outcome = self
+          .run_in_lane(&lane, &event, request, admission, &mut end)
+          .await;
+        (Some(lane), outcome)
+      }
     };
-    let outcome = self.run_in_lane(lane, &event, stream, &mut end).await;
-    let counter = match outcome {
-      Outcome::Completed => &lane.completed,
-      Outcome::Failed => &lane.failed,
-      Outcome::Cancelled => return,
+    let counter = match (&lane, outcome) {
+      (_, Outcome::Cancelled) => return,
+      (None, _) => &self.unrouted_failed,
+      (Some(lane), Outcome::Completed) => &lane.completed,
+      (Some(lane), Outcome::Failed) => &lane.failed,
     };
     counter.fetch_add(1, Ordering::SeqCst);
   }
 
   async fn run_in_lane(
     &self,
-    lane: &Lane,
+    lane: &Arc<Lane>,
     event: &TaskEvent,
-    stream: bool,
+    request: openai::ChatRequest,
+    admission: Admission,
     end: &mut watch::Receiver<Option<Ending>>,
   ) -> Outcome {
     let task_id = event.task_id.as_str();
-    if self.stopping.load(Ordering::SeqCst) {
-      return self.fail(task_id, &ErrorReply::unavailable()).await;
-    }
-    let request = match openai::to_completion_options(&event.body) {
-      Ok(request) => request,
-      Err(reply) => return self.fail(task_id, &reply).await,
-    };
-    let _permit = match lane.admit(end).await {
-      Admission::Admitted(permit) => permit,
+    let _slot = match admission {
+      Admission::Now(slot) => slot,
+      Admission::Queued(granted) => match lane.wait_for_slot(task_id, granted, end).await {
+        Ok(slot) => slot,
+        Err(Ending::Cancelled) => return Outcome::Cancelled,
+        Err(Ending::Stopping) => return self.fail(task_id, &ErrorReply::unavailable()).await,
+      },
       Admission::Full => {
         let reply = ErrorReply::rate_limited(&lane.published.descriptor.name);
         return self.fail(task_id, &reply).await;
       }
-      Admission::Ended(Ending::Cancelled) => return Outcome::Cancelled,
-      Admission::Ended(Ending::Stopping) => {
-        return self.fail(task_id, &ErrorReply::unavailable()).await
-      }
     };
-    let _in_flight = InFlight::enter(&lane.in_flight);
+    // A slot handed over while the task was being cancelled or stopped.
+    let ending = *end.borrow();
+    match ending {
+      Some(Ending::Cancelled) => return Outcome::Cancelled,
+      Some(Ending::Stopping) => return self.fail(task_id, &ErrorReply::unavailable()).await,
+      None => {}
+    }
+    let stream = event
+      .stream
+      .or_else(|| event.body.get("stream").and_then(Value::as_bool))
+      .unwrap_or(false);
     let descriptor = &lane.published.descriptor;
     let model = request
       .model

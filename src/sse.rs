@@ -87,6 +87,9 @@ pub struct SseParser {
   data: String,
   event_type: String,
   last_event_id: Option<String>,
+  /// The last event ID buffer as of the last dispatch (WHATWG's "last event ID
+  /// string" of the event source): what a reconnect sends as Last-Event-ID.
+  dispatched_id: Option<String>,
   /// The previous line ended with `\r`, so a `\n` next is part of that end.
   skip_lf: bool,
   bom: BomState,
@@ -114,6 +117,7 @@ impl SseParser {
       data: String::new(),
       event_type: String::new(),
       last_event_id: None,
+      dispatched_id: None,
       skip_lf: false,
       bom: BomState::Pending(0),
       offset: 0,
@@ -149,11 +153,29 @@ impl SseParser {
     result
   }
 
-  /// The last event ID buffer (persists across events, as WHATWG says), for
-  /// Last-Event-ID on reconnect.
+  /// A parser for a new connection of the same event source: the last event
+  /// ID carries over, as WHATWG says it does across reconnects.
+  #[must_use]
+  pub fn resuming(max_frame_bytes: usize, last_event_id: Option<String>) -> Self {
+    Self {
+      dispatched_id: last_event_id.clone(),
+      last_event_id,
+      ..Self::new(max_frame_bytes)
+    }
+  }
+
+  /// The last event ID buffer (persists across events, as WHATWG says),
+  /// including an `id:` of an event not yet complete.
   #[must_use]
   pub fn last_event_id(&self) -> Option<&str> {
     self.last_event_id.as_deref()
+  }
+
+  /// The last event ID as of the last blank line, whether or not that frame
+  /// had data: what to send as Last-Event-ID on reconnect.
+  #[must_use]
+  pub fn dispatched_event_id(&self) -> Option<&str> {
+    self.dispatched_id.as_deref()
   }
 
   fn feed_stream(&mut self, bytes: &[u8], out: &mut Vec<SseItem>) -> Result<(), SseError> {
@@ -291,6 +313,8 @@ impl SseParser {
 
   fn dispatch(&mut self, out: &mut Vec<SseItem>) {
     self.frame_bytes = 0;
+    // WHATWG sets the source's last event ID before it drops a frame without data.
+    self.dispatched_id.clone_from(&self.last_event_id);
     let event_type = std::mem::take(&mut self.event_type);
     if self.data.is_empty() {
       return;
@@ -1006,5 +1030,33 @@ mod tests {
       events > 100,
       "{events} events, {invalid} invalid, {too_large} too large"
     );
+  }
+
+  #[test]
+  fn an_id_only_frame_moves_the_dispatched_id_and_resuming_keeps_it() {
+    let mut parser = SseParser::new(1024);
+    let mut out = Vec::new();
+    parser
+      .feed(
+        b"id: ev-1\ndata: x\n\nid: ev-2\n\nid: ev-3\ndata: half",
+        &mut out,
+      )
+      .unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(parser.dispatched_event_id(), Some("ev-2"));
+    assert_eq!(parser.last_event_id(), Some("ev-3"));
+    let mut next = SseParser::resuming(1024, Some("ev-2".to_owned()));
+    out.clear();
+    next.feed(b"data: y\n\n", &mut out).unwrap();
+    assert_eq!(
+      out,
+      vec![SseItem::Event(SseEvent {
+        event: "message".into(),
+        data: "y".into(),
+        id: Some("ev-2".into())
+      })]
+    );
+    next.feed(b"id\n\n", &mut out).unwrap();
+    assert_eq!(next.dispatched_event_id(), None);
   }
 }

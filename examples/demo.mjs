@@ -1,0 +1,261 @@
+#!/usr/bin/env node
+// `npm run demo`: a dev mcpd, a registrar booted the way mcplocal boots it, and the official
+// openai client talking to the published model through mcpd, end to end, on loopback only.
+import { parseArgs } from 'node:util'
+import { createRequire } from 'node:module'
+import { randomBytes } from 'node:crypto'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import OpenAI from 'openai'
+import { createDemoProvider, createUpstreamProvider, firstUpstreamModel } from './providers.mjs'
+
+const require = createRequire(import.meta.url)
+
+const USAGE = `usage: node examples/demo.mjs [options]
+
+  --upstream <url>   publish a real OpenAI-compatible server instead of the demo model,
+                     e.g. http://127.0.0.1:11434/v1 (Ollama) or http://127.0.0.1:8080/v1 (llama.cpp)
+  --model <name>     the upstream model (default: the first one <url>/models lists)
+  --api-key <key>    bearer token for the upstream, when it wants one
+  --verbose          also print the dev mcpd's and the registrar's own log lines (stderr)
+  -h, --help         this text`
+
+const PROMPTS = {
+  ask: 'Who are you? Answer in one sentence.',
+  stream: 'In one sentence, how did this request reach you?',
+  count: 'Count from 1 to 100, separated by spaces, nothing else.',
+}
+const CANCEL_AFTER_TOKENS = 5
+const STEPS = 5
+
+const say = (line = '') => process.stdout.write(`${line}\n`)
+const header = (step, title) => say(`\n[${step}/${STEPS}] ${title}`)
+
+async function main() {
+  const args = parseArgs({
+    options: {
+      upstream: { type: 'string' },
+      model: { type: 'string' },
+      'api-key': { type: 'string' },
+      verbose: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+    strict: true,
+  }).values
+  if (args.help) return say(USAGE)
+  if ((args.model || args['api-key']) && !args.upstream) throw new DemoError('--model and --api-key go with --upstream <url>')
+
+  const { maybeStartVirtualLlmRegistrar } = require('../index.js')
+  const { FakeMcpd } = require('../testing/index.js')
+
+  // Ctrl-C ends the run through the same clean-up as an error, so the temp dir never stays behind.
+  const interrupt = new AbortController()
+  const onSigint = () => interrupt.abort(new DemoError('interrupted', 130))
+  process.once('SIGINT', onSigint)
+
+  const cleanup = []
+  try {
+    say('@mcpctl/registrar demo: dev mcpd + registrar + the official openai client')
+    say('\nSetup')
+
+    // 1. A temporary config dir: the credentials mcplocal would find in ~/.mcpctl go there.
+    const configDir = await mkdtemp(join(tmpdir(), 'mcpctl-demo-'))
+    cleanup.push(['temporary config dir removed', () => rm(configDir, { recursive: true, force: true })])
+
+    // 2. The dev mcpd, in this process, on a free loopback port.
+    const token = `demo-${randomBytes(12).toString('hex')}`
+    const taskTimeoutMs = args.upstream ? 300_000 : 30_000
+    const mcpd = new FakeMcpd({
+      host: '127.0.0.1',
+      port: 0,
+      token,
+      taskTimeoutMs,
+      log: args.verbose ? (line) => process.stderr.write(`[dev mcpd] ${line}\n`) : undefined,
+    })
+    cleanup.push(['dev mcpd closed', () => mcpd.close()])
+    const mcpdUrl = await mcpd.listen()
+    say(`  dev mcpd     ${mcpdUrl} (in process)`)
+    await writeFile(join(configDir, 'credentials'), `${JSON.stringify({ mcpdUrl, token }, null, 2)}\n`, { mode: 0o600 })
+    say(`  config dir   ${configDir} (temporary, holds credentials)`)
+
+    // 3. The provider to publish, in a registry, as mcplocal's config and registry hold them.
+    let providerAborted = () => {}
+    const providerHooks = {
+      log: (line) => say(`  ${line}`),
+      onAbort: (tokens) => providerAborted(tokens),
+    }
+    let entry
+    let provider
+    if (args.upstream) {
+      const upstream = args.upstream.replace(/\/+$/, '')
+      const model = args.model ?? (await firstUpstreamModel(upstream, { apiKey: args['api-key'], signal: interrupt.signal })
+        .catch((error) => { throw new DemoError(`cannot list the models of ${upstream} (${describe(error)}); is it running? pass --model to skip this`) }))
+      entry = { name: 'upstream-llm', type: 'openai-compatible', model, publish: true, description: `${model} at ${upstream}` }
+      provider = createUpstreamProvider({ baseURL: upstream, model, apiKey: args['api-key'], ...providerHooks })
+      say(`  upstream     ${upstream}, model ${model}`)
+    } else {
+      entry = { name: 'demo-llm', type: 'demo', model: 'demo-1', publish: true }
+      provider = createDemoProvider({ tokenDelayMs: 40, ...providerHooks })
+    }
+
+    // 4. The registrar, through mcplocal's boot hook: it reads <configDir>/credentials itself.
+    const registrar = await maybeStartVirtualLlmRegistrar({
+      providers: [entry],
+      registry: new Map([[entry.name, provider]]),
+      configDir,
+      logger: registrarLogger(args.verbose),
+      taskTimeoutMs,
+    })
+    if (registrar === null) throw new DemoError('maybeStartVirtualLlmRegistrar resolved null (see the warning above)')
+    cleanup.push([null, () => registrar.stop()])
+    await mcpd.waitFor(() => registrar.status().state === 'connected', { timeoutMs: 10_000 }).catch(() => {
+      const status = registrar.status()
+      throw new DemoError(`the registrar did not connect within 10 s (state ${status.state}, last error: ${status.lastError ?? 'none'})`)
+    })
+    const status = registrar.status()
+    say(`  registrar    ${status.state}, session ${status.providerSessionId}, publishing ${entry.name} (type ${entry.type}, model ${entry.model})`)
+
+    const client = new OpenAI({ baseURL: `${mcpdUrl}/v1`, apiKey: token, maxRetries: 0, timeout: taskTimeoutMs + 5_000 })
+    say(`  openai       new OpenAI({ baseURL: '${mcpdUrl}/v1', apiKey: <token> })`)
+    const model = entry.name
+    const requestOptions = { signal: interrupt.signal }
+
+    // Step 1: the models mcpd serves, the published one among them.
+    header(1, 'client.models.list()')
+    const models = (await client.models.list(requestOptions)).data
+    for (const m of models) say(`  ${m.id}  (owned by ${m.owned_by})`)
+    if (!models.some((m) => m.id === model)) throw new DemoError(`${model} is not in the model list`)
+
+    // Step 2: one answer, all at once.
+    header(2, 'client.chat.completions.create(...), non-streaming')
+    say(`  you: ${PROMPTS.ask}`)
+    let started = performance.now()
+    const completion = await client.chat.completions.create(
+      { model, messages: [{ role: 'user', content: PROMPTS.ask }], max_tokens: 200 },
+      requestOptions,
+    )
+    const answer = completion.choices[0]?.message?.content
+    if (!answer) throw new DemoError('the non-streaming answer is empty')
+    say(`  ${model}: ${answer}`)
+    const usage = completion.usage
+    say(`  (finish_reason ${completion.choices[0].finish_reason}, usage ${usage?.prompt_tokens} prompt + ${usage?.completion_tokens} completion = ${usage?.total_tokens} tokens, ${seconds(started)})`)
+
+    // Step 3: the same path, token by token. Nothing but the tokens is printed while they arrive.
+    header(3, 'client.chat.completions.create({ stream: true }), tokens printed as they arrive')
+    say(`  you: ${PROMPTS.stream}`)
+    process.stdout.write(`  ${model}: `)
+    const stream = await client.chat.completions.create(
+      { model, messages: [{ role: 'user', content: PROMPTS.stream }], max_tokens: 200, stream: true, stream_options: { include_usage: true } },
+      requestOptions,
+    )
+    let streamed = ''
+    let streamUsage = null
+    let streamFinish = null
+    for await (const chunk of stream) {
+      const delta = chunk.choices[0]?.delta?.content
+      if (delta) {
+        streamed += delta
+        process.stdout.write(delta)
+      }
+      streamFinish = chunk.choices[0]?.finish_reason ?? streamFinish
+      streamUsage = chunk.usage ?? streamUsage
+    }
+    process.stdout.write('\n')
+    if (!streamed) throw new DemoError('the streamed answer is empty')
+    if (!streamFinish) throw new DemoError('the stream ended without a finish_reason')
+    if (!streamUsage) throw new DemoError('the stream ended without its usage chunk (stream_options.include_usage)')
+
+    // Step 4: abort a long stream from the client; mcpd cancels the task and the provider's signal fires.
+    header(4, `cancelling a long stream after ${CANCEL_AFTER_TOKENS} tokens`)
+    say(`  you: ${PROMPTS.count}`)
+    const sawAbort = new Promise((resolve) => { providerAborted = resolve })
+    const long = await client.chat.completions.create(
+      { model, messages: [{ role: 'user', content: PROMPTS.count }], stream: true },
+      requestOptions,
+    )
+    const received = []
+    for await (const chunk of long) {
+      const delta = chunk.choices[0]?.delta?.content
+      if (delta) received.push(delta)
+      if (received.length === CANCEL_AFTER_TOKENS) {
+        say(`  client: got "${received.join('').trim()}", calling stream.controller.abort()`)
+        long.controller.abort()
+        break
+      }
+    }
+    if (received.length < CANCEL_AFTER_TOKENS) {
+      throw new DemoError(`the long stream ended after ${received.length} tokens, before the client could cancel it`)
+    }
+    // The provider prints "provider: aborted after K tokens" itself when its signal fires.
+    await withTimeout(sawAbort, 5_000, 'the provider never saw its AbortSignal fire after the client aborted')
+
+    // Step 5: everything down, and the dev mcpd saw no protocol violation on the way.
+    header(5, 'shutting down')
+    await runCleanup(cleanup, { verbose: true, registrar })
+    if (mcpd.violations.length > 0) throw new DemoError(`the dev mcpd recorded protocol violations:\n  ${mcpd.violations.join('\n  ')}`)
+    say('\ndemo finished: all steps passed')
+  } catch (error) {
+    await runCleanup(cleanup, { verbose: false })
+    throw interrupt.signal.aborted ? interrupt.signal.reason : error
+  } finally {
+    process.off('SIGINT', onSigint)
+  }
+}
+
+/** Runs the clean-ups newest first (registrar, then mcpd, then the temp dir); each runs once. */
+async function runCleanup(cleanup, { verbose, registrar }) {
+  while (cleanup.length > 0) {
+    const [done, fn] = cleanup.pop()
+    try {
+      await fn()
+      if (verbose) say(`  ${done ?? registrarSummary(registrar.status())}`)
+    } catch (error) {
+      process.stderr.write(`clean-up failed: ${describe(error)}\n`)
+    }
+  }
+}
+
+const registrarSummary = (status) =>
+  `registrar stopped (state ${status.state}; tasks: ${status.completed} completed, ${status.failed} failed, ${status.inFlight} in flight)`
+
+/** Registrar logs: warnings and errors always (stderr), the rest with --verbose. */
+function registrarLogger(verbose) {
+  const line = (level) => (msg, fields) => {
+    const extra = fields && Object.keys(fields).length > 0 ? ` ${JSON.stringify(fields)}` : ''
+    process.stderr.write(`[registrar ${level}] ${msg}${extra}\n`)
+  }
+  const quiet = () => {}
+  return { debug: verbose ? line('debug') : quiet, info: verbose ? line('info') : quiet, warn: line('warn'), error: line('error') }
+}
+
+class DemoError extends Error {
+  constructor(message, exitCode = 1) {
+    super(message)
+    this.exitCode = exitCode
+  }
+}
+
+function withTimeout(promise, ms, message) {
+  let timer
+  const timeout = new Promise((_, reject) => { timer = setTimeout(() => reject(new DemoError(message)), ms) })
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
+}
+
+const seconds = (since) => `${((performance.now() - since) / 1000).toFixed(1)} s`
+
+/** The message, with the cause fetch hides behind "fetch failed". */
+function describe(error) {
+  const cause = error?.cause?.message ?? error?.cause?.code
+  return cause ? `${error.message}: ${cause}` : `${error?.message ?? error}`
+}
+
+main().catch((error) => {
+  process.stderr.write(`\ndemo failed: ${describe(error)}\n`)
+  const expected = error instanceof DemoError || error instanceof OpenAI.APIError || String(error?.code).startsWith('ERR_PARSE_ARGS')
+  // A bug in the demo itself deserves its stack; a refused request or a bad flag does not.
+  if (!expected) process.stderr.write(`${error?.stack ?? ''}\n`)
+  if (String(error?.code).startsWith('ERR_PARSE_ARGS')) process.stderr.write(`\n${USAGE}\n`)
+  // Exit codes only: the demo ends by itself once the registrar, mcpd and client are closed.
+  process.exitCode = error?.exitCode ?? 1
+})

@@ -1,0 +1,1137 @@
+//! The registrar core against a fake mcpd: register, the control channel, the
+//! heartbeat, and every task answer, checked on the bytes and JSON on the wire.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+use mcpctl_registrar::backoff::BackoffPolicy;
+use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider};
+use mcpctl_registrar::provider::AbortReason;
+use mcpctl_registrar::registrar::{Registrar, RegistrarConfig, RegistrarState};
+use mcpctl_registrar::secret::Secret;
+use mcpctl_registrar::wire::ProviderDescriptor;
+
+use support::provider::{Behavior, MockProvider};
+use support::{chunks_of, wait_for, Answer, FakeMcpd, Request, Route, TempDir, WAIT};
+
+const TOKEN: &str = "sk-test-token";
+const PROVIDER: &str = "local-qwen";
+const MODEL: &str = "qwen2.5:7b";
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn dispatch(max_concurrency: u32, max_queue: u32, task_timeout: Duration) -> DispatchSettings {
+  DispatchSettings {
+    task_timeout,
+    max_concurrency,
+    max_queue,
+  }
+}
+
+fn roomy() -> DispatchSettings {
+  dispatch(4, 16, Duration::from_secs(10))
+}
+
+fn published(name: &str, provider: Arc<MockProvider>) -> PublishedProvider {
+  PublishedProvider {
+    descriptor: ProviderDescriptor {
+      name: name.to_owned(),
+      kind: "ollama".to_owned(),
+      model: Some(MODEL.to_owned()),
+      description: None,
+      context_window: Some(32768),
+    },
+    provider,
+  }
+}
+
+fn chat(stream: bool) -> Value {
+  json!({
+    "model": MODEL,
+    "messages": [{ "role": "user", "content": "hi" }],
+    "max_tokens": 16,
+    "stream": stream,
+  })
+}
+
+fn hello() -> Value {
+  json!({ "content": "hello", "finishReason": "stop", "usage": { "promptTokens": 3, "completionTokens": 2 } })
+}
+
+/// A registrar, its fake mcpd and config dir, and every state it reported.
+struct Rig {
+  fake: FakeMcpd,
+  dir: TempDir,
+  registrar: Registrar,
+  states: Arc<Mutex<Vec<RegistrarState>>>,
+}
+
+fn build_registrar(
+  fake: &FakeMcpd,
+  dir: &TempDir,
+  providers: Vec<PublishedProvider>,
+  settings: DispatchSettings,
+) -> (Registrar, Arc<Mutex<Vec<RegistrarState>>>) {
+  let config = RegistrarConfig {
+    mcpd_url: fake.url.clone(),
+    token: Secret::new(TOKEN),
+    providers,
+    config_dir: dir.path().to_owned(),
+    heartbeat_interval: Duration::from_millis(50),
+    idle_timeout: None,
+    backoff: BackoffPolicy {
+      initial: Duration::from_millis(20),
+      max: Duration::from_millis(100),
+    },
+    dispatch: settings,
+    allow_insecure_http: false,
+  };
+  let states = Arc::new(Mutex::new(Vec::new()));
+  let seen = Arc::clone(&states);
+  let observer = Arc::new(
+    move |status: mcpctl_registrar::registrar::RegistrarStatus| seen.lock().push(status.state),
+  );
+  let registrar =
+    Registrar::new(config, Some(observer), tracing::Span::none()).expect("valid config");
+  (registrar, states)
+}
+
+impl Rig {
+  /// A started registrar publishing `providers`, with its channel open.
+  async fn connected(
+    name: &str,
+    providers: Vec<PublishedProvider>,
+    settings: DispatchSettings,
+  ) -> Self {
+    let rig = Self::idle(name, providers, settings).await;
+    rig.registrar.start().await.expect("start");
+    rig.fake.wait_stream(1).await;
+    rig.wait_state(RegistrarState::Connected).await;
+    rig
+  }
+
+  async fn idle(name: &str, providers: Vec<PublishedProvider>, settings: DispatchSettings) -> Self {
+    let fake = FakeMcpd::start().await;
+    let dir = TempDir::new(name);
+    let (registrar, states) = build_registrar(&fake, &dir, providers, settings);
+    Self {
+      fake,
+      dir,
+      registrar,
+      states,
+    }
+  }
+
+  async fn one(name: &str, provider: &Arc<MockProvider>, settings: DispatchSettings) -> Self {
+    Self::connected(
+      name,
+      vec![published(PROVIDER, Arc::clone(provider))],
+      settings,
+    )
+    .await
+  }
+
+  async fn wait_state(&self, state: RegistrarState) {
+    let what = format!("state {}", state.as_str());
+    wait_for(&what, WAIT, || self.registrar.status().state == state).await;
+  }
+
+  async fn stop(self) {
+    self.registrar.stop().await;
+    assert_eq!(self.registrar.status().state, RegistrarState::Stopped);
+  }
+}
+
+/// Checks that each chunk POST's `seq` is the index of its first payload, and
+/// returns the payloads (retried POSTs count once).
+fn payloads_in_seq_order(posts: &[Request]) -> Vec<String> {
+  let mut payloads = Vec::new();
+  for post in posts.iter().filter(|post| post.status == 200) {
+    assert_eq!(
+      post.body["seq"],
+      json!(payloads.len()),
+      "seq of a chunk POST: {}",
+      post.body
+    );
+    payloads.extend(chunks_of(post));
+  }
+  payloads
+}
+
+fn parse(payloads: &[String]) -> Vec<Value> {
+  payloads
+    .iter()
+    .map(|p| serde_json::from_str(p).unwrap_or_else(|e| panic!("payload {p} is not JSON: {e}")))
+    .collect()
+}
+
+fn error_of(request: &Request) -> (u64, String, String) {
+  let body = &request.body;
+  (
+    body["status"].as_u64().expect("status"),
+    body["body"]["error"]["type"]
+      .as_str()
+      .expect("type")
+      .to_owned(),
+    body["body"]["error"]["code"]
+      .as_str()
+      .expect("code")
+      .to_owned(),
+  )
+}
+
+async fn settle() {
+  tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+// ---------------------------------------------------------------- register
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_describes_providers_and_the_session_id_is_sticky() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("sticky", &provider, roomy()).await;
+  let fake = &rig.fake;
+
+  let first = fake.of(Route::Register).remove(0);
+  assert_eq!(first.status, 201);
+  assert_eq!(
+    first.body,
+    json!({
+      "client": { "name": "mcplocal-registrar", "version": VERSION },
+      "providers": [{ "name": PROVIDER, "type": "ollama", "model": MODEL, "contextWindow": 32768 }],
+    }),
+    "first register carries no providerSessionId"
+  );
+  assert_eq!(first.header("authorization"), Some("Bearer sk-test-token"));
+  assert_eq!(first.header("content-type"), Some("application/json"));
+  assert_eq!(first.header("x-mcpctl-provider-session"), None);
+  assert_eq!(
+    rig.registrar.status().provider_session_id.as_deref(),
+    Some("ps-1")
+  );
+  let file =
+    std::fs::read_to_string(rig.dir.path().join("provider-session")).expect("session file");
+  assert_eq!(file, "{\"providerSessionId\":\"ps-1\"}\n");
+
+  let stream = fake.of(Route::Stream).remove(0);
+  assert_eq!(
+    stream.query.get("providerSessionId").map(String::as_str),
+    Some("ps-1")
+  );
+  assert_eq!(stream.header("x-mcpctl-provider-session"), Some("ps-1"));
+  assert_eq!(stream.header("authorization"), Some("Bearer sk-test-token"));
+  assert_eq!(stream.header("accept"), Some("text/event-stream"));
+  assert_eq!(stream.header("last-event-id"), None);
+
+  wait_for("a heartbeat", WAIT, || fake.count(Route::Heartbeat) > 0).await;
+  let beat = fake.of(Route::Heartbeat).remove(0);
+  assert_eq!(
+    beat.body,
+    json!({ "providerSessionId": "ps-1", "providers": [{
+      "name": PROVIDER, "inFlight": 0, "queued": 0, "maxConcurrency": 4, "completed": 0, "failed": 0,
+    }] })
+  );
+  assert_eq!(beat.header("x-mcpctl-provider-session"), Some("ps-1"));
+  let Rig {
+    fake,
+    dir,
+    registrar,
+    ..
+  } = rig;
+  registrar.stop().await;
+
+  // A second registrar in the same config dir sends the id back; mcpd answers
+  // a different one, which is adopted and persisted.
+  fake.next_session_id("ps-fresh");
+  let (second, _) = registrar_again(&fake, &dir, &provider);
+  second.start().await.expect("second start");
+  let again = fake.of(Route::Register).remove(1);
+  assert_eq!(again.body["providerSessionId"], json!("ps-1"));
+  assert_eq!(again.header("x-mcpctl-provider-session"), Some("ps-1"));
+  assert_eq!(
+    second.status().provider_session_id.as_deref(),
+    Some("ps-fresh")
+  );
+  let file = std::fs::read_to_string(dir.path().join("provider-session")).expect("session file");
+  assert_eq!(file, "{\"providerSessionId\":\"ps-fresh\"}\n");
+  fake.wait_stream(2).await;
+  let stream = fake.of(Route::Stream).remove(1);
+  assert_eq!(
+    stream.query.get("providerSessionId").map(String::as_str),
+    Some("ps-fresh")
+  );
+  assert_eq!(stream.header("x-mcpctl-provider-session"), Some("ps-fresh"));
+  second.stop().await;
+
+  for request in fake.requests() {
+    assert_eq!(
+      request.header("authorization"),
+      Some("Bearer sk-test-token"),
+      "{} {}",
+      request.method,
+      request.path
+    );
+  }
+}
+
+fn registrar_again(
+  fake: &FakeMcpd,
+  dir: &TempDir,
+  provider: &Arc<MockProvider>,
+) -> (Registrar, Arc<Mutex<Vec<RegistrarState>>>) {
+  build_registrar(
+    fake,
+    dir,
+    vec![published(PROVIDER, Arc::clone(provider))],
+    roomy(),
+  )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_follows_the_interval_mcpd_asks_and_reports_load() {
+  let provider = MockProvider::hanging();
+  let fake = FakeMcpd::start().await;
+  fake.heartbeat_interval_ms(Some(100));
+  let dir = TempDir::new("beat");
+  let providers = vec![published(PROVIDER, Arc::clone(&provider))];
+  let (registrar, _) = build_registrar(
+    &fake,
+    &dir,
+    providers,
+    dispatch(2, 4, Duration::from_secs(10)),
+  );
+  // Our own default would be 50 ms; mcpd's 100 ms wins.
+  registrar.start().await.expect("start");
+  fake.wait_stream(1).await;
+  fake.send_task("t-1", PROVIDER, false, chat(false));
+  wait_for("the provider call", WAIT, || provider.calls().len() == 1).await;
+  let busy = |beat: &Request| beat.body["providers"][0]["inFlight"] == json!(1);
+  wait_for("a heartbeat with the task in flight", WAIT, || {
+    fake.of(Route::Heartbeat).iter().any(busy)
+  })
+  .await;
+  let beat = fake.of(Route::Heartbeat).into_iter().find(busy).unwrap();
+  assert_eq!(
+    beat.body["providers"],
+    json!([{ "name": PROVIDER, "inFlight": 1, "queued": 0, "maxConcurrency": 2, "completed": 0, "failed": 0 }])
+  );
+  let before = fake.count(Route::Heartbeat);
+  tokio::time::sleep(Duration::from_millis(450)).await;
+  let beats = fake.count(Route::Heartbeat) - before;
+  assert!(
+    (2..=6).contains(&beats),
+    "{beats} heartbeats in 450 ms at a 100 ms interval"
+  );
+  registrar.stop().await;
+}
+
+// ------------------------------------------------------------ answers
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_streaming_round_trip() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("roundtrip", &provider, roomy()).await;
+  let mut body = chat(false);
+  body["temperature"] = json!(0.5);
+  body["stop"] = json!("END");
+  rig.fake.send_task("t-1", PROVIDER, false, body.clone());
+  let result = rig.fake.result("t-1").await;
+
+  assert_eq!(result.path, "/api/v1/llms/_provider-tasks/t-1/result");
+  assert_eq!(result.header("authorization"), Some("Bearer sk-test-token"));
+  assert_eq!(result.header("x-mcpctl-provider-session"), Some("ps-1"));
+  assert_eq!(result.header("content-type"), Some("application/json"));
+  assert_eq!(result.body["status"], json!(200));
+  let completion = &result.body["body"];
+  let created = completion["created"].as_u64().expect("integer created");
+  assert!(
+    created > 1_600_000_000,
+    "created {created} is seconds since the epoch"
+  );
+  assert_eq!(
+    *completion,
+    json!({
+      "id": "chatcmpl-t-1",
+      "object": "chat.completion",
+      "created": created,
+      "model": MODEL,
+      "choices": [{
+        "index": 0,
+        "message": { "role": "assistant", "content": "hello", "refusal": null },
+        "logprobs": null,
+        "finish_reason": "stop",
+      }],
+      "usage": { "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5 },
+    })
+  );
+
+  let call = provider.call(0);
+  assert_eq!(call.task_id, "t-1");
+  let options = &call.options;
+  assert_eq!(
+    options["messages"],
+    json!([{ "role": "user", "content": "hi" }])
+  );
+  assert_eq!(options["maxTokens"], json!(16));
+  assert_eq!(options["temperature"], json!(0.5));
+  assert_eq!(options["stop"], json!(["END"]));
+  assert_eq!(options["model"], json!(MODEL));
+
+  // A task id is one path segment, whatever it holds.
+  rig.fake.send_task("t/2 ?", PROVIDER, false, chat(false));
+  let result = rig.fake.result("t/2 ?").await;
+  assert_eq!(
+    result.path,
+    "/api/v1/llms/_provider-tasks/t%2F2%20%3F/result"
+  );
+  assert_eq!(result.body["status"], json!(200));
+  assert_eq!(rig.registrar.status().completed, 2);
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_v1_from_a_provider_without_stream() {
+  let provider = MockProvider::answering(
+    json!({ "content": "hello", "finishReason": "length", "usage": { "promptTokens": 3, "completionTokens": 2 } }),
+  );
+  let rig = Rig::one("v1", &provider, roomy()).await;
+  let mut body = chat(true);
+  body["stream_options"] = json!({ "include_usage": true });
+  rig.fake.send_task("t-1", PROVIDER, true, body);
+  rig.fake.done("t-1").await;
+  let posts = rig.fake.for_task(Route::Chunks, "t-1");
+  let payloads = payloads_in_seq_order(&posts);
+  assert_eq!(payloads.len(), 5, "{payloads:?}");
+  assert_eq!(payloads[4], "[DONE]");
+  let chunks = parse(&payloads[..4]);
+  let created = chunks[0]["created"].as_u64().expect("integer created");
+  for chunk in &chunks {
+    assert_eq!(chunk["id"], json!("chatcmpl-t-1"));
+    assert_eq!(chunk["object"], json!("chat.completion.chunk"));
+    assert_eq!(chunk["created"], json!(created));
+    assert_eq!(chunk["model"], json!(MODEL));
+  }
+  let choice = |delta: Value, finish: Value| json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }]);
+  assert_eq!(
+    chunks[0]["choices"],
+    choice(json!({ "role": "assistant", "content": "" }), Value::Null)
+  );
+  assert_eq!(
+    chunks[1]["choices"],
+    choice(json!({ "content": "hello" }), Value::Null)
+  );
+  assert_eq!(chunks[2]["choices"], choice(json!({}), json!("length")));
+  for chunk in &chunks[..3] {
+    assert_eq!(chunk.get("usage"), Some(&Value::Null), "{chunk}");
+  }
+  assert_eq!(chunks[3]["choices"], json!([]));
+  assert_eq!(
+    chunks[3]["usage"],
+    json!({ "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5 })
+  );
+  assert!(rig.fake.for_task(Route::Result, "t-1").is_empty());
+
+  // Without include_usage: no usage anywhere, four payloads.
+  rig.fake.send_task("t-2", PROVIDER, true, chat(true));
+  let payloads = rig.fake.done("t-2").await;
+  assert_eq!(
+    payloads_in_seq_order(&rig.fake.for_task(Route::Chunks, "t-2")),
+    payloads
+  );
+  assert_eq!(payloads.len(), 4, "{payloads:?}");
+  for chunk in parse(&payloads[..3]) {
+    assert!(chunk.get("usage").is_none(), "{chunk}");
+  }
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_provider_is_batched_under_slow_chunk_posts() {
+  let provider = MockProvider::streaming(2000, Duration::ZERO, None);
+  let rig = Rig::one("batch", &provider, roomy()).await;
+  rig.fake.delay(Route::Chunks, Duration::from_millis(20));
+  rig.fake.send_task("t-1", PROVIDER, true, chat(true));
+  rig.fake.done("t-1").await;
+  let posts = rig.fake.for_task(Route::Chunks, "t-1");
+  let payloads = payloads_in_seq_order(&posts);
+  assert_eq!(
+    payloads.len(),
+    2003,
+    "role + 2000 contents + finish + [DONE]"
+  );
+  let chunks = parse(&payloads[..2002]);
+  assert_eq!(chunks[0]["choices"][0]["delta"]["role"], json!("assistant"));
+  for (i, chunk) in chunks[1..2001].iter().enumerate() {
+    assert_eq!(
+      chunk["choices"][0]["delta"],
+      json!({ "content": format!("c{i} ") })
+    );
+  }
+  assert_eq!(chunks[2001]["choices"][0]["finish_reason"], json!("stop"));
+  assert!(posts.len() < 100, "{} POSTs for 2003 payloads", posts.len());
+  assert_eq!(
+    rig
+      .fake
+      .max_in_flight("/api/v1/llms/_provider-tasks/t-1/chunks"),
+    1,
+    "two chunk POSTs of one task were in flight at once"
+  );
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_is_relayed_as_it_is_produced() {
+  let provider = MockProvider::streaming(8, Duration::from_millis(60), None);
+  let rig = Rig::one("incremental", &provider, roomy()).await;
+  let sent = Instant::now();
+  rig.fake.send_task("t-1", PROVIDER, true, chat(true));
+  wait_for("the first content chunk", WAIT, || {
+    rig.fake.payloads("t-1").iter().any(|p| p.contains("c0 "))
+  })
+  .await;
+  let first = sent.elapsed();
+  let payloads = rig.fake.done("t-1").await;
+  let whole = sent.elapsed();
+  assert_eq!(payloads.len(), 11);
+  assert!(
+    first < whole / 2,
+    "first content after {first:?}, the whole stream after {whole:?}"
+  );
+  assert!(rig.fake.for_task(Route::Chunks, "t-1").len() >= 4);
+  rig.stop().await;
+}
+
+// ------------------------------------------------------------- errors
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_provider_is_answered_404_model_not_found() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("unknown", &provider, roomy()).await;
+  rig.fake.send_task("t-1", "nope", false, chat(false));
+  rig.fake.send_task("t-2", "nope", true, chat(true));
+  for task in ["t-1", "t-2"] {
+    let result = rig.fake.result(task).await;
+    assert_eq!(
+      error_of(&result),
+      (
+        404,
+        "invalid_request_error".into(),
+        "model_not_found".into()
+      )
+    );
+    assert!(result.body["body"]["error"]["message"]
+      .as_str()
+      .unwrap()
+      .contains("nope"));
+  }
+  settle().await;
+  assert!(rig.fake.for_task(Route::Chunks, "t-2").is_empty());
+  assert!(provider.calls().is_empty());
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_body_is_answered_400() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("invalid", &provider, roomy()).await;
+  rig
+    .fake
+    .send_task("t-1", PROVIDER, false, json!({ "messages": "hi" }));
+  rig.fake.send_task(
+    "t-2",
+    PROVIDER,
+    true,
+    json!({ "stream": true, "messages": [] }),
+  );
+  // A task event that does not parse but names its task.
+  rig.fake.send(
+    "task",
+    &json!({ "taskId": "t-3", "provider": PROVIDER, "stream": "yes", "body": chat(false) }),
+  );
+  for task in ["t-1", "t-2", "t-3"] {
+    let result = rig.fake.result(task).await;
+    assert_eq!(
+      error_of(&result),
+      (
+        400,
+        "invalid_request_error".into(),
+        "invalid_request".into()
+      ),
+      "{task}"
+    );
+  }
+  assert!(
+    rig.fake.result("t-1").await.body["body"]["error"]["message"]
+      .as_str()
+      .unwrap()
+      .contains("'messages'")
+  );
+  settle().await;
+  assert!(provider.calls().is_empty());
+  assert!(rig.fake.for_task(Route::Chunks, "t-2").is_empty());
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_rejection_is_answered_502() {
+  let complete = MockProvider::rejecting("boom");
+  let stream = MockProvider::new(true, vec![Behavior::Reject("bang".into())]);
+  let rig = Rig::connected(
+    "reject",
+    vec![published("complete", complete), published("stream", stream)],
+    roomy(),
+  )
+  .await;
+  rig.fake.send_task("t-1", "complete", false, chat(false));
+  rig.fake.send_task("t-2", "stream", true, chat(true));
+  let result = rig.fake.result("t-1").await;
+  assert_eq!(
+    error_of(&result),
+    (502, "provider_error".into(), "provider_error".into())
+  );
+  assert_eq!(result.body["body"]["error"]["message"], json!("boom"));
+  let result = rig.fake.result("t-2").await;
+  assert_eq!(
+    error_of(&result),
+    (502, "provider_error".into(), "provider_error".into())
+  );
+  assert_eq!(result.body["body"]["error"]["message"], json!("bang"));
+  settle().await;
+  assert!(
+    rig.fake.for_task(Route::Chunks, "t-2").is_empty(),
+    "nothing was streamed"
+  );
+  assert_eq!(rig.registrar.status().failed, 2);
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_error_after_chunks_goes_in_band_then_done() {
+  let provider = MockProvider::streaming(3, Duration::ZERO, Some("broke mid-stream"));
+  let rig = Rig::one("inband", &provider, roomy()).await;
+  rig.fake.send_task("t-1", PROVIDER, true, chat(true));
+  rig.fake.done("t-1").await;
+  let payloads = payloads_in_seq_order(&rig.fake.for_task(Route::Chunks, "t-1"));
+  assert_eq!(payloads.len(), 6, "{payloads:?}");
+  let chunks = parse(&payloads[..5]);
+  assert_eq!(chunks[0]["choices"][0]["delta"]["role"], json!("assistant"));
+  for i in 0..3 {
+    assert_eq!(
+      chunks[i + 1]["choices"][0]["delta"]["content"],
+      json!(format!("c{i} "))
+    );
+  }
+  assert_eq!(
+    chunks[4],
+    json!({ "error": { "message": "broke mid-stream", "type": "provider_error", "code": "provider_error" } })
+  );
+  assert_eq!(payloads[5], "[DONE]");
+  settle().await;
+  assert!(rig.fake.for_task(Route::Result, "t-1").is_empty());
+  rig.stop().await;
+}
+
+// ------------------------------------------------------------- limits
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_concurrency_and_queue_is_answered_429() {
+  let provider = MockProvider::hanging();
+  let rig = Rig::one("limits", &provider, dispatch(1, 1, Duration::from_secs(10))).await;
+  let fake = &rig.fake;
+  fake.send_task("t-1", PROVIDER, false, chat(false));
+  wait_for("t-1 running", WAIT, || provider.calls().len() == 1).await;
+  fake.send_task("t-2", PROVIDER, false, chat(false));
+  wait_for("t-2 queued", WAIT, || rig.registrar.status().queued == 1).await;
+  fake.send_task("t-3", PROVIDER, true, chat(true));
+  let result = fake.result("t-3").await;
+  assert_eq!(
+    error_of(&result),
+    (
+      429,
+      "rate_limit_exceeded".into(),
+      "rate_limit_exceeded".into()
+    )
+  );
+  let status = rig.registrar.status();
+  assert_eq!((status.in_flight, status.queued), (1, 1));
+  let full = |beat: &Request| beat.body["providers"][0]["queued"] == json!(1);
+  wait_for("a heartbeat with one queued", WAIT, || {
+    fake.of(Route::Heartbeat).iter().any(full)
+  })
+  .await;
+  let beat = fake.of(Route::Heartbeat).into_iter().find(full).unwrap();
+  assert_eq!(beat.body["providers"][0]["inFlight"], json!(1));
+  assert_eq!(beat.body["providers"][0]["maxConcurrency"], json!(1));
+  assert_eq!(provider.calls(), ["t-1"]);
+  assert!(fake.posts_for("t-1").is_empty() && fake.posts_for("t-2").is_empty());
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_is_first_in_first_out() {
+  let provider = MockProvider::gated(hello());
+  let rig = Rig::one("fifo", &provider, dispatch(1, 8, Duration::from_secs(10))).await;
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  wait_for("t-1 running", WAIT, || provider.calls().len() == 1).await;
+  let queued = ["t-2", "t-3", "t-4", "t-5"];
+  for (i, task) in queued.iter().enumerate() {
+    rig.fake.send_task(task, PROVIDER, false, chat(false));
+    let what = format!("{task} queued");
+    wait_for(&what, WAIT, || {
+      rig.registrar.status().queued == i as u32 + 1
+    })
+    .await;
+  }
+  for n in 2..=5 {
+    provider.release(1);
+    wait_for("the next queued task to run", WAIT, || {
+      provider.calls().len() == n
+    })
+    .await;
+  }
+  provider.release(1);
+  for task in ["t-1", "t-2", "t-3", "t-4", "t-5"] {
+    assert_eq!(rig.fake.result(task).await.body["status"], json!(200));
+  }
+  assert_eq!(provider.calls(), ["t-1", "t-2", "t-3", "t-4", "t-5"]);
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_timeout_answers_504_aborts_and_frees_the_slot() {
+  let provider = MockProvider::new(false, vec![Behavior::Hang, Behavior::Answer(hello())]);
+  let rig = Rig::one(
+    "timeout",
+    &provider,
+    dispatch(1, 4, Duration::from_millis(100)),
+  )
+  .await;
+  let sent = Instant::now();
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  let result = rig.fake.result("t-1").await;
+  assert!(sent.elapsed() >= Duration::from_millis(100));
+  assert_eq!(error_of(&result), (504, "timeout".into(), "timeout".into()));
+  assert_eq!(
+    provider.aborts(),
+    [("t-1".to_owned(), AbortReason::TimedOut)]
+  );
+  rig.fake.send_task("t-2", PROVIDER, false, chat(false));
+  assert_eq!(rig.fake.result("t-2").await.body["status"], json!(200));
+  assert_eq!(rig.registrar.status().in_flight, 0);
+  rig.stop().await;
+}
+
+// ------------------------------------------------------------ cancel
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_aborts_a_running_task_and_posts_nothing() {
+  let provider = MockProvider::hanging();
+  let rig = Rig::one("cancel", &provider, dispatch(1, 4, Duration::from_secs(10))).await;
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  wait_for("t-1 running", WAIT, || provider.calls().len() == 1).await;
+  rig.fake.cancel("t-1");
+  wait_for("the abort", WAIT, || !provider.aborts().is_empty()).await;
+  assert_eq!(
+    provider.aborts(),
+    [("t-1".to_owned(), AbortReason::Cancelled)]
+  );
+  wait_for("the slot freed", WAIT, || {
+    rig.registrar.status().in_flight == 0
+  })
+  .await;
+  // The slot is free: the next task reaches the provider.
+  rig.fake.send_task("t-2", PROVIDER, false, chat(false));
+  wait_for("t-2 running", WAIT, || provider.calls().len() == 2).await;
+  settle().await;
+  assert!(
+    rig.fake.posts_for("t-1").is_empty(),
+    "{:?}",
+    rig.fake.posts_for("t-1")
+  );
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_stream_without_done() {
+  let provider = MockProvider::streaming(1000, Duration::from_millis(10), None);
+  let rig = Rig::one("cancelstream", &provider, roomy()).await;
+  rig.fake.send_task("t-1", PROVIDER, true, chat(true));
+  wait_for("some chunks", WAIT, || rig.fake.payloads("t-1").len() > 3).await;
+  rig.fake.cancel("t-1");
+  wait_for("the abort", WAIT, || !provider.aborts().is_empty()).await;
+  assert_eq!(
+    provider.aborts(),
+    [("t-1".to_owned(), AbortReason::Cancelled)]
+  );
+  // A POST already on its way when the cancel landed may still arrive.
+  tokio::time::sleep(Duration::from_millis(100)).await;
+  let posted = rig.fake.posts_for("t-1").len();
+  settle().await;
+  assert_eq!(
+    rig.fake.posts_for("t-1").len(),
+    posted,
+    "POSTs after the cancel"
+  );
+  assert!(!rig.fake.payloads("t-1").contains(&"[DONE]".to_owned()));
+  assert!(rig.fake.for_task(Route::Result, "t-1").is_empty());
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_a_queued_task_never_calls_the_provider() {
+  let provider = MockProvider::hanging();
+  let rig = Rig::one(
+    "cancelqueued",
+    &provider,
+    dispatch(1, 4, Duration::from_secs(10)),
+  )
+  .await;
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  wait_for("t-1 running", WAIT, || provider.calls().len() == 1).await;
+  rig.fake.send_task("t-2", PROVIDER, false, chat(false));
+  wait_for("t-2 queued", WAIT, || rig.registrar.status().queued == 1).await;
+  rig.fake.cancel("t-2");
+  wait_for("t-2 leaves the queue", WAIT, || {
+    rig.registrar.status().queued == 0
+  })
+  .await;
+  rig.fake.cancel("t-1");
+  wait_for("t-1 aborted", WAIT, || !provider.aborts().is_empty()).await;
+  rig.fake.send_task("t-3", PROVIDER, false, chat(false));
+  wait_for("t-3 running", WAIT, || provider.calls().len() == 2).await;
+  settle().await;
+  assert_eq!(provider.calls(), ["t-1", "t-3"]);
+  assert_eq!(
+    provider.aborts(),
+    [("t-1".to_owned(), AbortReason::Cancelled)]
+  );
+  assert!(rig.fake.posts_for("t-1").is_empty());
+  assert!(rig.fake.posts_for("t-2").is_empty());
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_an_unknown_task_is_a_no_op() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("cancelunknown", &provider, roomy()).await;
+  rig.fake.cancel("t-unknown");
+  rig.fake.send("cancel", &json!({ "nothing": true }));
+  rig.fake.send("cancel", &json!("not even an object"));
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  assert_eq!(rig.fake.result("t-1").await.body["status"], json!(200));
+  // Cancelling a task already answered changes nothing either.
+  rig.fake.cancel("t-1");
+  settle().await;
+  assert!(provider.aborts().is_empty());
+  assert!(rig.fake.posts_for("t-unknown").is_empty());
+  assert_eq!(rig.fake.posts_for("t-1").len(), 1);
+  assert_eq!(rig.fake.streams_opened(), 1, "the channel stayed up");
+  assert_eq!(rig.registrar.status().state, RegistrarState::Connected);
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_task_id_runs_once() {
+  let provider = MockProvider::gated(hello());
+  let rig = Rig::one("replay", &provider, roomy()).await;
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  wait_for("t-1 running", WAIT, || provider.calls().len() == 1).await;
+  settle().await;
+  assert_eq!(provider.calls().len(), 1, "a replay while running");
+  provider.release(4);
+  rig.fake.result("t-1").await;
+  rig.fake.send_task("t-1", PROVIDER, true, chat(true));
+  settle().await;
+  assert_eq!(provider.calls().len(), 1, "a replay after the answer");
+  assert_eq!(rig.fake.posts_for("t-1").len(), 1);
+  rig.stop().await;
+}
+
+// -------------------------------------------------------------- stop
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_answers_running_and_queued_tasks_503() {
+  let provider = MockProvider::hanging();
+  let rig = Rig::one("stop", &provider, dispatch(1, 4, Duration::from_secs(10))).await;
+  let fake = &rig.fake;
+  fake.send_task("t-1", PROVIDER, false, chat(false));
+  wait_for("t-1 running", WAIT, || provider.calls().len() == 1).await;
+  fake.send_task("t-2", PROVIDER, true, chat(true));
+  wait_for("t-2 queued", WAIT, || rig.registrar.status().queued == 1).await;
+
+  let stopping = Instant::now();
+  rig.registrar.stop().await;
+  assert!(
+    stopping.elapsed() < Duration::from_secs(2),
+    "stop took {:?}",
+    stopping.elapsed()
+  );
+  // The answers went out before stop() returned.
+  for task in ["t-1", "t-2"] {
+    let results = fake.for_task(Route::Result, task);
+    assert_eq!(results.len(), 1, "{task}: {results:?}");
+    assert_eq!(
+      error_of(&results[0]),
+      (503, "unavailable".into(), "unavailable".into())
+    );
+  }
+  assert_eq!(
+    provider.aborts(),
+    [("t-1".to_owned(), AbortReason::Stopping)]
+  );
+  assert_eq!(provider.calls(), ["t-1"]);
+  let status = rig.registrar.status();
+  assert_eq!(status.state, RegistrarState::Stopped);
+  assert_eq!((status.in_flight, status.queued), (0, 0));
+  assert_eq!(rig.states.lock().last(), Some(&RegistrarState::Stopped));
+
+  // Idempotent, and nothing runs any more.
+  rig.registrar.stop().await;
+  assert_eq!(rig.registrar.status().state, RegistrarState::Stopped);
+  assert!(rig.registrar.start().await.is_err());
+  wait_for("the channel closed", WAIT, || !fake.stream_is_open(0)).await;
+  let requests = fake.requests().len();
+  settle().await;
+  assert_eq!(fake.requests().len(), requests, "requests after stop()");
+}
+
+// ----------------------------------------------------- channel and session
+
+fn routes_without_heartbeats(fake: &FakeMcpd) -> Vec<(Route, u16)> {
+  fake
+    .requests()
+    .iter()
+    .filter(|r| r.route != Route::Heartbeat)
+    .map(|r| (r.route, r.status))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_404_registers_again_then_reconnects() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::idle("stream404", vec![published(PROVIDER, provider)], roomy()).await;
+  rig.fake.script(Route::Stream, [Answer::Status(404)]);
+  rig.registrar.start().await.expect("start");
+  rig.fake.wait_stream(1).await;
+  rig.wait_state(RegistrarState::Connected).await;
+  assert_eq!(
+    routes_without_heartbeats(&rig.fake),
+    [
+      (Route::Register, 201),
+      (Route::Stream, 404),
+      (Route::Register, 201),
+      (Route::Stream, 200)
+    ]
+  );
+  let registers = rig.fake.of(Route::Register);
+  assert_eq!(registers[1].body["providerSessionId"], json!("ps-1"));
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  assert_eq!(rig.fake.result("t-1").await.body["status"], json!(200));
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_404_registers_again() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::idle("beat404", vec![published(PROVIDER, provider)], roomy()).await;
+  rig.fake.script(Route::Heartbeat, [Answer::Status(404)]);
+  rig.registrar.start().await.expect("start");
+  wait_for("a second register", WAIT, || {
+    rig.fake.count(Route::Register) == 2
+  })
+  .await;
+  let registers = rig.fake.of(Route::Register);
+  assert_eq!(registers[1].body["providerSessionId"], json!("ps-1"));
+  assert_eq!(
+    registers[1].header("x-mcpctl-provider-session"),
+    Some("ps-1")
+  );
+  // ... after the 404, and followed by a fresh control channel.
+  let requests = rig.fake.requests();
+  let lost = requests
+    .iter()
+    .position(|r| r.route == Route::Heartbeat && r.status == 404);
+  let again = requests.iter().rposition(|r| r.route == Route::Register);
+  assert!(lost < again, "{:?}", routes_without_heartbeats(&rig.fake));
+  rig.fake.wait_stream(2).await;
+  rig.wait_state(RegistrarState::Connected).await;
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  assert_eq!(rig.fake.result("t-1").await.body["status"], json!(200));
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_stream_reconnects_with_last_event_id() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("lastid", &provider, roomy()).await;
+  let fake = &rig.fake;
+  fake.push("id: ev-1\nevent: ping\ndata: x\n\n: keep-alive\n\n");
+  let task = json!({ "taskId": "t-1", "provider": PROVIDER, "stream": false, "body": chat(false) });
+  fake.push(format!(
+    "id: ev-2\nevent: task\ndata: {task}\n\nevent: ping\ndata: y\n\n"
+  ));
+  fake.drop_stream();
+  fake.wait_stream(2).await;
+  let second = fake.of(Route::Stream).remove(1);
+  assert_eq!(second.header("last-event-id"), Some("ev-2"));
+  assert_eq!(
+    second.query.get("providerSessionId").map(String::as_str),
+    Some("ps-1")
+  );
+  assert_eq!(second.header("x-mcpctl-provider-session"), Some("ps-1"));
+  assert_eq!(
+    fake.count(Route::Register),
+    1,
+    "no register for a dropped stream"
+  );
+  rig.wait_state(RegistrarState::Connected).await;
+  assert!(rig.registrar.status().reconnects >= 1);
+  assert!(rig.states.lock().contains(&RegistrarState::Reconnecting));
+  assert_eq!(fake.result("t-1").await.body["status"], json!(200));
+
+  // mcpd re-sends the task it already has an answer for; a new one runs.
+  fake.send_task("t-1", PROVIDER, false, chat(false));
+  fake.send_task("t-2", PROVIDER, false, chat(false));
+  assert_eq!(fake.result("t-2").await.body["status"], json!(200));
+  settle().await;
+  assert_eq!(provider.calls(), ["t-1", "t-2"]);
+  assert_eq!(fake.posts_for("t-1").len(), 1);
+  rig.stop().await;
+}
+
+/// WHATWG: the `id:` field sets the last event ID buffer, and dispatch copies it
+/// to the event source even when the frame has no data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_only_frame_sets_last_event_id() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("idonly", &provider, roomy()).await;
+  rig
+    .fake
+    .push("id: ev-1\nevent: ping\ndata: x\n\nid: ev-2\n\n");
+  rig.fake.drop_stream();
+  rig.fake.wait_stream(2).await;
+  let second = rig.fake.of(Route::Stream).remove(1);
+  assert_eq!(second.header("last-event-id"), Some("ev-2"));
+  rig.stop().await;
+}
+
+/// WHATWG: an empty `id:` resets the last event ID, and an EventSource then
+/// sends no `Last-Event-ID` on reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_id_clears_last_event_id() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("idreset", &provider, roomy()).await;
+  rig
+    .fake
+    .push("id: ev-1\nevent: ping\ndata: x\n\nid\nevent: ping\ndata: y\n\n");
+  rig.fake.drop_stream();
+  rig.fake.wait_stream(2).await;
+  let second = rig.fake.of(Route::Stream).remove(1);
+  assert_eq!(second.header("last-event-id"), None);
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_token_means_unauthorized() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::idle(
+    "unauthorized",
+    vec![published(PROVIDER, Arc::clone(&provider))],
+    roomy(),
+  )
+  .await;
+  rig.fake.script(Route::Stream, [Answer::Status(401)]);
+  rig.registrar.start().await.expect("start");
+  wait_for("unauthorized", WAIT, || {
+    rig.states.lock().contains(&RegistrarState::Unauthorized)
+  })
+  .await;
+  let error = rig.registrar.status().last_error.expect("last error");
+  assert!(error.contains("401"), "{error}");
+  assert!(!error.contains(TOKEN), "{error}");
+  // At the maximum backoff (100 ms here) it tries again, and mcpd takes it back.
+  rig.fake.wait_stream(1).await;
+  rig.wait_state(RegistrarState::Connected).await;
+  assert_eq!(rig.fake.count(Route::Register), 1);
+  rig.stop().await;
+
+  // A refused register: start() fails naming the status, state unauthorized.
+  let fake = FakeMcpd::start().await;
+  let dir = TempDir::new("unauthorized-register");
+  fake.script(Route::Register, [Answer::Status(403)]);
+  let (refused, _) = registrar_again(&fake, &dir, &provider);
+  let error = refused
+    .start()
+    .await
+    .expect_err("register refused")
+    .to_string();
+  assert!(error.contains("403"), "{error}");
+  assert_eq!(refused.status().state, RegistrarState::Unauthorized);
+  assert!(!dir.path().join("provider-session").exists());
+  refused.stop().await;
+}
+
+// ---------------------------------------------------------- delivery
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_post_is_retried_on_503() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("retry", &provider, roomy()).await;
+  rig
+    .fake
+    .script(Route::Result, [Answer::Status(503), Answer::Status(503)]);
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  wait_for("three result POSTs", WAIT, || {
+    rig.fake.for_task(Route::Result, "t-1").len() == 3
+  })
+  .await;
+  let posts = rig.fake.for_task(Route::Result, "t-1");
+  let statuses: Vec<u16> = posts.iter().map(|p| p.status).collect();
+  assert_eq!(statuses, [503, 503, 200]);
+  assert!(posts.iter().all(|p| p.body == posts[0].body));
+  assert_eq!(
+    posts[2].body["body"]["choices"][0]["message"]["content"],
+    json!("hello")
+  );
+  settle().await;
+  assert_eq!(rig.fake.for_task(Route::Result, "t-1").len(), 3);
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_post_404_is_given_up_quietly() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("gone", &provider, roomy()).await;
+  rig.fake.script(Route::Result, [Answer::Status(404)]);
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  rig.fake.result("t-1").await;
+  // Longer than the first retry pause (200 ms): no retry comes.
+  tokio::time::sleep(Duration::from_millis(500)).await;
+  assert_eq!(rig.fake.for_task(Route::Result, "t-1").len(), 1);
+  assert_eq!(rig.registrar.status().state, RegistrarState::Connected);
+  assert_eq!(rig.fake.streams_opened(), 1);
+  rig.fake.send_task("t-2", PROVIDER, false, chat(false));
+  assert_eq!(rig.fake.result("t-2").await.status, 200);
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_post_lost_on_the_wire_is_retried_with_the_same_seq() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("chunkdrop", &provider, roomy()).await;
+  rig.fake.script(Route::Chunks, [Answer::Drop]);
+  rig.fake.send_task("t-1", PROVIDER, true, chat(true));
+  let payloads = rig.fake.done("t-1").await;
+  let posts = rig.fake.for_task(Route::Chunks, "t-1");
+  assert_eq!(posts[0].status, 0, "the first POST was dropped");
+  assert_eq!(posts[1].status, 200);
+  assert_eq!(posts[0].body, posts[1].body, "the retry repeats the POST");
+  assert_eq!(payloads_in_seq_order(&posts), payloads);
+  assert_eq!(payloads.len(), 4);
+  rig.stop().await;
+}

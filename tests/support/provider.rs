@@ -1,0 +1,199 @@
+//! A scripted `Provider` for the integration tests: answers, rejects, hangs,
+//! waits for the test to release it, or streams chunks; records its calls and
+//! the aborts it receives.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use mcpctl_registrar::provider::{
+  AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
+};
+
+/// What one provider call does.
+#[derive(Debug, Clone)]
+pub enum Behavior {
+  /// Resolves at once with this `CompletionResult`.
+  Answer(Value),
+  /// Rejects with this message.
+  Reject(String),
+  /// Never settles.
+  Hang,
+  /// Resolves with this result once the test calls `release`.
+  Gated(Value),
+  /// `stream()` yields `{ "content": "c<i> " }` for i in 0..count, `delay`
+  /// apart, then ends, or fails with `fail` when given.
+  Stream {
+    count: usize,
+    delay: Duration,
+    fail: Option<String>,
+  },
+}
+
+pub struct MockProvider {
+  can_stream: bool,
+  /// Used up front to back; the last one repeats.
+  script: Mutex<VecDeque<Behavior>>,
+  calls: Mutex<Vec<ProviderCall>>,
+  aborts: Mutex<Vec<(String, AbortReason)>>,
+  gate: Arc<Semaphore>,
+}
+
+impl MockProvider {
+  pub fn new(can_stream: bool, script: Vec<Behavior>) -> Arc<Self> {
+    assert!(!script.is_empty(), "a mock provider needs a behaviour");
+    Arc::new(Self {
+      can_stream,
+      script: Mutex::new(script.into()),
+      calls: Mutex::new(Vec::new()),
+      aborts: Mutex::new(Vec::new()),
+      gate: Arc::new(Semaphore::new(0)),
+    })
+  }
+
+  pub fn answering(result: Value) -> Arc<Self> {
+    Self::new(false, vec![Behavior::Answer(result)])
+  }
+
+  pub fn hanging() -> Arc<Self> {
+    Self::new(false, vec![Behavior::Hang])
+  }
+
+  pub fn gated(result: Value) -> Arc<Self> {
+    Self::new(false, vec![Behavior::Gated(result)])
+  }
+
+  pub fn rejecting(message: &str) -> Arc<Self> {
+    Self::new(false, vec![Behavior::Reject(message.to_owned())])
+  }
+
+  pub fn streaming(count: usize, delay: Duration, fail: Option<&str>) -> Arc<Self> {
+    let fail = fail.map(str::to_owned);
+    Self::new(true, vec![Behavior::Stream { count, delay, fail }])
+  }
+
+  /// The task ids of every call, in call order.
+  pub fn calls(&self) -> Vec<String> {
+    self
+      .calls
+      .lock()
+      .iter()
+      .map(|c| c.task_id.clone())
+      .collect()
+  }
+
+  pub fn call(&self, index: usize) -> ProviderCall {
+    self.calls.lock()[index].clone()
+  }
+
+  pub fn aborts(&self) -> Vec<(String, AbortReason)> {
+    self.aborts.lock().clone()
+  }
+
+  /// Lets `n` gated calls resolve.
+  pub fn release(&self, n: usize) {
+    self.gate.add_permits(n);
+  }
+
+  fn next(&self, call: ProviderCall) -> Behavior {
+    self.calls.lock().push(call);
+    let mut script = self.script.lock();
+    match script.len() {
+      1 => script[0].clone(),
+      _ => script.pop_front().expect("non-empty script"),
+    }
+  }
+
+  fn settle(&self, behavior: Behavior) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
+    let gate = Arc::clone(&self.gate);
+    Box::pin(async move {
+      match behavior {
+        Behavior::Answer(value) => Ok(value),
+        Behavior::Reject(message) => Err(ProviderFailure(message)),
+        Behavior::Hang => std::future::pending().await,
+        Behavior::Gated(value) => {
+          gate.acquire().await.expect("gate open").forget();
+          Ok(value)
+        }
+        Behavior::Stream { .. } => Err(ProviderFailure("mock: a stream used as complete()".into())),
+      }
+    })
+  }
+}
+
+impl Provider for MockProvider {
+  fn can_stream(&self) -> bool {
+    self.can_stream
+  }
+
+  fn complete(&self, call: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
+    let behavior = self.next(call);
+    self.settle(behavior)
+  }
+
+  fn stream(
+    &self,
+    call: ProviderCall,
+  ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+    let behavior = self.next(call);
+    let source: Box<dyn ChunkSource> = match behavior {
+      Behavior::Stream { count, delay, fail } => Box::new(Chunks {
+        next: 0,
+        count,
+        delay,
+        fail,
+      }),
+      other => {
+        // A one-chunk stream of whatever `complete()` would have settled with.
+        let settled = self.settle(other);
+        return Box::pin(async move {
+          let value = settled.await?;
+          Ok(Box::new(Once(Some(value))) as Box<dyn ChunkSource>)
+        });
+      }
+    };
+    Box::pin(async move { Ok(source) })
+  }
+
+  fn abort(&self, task_id: &str, reason: AbortReason) {
+    self.aborts.lock().push((task_id.to_owned(), reason));
+  }
+}
+
+struct Chunks {
+  next: usize,
+  count: usize,
+  delay: Duration,
+  fail: Option<String>,
+}
+
+impl ChunkSource for Chunks {
+  fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>> {
+    Box::pin(async move {
+      if !self.delay.is_zero() {
+        tokio::time::sleep(self.delay).await;
+      }
+      if self.next < self.count {
+        self.next += 1;
+        return Ok(Some(json!({ "content": format!("c{} ", self.next - 1) })));
+      }
+      match self.fail.take() {
+        Some(message) => Err(ProviderFailure(message)),
+        None => Ok(None),
+      }
+    })
+  }
+}
+
+struct Once(Option<Value>);
+
+impl ChunkSource for Once {
+  fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>> {
+    let next = self.0.take();
+    Box::pin(async move { Ok(next) })
+  }
+}
