@@ -51,7 +51,7 @@ async function main() {
 
   // Ctrl-C ends the run through the same clean-up as an error, so the temp dir never stays behind.
   const interrupt = new AbortController()
-  const onSigint = () => interrupt.abort(new DemoError('interrupted', 130))
+  const onSigint = () => interrupt.abort(new DemoError('interrupted (Ctrl-C); cleaned up', 130))
   process.once('SIGINT', onSigint)
 
   const cleanup = []
@@ -109,7 +109,12 @@ async function main() {
     })
     if (registrar === null) throw new DemoError('maybeStartVirtualLlmRegistrar resolved null (see the warning above)')
     cleanup.push([null, () => registrar.stop()])
-    await mcpd.waitFor(() => registrar.status().state === 'connected', { timeoutMs: 10_000 }).catch(() => {
+    // Connected on both ends: the registrar's state flips as the channel opens, mcpd's a moment later.
+    const bothConnected = () => {
+      const { state, providerSessionId } = registrar.status()
+      return state === 'connected' && mcpd.sessions.get(providerSessionId)?.connected
+    }
+    await mcpd.waitFor(bothConnected, { timeoutMs: 10_000 }).catch(() => {
       const status = registrar.status()
       throw new DemoError(`the registrar did not connect within 10 s (state ${status.state}, last error: ${status.lastError ?? 'none'})`)
     })
