@@ -202,20 +202,14 @@ impl McpdClient {
   }
 
   pub async fn post_result(&self, task_id: &str, status: u16, body: &Value) -> Delivery {
-    let path = format!(
-      "/api/v1/llms/_provider-tasks/{}/result",
-      encode_segment(task_id)
-    );
+    let path = task_path(task_id, "result");
     self
       .deliver("result POST", &path, &ResultPost { status, body })
       .await
   }
 
   pub async fn post_chunks(&self, task_id: &str, seq: u64, chunks: &[String]) -> Delivery {
-    let path = format!(
-      "/api/v1/llms/_provider-tasks/{}/chunks",
-      encode_segment(task_id)
-    );
+    let path = task_path(task_id, "chunks");
     self
       .deliver("chunk POST", &path, &ChunkPost { seq, chunks })
       .await
@@ -304,6 +298,13 @@ fn is_loopback(url: &Url) -> bool {
   };
   let bare = host.trim_start_matches('[').trim_end_matches(']');
   host.eq_ignore_ascii_case("localhost") || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn task_path(task_id: &str, endpoint: &str) -> String {
+  format!(
+    "/api/v1/llms/_provider-tasks/{}/{endpoint}",
+    encode_segment(task_id)
+  )
 }
 
 /// Percent-encodes a task id for use as one path segment.

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use napi::bindgen_prelude::{Function, Object, Unknown};
+use napi::bindgen_prelude::{FromNapiValue, Function, Object, Unknown};
 use napi::ValueType;
 
 use crate::backoff::BackoffPolicy;
@@ -49,58 +49,45 @@ fn type_of(value: &Unknown) -> ValueType {
   value.get_type().unwrap_or(ValueType::Unknown)
 }
 
-pub fn string(object: &Object, key: &str, path: &str) -> Result<Option<String>> {
+/// The property as `T` when its JavaScript type is `expected`; `what` names
+/// that type in the error ("a string").
+fn typed<'env, T: FromNapiValue>(
+  object: &Object<'env>,
+  key: &str,
+  path: &str,
+  expected: ValueType,
+  what: &str,
+) -> Result<Option<T>> {
   match field(object, key)? {
     None => Ok(None),
-    Some(value) if type_of(&value) == ValueType::String => {
-      // SAFETY: the type was checked just above.
-      let text: String = unsafe { value.cast() }.map_err(|e| invalid(e.reason))?;
-      Ok(Some(text))
+    Some(value) if type_of(&value) == expected => {
+      // SAFETY: the JavaScript type was checked just above.
+      let value: T = unsafe { value.cast() }.map_err(|e| invalid(e.reason))?;
+      Ok(Some(value))
     }
-    Some(_) => Err(invalid(format!("{path}{key} must be a string"))),
+    Some(_) => Err(invalid(format!("{path}{key} must be {what}"))),
   }
 }
 
+pub fn string(object: &Object, key: &str, path: &str) -> Result<Option<String>> {
+  typed(object, key, path, ValueType::String, "a string")
+}
+
 fn number(object: &Object, key: &str, path: &str) -> Result<Option<f64>> {
-  match field(object, key)? {
-    None => Ok(None),
-    Some(value) if type_of(&value) == ValueType::Number => {
-      // SAFETY: the type was checked just above.
-      let number: f64 = unsafe { value.cast() }.map_err(|e| invalid(e.reason))?;
-      if number.is_finite() {
-        Ok(Some(number))
-      } else {
-        Err(invalid(format!("{path}{key} must be a finite number")))
-      }
+  match typed::<f64>(object, key, path, ValueType::Number, "a number")? {
+    Some(number) if !number.is_finite() => {
+      Err(invalid(format!("{path}{key} must be a finite number")))
     }
-    Some(_) => Err(invalid(format!("{path}{key} must be a number"))),
+    number => Ok(number),
   }
 }
 
 pub fn boolean(object: &Object, key: &str, path: &str) -> Result<Option<bool>> {
-  match field(object, key)? {
-    None => Ok(None),
-    Some(value) if type_of(&value) == ValueType::Boolean => {
-      // SAFETY: the type was checked just above.
-      Ok(Some(
-        unsafe { value.cast::<bool>() }.map_err(|e| invalid(e.reason))?,
-      ))
-    }
-    Some(_) => Err(invalid(format!("{path}{key} must be a boolean"))),
-  }
+  typed(object, key, path, ValueType::Boolean, "a boolean")
 }
 
 pub fn object<'env>(object: &Object<'env>, key: &str, path: &str) -> Result<Option<Object<'env>>> {
-  match field(object, key)? {
-    None => Ok(None),
-    Some(value) if type_of(&value) == ValueType::Object => {
-      // SAFETY: the type was checked just above.
-      Ok(Some(
-        unsafe { value.cast::<Object>() }.map_err(|e| invalid(e.reason))?,
-      ))
-    }
-    Some(_) => Err(invalid(format!("{path}{key} must be an object"))),
-  }
+  typed(object, key, path, ValueType::Object, "an object")
 }
 
 pub fn function<'env>(
@@ -108,16 +95,7 @@ pub fn function<'env>(
   key: &str,
   path: &str,
 ) -> Result<Option<Function<'env>>> {
-  match field(object, key)? {
-    None => Ok(None),
-    Some(value) if type_of(&value) == ValueType::Function => {
-      // SAFETY: the type was checked just above.
-      Ok(Some(
-        unsafe { value.cast::<Function>() }.map_err(|e| invalid(e.reason))?,
-      ))
-    }
-    Some(_) => Err(invalid(format!("{path}{key} must be a function"))),
-  }
+  typed(object, key, path, ValueType::Function, "a function")
 }
 
 /// Whether `object[key]` is a function (for `provider.stream`).
