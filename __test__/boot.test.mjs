@@ -113,3 +113,25 @@ test('never rejects on bad options either', async (t) => {
   assert.equal(await maybeStartVirtualLlmRegistrar({ providers: [{ name: 'a', type: 't', publish: true }], registry: throwing, logger, configDir: await tempConfigDir(t) }), null)
   assert.ok(logger.lines.some((line) => /registry exploded/.test(JSON.stringify(line))))
 })
+
+test('never blocks the boot: an mcpd that accepts but never answers resolves the registrar within ~3 s', async (t) => {
+  const { createServer } = await import('node:net')
+  const sockets = new Set()
+  const silent = createServer((socket) => { sockets.add(socket); socket.on('error', () => {}) })
+  await new Promise((resolve) => silent.listen(0, '127.0.0.1', resolve))
+  t.after(() => { for (const socket of sockets) socket.destroy(); silent.close() })
+  const started = Date.now()
+  const registrar = await maybeStartVirtualLlmRegistrar({
+    providers: [{ name: 'local', type: 'ollama', publish: true }],
+    registry: new Map([['local', recordingProvider()]]),
+    mcpdUrl: `http://127.0.0.1:${silent.address().port}`,
+    token: TOKEN,
+    configDir: await tempConfigDir(t),
+    logger: captureLogger(),
+  })
+  const waited = Date.now() - started
+  assert.ok(registrar instanceof VirtualLlmRegistrar)
+  t.after(() => registrar.stop())
+  assert.ok(waited >= 2500 && waited < 6000, `boot waited ${waited} ms`)
+  assert.equal(registrar.status().state, 'registering')
+})

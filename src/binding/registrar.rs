@@ -16,6 +16,9 @@ use crate::logging::LogRoute;
 use crate::registrar::{Registrar, RegistrarConfig};
 use crate::secret::Secret;
 
+/// How long mcplocal's boot waits for the first register before going on.
+const BOOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Publishes local LLM providers to mcpd and serves the inference mcpd relays back.
 #[napi]
 pub struct VirtualLlmRegistrar {
@@ -276,19 +279,21 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
   let Some(registrar) = registrar else {
     return env.spawn_future_with_callback(async { Ok(()) }, |_, ()| Ok(None));
   };
-  let installed = registrar.hold_event_loop(env)?;
+  registrar.hold_event_loop(env)?;
   let core = Arc::clone(&registrar.core);
   env.spawn_future_with_callback(
     async move {
-      if let Err(error) = core.start_in_background().await {
-        tracing::debug!(target: "mcpctl_registrar", error = %describe(&error), "first register failed; retrying in the background");
+      // The first register runs on its own task: the boot waits for it only so
+      // long, and a slow mcpd finishes registering in the background.
+      let first = tokio::spawn(async move { core.start_in_background().await });
+      match tokio::time::timeout(BOOT_WAIT, first).await {
+        Ok(Ok(Err(error))) => tracing::debug!(target: "mcpctl_registrar", error = %describe(&error), "first register failed; retrying in the background"),
+        Err(_) => tracing::debug!(target: "mcpctl_registrar", "mcpd is slow to answer; registering in the background"),
+        Ok(_) => {}
       }
       Ok(())
     },
-    move |_, ()| {
-      let _ = installed;
-      Ok(Some(registrar))
-    },
+    move |_, ()| Ok(Some(registrar)),
   )
 }
 
