@@ -7,6 +7,8 @@
 extern crate napi_derive;
 
 pub mod backoff;
+// napi-derive registers the exports only outside test builds.
+#[cfg_attr(test, allow(dead_code))]
 mod binding;
 pub mod channel;
 pub mod config;

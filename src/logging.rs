@@ -247,7 +247,8 @@ mod tests {
 
   #[test]
   fn routes_events_to_their_registrar_and_redacts_the_token() {
-    let seen: Arc<Mutex<Vec<(Level, String, Map<String, Value>)>>> = Arc::default();
+    type Line = (Level, String, Map<String, Value>);
+    let seen: Arc<Mutex<Vec<Line>>> = Arc::default();
     let captured = Arc::clone(&seen);
     let route = LogRoute::register(
       Some(Arc::new(move |level, message, fields| {

@@ -921,7 +921,7 @@ mod tests {
       .iter()
       .filter(|c| {
         !c["choices"][0]["finish_reason"].is_null()
-          && c["choices"].as_array().map_or(false, |a| !a.is_empty())
+          && c["choices"].as_array().is_some_and(|a| !a.is_empty())
       })
       .count();
     assert_eq!(finishes, 1);

@@ -37,6 +37,9 @@ type StateFn = ThreadsafeFunction<String, Unknown<'static>, String, Status, fals
 /// A strong reference that keeps Node's event loop alive while the registrar runs.
 pub type KeepAlive = ThreadsafeFunction<(), Unknown<'static>, (), Status, false, false>;
 pub type KeepAliveSource = FunctionRef<(), Unknown<'static>>;
+/// provider_bridge.js evaluates to `createProviderBridge(logger, onStateChange)`.
+type BridgeFactory<'env> =
+  Function<'env, FnArgs<(Option<Object<'env>>, Option<Function<'env>>)>, Object<'env>>;
 
 /// The threadsafe functions of one registrar's bridge. All are weak: they
 /// never keep Node alive by themselves (the `KeepAlive` does, while started).
@@ -63,8 +66,7 @@ impl JsBridge {
     logger: Option<Object<'env>>,
     on_state_change: Option<Function<'env>>,
   ) -> napi::Result<BridgeParts<'env>> {
-    let factory: Function<FnArgs<(Option<Object>, Option<Function>)>, Object> =
-      env.run_script(SOURCE)?;
+    let factory: BridgeFactory = env.run_script(SOURCE)?;
     let object = factory.call(FnArgs::from((logger, on_state_change)))?;
     let bridge = JsBridge {
       complete: weak_function(&object, "complete")?,

@@ -227,7 +227,7 @@ impl FakeMcpd {
       .for_task(Route::Chunks, task_id)
       .iter()
       .filter(|post| post.status == 200)
-      .flat_map(|post| chunks_of(post))
+      .flat_map(chunks_of)
       .collect()
   }
 
