@@ -62,9 +62,9 @@ impl Backoff {
     self.failures = 0;
   }
 
-  /// The server's `retry:` field raises the minimum delay.
+  /// The server's `retry:` field raises the minimum delay, up to the maximum.
   pub fn raise_floor(&mut self, floor: Duration) {
-    self.floor = floor;
+    self.floor = floor.min(self.policy.max);
   }
 }
 
@@ -121,11 +121,14 @@ mod tests {
   fn retry_field_raises_the_floor() {
     let mut backoff = Backoff::new(BackoffPolicy {
       initial: Duration::from_millis(100),
-      max: Duration::from_secs(1),
+      max: Duration::from_secs(5),
     });
     backoff.raise_floor(Duration::from_secs(3));
     assert_eq!(backoff.next_delay(), Duration::from_secs(3));
-    assert_eq!(backoff.max_delay(), Duration::from_secs(3));
+    // Never above the maximum, whatever the server asks.
+    backoff.raise_floor(Duration::from_secs(86_400));
+    assert!(backoff.next_delay() <= Duration::from_secs(5));
+    assert!(backoff.max_delay() >= Duration::from_secs(5));
   }
 
   #[test]

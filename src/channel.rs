@@ -10,6 +10,9 @@ use crate::error::Error;
 use crate::mcpd::McpdClient;
 use crate::sse::{SseEvent, SseItem, SseParser, DEFAULT_MAX_FRAME_BYTES};
 
+/// How long a stream connect may wait for its answer when the idle timeout is off.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Why a connection ended.
 #[derive(Debug)]
 pub enum ChannelEnd {
@@ -56,17 +59,43 @@ impl ControlChannel {
       delivered: false,
       lasted: Duration::ZERO,
     };
-    let response = match self.client.open_stream(self.last_event_id.as_deref()).await {
-      Ok(response) => response,
-      Err(error) => return dropped(error),
+    // mcpd (or a proxy) may accept the connection and never answer: the
+    // answer's head, like every byte after it, must come within the idle timeout.
+    let patience = self.idle_timeout.unwrap_or(CONNECT_PATIENCE);
+    let silent = || {
+      Error::Protocol(format!(
+        "stream connect failed: no answer from mcpd within {} ms",
+        patience.as_millis()
+      ))
     };
-    match response.status().as_u16() {
-      200 => {}
-      404 | 410 => return ChannelEnd::SessionUnknown,
-      401 | 403 => {
-        return ChannelEnd::Unauthorized(self.client.status_error("stream connect", response).await)
+    let opened = tokio::time::timeout(
+      patience,
+      self.client.open_stream(self.last_event_id.as_deref()),
+    )
+    .await;
+    let response = match opened {
+      Ok(Ok(response)) => response,
+      Ok(Err(error)) => return dropped(error),
+      Err(_) => return dropped(silent()),
+    };
+    let status = response.status().as_u16();
+    if status != 200 {
+      if matches!(status, 404 | 410) {
+        return ChannelEnd::SessionUnknown;
       }
-      _ => return dropped(self.client.status_error("stream connect", response).await),
+      let error = match tokio::time::timeout(
+        patience,
+        self.client.status_error("stream connect", response),
+      )
+      .await
+      {
+        Ok(error) => error,
+        Err(_) => silent(),
+      };
+      return match status {
+        401 | 403 => ChannelEnd::Unauthorized(error),
+        _ => dropped(error),
+      };
     }
     let content_type = response
       .headers()

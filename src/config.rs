@@ -147,9 +147,9 @@ impl SessionStore {
   }
 }
 
-/// mcpd's ids are opaque, but one is printable, single-line and short.
+/// mcpd's ids are opaque, but one is visible ASCII (it travels in a header) and short.
 pub fn is_session_id(id: &str) -> bool {
-  !id.is_empty() && id.len() <= MAX_SESSION_ID_BYTES && !id.chars().any(char::is_control)
+  !id.is_empty() && id.len() <= MAX_SESSION_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {

@@ -321,13 +321,25 @@ impl TaskDispatcher {
     }
     let decision = self.decide(&event);
     let dispatcher = Arc::clone(self);
+    let task_id = event.task_id.clone();
+    let span = tracing::Span::current();
+    let task = tokio::spawn(
+      async move { dispatcher.run(event, decision, receiver).await }.instrument(span.clone()),
+    );
+    // A bug that panics a task must still leave it answered and retired.
+    let dispatcher = Arc::clone(self);
     tokio::spawn(
       async move {
-        let task_id = event.task_id.clone();
-        dispatcher.run(event, decision, receiver).await;
+        if let Err(error) = task.await {
+          if error.is_panic() {
+            tracing::error!(task_id, "task panicked; answering 502");
+            let reply = ErrorReply::provider_error("internal error in the registrar");
+            answer_error(&dispatcher.client, &task_id, &reply, None).await;
+          }
+        }
         dispatcher.retire(&task_id);
       }
-      .instrument(tracing::Span::current()),
+      .instrument(span),
     );
   }
 
@@ -377,7 +389,7 @@ impl TaskDispatcher {
     let reply = ErrorReply::invalid_request(format!("the task event is malformed: {error}"));
     let client = Arc::clone(&self.client);
     tokio::spawn(
-      async move { answer_error(&client, &task_id, &reply).await }
+      async move { answer_error(&client, &task_id, &reply, None).await }
         .instrument(tracing::Span::current()),
     );
   }
@@ -444,7 +456,7 @@ impl TaskDispatcher {
   ) {
     let task_id = event.task_id.as_str();
     let (lane, outcome) = match decision {
-      Decision::Answer(reply, lane) => (lane, self.fail(task_id, &reply).await),
+      Decision::Answer(reply, lane) => (lane, self.fail(task_id, &reply, &mut end).await),
       Decision::Run {
         lane,
         request,
@@ -479,18 +491,18 @@ impl TaskDispatcher {
       Admission::Queued(granted) => match lane.wait_for_slot(task_id, granted, end).await {
         Ok(slot) => slot,
         Err(Ending::Cancelled) => return Outcome::Cancelled,
-        Err(Ending::Stopping) => return self.fail(task_id, &ErrorReply::unavailable()).await,
+        Err(Ending::Stopping) => return self.fail(task_id, &ErrorReply::unavailable(), end).await,
       },
       Admission::Full => {
         let reply = ErrorReply::rate_limited(&lane.published.descriptor.name);
-        return self.fail(task_id, &reply).await;
+        return self.fail(task_id, &reply, end).await;
       }
     };
     // A slot handed over while the task was being cancelled or stopped.
     let ending = *end.borrow();
     match ending {
       Some(Ending::Cancelled) => return Outcome::Cancelled,
-      Some(Ending::Stopping) => return self.fail(task_id, &ErrorReply::unavailable()).await,
+      Some(Ending::Stopping) => return self.fail(task_id, &ErrorReply::unavailable(), end).await,
       None => {}
     }
     let stream = event
@@ -517,8 +529,13 @@ impl TaskDispatcher {
     }
   }
 
-  async fn fail(&self, task_id: &str, reply: &ErrorReply) -> Outcome {
-    answer_error(&self.client, task_id, reply).await;
+  async fn fail(
+    &self,
+    task_id: &str,
+    reply: &ErrorReply,
+    end: &mut watch::Receiver<Option<Ending>>,
+  ) -> Outcome {
+    answer_error(&self.client, task_id, reply, Some(end)).await;
     Outcome::Failed
   }
 
@@ -534,13 +551,13 @@ impl TaskDispatcher {
       settled = provider.complete(call) => settled,
       _ = tokio::time::sleep(self.settings.task_timeout) => {
         provider.abort(&task_id, AbortReason::TimedOut);
-        return self.fail(&task_id, &self.timeout_reply()).await;
+        return self.fail(&task_id, &self.timeout_reply(), end).await;
       }
       ending = wait_for_ending(end) => {
         provider.abort(&task_id, ending.abort_reason());
         return match ending {
           Ending::Cancelled => Outcome::Cancelled,
-          Ending::Stopping => self.fail(&task_id, &ErrorReply::unavailable()).await,
+          Ending::Stopping => self.fail(&task_id, &ErrorReply::unavailable(), end).await,
         };
       }
     };
@@ -550,7 +567,7 @@ impl TaskDispatcher {
     match result {
       Ok(result) => {
         let body = openai::chat_completion(&identity, &result);
-        match deliver_result(&self.client, &task_id, 200, &body).await {
+        match deliver_result(&self.client, &task_id, 200, &body, Some(end)).await {
           true => Outcome::Completed,
           false => Outcome::Failed,
         }
@@ -558,7 +575,7 @@ impl TaskDispatcher {
       Err(message) => {
         tracing::warn!(task_id = %task_id, error = %message, "provider failed");
         self
-          .fail(&task_id, &ErrorReply::provider_error(message))
+          .fail(&task_id, &ErrorReply::provider_error(message), end)
           .await
       }
     }
@@ -583,8 +600,15 @@ impl TaskDispatcher {
       let failure = tokio::select! {
         produced = produce(provider.as_ref(), call, &mut encoder, &sender) => match produced {
           Ok(()) => return Outcome::Completed,
-          Err(failure) => failure,
+          Err(failure) => {
+            // Let go of the provider's iterator and signal whatever went wrong.
+            provider.abort(&task_id, AbortReason::Failed);
+            failure
+          }
         },
+        // The relay gave up (mcpd forgot the task): stop the provider now,
+        // not when it next yields.
+        _ = sender.closed() => StreamFailure::RelayClosed,
         _ = tokio::time::sleep(self.settings.task_timeout) => {
           provider.abort(&task_id, AbortReason::TimedOut);
           StreamFailure::Reply(self.timeout_reply())
@@ -611,7 +635,7 @@ impl TaskDispatcher {
         let _ = send_all(&sender, &mut out).await;
       } else {
         drop(sender);
-        answer_error(&self.client, &task_id, &reply).await;
+        answer_error(&self.client, &task_id, &reply, Some(end)).await;
       }
       Outcome::Failed
     };
@@ -773,13 +797,36 @@ async fn collect_batch(
 }
 
 /// Answers a task with an OpenAI error body on the result endpoint.
-async fn answer_error(client: &McpdClient, task_id: &str, reply: &ErrorReply) {
+async fn answer_error(
+  client: &McpdClient,
+  task_id: &str,
+  reply: &ErrorReply,
+  end: Option<&mut watch::Receiver<Option<Ending>>>,
+) {
   tracing::debug!(task_id, status = reply.status, message = %reply.message, "answering with an error");
-  deliver_result(client, task_id, reply.status, &reply.body()).await;
+  deliver_result(client, task_id, reply.status, &reply.body(), end).await;
 }
 
-async fn deliver_result(client: &McpdClient, task_id: &str, status: u16, body: &Value) -> bool {
-  match client.post_result(task_id, status, body).await {
+/// POSTs a task's result; a cancel meanwhile stops the retries (nothing more
+/// is posted for a cancelled task).
+async fn deliver_result(
+  client: &McpdClient,
+  task_id: &str,
+  status: u16,
+  body: &Value,
+  end: Option<&mut watch::Receiver<Option<Ending>>>,
+) -> bool {
+  let delivery = match end {
+    Some(end) => tokio::select! {
+      delivery = client.post_result(task_id, status, body) => delivery,
+      _ = wait_for_cancel(end) => {
+        tracing::debug!(task_id, "cancelled while its result was being delivered");
+        return false;
+      }
+    },
+    None => client.post_result(task_id, status, body).await,
+  };
+  match delivery {
     Delivery::Delivered => true,
     Delivery::Gone => {
       tracing::debug!(task_id, "mcpd no longer knows the task; result dropped");

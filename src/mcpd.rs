@@ -49,6 +49,12 @@ impl McpdClient {
   /// hosts, and for others only with `allow_insecure_http`.
   pub fn new(mcpd_url: &str, token: Secret, allow_insecure_http: bool) -> Result<Self> {
     let base = validate_url(mcpd_url, allow_insecure_http)?;
+    if token.expose().is_empty() || !token.expose().bytes().all(|b| b.is_ascii_graphic()) {
+      return Err(Error::InvalidInput(
+        "token must be visible ASCII without spaces (it goes in the Authorization header)"
+          .to_owned(),
+      ));
+    }
     let mut builder = reqwest::Client::builder()
       .connect_timeout(CONNECT_TIMEOUT)
       .user_agent(format!("{CLIENT_NAME}/{VERSION}"))

@@ -391,7 +391,7 @@ impl Usage {
     json!({
       "prompt_tokens": self.prompt_tokens,
       "completion_tokens": self.completion_tokens,
-      "total_tokens": self.total_tokens.unwrap_or(self.prompt_tokens + self.completion_tokens),
+      "total_tokens": self.total_tokens.unwrap_or(self.prompt_tokens.saturating_add(self.completion_tokens)),
     })
   }
 }

@@ -32,6 +32,8 @@ pub enum AbortReason {
   Stopping,
   /// Nobody is left to receive the answer (mcpd forgot the task).
   Abandoned,
+  /// The provider failed (threw, or yielded something unusable).
+  Failed,
 }
 
 impl AbortReason {
@@ -41,6 +43,7 @@ impl AbortReason {
       AbortReason::TimedOut => "the task timed out",
       AbortReason::Stopping => "the registrar is stopping",
       AbortReason::Abandoned => "mcpd no longer waits for the task",
+      AbortReason::Failed => "the task failed",
     }
   }
 }

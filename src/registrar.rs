@@ -80,6 +80,15 @@ pub struct RegistrarStatus {
   pub last_error: Option<String>,
 }
 
+/// How the first register went, which sets the supervisor's first wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FirstStart {
+  Registered,
+  Failed,
+  /// The token was refused: retry at the maximum backoff only.
+  Unauthorized,
+}
+
 /// Called with the status on every state change.
 pub type StatusObserver = Arc<dyn Fn(RegistrarStatus) + Send + Sync>;
 
@@ -103,6 +112,12 @@ struct Shared {
   session_lost: AtomicBool,
   session_lost_signal: Notify,
   span: tracing::Span,
+  /// What must live as long as the registrar (its log route).
+  kept: Mutex<Vec<Box<dyn Send + Sync>>>,
+  /// What must live while it runs (the binding's hold on Node's event loop):
+  /// taken by start(), released by stop() or a failed start(). Held here, not
+  /// by the JavaScript object, so that garbage collection cannot release it.
+  running_hold: Mutex<Option<Box<dyn Send + Sync>>>,
 }
 
 pub struct Registrar {
@@ -165,6 +180,8 @@ impl Registrar {
         session_lost: AtomicBool::new(false),
         session_lost_signal: Notify::new(),
         span,
+        kept: Mutex::new(Vec::new()),
+        running_hold: Mutex::new(None),
       }),
       started: AtomicBool::new(false),
       loops: Mutex::new(Vec::new()),
@@ -175,6 +192,27 @@ impl Registrar {
     self.shared.status()
   }
 
+  /// Keeps `resource` alive as long as the registrar (its loops included).
+  pub fn keep_for_life(&self, resource: Box<dyn Send + Sync>) {
+    self.shared.kept.lock().push(resource);
+  }
+
+  /// Holds `resource` until stop() or a failed start(); `false` (and
+  /// `resource` dropped) when one is held already or the registrar is stopped.
+  pub fn hold_while_running(&self, resource: Box<dyn Send + Sync>) -> bool {
+    let mut hold = self.shared.running_hold.lock();
+    if hold.is_some() || self.shared.state() == RegistrarState::Stopped {
+      return false;
+    }
+    *hold = Some(resource);
+    true
+  }
+
+  fn release_hold(&self) {
+    let released = self.shared.running_hold.lock().take();
+    drop(released);
+  }
+
   /// Registers once; on success persists the id and starts the channel and the
   /// heartbeat. On failure returns the error (naming the HTTP status) and stays idle.
   pub async fn start(&self) -> Result<()> {
@@ -182,7 +220,7 @@ impl Registrar {
     let shared = Arc::clone(&self.shared);
     match shared.register_once().instrument(shared.span.clone()).await {
       Ok(()) => {
-        self.spawn_loops(false);
+        self.spawn_loops(FirstStart::Registered);
         Ok(())
       }
       Err(error) => {
@@ -195,6 +233,7 @@ impl Registrar {
         };
         shared.set_state(state);
         self.started.store(false, Ordering::SeqCst);
+        self.release_hold();
         Err(error)
       }
     }
@@ -206,10 +245,19 @@ impl Registrar {
     self.claim_start()?;
     let shared = Arc::clone(&self.shared);
     let first = shared.register_once().instrument(shared.span.clone()).await;
-    if matches!(first, Err(Error::Stopped)) {
-      return first;
-    }
-    self.spawn_loops(first.is_err());
+    let first_start = match &first {
+      Ok(()) => FirstStart::Registered,
+      Err(Error::Stopped) => return first,
+      Err(error) if matches!(error.status(), Some(401 | 403)) => {
+        shared.set_state(RegistrarState::Unauthorized);
+        FirstStart::Unauthorized
+      }
+      Err(_) => {
+        shared.set_state(RegistrarState::Reconnecting);
+        FirstStart::Failed
+      }
+    };
+    self.spawn_loops(first_start);
     first
   }
 
@@ -225,11 +273,11 @@ impl Registrar {
     Ok(())
   }
 
-  fn spawn_loops(&self, needs_register: bool) {
+  fn spawn_loops(&self, first_start: FirstStart) {
     let shared = &self.shared;
     let supervisor = tokio::spawn(
       Arc::clone(shared)
-        .supervise(needs_register)
+        .supervise(first_start)
         .instrument(shared.span.clone()),
     );
     let heartbeat = Heartbeat {
@@ -257,6 +305,7 @@ impl Registrar {
   pub async fn stop(&self) {
     let shared = &self.shared;
     if shared.state() == RegistrarState::Stopped {
+      self.release_hold();
       return;
     }
     shared.shutdown.send_replace(true);
@@ -271,6 +320,8 @@ impl Registrar {
       let _ = handle.await;
     }
     shared.set_state(RegistrarState::Stopped);
+    // Releasing the hold is what lets Node exit.
+    self.release_hold();
   }
 }
 
@@ -362,13 +413,17 @@ impl Shared {
       }
     }
     self.client.set_session_id(Some(id));
-    if let Some(ms) = answer.heartbeat_interval_ms {
+    if let Some(value) = answer
+      .heartbeat_interval_ms
+      .filter(|value| !value.is_null())
+    {
+      let ms = value.as_f64().unwrap_or(f64::NAN);
       if ms.is_finite() && ms > 0.0 && ms < 1e10 {
         let interval = Duration::from_millis(ms as u64).max(MIN_SERVER_HEARTBEAT);
         *self.heartbeat_interval.lock() = interval;
       } else {
         tracing::warn!(
-          heartbeat_interval_ms = ms,
+          heartbeat_interval_ms = %value,
           "ignoring mcpd's invalid heartbeatIntervalMs"
         );
       }
@@ -379,7 +434,7 @@ impl Shared {
   }
 
   /// Keeps the registrar registered and its channel open until shutdown.
-  async fn supervise(self: Arc<Self>, mut needs_register: bool) {
+  async fn supervise(self: Arc<Self>, first_start: FirstStart) {
     let mut backoff = Backoff::new(self.backoff);
     let mut channel = ControlChannel::new(
       Arc::clone(&self.client),
@@ -387,7 +442,12 @@ impl Shared {
       self.idle_timeout,
     );
     // A reconnect that follows a failure waits first; the first connect does not.
-    let mut pause: Option<Duration> = needs_register.then(|| backoff.next_delay());
+    let mut needs_register = first_start != FirstStart::Registered;
+    let mut pause = match first_start {
+      FirstStart::Registered => None,
+      FirstStart::Failed => Some(backoff.next_delay()),
+      FirstStart::Unauthorized => Some(backoff.max_delay()),
+    };
     // 404s on connect right after registering mean mcpd keeps forgetting us.
     let mut unknown_in_a_row = 0u32;
     loop {
@@ -417,6 +477,8 @@ impl Shared {
       let end = tokio::select! {
         end = channel.run(move || shared.set_state(RegistrarState::Connected), &mut backoff) => end,
         _ = self.session_lost() => {
+          // mcpd answered the heartbeat: a fresh start, not a failure streak.
+          backoff.reset();
           needs_register = true;
           self.set_state(RegistrarState::Registering);
           continue;

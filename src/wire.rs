@@ -40,8 +40,9 @@ pub struct RegisterRequest<'a> {
 #[serde(rename_all = "camelCase")]
 pub struct RegisterResponse {
   pub provider_session_id: String,
+  /// Kept raw: a value that is not a positive number is ignored, not fatal.
   #[serde(default)]
-  pub heartbeat_interval_ms: Option<f64>,
+  pub heartbeat_interval_ms: Option<Value>,
 }
 
 /// Load figures of one provider, sent with every heartbeat.

@@ -93,8 +93,8 @@
       if (!task || !task.iterator) {
         return Promise.resolve(failure(new Error('the stream was closed')))
       }
-      return new Promise((resolve) => resolve(task.iterator.next())).then(
-        (step) => {
+      return new Promise((resolve) => resolve(task.iterator.next()))
+        .then((step) => {
           if (step === null || typeof step !== 'object') {
             throw new Error('the provider\'s iterator returned a non-object step')
           }
@@ -103,12 +103,15 @@
             tasks.delete(taskId)
             return JSON.stringify({ ok: true, done: true })
           }
-          return encode(step.value)
-        },
-      ).catch((error) => {
-        tasks.delete(taskId)
-        return failure(error)
-      })
+          return JSON.stringify({ ok: true, value: step.value })
+        })
+        .catch((error) => {
+          // The stream is over: let the provider's iterator clean up (its
+          // finally blocks run) and forget the task.
+          tasks.delete(taskId)
+          closeIterator(task)
+          return failure(error)
+        })
     },
 
     abort(taskId, reason, timedOut) {

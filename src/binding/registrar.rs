@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use napi::bindgen_prelude::{Array, FnArgs, Function, JsObjectValue, Object, PromiseRaw, Unknown};
 use napi::{Env, ValueType};
-use parking_lot::Mutex;
 
 use super::options::{self, ProviderEntry, Settings};
 use super::provider_bridge::{JsBridge, KeepAlive, KeepAliveSource, ProviderBridge};
@@ -24,8 +23,6 @@ const BOOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 pub struct VirtualLlmRegistrar {
   core: Arc<Registrar>,
   keep_alive_source: KeepAliveSource,
-  keep_alive: Arc<Mutex<Option<KeepAlive>>>,
-  _log_route: Arc<LogRoute>,
 }
 
 /// What both entry points read first: the callbacks, the bridge and the log route.
@@ -134,11 +131,10 @@ impl<'env> Setup<'env> {
       Some(self.bridge.status_observer()),
       self.log_route.span(),
     )?;
+    core.keep_for_life(Box::new(self.log_route));
     Ok(VirtualLlmRegistrar {
       core: Arc::new(core),
       keep_alive_source: self.keep_alive_source,
-      keep_alive: Arc::new(Mutex::new(None)),
-      _log_route: self.log_route,
     })
   }
 }
@@ -204,16 +200,10 @@ impl VirtualLlmRegistrar {
   /// Rejects (with the HTTP status in the message) when the first register fails.
   #[napi(ts_return_type = "Promise<void>")]
   pub fn start<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
-    let installed = self.hold_event_loop(env)?;
+    self.hold_event_loop(env)?;
     let core = Arc::clone(&self.core);
-    let keep_alive = Arc::clone(&self.keep_alive);
-    env.spawn_future(async move {
-      let started = core.start().await;
-      if started.is_err() && installed {
-        keep_alive.lock().take();
-      }
-      Ok(started?)
-    })
+    // A failed start releases the hold itself.
+    env.spawn_future(async move { Ok(core.start().await?) })
   }
 
   /// Stops taking tasks, aborts in-flight ones (answered 503), closes the channel,
@@ -221,11 +211,8 @@ impl VirtualLlmRegistrar {
   #[napi(ts_return_type = "Promise<void>")]
   pub fn stop<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
     let core = Arc::clone(&self.core);
-    let keep_alive = Arc::clone(&self.keep_alive);
     env.spawn_future(async move {
       core.stop().await;
-      // Releasing the strong reference is what lets Node exit.
-      keep_alive.lock().take();
       Ok(())
     })
   }
@@ -236,22 +223,17 @@ impl VirtualLlmRegistrar {
     serde_json::to_value(self.core.status()).unwrap_or_default()
   }
 
-  /// Takes a strong reference on Node's event loop for as long as the registrar
-  /// runs; `false` when one is held already.
-  fn hold_event_loop(&self, env: &Env) -> napi::Result<bool> {
-    let mut slot = self.keep_alive.lock();
-    if slot.is_some() {
-      return Ok(false);
-    }
+  /// Takes a strong reference on Node's event loop, held by the core until
+  /// stop() (or a failed start()); a no-op when one is held already.
+  fn hold_event_loop(&self, env: &Env) -> napi::Result<()> {
     let source = self.keep_alive_source.borrow_back(env)?;
-    *slot = Some(
-      source
-        .build_threadsafe_function()
-        .callee_handled::<false>()
-        .weak::<false>()
-        .build()?,
-    );
-    Ok(true)
+    let keep_alive: KeepAlive = source
+      .build_threadsafe_function()
+      .callee_handled::<false>()
+      .weak::<false>()
+      .build()?;
+    self.core.hold_while_running(Box::new(keep_alive));
+    Ok(())
   }
 }
 
@@ -305,10 +287,20 @@ fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistra
   // SAFETY: the type was checked just above.
   let options: Object = unsafe { options.cast() }.map_err(napi_failure)?;
   let setup = Setup::new(env, &options)?;
-  let span = setup.log_route.span();
+  // From here on, warnings go to the caller's logger: the route outlives `setup`.
+  let route = Arc::clone(&setup.log_route);
+  let span = route.span();
   let _entered = span.enter();
-  let settings = options::settings(&options)?;
-  let registry = options::object(&options, "registry", "")?.ok_or_else(|| {
+  boot(&options, setup).or_else(|error| {
+    tracing::warn!(error = %describe(&error), "virtual LLM registrar not started");
+    Ok(None)
+  })
+}
+
+/// The part of `prepare_boot` that runs with the caller's logger in place.
+fn boot<'env>(options: &Object<'env>, setup: Setup<'env>) -> Result<Option<VirtualLlmRegistrar>> {
+  let settings = options::settings(options)?;
+  let registry = options::object(options, "registry", "")?.ok_or_else(|| {
     Error::InvalidInput("registry must be a Map or an object with get(name)".to_owned())
   })?;
   if !options::has_function(&registry, "get")? {
@@ -374,6 +366,5 @@ fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistra
       }
     },
   };
-  drop(_entered);
   setup.build(settings, credentials, providers).map(Some)
 }
