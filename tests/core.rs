@@ -1004,36 +1004,32 @@ async fn dropped_stream_reconnects_with_last_event_id() {
   rig.stop().await;
 }
 
-/// WHATWG: the `id:` field sets the last event ID buffer, and dispatch copies it
-/// to the event source even when the frame has no data.
+/// WHATWG: dispatch copies the `id:` to the event source even when the frame
+/// has no data, and an empty `id:` resets it (then no `Last-Event-ID` is sent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_id_only_frame_sets_last_event_id() {
-  let provider = MockProvider::answering(hello());
-  let rig = Rig::one("idonly", &provider, roomy()).await;
-  rig
-    .fake
-    .push("id: ev-1\nevent: ping\ndata: x\n\nid: ev-2\n\n");
-  rig.fake.drop_stream();
-  rig.fake.wait_stream(2).await;
-  let second = rig.fake.of(Route::Stream).remove(1);
-  assert_eq!(second.header("last-event-id"), Some("ev-2"));
-  rig.stop().await;
-}
-
-/// WHATWG: an empty `id:` resets the last event ID, and an EventSource then
-/// sends no `Last-Event-ID` on reconnect.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_empty_id_clears_last_event_id() {
-  let provider = MockProvider::answering(hello());
-  let rig = Rig::one("idreset", &provider, roomy()).await;
-  rig
-    .fake
-    .push("id: ev-1\nevent: ping\ndata: x\n\nid\nevent: ping\ndata: y\n\n");
-  rig.fake.drop_stream();
-  rig.fake.wait_stream(2).await;
-  let second = rig.fake.of(Route::Stream).remove(1);
-  assert_eq!(second.header("last-event-id"), None);
-  rig.stop().await;
+async fn reconnect_sends_the_whatwg_last_event_id() {
+  let cases = [
+    (
+      "idonly",
+      "id: ev-1\nevent: ping\ndata: x\n\nid: ev-2\n\n",
+      Some("ev-2"),
+    ),
+    (
+      "idreset",
+      "id: ev-1\nevent: ping\ndata: x\n\nid\nevent: ping\ndata: y\n\n",
+      None,
+    ),
+  ];
+  for (name, frames, expected) in cases {
+    let provider = MockProvider::answering(hello());
+    let rig = Rig::one(name, &provider, roomy()).await;
+    rig.fake.push(frames);
+    rig.fake.drop_stream();
+    rig.fake.wait_stream(2).await;
+    let second = rig.fake.of(Route::Stream).remove(1);
+    assert_eq!(second.header("last-event-id"), expected, "{name}");
+    rig.stop().await;
+  }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
