@@ -96,27 +96,28 @@ struct Slots {
   waiting: VecDeque<(String, oneshot::Sender<()>)>,
 }
 
+/// Where an admitted task stands; a task with neither is answered 429.
 enum Admission {
   /// A slot is held.
   Now(Slot),
   /// In the queue; the sender fires when a slot is handed over.
   Queued(oneshot::Receiver<()>),
-  Full,
 }
 
 impl Lane {
-  fn admit(self: &Arc<Self>, task_id: &str) -> Admission {
+  /// A slot, a place in the queue, or `None` when both are full.
+  fn admit(self: &Arc<Self>, task_id: &str) -> Option<Admission> {
     let mut slots = self.slots.lock();
     if slots.in_use < self.max_concurrency {
       slots.in_use += 1;
-      return Admission::Now(Slot(Arc::clone(self)));
+      return Some(Admission::Now(Slot(Arc::clone(self))));
     }
     if (slots.waiting.len() as u32) < self.max_queue {
       let (sender, receiver) = oneshot::channel();
       slots.waiting.push_back((task_id.to_owned(), sender));
-      return Admission::Queued(receiver);
+      return Some(Admission::Queued(receiver));
     }
-    Admission::Full
+    None
   }
 
   /// Hands a freed slot to the first task still waiting, or frees it.
@@ -358,15 +359,15 @@ impl TaskDispatcher {
       Err(reply) => return Decision::Answer(reply, Some(lane)),
     };
     match lane.admit(&event.task_id) {
-      Admission::Full => {
-        let reply = ErrorReply::rate_limited(&lane.published.descriptor.name);
-        Decision::Answer(reply, Some(lane))
-      }
-      admission => Decision::Run {
+      Some(admission) => Decision::Run {
         lane,
         request,
         admission,
       },
+      None => {
+        let reply = ErrorReply::rate_limited(&lane.published.descriptor.name);
+        Decision::Answer(reply, Some(lane))
+      }
     }
   }
 
@@ -381,10 +382,13 @@ impl TaskDispatcher {
     let Some(task_id) = task_id.filter(|id| !id.is_empty()) else {
       return tracing::warn!(%error, "ignoring a task event without a taskId");
     };
-    if self.table.lock().seen(&task_id) {
-      return;
+    {
+      let mut table = self.table.lock();
+      if table.seen(&task_id) {
+        return;
+      }
+      table.retire(&task_id);
     }
-    self.table.lock().retire(&task_id);
     self.unrouted_failed.fetch_add(1, Ordering::SeqCst);
     let reply = ErrorReply::invalid_request(format!("the task event is malformed: {error}"));
     let client = Arc::clone(&self.client);
@@ -493,10 +497,6 @@ impl TaskDispatcher {
         Err(Ending::Cancelled) => return Outcome::Cancelled,
         Err(Ending::Stopping) => return self.fail(task_id, &ErrorReply::unavailable(), end).await,
       },
-      Admission::Full => {
-        let reply = ErrorReply::rate_limited(&lane.published.descriptor.name);
-        return self.fail(task_id, &reply, end).await;
-      }
     };
     // A slot handed over while the task was being cancelled or stopped.
     let ending = *end.borrow();
