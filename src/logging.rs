@@ -164,7 +164,11 @@ where
     let mut visitor = Fields::default();
     event.record(&mut visitor);
     let token = route.and_then(|route| route.token.as_ref());
-    let redact = |text: String| token.map_or(text.clone(), |token| token.redact(&text));
+    // The one redaction step (secret.rs) for every message and string field.
+    let redact = |text: String| match token {
+      Some(token) => token.redact(&text),
+      None => crate::secret::redact(&text),
+    };
     let message = redact(visitor.message);
     let fields: Map<String, Value> = visitor
       .fields
