@@ -544,11 +544,16 @@ mod tests {
     let mut text = vec![b'a'; 499];
     text.extend_from_slice("é".as_bytes());
     assert_eq!(error_message(&text), "a".repeat(499));
+    // A long error.message is cut to 500 bytes too, on a char boundary.
+    let long = serde_json::json!({ "error": { "message": "é".repeat(400) } }).to_string();
+    assert_eq!(error_message(long.as_bytes()), "é".repeat(250));
   }
 
-  /// A server on 127.0.0.1 that answers every request 200 and reports each
-  /// request line it received.
-  async fn request_line_recorder() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+  /// A server on 127.0.0.1 that answers every request with `answer` and reports
+  /// each request line it received.
+  async fn request_line_recorder(
+    answer: &'static str,
+  ) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/mcpd", listener.local_addr().unwrap());
@@ -586,8 +591,7 @@ mod tests {
             }
             buffer.drain(..head_end + 4 + length);
             let _ = lines.send(head.lines().next().unwrap_or_default().to_owned());
-            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-            if socket.write_all(answer).await.is_err() {
+            if socket.write_all(answer.as_bytes()).await.is_err() {
               return;
             }
           }
@@ -599,7 +603,8 @@ mod tests {
 
   #[tokio::test]
   async fn task_ids_reach_mcpd_as_exactly_one_segment() {
-    let (base, mut received) = request_line_recorder().await;
+    let (base, mut received) =
+      request_line_recorder("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
     let client = McpdClient::new(&base, Secret::new("sk-unit-token"), false).unwrap();
     let edge_ascii = "x".repeat(256);
     let edge_utf8 = "é".repeat(128);
@@ -676,5 +681,35 @@ mod tests {
       received.recv().await.unwrap(),
       "POST /mcpd/api/v1/llms/_provider-heartbeat HTTP/1.1"
     );
+  }
+
+  /// A result or chunk POST answered with a redirect whose Location holds the
+  /// token fails naming only the target's origin; nothing follows it.
+  #[tokio::test]
+  async fn task_posts_refuse_redirects_without_leaking_the_token() {
+    let token = "sk-unit-redirect/7";
+    let (base, mut received) = request_line_recorder(
+      "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://elsewhere.invalid:81/r?t=sk-unit-redirect%2F7\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await;
+    let client = McpdClient::new(&base, Secret::new(token), false).unwrap();
+    for endpoint in ["result", "chunks"] {
+      let error = client
+        .post_json(
+          "result POST",
+          &task_path("t-1", endpoint),
+          &serde_json::json!({}),
+        )
+        .await
+        .unwrap_err();
+      let text = crate::error::describe(&error);
+      assert_eq!(error.status(), Some(307));
+      assert!(
+        text.contains("a redirect to another origin (http://elsewhere.invalid:81)"),
+        "{text}"
+      );
+      assert!(!text.contains("sk-unit-redirect"), "{text}");
+      assert!(received.recv().await.unwrap().contains(endpoint));
+    }
   }
 }

@@ -16,6 +16,7 @@ use tokio::sync::{broadcast, watch};
 use mcpctl_registrar::backoff::BackoffPolicy;
 use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider};
 use mcpctl_registrar::error::describe;
+use mcpctl_registrar::logging::LogRoute;
 use mcpctl_registrar::mcpd::McpdClient;
 use mcpctl_registrar::provider::{
   AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
@@ -67,6 +68,8 @@ enum Pace {
   Fast,
   /// 2 KiB every 2 ms (about 1 MiB/s): many small reads.
   Slow,
+  /// One byte every 100 ms: never reaches a bound, only a timeout ends it.
+  Trickle,
 }
 
 #[derive(Debug, Clone)]
@@ -183,9 +186,8 @@ impl Hostile {
         } => return self.endless(socket, endpoint, status, pace, prefix).await,
         Mode::Redirect(location) => {
           let location = location.replace("{origin}", &self.origin);
-          let answer = format!(
-            "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n"
-          );
+          let answer =
+            format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n");
           if socket.write_all(answer.as_bytes()).await.is_err() {
             return;
           }
@@ -223,7 +225,9 @@ impl Hostile {
 
   /// Closes every open control channel.
   fn close_channels(&self) {
-    self.channel_generation.send_modify(|generation| *generation += 1);
+    self
+      .channel_generation
+      .send_modify(|generation| *generation += 1);
   }
 
   async fn stream(&self, mut socket: TcpStream) {
@@ -261,15 +265,24 @@ impl Hostile {
     if socket.write_all(head.as_bytes()).await.is_err() {
       return;
     }
-    let block = vec![b'x'; if pace == Pace::Fast { 64 * 1024 } else { 2048 }];
+    let block = vec![
+      b'x';
+      match pace {
+        Pace::Fast => 64 * 1024,
+        Pace::Slow => 2048,
+        Pace::Trickle => 1,
+      }
+    ];
     let mut out = 0u64;
     loop {
       if socket.write_all(&block).await.is_err() {
         break;
       }
       out += block.len() as u64;
-      if pace == Pace::Slow {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+      match pace {
+        Pace::Fast => {}
+        Pace::Slow => tokio::time::sleep(Duration::from_millis(2)).await,
+        Pace::Trickle => tokio::time::sleep(Duration::from_millis(100)).await,
       }
     }
     self.seen.send_modify(|seen| {
@@ -359,6 +372,10 @@ impl Provider for Hello {
 }
 
 fn registrar(url: &str, dir: &tempfile::TempDir) -> Registrar {
+  registrar_logging_to(url, dir, tracing::Span::none())
+}
+
+fn registrar_logging_to(url: &str, dir: &tempfile::TempDir, span: tracing::Span) -> Registrar {
   let config = RegistrarConfig {
     mcpd_url: url.to_owned(),
     token: Secret::new(TOKEN),
@@ -382,7 +399,7 @@ fn registrar(url: &str, dir: &tempfile::TempDir) -> Registrar {
     dispatch: DispatchSettings::default(),
     allow_insecure_http: false,
   };
-  Registrar::new(config, None, tracing::Span::none()).expect("valid config")
+  Registrar::new(config, None, span).expect("valid config")
 }
 
 async fn wait_state(registrar: &Registrar, state: RegistrarState) {
@@ -599,4 +616,176 @@ endless! {
   endless_result_answer_fast: Result 200 Fast;
   endless_chunks_error_fast: Chunks 500 Fast;
   endless_chunks_error_slow: Chunks 500 Slow;
+}
+
+// ---------------------------------------------------------------- timeouts
+
+fn client(server: &Hostile) -> McpdClient {
+  let client = McpdClient::new(&server.url, Secret::new(TOKEN), false).unwrap();
+  client.set_session_id(Some("ps-hostile".to_owned()));
+  client
+}
+
+/// A body that trickles one byte every 100 ms never reaches a bound: the 30 s
+/// request timeout of register and heartbeat still ends it (the bytes do not
+/// restart the clock). Paused clock: the 30 s pass at once.
+#[tokio::test(start_paused = true)]
+async fn request_timeouts_bound_a_trickling_body() {
+  let server = Hostile::start().await;
+  let client = client(&server);
+  let cases = [
+    (Endpoint::Register, 200, REGISTER_PREFIX),
+    (Endpoint::Register, 500, ERROR_PREFIX),
+    (Endpoint::Heartbeat, 200, ""),
+    (Endpoint::Heartbeat, 500, ERROR_PREFIX),
+  ];
+  for (endpoint, status, prefix) in cases {
+    server.set(
+      endpoint,
+      Mode::Endless {
+        status,
+        pace: Pace::Trickle,
+        prefix,
+      },
+    );
+    let started = tokio::time::Instant::now();
+    let outcome = match endpoint {
+      Endpoint::Register => client.register(&[]).await.map(drop),
+      _ => client.heartbeat(&[]).await,
+    };
+    let took = started.elapsed();
+    assert!(
+      took >= Duration::from_secs(30) && took < Duration::from_secs(31),
+      "{endpoint:?} {status}: took {took:?}"
+    );
+    match (endpoint, status) {
+      // The status said it all; the rest of the body is not waited for longer.
+      (Endpoint::Heartbeat, 200) => outcome.unwrap(),
+      (_, 500) => {
+        let error = outcome.unwrap_err();
+        assert_eq!(error.status(), Some(500), "{error}");
+      }
+      _ => {
+        let error = describe(&outcome.unwrap_err());
+        assert!(error.contains("register failed"), "{error}");
+      }
+    }
+    server
+      .wait("the trickle dropped", |seen| {
+        seen.dropped.get(&endpoint).copied().unwrap_or(0) >= 1
+      })
+      .await;
+    server.set(endpoint, Mode::Normal);
+    server.seen.send_modify(|seen| seen.dropped.clear());
+  }
+}
+
+// ---------------------------------------------------------------- redirects
+
+/// A listener that counts the connections made to it: where a redirect points.
+async fn elsewhere() -> (String, Arc<std::sync::atomic::AtomicU32>) {
+  let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+  let origin = format!("http://{}", listener.local_addr().unwrap());
+  let count = Arc::new(std::sync::atomic::AtomicU32::new(0));
+  let counting = Arc::clone(&count);
+  tokio::spawn(async move {
+    while let Ok((_socket, _)) = listener.accept().await {
+      counting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+  });
+  (origin, count)
+}
+
+/// Every way the token could be written into a `Location`.
+fn token_forms() -> Vec<String> {
+  vec![
+    TOKEN.to_owned(),
+    TOKEN.replace('/', "%2F"),
+    TOKEN.replace('/', "%2f").replace('-', "%2D"),
+    TOKEN.replace('/', "%252F"),
+  ]
+}
+
+/// A redirect to another origin, and a redirect loop within mcpd's own, each with
+/// the token in its `Location`: start() rejects naming the origin, and no
+/// message, status or log field carries the token; nothing is sent elsewhere.
+#[tokio::test]
+async fn redirects_are_refused_and_never_leak_the_token() {
+  let server = Hostile::start().await;
+  let (other, connections) = elsewhere().await;
+  let dir = tempfile::tempdir().unwrap();
+  for form in token_forms() {
+    let cases = [
+      (
+        format!("{other}/steal?token={form}&x=1#{form}"),
+        format!("a redirect to another origin ({other})"),
+      ),
+      (
+        format!(
+          "http://user:{}@{}/x",
+          form.replace('/', "%2F"),
+          other.trim_start_matches("http://")
+        ),
+        format!("a redirect to another origin ({other})"),
+      ),
+      (
+        format!("{{origin}}/mcpd/api/v1/llms/_provider-register?t={form}"),
+        "a redirect within mcpd's origin".to_owned(),
+      ),
+      (
+        format!("/mcpd/{form}/api/v1/llms/_provider-register"),
+        "a redirect within mcpd's origin".to_owned(),
+      ),
+    ];
+    for (location, expected) in cases {
+      server.set(Endpoint::Register, Mode::Redirect(location.clone()));
+      let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+      let captured = Arc::clone(&lines);
+      let route = LogRoute::register(
+        Some(Arc::new(move |_, message, fields| {
+          captured
+            .lock()
+            .push(format!("{message} {}", Value::Object(fields)))
+        })),
+        Some(Secret::new(TOKEN)),
+      );
+      let registrar = registrar_logging_to(&server.url, &dir, route.span());
+      let error = registrar.start().await.unwrap_err();
+      let text = describe(&error);
+      assert_eq!(error.status(), Some(302), "{text}");
+      assert!(text.contains(&expected), "{location}: {text}");
+      assert!(text.contains("not followed"), "{text}");
+      let status = serde_json::to_string(&registrar.status()).unwrap();
+      let logged = lines.lock().join("\n");
+      assert!(logged.contains("register failed"), "{logged}");
+      for leak in token_forms() {
+        assert!(!text.contains(&leak), "{location}: {text}");
+        assert!(!status.contains(&leak), "{location}: {status}");
+        assert!(!logged.contains(&leak), "{location}: {logged}");
+      }
+      // The other endpoints refuse the same way.
+      server.set(Endpoint::Register, Mode::Normal);
+      server.set(Endpoint::Heartbeat, Mode::Redirect(location.clone()));
+      server.set(Endpoint::Stream, Mode::Redirect(location.clone()));
+      let client = client(&server);
+      let heartbeat = describe(&client.heartbeat(&[]).await.unwrap_err());
+      let stream = client.open_stream(None).await.unwrap();
+      assert_eq!(stream.status().as_u16(), 302);
+      let stream = describe(&client.status_error("stream connect", stream).await);
+      for text in [&heartbeat, &stream] {
+        assert!(text.contains(&expected), "{location}: {text}");
+        for leak in token_forms() {
+          assert!(!text.contains(&leak), "{location}: {text}");
+        }
+      }
+      server.set(Endpoint::Heartbeat, Mode::Normal);
+      server.set(Endpoint::Stream, Mode::Normal);
+    }
+  }
+  // One request per redirect, none followed, none sent to the other origin.
+  let seen = server.seen();
+  assert_eq!(seen.requests.get(&Endpoint::Register), Some(&16));
+  assert_eq!(seen.requests.get(&Endpoint::Heartbeat), Some(&16));
+  assert_eq!(seen.requests.get(&Endpoint::Stream), Some(&16));
+  assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
