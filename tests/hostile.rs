@@ -614,6 +614,8 @@ endless! {
   endless_result_error_fast: Result 503 Fast;
   endless_result_error_slow: Result 503 Slow;
   endless_result_answer_fast: Result 200 Fast;
+  endless_result_answer_slow: Result 200 Slow;
+  endless_chunks_answer_fast: Chunks 200 Fast;
   endless_chunks_error_fast: Chunks 500 Fast;
   endless_chunks_error_slow: Chunks 500 Slow;
 }
@@ -788,4 +790,31 @@ async fn redirects_are_refused_and_never_leak_the_token() {
   assert_eq!(seen.requests.get(&Endpoint::Heartbeat), Some(&16));
   assert_eq!(seen.requests.get(&Endpoint::Stream), Some(&16));
   assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// A transport error names the URL it failed on; when that URL holds the token
+/// (here in mcpdUrl's path prefix, as is and percent-encoded), the text the
+/// error becomes does not.
+#[tokio::test]
+async fn transport_errors_are_redacted() {
+  let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+  let address = listener.local_addr().unwrap();
+  drop(listener);
+  let encoded = TOKEN.replace('/', "%2F");
+  let client = McpdClient::new(
+    &format!("http://{address}/{encoded}/mcpd"),
+    Secret::new(TOKEN),
+    false,
+  )
+  .unwrap();
+  client.set_session_id(Some("ps-1".to_owned()));
+  let error = describe(&client.heartbeat(&[]).await.unwrap_err());
+  assert!(error.contains("heartbeat failed"), "{error}");
+  assert!(
+    error.contains(&format!("http://{address}/***/mcpd")),
+    "{error}"
+  );
+  for leak in token_forms() {
+    assert!(!error.contains(&leak), "{error}");
+  }
 }
