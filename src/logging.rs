@@ -264,6 +264,8 @@ mod tests {
       tracing::info!(
         status = 401,
         body = "token sk-live-123 refused",
+        url = "http://evil.example/?t=sk%2Dlive%2D123",
+        sent = "authorization: Bearer anything-else",
         "register failed for sk-live-123"
       );
       tracing::trace!("below the level");
@@ -276,6 +278,8 @@ mod tests {
     assert_eq!(message, "register failed for ***");
     assert_eq!(fields["status"], Value::from(401));
     assert_eq!(fields["body"], Value::from("token *** refused"));
+    assert_eq!(fields["url"], Value::from("http://evil.example/?t=***"));
+    assert_eq!(fields["sent"], Value::from("authorization: ***"));
   }
 
   #[test]
