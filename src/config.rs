@@ -14,6 +14,8 @@ const SESSION_FILE: &str = "provider-session";
 const CREDENTIALS_FILE: &str = "credentials";
 /// A session id longer than this, or with control characters, is not an id.
 const MAX_SESSION_ID_BYTES: usize = 512;
+/// A session file larger than this is not read (an id plus its JSON wrapper is far less).
+const MAX_SESSION_FILE_BYTES: usize = 4096;
 
 /// The config dir: the option when given, else `$MCPCTL_HOME`, else `~/.mcpctl`.
 pub fn resolve_config_dir(option: Option<&str>) -> Result<PathBuf> {
@@ -95,10 +97,11 @@ impl SessionStore {
 
   /// The persisted id: JSON `{ "providerSessionId": "…" }`, or the plain-text id
   /// an older version wrote. `Ok(None)` when there is no file; an error when the
-  /// file exists but holds no usable id (the caller logs it and starts afresh).
+  /// file exists but holds no usable id, or is not a regular file (a symlink is
+  /// never followed): the caller logs it and starts afresh.
   pub fn load(&self) -> Result<Option<String>> {
     let path = self.path();
-    let text = match fs::read_to_string(&path) {
+    let text = match read_regular_file(&path, MAX_SESSION_FILE_BYTES) {
       Ok(text) => text,
       Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
       Err(source) => return Err(Error::io(format!("cannot read {}", path.display()), source)),
@@ -122,7 +125,10 @@ impl SessionStore {
     Ok(Some(id))
   }
 
-  /// Writes the id atomically (temp file, fsync, rename) with mode 0600.
+  /// Writes the id atomically with mode 0600: a temp file with a random name,
+  /// created with `O_EXCL` in the config dir (so a planted symlink is never
+  /// written through), fsynced, then renamed over the session file. The rename
+  /// replaces a symlink itself, never its target.
   pub fn save(&self, id: &str) -> Result<()> {
     let path = self.path();
     create_private_dir(&self.dir)?;
@@ -130,20 +136,25 @@ impl SessionStore {
       provider_session_id: id.to_owned(),
     })
     .map_err(|error| Error::Protocol(format!("cannot encode the session file: {error}")))?;
-    let temp = self
-      .dir
-      .join(format!(".{SESSION_FILE}.{}.tmp", std::process::id()));
+    if fs::symlink_metadata(&path).is_ok_and(|meta| meta.file_type().is_symlink()) {
+      tracing::warn!(path = %path.display(), "the session file is a symbolic link; replacing it with a regular file");
+    }
     let write = || -> std::io::Result<()> {
-      let mut file = open_private(&temp)?;
-      file.write_all(body.as_bytes())?;
-      file.write_all(b"\n")?;
-      file.sync_all()?;
-      fs::rename(&temp, &path)
+      let mut temp = tempfile::NamedTempFile::new_in(&self.dir)?;
+      #[cfg(unix)]
+      {
+        use std::os::unix::fs::PermissionsExt;
+        temp
+          .as_file()
+          .set_permissions(fs::Permissions::from_mode(0o600))?;
+      }
+      temp.write_all(body.as_bytes())?;
+      temp.write_all(b"\n")?;
+      temp.as_file().sync_all()?;
+      // On failure the temp file is removed when `PersistError` drops it.
+      temp.persist(&path).map(drop).map_err(|error| error.error)
     };
-    write().map_err(|source| {
-      let _ = fs::remove_file(&temp);
-      Error::io(format!("cannot write {}", path.display()), source)
-    })
+    write().map_err(|source| Error::io(format!("cannot write {}", path.display()), source))
   }
 }
 
@@ -168,33 +179,54 @@ fn create_private_dir(dir: &Path) -> Result<()> {
     .map_err(|source| Error::io(format!("cannot create {}", dir.display()), source))
 }
 
-fn open_private(path: &Path) -> std::io::Result<fs::File> {
+/// Reads a small regular file without following a symlink at `path` (checked
+/// first, and refused again by `O_NOFOLLOW` at open, so a swap in between
+/// cannot win), and at most `limit` bytes of it.
+fn read_regular_file(path: &Path, limit: usize) -> std::io::Result<String> {
+  use std::io::{Error as IoError, ErrorKind, Read};
+  let meta = fs::symlink_metadata(path)?;
+  if meta.file_type().is_symlink() {
+    return Err(IoError::other("it is a symbolic link; not following it"));
+  }
+  if !meta.is_file() {
+    return Err(IoError::other("it is not a regular file"));
+  }
   let mut options = fs::OpenOptions::new();
-  options.write(true).create(true).truncate(true);
+  options.read(true);
   #[cfg(unix)]
   {
     use std::os::unix::fs::OpenOptionsExt;
-    options.mode(0o600);
+    options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
   }
-  options.open(path)
+  let file = options.open(path)?;
+  if !file.metadata()?.is_file() {
+    return Err(IoError::other("it is not a regular file"));
+  }
+  let mut bytes = Vec::new();
+  file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+  if bytes.len() > limit {
+    return Err(IoError::new(
+      ErrorKind::InvalidData,
+      format!("it is over {limit} bytes"),
+    ));
+  }
+  String::from_utf8(bytes).map_err(|_| IoError::new(ErrorKind::InvalidData, "it is not UTF-8"))
 }
 
 #[cfg(test)]
 mod tests {
   use super::*;
 
-  fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-      "mcpctl-registrar-config-{name}-{}",
-      std::process::id()
-    ));
-    let _ = fs::remove_dir_all(&dir);
-    dir
+  use tempfile::TempDir;
+
+  fn temp_dir() -> TempDir {
+    tempfile::tempdir().unwrap()
   }
 
   #[test]
   fn session_id_round_trips_with_mode_0600() {
-    let dir = temp_dir("roundtrip");
+    let temp = temp_dir();
+    let dir = temp.path().to_path_buf();
     let store = SessionStore::new(dir.join("nested"));
     assert_eq!(store.load().unwrap(), None);
     store.save("ps-123").unwrap();
@@ -215,36 +247,113 @@ mod tests {
       .map(|entry| entry.unwrap().file_name())
       .collect();
     assert_eq!(names, vec![std::ffi::OsString::from(SESSION_FILE)]);
-    fs::remove_dir_all(dir).unwrap();
   }
 
   #[test]
   fn reads_the_legacy_plain_text_file() {
-    let dir = temp_dir("legacy");
-    fs::create_dir_all(&dir).unwrap();
+    let temp = temp_dir();
+    let dir = temp.path().to_path_buf();
     fs::write(dir.join(SESSION_FILE), "legacy-id-9\n").unwrap();
     let store = SessionStore::new(dir.clone());
     assert_eq!(store.load().unwrap().as_deref(), Some("legacy-id-9"));
-    fs::remove_dir_all(dir).unwrap();
   }
 
   #[test]
   fn rejects_a_corrupt_session_file() {
-    let dir = temp_dir("corrupt");
-    fs::create_dir_all(&dir).unwrap();
+    let temp = temp_dir();
+    let dir = temp.path().to_path_buf();
     fs::write(dir.join(SESSION_FILE), "{\"providerSessionId\": 12}").unwrap();
     assert!(SessionStore::new(dir.clone()).load().is_err());
     fs::write(dir.join(SESSION_FILE), "line one\nline two").unwrap();
     assert!(SessionStore::new(dir.clone()).load().is_err());
     fs::write(dir.join(SESSION_FILE), "  \n").unwrap();
     assert!(SessionStore::new(dir.clone()).load().is_err());
-    fs::remove_dir_all(dir).unwrap();
+  }
+
+  /// A symlink planted at the temp name the old code used (`.provider-session.<pid>.tmp`)
+  /// is left alone: the write goes through a fresh random name and never
+  /// touches the symlink's target.
+  #[cfg(unix)]
+  #[test]
+  fn a_planted_temp_file_symlink_is_never_written_through() {
+    let temp = temp_dir();
+    let dir = temp.path().join("config");
+    let outside = temp.path().join("outside");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(&outside, "precious").unwrap();
+    let planted = dir.join(format!(".{SESSION_FILE}.{}.tmp", std::process::id()));
+    std::os::unix::fs::symlink(&outside, &planted).unwrap();
+    let store = SessionStore::new(dir.clone());
+    store.save("ps-1").unwrap();
+    assert_eq!(fs::read_to_string(&outside).unwrap(), "precious");
+    assert!(fs::symlink_metadata(&planted)
+      .unwrap()
+      .file_type()
+      .is_symlink());
+    assert_eq!(store.load().unwrap().as_deref(), Some("ps-1"));
+    let mut names: Vec<_> = fs::read_dir(&dir)
+      .unwrap()
+      .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+      .collect();
+    names.sort();
+    assert_eq!(
+      names,
+      vec![planted.file_name().unwrap().to_str().unwrap(), SESSION_FILE]
+    );
+  }
+
+  /// A session file that is a symlink is not read (treated as absent, with the
+  /// reason for the warning), and a save replaces the link with a regular file
+  /// instead of writing through it.
+  #[cfg(unix)]
+  #[test]
+  fn a_symlinked_session_file_is_neither_read_nor_written_through() {
+    use std::os::unix::fs::PermissionsExt;
+    let temp = temp_dir();
+    let dir = temp.path().join("config");
+    let outside = temp.path().join("outside");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(&outside, "ps-outside\n").unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join(SESSION_FILE)).unwrap();
+    let store = SessionStore::new(dir.clone());
+    let error = crate::error::describe(&store.load().unwrap_err());
+    assert!(error.contains("symbolic link"), "{error}");
+    store.save("ps-2").unwrap();
+    assert_eq!(fs::read_to_string(&outside).unwrap(), "ps-outside\n");
+    assert_eq!(
+      fs::metadata(&outside).unwrap().permissions().mode() & 0o777,
+      0o644
+    );
+    let meta = fs::symlink_metadata(store.path()).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(store.load().unwrap().as_deref(), Some("ps-2"));
+    // A dangling link is no session either, and is replaced the same way.
+    fs::remove_file(store.path()).unwrap();
+    std::os::unix::fs::symlink(temp.path().join("nowhere"), store.path()).unwrap();
+    assert!(store.load().is_err());
+    store.save("ps-3").unwrap();
+    assert!(!temp.path().join("nowhere").exists());
+    assert_eq!(store.load().unwrap().as_deref(), Some("ps-3"));
+  }
+
+  #[test]
+  fn an_oversized_session_file_is_not_read() {
+    let temp = temp_dir();
+    fs::write(temp.path().join(SESSION_FILE), "x".repeat(1 << 20)).unwrap();
+    let error = crate::error::describe(
+      &SessionStore::new(temp.path().to_path_buf())
+        .load()
+        .unwrap_err(),
+    );
+    assert!(error.contains("over 4096 bytes"), "{error}");
   }
 
   #[test]
   fn credentials_errors_never_show_the_token() {
-    let dir = temp_dir("credentials");
-    fs::create_dir_all(&dir).unwrap();
+    let temp = temp_dir();
+    let dir = temp.path().to_path_buf();
     fs::write(
       dir.join(CREDENTIALS_FILE),
       "{\"mcpdUrl\": \"https://mcpd.example\", \"token\": 42, \"x\": \"sk-secret\"}",
@@ -261,7 +370,6 @@ mod tests {
     let credentials = Credentials::read(&dir).unwrap();
     assert_eq!(credentials.mcpd_url, "https://mcpd.example");
     assert_eq!(credentials.token.expose(), "sk-secret");
-    fs::remove_dir_all(dir).unwrap();
   }
 
   #[test]

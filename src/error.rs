@@ -78,7 +78,8 @@ impl StdError for Error {
   }
 }
 
-/// The error's message followed by each cause on its own "caused by" line.
+/// The error's message followed by each cause on its own "caused by" line,
+/// redacted (a cause such as a transport error may name a URL that holds the token).
 pub fn describe(error: &dyn StdError) -> String {
   let mut text = error.to_string();
   let mut cause = error.source();
@@ -91,7 +92,7 @@ pub fn describe(error: &dyn StdError) -> String {
     }
     cause = inner.source();
   }
-  text
+  crate::secret::redact(&text)
 }
 
 impl From<Error> for napi::Error {

@@ -164,7 +164,11 @@ where
     let mut visitor = Fields::default();
     event.record(&mut visitor);
     let token = route.and_then(|route| route.token.as_ref());
-    let redact = |text: String| token.map_or(text.clone(), |token| token.redact(&text));
+    // The one redaction step (secret.rs) for every message and string field.
+    let redact = |text: String| match token {
+      Some(token) => token.redact(&text),
+      None => crate::secret::redact(&text),
+    };
     let message = redact(visitor.message);
     let fields: Map<String, Value> = visitor
       .fields
@@ -260,6 +264,8 @@ mod tests {
       tracing::info!(
         status = 401,
         body = "token sk-live-123 refused",
+        url = "http://evil.example/?t=sk%2Dlive%2D123",
+        sent = "authorization: Bearer anything-else",
         "register failed for sk-live-123"
       );
       tracing::trace!("below the level");
@@ -272,6 +278,8 @@ mod tests {
     assert_eq!(message, "register failed for ***");
     assert_eq!(fields["status"], Value::from(401));
     assert_eq!(fields["body"], Value::from("token *** refused"));
+    assert_eq!(fields["url"], Value::from("http://evil.example/?t=***"));
+    assert_eq!(fields["sent"], Value::from("authorization: ***"));
   }
 
   #[test]

@@ -1,5 +1,6 @@
 //! The HTTP side of mcpd: register, heartbeat, the stream request, and the
-//! result and chunk POSTs with their bounded retries.
+//! result and chunk POSTs with their bounded retries. Every body read from mcpd
+//! goes through [`read_bounded`]; redirects are never followed.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -23,7 +24,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long result and chunk POSTs are retried in all.
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(30);
+/// The most of an error body (or of its `error.message`) an error message quotes.
 const ERROR_BODY_BYTES: usize = 500;
+/// The most of a register answer the registrar reads (PROTOCOL.md section 4).
+pub const REGISTER_BODY_LIMIT: usize = 1024 * 1024;
+/// The most of any other body it reads: heartbeat, result and chunk answers,
+/// error bodies (the stream connect's included).
+pub const ANSWER_BODY_LIMIT: usize = 64 * 1024;
+/// The fixed prefix of the task endpoints; the task id is the next segment.
+const TASKS_PATH: &str = "/api/v1/llms/_provider-tasks/";
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -56,6 +65,9 @@ impl McpdClient {
       ));
     }
     let mut builder = reqwest::Client::builder()
+      // mcpd has no reason to redirect: a redirect is answered as an error that
+      // names the target's origin (`status_error`), and nothing is sent there.
+      .redirect(reqwest::redirect::Policy::none())
       .connect_timeout(CONNECT_TIMEOUT)
       .user_agent(format!("{CLIENT_NAME}/{VERSION}"))
       .tcp_keepalive(Duration::from_secs(30));
@@ -85,8 +97,25 @@ impl McpdClient {
     *self.session.write() = id;
   }
 
-  fn url(&self, path: &str) -> String {
-    format!("{}{path}", self.base)
+  /// The URL of `path` (already percent-encoded) under mcpd's URL, refused
+  /// unless it keeps every segment exactly as given: a URL parser normalises
+  /// dot segments (`.`, `..`, `%2E%2E` too) and drops empty ones' meaning, and
+  /// a task id must never land on another endpoint that way.
+  fn endpoint_url(&self, path: &str) -> Result<Url> {
+    let raw = format!("{}{path}", self.base);
+    let exact = |url: &Url| {
+      url.as_str() == raw
+        && path.split('/').skip(1).all(|segment| {
+          let decoded = segment.replace("%2E", ".").replace("%2e", ".");
+          !segment.is_empty() && decoded != "." && decoded != ".."
+        })
+    };
+    match Url::parse(&raw) {
+      Ok(url) if exact(&url) => Ok(url),
+      _ => Err(Error::InvalidInput(format!(
+        "'{path}' is not a usable mcpd endpoint path (an empty or dot segment)"
+      ))),
+    }
   }
 
   fn headers(&self) -> HeaderMap {
@@ -103,17 +132,34 @@ impl McpdClient {
     headers
   }
 
+  /// POSTs `body` as JSON; a 2xx answer's body is read up to
+  /// [`ANSWER_BODY_LIMIT`] (so the connection can be reused) and otherwise ignored.
   async fn post_json<T: Serialize>(
     &self,
     operation: &'static str,
     path: &str,
     body: &T,
-  ) -> Result<Response> {
+  ) -> Result<BoundedBody> {
+    self
+      .post_json_bounded(operation, path, body, ANSWER_BODY_LIMIT)
+      .await
+  }
+
+  /// POSTs `body` as JSON and reads a 2xx answer's body up to `limit` bytes;
+  /// a non-2xx answer is an error ([`McpdClient::status_error`]).
+  async fn post_json_bounded<T: Serialize>(
+    &self,
+    operation: &'static str,
+    path: &str,
+    body: &T,
+    limit: usize,
+  ) -> Result<BoundedBody> {
+    let url = self.endpoint_url(path)?;
     let body = serde_json::to_vec(body)
       .map_err(|error| Error::Protocol(format!("{operation}: cannot encode the body: {error}")))?;
     let response = self
       .http
-      .post(self.url(path))
+      .post(url)
       .headers(self.headers())
       .header(CONTENT_TYPE, "application/json")
       .timeout(REQUEST_TIMEOUT)
@@ -122,17 +168,23 @@ impl McpdClient {
       .await
       .map_err(|source| Error::Transport { operation, source })?;
     if response.status().is_success() {
-      Ok(response)
+      Ok(read_bounded(response, limit).await)
     } else {
       Err(self.status_error(operation, response).await)
     }
   }
 
-  /// An error naming the status and the body's `error.message` (or its first 500 bytes).
+  /// An error naming the status and the body's `error.message` (or its first
+  /// 500 bytes). The body is read up to [`ANSWER_BODY_LIMIT`], then dropped
+  /// with its connection; a redirect's body is not read at all.
   pub async fn status_error(&self, operation: &'static str, response: Response) -> Error {
     let status = response.status().as_u16();
-    let body = response.bytes().await.unwrap_or_default();
-    let message = error_message(&body);
+    let message = if response.status().is_redirection() {
+      redirect_message(&response)
+    } else {
+      let body = read_bounded(response, ANSWER_BODY_LIMIT).await;
+      error_message(&body.bytes)
+    };
     Error::Status {
       operation,
       status,
@@ -150,14 +202,29 @@ impl McpdClient {
       },
       providers,
     };
-    let response = self
-      .post_json("register", "/api/v1/llms/_provider-register", &request)
+    let body = self
+      .post_json_bounded(
+        "register",
+        "/api/v1/llms/_provider-register",
+        &request,
+        REGISTER_BODY_LIMIT,
+      )
       .await?;
-    let body = response.bytes().await.map_err(|source| Error::Transport {
-      operation: "register",
-      source,
-    })?;
-    let answer: RegisterResponse = serde_json::from_slice(&body).map_err(|error| {
+    match body.end {
+      BodyEnd::Complete => {}
+      BodyEnd::OverLimit => {
+        return Err(Error::Protocol(format!(
+          "register failed: mcpd's answer is over {REGISTER_BODY_LIMIT} bytes; not reading more of it"
+        )))
+      }
+      BodyEnd::Failed(source) => {
+        return Err(Error::Transport {
+          operation: "register",
+          source,
+        })
+      }
+    }
+    let answer: RegisterResponse = serde_json::from_slice(&body.bytes).map_err(|error| {
       Error::Protocol(format!(
         "register failed: mcpd's answer is not {{ providerSessionId, ... }}: {error}"
       ))
@@ -189,8 +256,7 @@ impl McpdClient {
   /// Opens the control channel; the caller judges the status.
   pub async fn open_stream(&self, last_event_id: Option<&str>) -> Result<Response> {
     let id = self.session_id().unwrap_or_default();
-    let mut url = Url::parse(&self.url("/api/v1/llms/_provider-stream"))
-      .map_err(|error| Error::InvalidInput(format!("invalid mcpdUrl: {error}")))?;
+    let mut url = self.endpoint_url("/api/v1/llms/_provider-stream")?;
     url.query_pairs_mut().append_pair("providerSessionId", &id);
     let mut request = self
       .http
@@ -255,7 +321,7 @@ pub fn error_message(body: &[u8]) -> String {
       .or_else(|| value.get("error").filter(|error| error.is_string()))
       .and_then(Value::as_str)
     {
-      return message.to_owned();
+      return head_of(message, ERROR_BODY_BYTES).to_owned();
     }
   }
   let head = &body[..body.len().min(ERROR_BODY_BYTES)];
@@ -265,6 +331,89 @@ pub fn error_message(body: &[u8]) -> String {
     "(empty body)".to_owned()
   } else {
     text.to_owned()
+  }
+}
+
+/// `text` cut to at most `limit` bytes, on a char boundary.
+fn head_of(text: &str, limit: usize) -> &str {
+  let mut end = text.len().min(limit);
+  while !text.is_char_boundary(end) {
+    end -= 1;
+  }
+  &text[..end]
+}
+
+/// How a bounded read of a body ended.
+#[derive(Debug)]
+pub enum BodyEnd {
+  /// The whole body was read.
+  Complete,
+  /// More than the limit came: the rest was not read, and the connection was dropped.
+  OverLimit,
+  /// The connection failed (or the request timed out) before the body's end.
+  Failed(reqwest::Error),
+}
+
+/// What [`read_bounded`] read: at most its limit of bytes.
+#[derive(Debug)]
+pub struct BoundedBody {
+  pub bytes: Vec<u8>,
+  pub end: BodyEnd,
+}
+
+/// The one reader for every body read from mcpd: reads up to `limit` bytes and
+/// drops the response (closing its connection) as soon as more arrive, so an
+/// endless or huge body costs at most `limit` bytes. How long it may take is
+/// the request's timeout (or the caller's).
+pub async fn read_bounded(mut response: Response, limit: usize) -> BoundedBody {
+  let mut bytes = Vec::new();
+  loop {
+    match response.chunk().await {
+      Ok(Some(chunk)) => {
+        let room = limit - bytes.len();
+        if chunk.len() > room {
+          bytes.extend_from_slice(&chunk[..room]);
+          return BoundedBody {
+            bytes,
+            end: BodyEnd::OverLimit,
+          };
+        }
+        bytes.extend_from_slice(&chunk);
+      }
+      Ok(None) => {
+        return BoundedBody {
+          bytes,
+          end: BodyEnd::Complete,
+        }
+      }
+      Err(error) => {
+        return BoundedBody {
+          bytes,
+          end: BodyEnd::Failed(error),
+        }
+      }
+    }
+  }
+}
+
+/// What a redirect answer says: where it points, as an origin only (the full
+/// `Location` may carry anything, the token included).
+fn redirect_message(response: &Response) -> String {
+  let target = response
+    .headers()
+    .get(reqwest::header::LOCATION)
+    .and_then(|value| value.to_str().ok())
+    .and_then(|location| response.url().join(location).ok());
+  match target {
+    Some(target) if target.origin() == response.url().origin() => {
+      "a redirect within mcpd's origin, which is not followed: mcpd must answer this endpoint itself"
+        .to_owned()
+    }
+    Some(target) => format!(
+      "a redirect to another origin ({}), which is not followed",
+      target.origin().ascii_serialization()
+    ),
+    None => "a redirect without a usable Location, which is not followed".to_owned(),
   }
 }
 
@@ -306,21 +455,26 @@ fn is_loopback(url: &Url) -> bool {
   host.eq_ignore_ascii_case("localhost") || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The path of a task's endpoint, its id one percent-encoded segment. An id
+/// that cannot be one segment (empty, `.`, `..`) gives a path that
+/// `endpoint_url` refuses, so nothing is posted for it (the dispatcher refuses
+/// such ids before they get here).
 fn task_path(task_id: &str, endpoint: &str) -> String {
-  format!(
-    "/api/v1/llms/_provider-tasks/{}/{endpoint}",
-    encode_segment(task_id)
-  )
+  format!("{TASKS_PATH}{}/{endpoint}", encode_segment(task_id))
 }
 
-/// Percent-encodes a task id for use as one path segment.
+/// Percent-encodes a task id as one path segment: every byte outside RFC 3986's
+/// unreserved set becomes `%XX`, and so does a `.` when the whole segment is
+/// `.` or `..`.
 fn encode_segment(segment: &str) -> String {
+  use std::fmt::Write as _;
+  let dots_only = matches!(segment, "." | "..");
   let mut out = String::with_capacity(segment.len());
   for byte in segment.bytes() {
-    if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+    if (byte.is_ascii_alphanumeric() || b"-._~".contains(&byte)) && !dots_only {
       out.push(byte as char);
     } else {
-      out.push_str(&format!("%{byte:02X}"));
+      let _ = write!(out, "%{byte:02X}");
     }
   }
   out
@@ -390,11 +544,172 @@ mod tests {
     let mut text = vec![b'a'; 499];
     text.extend_from_slice("é".as_bytes());
     assert_eq!(error_message(&text), "a".repeat(499));
+    // A long error.message is cut to 500 bytes too, on a char boundary.
+    let long = serde_json::json!({ "error": { "message": "é".repeat(400) } }).to_string();
+    assert_eq!(error_message(long.as_bytes()), "é".repeat(250));
   }
 
-  #[test]
-  fn task_ids_are_encoded_as_one_segment() {
-    assert_eq!(encode_segment("t-1_a.b~c"), "t-1_a.b~c");
-    assert_eq!(encode_segment("a/b?c d"), "a%2Fb%3Fc%20d");
+  /// A server on 127.0.0.1 that answers every request with `answer` and reports
+  /// each request line it received.
+  async fn request_line_recorder(
+    answer: &'static str,
+  ) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/mcpd", listener.local_addr().unwrap());
+    let (lines, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+      loop {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let lines = lines.clone();
+        tokio::spawn(async move {
+          let mut buffer = Vec::new();
+          let mut chunk = [0u8; 4096];
+          loop {
+            let Some(head_end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+              match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+              }
+              continue;
+            };
+            let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+            let length: usize = head
+              .lines()
+              .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name
+                  .eq_ignore_ascii_case("content-length")
+                  .then(|| value.trim().parse().ok())?
+              })
+              .unwrap_or(0);
+            while buffer.len() < head_end + 4 + length {
+              match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+              }
+            }
+            buffer.drain(..head_end + 4 + length);
+            let _ = lines.send(head.lines().next().unwrap_or_default().to_owned());
+            if socket.write_all(answer.as_bytes()).await.is_err() {
+              return;
+            }
+          }
+        });
+      }
+    });
+    (base, received)
+  }
+
+  #[tokio::test]
+  async fn task_ids_reach_mcpd_as_exactly_one_segment() {
+    let (base, mut received) =
+      request_line_recorder("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+    let client = McpdClient::new(&base, Secret::new("sk-unit-token"), false).unwrap();
+    let edge_ascii = "x".repeat(256);
+    let edge_utf8 = "é".repeat(128);
+    assert_eq!(edge_utf8.len(), 256);
+    let cases: Vec<(&str, String)> = vec![
+      ("t-1_a.b~c", "t-1_a.b~c".into()),
+      ("a/b", "a%2Fb".into()),
+      ("/", "%2F".into()),
+      ("a\\b", "a%5Cb".into()),
+      ("a?b=c", "a%3Fb%3Dc".into()),
+      ("a#b", "a%23b".into()),
+      ("../result", "..%2Fresult".into()),
+      ("..\\x", "..%5Cx".into()),
+      ("...", "...".into()),
+      (".a", ".a".into()),
+      ("a.", "a.".into()),
+      ("%2E%2E", "%252E%252E".into()),
+      ("%2e.", "%252e.".into()),
+      ("50%", "50%25".into()),
+      ("%", "%25".into()),
+      ("a\r\nx-injected: 1", "a%0D%0Ax-injected%3A%201".into()),
+      ("tab\there", "tab%09here".into()),
+      (
+        "sp ace+plus;semi@at:colon",
+        "sp%20ace%2Bplus%3Bsemi%40at%3Acolon".into(),
+      ),
+      ("é", "%C3%A9".into()),
+      ("日本", "%E6%97%A5%E6%9C%AC".into()),
+      ("\u{1F600}", "%F0%9F%98%80".into()),
+      (&edge_ascii, edge_ascii.clone()),
+      (&edge_utf8, "%C3%A9".repeat(128)),
+    ];
+    for (id, encoded) in &cases {
+      for endpoint in ["result", "chunks"] {
+        let path = task_path(id, endpoint);
+        client
+          .post_json("result POST", &path, &serde_json::json!({}))
+          .await
+          .unwrap_or_else(|error| panic!("{id:?}: {error}"));
+        assert_eq!(
+          received.recv().await.unwrap(),
+          format!("POST /mcpd/api/v1/llms/_provider-tasks/{encoded}/{endpoint} HTTP/1.1"),
+          "{id:?}"
+        );
+      }
+    }
+    // Ids that cannot be one segment are never sent anywhere, even if they got
+    // past the dispatcher: a URL parser would turn them into another endpoint.
+    for id in [".", "..", ""] {
+      let path = task_path(id, "result");
+      let error = client
+        .post_json("result POST", &path, &serde_json::json!({}))
+        .await
+        .unwrap_err();
+      assert!(
+        error
+          .to_string()
+          .contains("not a usable mcpd endpoint path"),
+        "{id:?}: {error}"
+      );
+    }
+    assert_eq!(encode_segment("."), "%2E");
+    assert_eq!(encode_segment(".."), "%2E%2E");
+    // Proof that nothing was posted for them: the next request is the next line.
+    client
+      .post_json(
+        "heartbeat",
+        "/api/v1/llms/_provider-heartbeat",
+        &serde_json::json!({}),
+      )
+      .await
+      .unwrap();
+    assert_eq!(
+      received.recv().await.unwrap(),
+      "POST /mcpd/api/v1/llms/_provider-heartbeat HTTP/1.1"
+    );
+  }
+
+  /// A result or chunk POST answered with a redirect whose Location holds the
+  /// token fails naming only the target's origin; nothing follows it.
+  #[tokio::test]
+  async fn task_posts_refuse_redirects_without_leaking_the_token() {
+    let token = "sk-unit-redirect/7";
+    let (base, mut received) = request_line_recorder(
+      "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://elsewhere.invalid:81/r?t=sk-unit-redirect%2F7\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await;
+    let client = McpdClient::new(&base, Secret::new(token), false).unwrap();
+    for endpoint in ["result", "chunks"] {
+      let error = client
+        .post_json(
+          "result POST",
+          &task_path("t-1", endpoint),
+          &serde_json::json!({}),
+        )
+        .await
+        .unwrap_err();
+      let text = crate::error::describe(&error);
+      assert_eq!(error.status(), Some(307));
+      assert!(
+        text.contains("a redirect to another origin (http://elsewhere.invalid:81)"),
+        "{text}"
+      );
+      assert!(!text.contains("sk-unit-redirect"), "{text}");
+      assert!(received.recv().await.unwrap().contains(endpoint));
+    }
   }
 }

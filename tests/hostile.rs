@@ -1,0 +1,820 @@
+//! The registrar against a hostile mcpd: a raw HTTP/1.1 server on 127.0.0.1 that
+//! answers one endpoint with an endless body (fast, or trickling), or with a
+//! redirect whose `Location` holds the token. Memory must stay flat, the token
+//! must never show, and the registrar must go on working.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, watch};
+
+use mcpctl_registrar::backoff::BackoffPolicy;
+use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider};
+use mcpctl_registrar::error::describe;
+use mcpctl_registrar::logging::LogRoute;
+use mcpctl_registrar::mcpd::McpdClient;
+use mcpctl_registrar::provider::{
+  AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
+};
+use mcpctl_registrar::registrar::{Registrar, RegistrarConfig, RegistrarState};
+use mcpctl_registrar::secret::Secret;
+use mcpctl_registrar::wire::ProviderDescriptor;
+
+const TOKEN: &str = "sk-hostile-token/42";
+const PROVIDER: &str = "local-qwen";
+/// How long any one awaited event may take before the test fails.
+const WAIT: Duration = Duration::from_secs(20);
+/// The most a hostile phase may add to the peak RSS.
+const RSS_BUDGET_KIB: u64 = 10 * 1024;
+
+// ---------------------------------------------------------------- the server
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Endpoint {
+  Register,
+  Stream,
+  Heartbeat,
+  Result,
+  Chunks,
+}
+
+impl Endpoint {
+  fn of(path: &str) -> Option<Self> {
+    let path = path.split('?').next().unwrap_or_default();
+    if path.ends_with("/_provider-register") {
+      Some(Endpoint::Register)
+    } else if path.ends_with("/_provider-stream") {
+      Some(Endpoint::Stream)
+    } else if path.ends_with("/_provider-heartbeat") {
+      Some(Endpoint::Heartbeat)
+    } else if path.ends_with("/result") {
+      Some(Endpoint::Result)
+    } else if path.ends_with("/chunks") {
+      Some(Endpoint::Chunks)
+    } else {
+      None
+    }
+  }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+  /// 64 KiB writes, as fast as the socket takes them.
+  Fast,
+  /// 2 KiB every 2 ms (about 1 MiB/s): many small reads.
+  Slow,
+  /// One byte every 100 ms: never reaches a bound, only a timeout ends it.
+  Trickle,
+}
+
+#[derive(Debug, Clone)]
+enum Mode {
+  Normal,
+  /// This status, then a body that never ends; `prefix` starts it.
+  Endless {
+    status: u16,
+    pace: Pace,
+    prefix: &'static str,
+  },
+  /// 302 to this location (after the request's own origin is put in for `{origin}`).
+  Redirect(String),
+}
+
+/// What the server saw, watched by the tests.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+  requests: HashMap<Endpoint, u32>,
+  /// Endless answers whose reader went away (the registrar dropped the connection).
+  dropped: HashMap<Endpoint, u32>,
+  /// The most bytes of body one endless answer got out before it was dropped.
+  most_bytes_out: u64,
+  /// Bodies of the result and chunk POSTs answered normally: (path, body).
+  answers: Vec<(String, Value)>,
+}
+
+struct Hostile {
+  url: String,
+  origin: String,
+  modes: Mutex<HashMap<Endpoint, Mode>>,
+  seen: watch::Sender<Seen>,
+  frames: broadcast::Sender<String>,
+  /// Bumped to close every open control channel.
+  channel_generation: watch::Sender<u64>,
+}
+
+impl Hostile {
+  async fn start() -> Arc<Self> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let server = Arc::new(Self {
+      url: format!("{origin}/mcpd"),
+      origin,
+      modes: Mutex::new(HashMap::new()),
+      seen: watch::channel(Seen::default()).0,
+      frames: broadcast::channel(64).0,
+      channel_generation: watch::channel(0).0,
+    });
+    let accepting = Arc::clone(&server);
+    tokio::spawn(async move {
+      while let Ok((socket, _)) = listener.accept().await {
+        tokio::spawn(Arc::clone(&accepting).serve(socket));
+      }
+    });
+    server
+  }
+
+  fn set(&self, endpoint: Endpoint, mode: Mode) {
+    self.modes.lock().insert(endpoint, mode);
+  }
+
+  fn seen(&self) -> Seen {
+    self.seen.borrow().clone()
+  }
+
+  async fn wait(&self, what: &str, mut condition: impl FnMut(&Seen) -> bool) -> Seen {
+    let mut seen = self.seen.subscribe();
+    let waited = tokio::time::timeout(WAIT, seen.wait_for(|seen| condition(seen))).await;
+    match waited {
+      Ok(Ok(seen)) => seen.clone(),
+      _ => panic!("timed out waiting for {what}: {:?}", self.seen()),
+    }
+  }
+
+  fn send_task(&self, task_id: &str, stream: bool) {
+    let task = json!({
+      "taskId": task_id,
+      "provider": PROVIDER,
+      "stream": stream,
+      "body": { "model": "m", "messages": [{ "role": "user", "content": "hi" }], "stream": stream },
+    });
+    let _ = self.frames.send(format!("event: task\ndata: {task}\n\n"));
+  }
+
+  async fn serve(self: Arc<Self>, mut socket: TcpStream) {
+    let mut buffer = Vec::new();
+    loop {
+      let Some((head, body)) = read_request(&mut socket, &mut buffer).await else {
+        return;
+      };
+      let line = head.lines().next().unwrap_or_default().to_owned();
+      let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+      let Some(endpoint) = Endpoint::of(&path) else {
+        let _ = socket
+          .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+          .await;
+        continue;
+      };
+      self
+        .seen
+        .send_modify(|seen| *seen.requests.entry(endpoint).or_default() += 1);
+      let mode = self
+        .modes
+        .lock()
+        .get(&endpoint)
+        .cloned()
+        .unwrap_or(Mode::Normal);
+      match mode {
+        Mode::Endless {
+          status,
+          pace,
+          prefix,
+        } => return self.endless(socket, endpoint, status, pace, prefix).await,
+        Mode::Redirect(location) => {
+          let location = location.replace("{origin}", &self.origin);
+          let answer =
+            format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n");
+          if socket.write_all(answer.as_bytes()).await.is_err() {
+            return;
+          }
+        }
+        Mode::Normal => match endpoint {
+          Endpoint::Stream => return self.stream(socket).await,
+          Endpoint::Register => {
+            let answer = r#"{"providerSessionId":"ps-hostile","heartbeatIntervalMs":100}"#;
+            if write_json(&mut socket, 200, answer).await.is_err() {
+              return;
+            }
+          }
+          Endpoint::Heartbeat => {
+            if socket
+              .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+              .await
+              .is_err()
+            {
+              return;
+            }
+          }
+          Endpoint::Result | Endpoint::Chunks => {
+            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            self
+              .seen
+              .send_modify(|seen| seen.answers.push((path.clone(), body)));
+            if write_json(&mut socket, 200, "{}").await.is_err() {
+              return;
+            }
+          }
+        },
+      }
+    }
+  }
+
+  /// Closes every open control channel.
+  fn close_channels(&self) {
+    self
+      .channel_generation
+      .send_modify(|generation| *generation += 1);
+  }
+
+  async fn stream(&self, mut socket: TcpStream) {
+    let mut frames = self.frames.subscribe();
+    let mut generation = self.channel_generation.subscribe();
+    generation.mark_unchanged();
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\r\n: open\n\n";
+    if socket.write_all(head.as_bytes()).await.is_err() {
+      return;
+    }
+    loop {
+      let frame = tokio::select! {
+        frame = frames.recv() => frame,
+        _ = generation.changed() => return,
+      };
+      let Ok(frame) = frame else { return };
+      if socket.write_all(frame.as_bytes()).await.is_err() {
+        return;
+      }
+    }
+  }
+
+  /// Writes the body until the reader goes away, and records that it did.
+  async fn endless(
+    &self,
+    mut socket: TcpStream,
+    endpoint: Endpoint,
+    status: u16,
+    pace: Pace,
+    prefix: &str,
+  ) {
+    let head = format!(
+      "HTTP/1.1 {status} Hostile\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{prefix}"
+    );
+    if socket.write_all(head.as_bytes()).await.is_err() {
+      return;
+    }
+    let block = vec![
+      b'x';
+      match pace {
+        Pace::Fast => 64 * 1024,
+        Pace::Slow => 2048,
+        Pace::Trickle => 1,
+      }
+    ];
+    let mut out = 0u64;
+    loop {
+      if socket.write_all(&block).await.is_err() {
+        break;
+      }
+      out += block.len() as u64;
+      match pace {
+        Pace::Fast => {}
+        Pace::Slow => tokio::time::sleep(Duration::from_millis(2)).await,
+        Pace::Trickle => tokio::time::sleep(Duration::from_millis(100)).await,
+      }
+    }
+    self.seen.send_modify(|seen| {
+      *seen.dropped.entry(endpoint).or_default() += 1;
+      seen.most_bytes_out = seen.most_bytes_out.max(out);
+    });
+  }
+}
+
+/// One request's head and body off a keep-alive connection; `None` at its end.
+async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+  let mut chunk = [0u8; 16 * 1024];
+  let head_end = loop {
+    if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+      break at;
+    }
+    match socket.read(&mut chunk).await {
+      Ok(0) | Err(_) => return None,
+      Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+    }
+  };
+  let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+  let length: usize = head
+    .lines()
+    .find_map(|line| {
+      let (name, value) = line.split_once(':')?;
+      name
+        .eq_ignore_ascii_case("content-length")
+        .then(|| value.trim().parse().ok())?
+    })
+    .unwrap_or(0);
+  while buffer.len() < head_end + 4 + length {
+    match socket.read(&mut chunk).await {
+      Ok(0) | Err(_) => return None,
+      Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+    }
+  }
+  let body = buffer[head_end + 4..head_end + 4 + length].to_vec();
+  buffer.drain(..head_end + 4 + length);
+  Some((head, body))
+}
+
+async fn write_json(socket: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
+  let answer = format!(
+    "HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+    body.len()
+  );
+  socket.write_all(answer.as_bytes()).await
+}
+
+// ---------------------------------------------------------------- the registrar
+
+/// Answers every call with "hello"; streams "hel", "lo".
+struct Hello;
+
+struct TwoChunks(usize);
+
+impl ChunkSource for TwoChunks {
+  fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>> {
+    self.0 += 1;
+    let chunk = match self.0 {
+      1 => Some(json!({ "content": "hel" })),
+      2 => Some(json!({ "content": "lo", "finishReason": "stop" })),
+      _ => None,
+    };
+    Box::pin(async move { Ok(chunk) })
+  }
+}
+
+impl Provider for Hello {
+  fn can_stream(&self) -> bool {
+    true
+  }
+
+  fn complete(&self, _call: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
+    Box::pin(async { Ok(json!({ "content": "hello", "finishReason": "stop" })) })
+  }
+
+  fn stream(
+    &self,
+    _call: ProviderCall,
+  ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+    Box::pin(async { Ok(Box::new(TwoChunks(0)) as Box<dyn ChunkSource>) })
+  }
+
+  fn abort(&self, _task_id: &str, _reason: AbortReason) {}
+}
+
+fn registrar(url: &str, dir: &tempfile::TempDir) -> Registrar {
+  registrar_logging_to(url, dir, tracing::Span::none())
+}
+
+fn registrar_logging_to(url: &str, dir: &tempfile::TempDir, span: tracing::Span) -> Registrar {
+  let config = RegistrarConfig {
+    mcpd_url: url.to_owned(),
+    token: Secret::new(TOKEN),
+    providers: vec![PublishedProvider {
+      descriptor: ProviderDescriptor {
+        name: PROVIDER.to_owned(),
+        kind: "ollama".to_owned(),
+        model: Some("m".to_owned()),
+        description: None,
+        context_window: None,
+      },
+      provider: Arc::new(Hello),
+    }],
+    config_dir: dir.path().to_owned(),
+    heartbeat_interval: Duration::from_millis(100),
+    idle_timeout: None,
+    backoff: BackoffPolicy {
+      initial: Duration::from_millis(20),
+      max: Duration::from_millis(100),
+    },
+    dispatch: DispatchSettings::default(),
+    allow_insecure_http: false,
+  };
+  Registrar::new(config, None, span).expect("valid config")
+}
+
+async fn wait_state(registrar: &Registrar, state: RegistrarState) {
+  let deadline = tokio::time::Instant::now() + WAIT;
+  while registrar.status().state != state {
+    assert!(
+      tokio::time::Instant::now() < deadline,
+      "timed out waiting for state {state:?}: {:?}",
+      registrar.status()
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+  }
+}
+
+/// Sends a task and waits for its answer: a result, or chunks ending in `[DONE]`.
+async fn task_is_answered(server: &Hostile, task_id: &str, stream: bool) {
+  server.send_task(task_id, stream);
+  let path = format!("/_provider-tasks/{task_id}/");
+  server
+    .wait(&format!("the answer to {task_id}"), |seen| {
+      seen.answers.iter().any(|(at, body)| {
+        at.contains(&path)
+          && (!stream
+            || body["chunks"]
+              .as_array()
+              .is_some_and(|chunks| chunks.iter().any(|chunk| chunk == "[DONE]")))
+      })
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- memory
+
+/// A field of /proc/self/status, in KiB.
+fn status_kib(field: &str) -> u64 {
+  let status = std::fs::read_to_string("/proc/self/status").unwrap();
+  status
+    .lines()
+    .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+    .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+    .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+/// Resets the peak RSS (VmHWM) to the current RSS; false where the kernel cannot.
+fn reset_peak_rss() -> bool {
+  std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The cases share one process and its RSS, so they run one at a time.
+fn serial() -> parking_lot::MutexGuard<'static, ()> {
+  static LOCK: Mutex<()> = parking_lot::const_mutex(());
+  LOCK.lock()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+  tokio::runtime::Builder::new_multi_thread()
+    .worker_threads(2)
+    .enable_all()
+    .build()
+    .unwrap()
+}
+
+// ---------------------------------------------------------------- endless bodies
+
+const ERROR_PREFIX: &str = r#"{"error":{"message":"#;
+const REGISTER_PREFIX: &str = r#"{"providerSessionId":"ps-hostile","pad":""#;
+
+/// One endless-body case: `endpoint` answers `status` with a body that never
+/// ends, at `pace`, until the registrar dropped it `DROPS` times; the peak RSS
+/// over that phase stays within 10 MiB of where it started, and once the
+/// endpoint behaves the registrar works as before.
+fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
+  const DROPS: u32 = 3;
+  let _serial = serial();
+  runtime().block_on(async move {
+    let server = Hostile::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let registrar = registrar(&server.url, &dir);
+    let prefix = if endpoint == Endpoint::Register && status == 200 {
+      REGISTER_PREFIX
+    } else {
+      ERROR_PREFIX
+    };
+    let hostile = Mode::Endless {
+      status,
+      pace,
+      prefix,
+    };
+    // Warm up: a full round of every endpoint, so that the baseline includes
+    // the runtime, the connection pool and the first allocations.
+    registrar.start().await.expect("start");
+    wait_state(&registrar, RegistrarState::Connected).await;
+    task_is_answered(&server, "warm-1", false).await;
+    task_is_answered(&server, "warm-2", true).await;
+    server
+      .wait("a heartbeat", |seen| seen.requests.get(&Endpoint::Heartbeat) >= Some(&2))
+      .await;
+    if endpoint == Endpoint::Register {
+      registrar.stop().await;
+    }
+    let baseline = status_kib("VmRSS");
+    let exact_peak = reset_peak_rss();
+    let beats_before = server.seen().requests.get(&Endpoint::Heartbeat).copied().unwrap_or(0);
+
+    server.set(endpoint, hostile);
+    let answers_later = (endpoint == Endpoint::Result || endpoint == Endpoint::Chunks) && status != 200;
+    let registrar = match endpoint {
+      Endpoint::Register => {
+        // A fresh registrar (a stopped one stays stopped) whose every start fails.
+        let registrar = self::registrar(&server.url, &dir);
+        for _ in 0..DROPS {
+          let error = describe(&registrar.start().await.unwrap_err());
+          if status == 200 {
+            assert!(error.contains("over 1048576 bytes"), "{error}");
+          } else {
+            assert!(
+              error.contains(&format!("mcpd answered HTTP {status}")),
+              "{error}"
+            );
+            assert!(error.len() < 700, "{error}");
+          }
+          assert!(!error.contains(TOKEN), "{error}");
+        }
+        registrar
+      }
+      Endpoint::Stream => {
+        // mcpd ends the channel: every reconnect meets the endless error body.
+        server.close_channels();
+        registrar
+      }
+      Endpoint::Heartbeat => registrar,
+      Endpoint::Result | Endpoint::Chunks => {
+        for index in 0..DROPS {
+          server.send_task(&format!("hostile-{index}"), endpoint == Endpoint::Chunks);
+        }
+        registrar
+      }
+    };
+    let seen = server
+      .wait(&format!("{DROPS} dropped {endpoint:?} bodies"), |seen| {
+        seen.dropped.get(&endpoint) >= Some(&DROPS)
+      })
+      .await;
+    let after = status_kib("VmRSS");
+    let peak = if exact_peak { status_kib("VmHWM") } else { after };
+    eprintln!(
+      "RSS {endpoint:?} {status} {pace:?}: baseline {baseline} KiB, peak {peak} KiB (+{} KiB), after {after} KiB; \
+       most body bytes the server got out before the drop: {}",
+      peak.saturating_sub(baseline),
+      seen.most_bytes_out
+    );
+    assert!(
+      peak <= baseline + RSS_BUDGET_KIB,
+      "RSS grew by {} KiB (baseline {baseline}, peak {peak})",
+      peak - baseline
+    );
+
+    // The registrar went on working: heartbeats kept coming (unless it is the
+    // register that fails), and once the endpoint behaves, tasks are answered.
+    if endpoint != Endpoint::Register {
+      server
+        .wait("heartbeats during the hostile phase", |seen| {
+          seen.requests.get(&Endpoint::Heartbeat).copied().unwrap_or(0) >= beats_before + 2
+        })
+        .await;
+    }
+    server.set(endpoint, Mode::Normal);
+    match endpoint {
+      Endpoint::Register => {
+        registrar.start().await.expect("start once register behaves");
+      }
+      _ if answers_later => {
+        // The tasks whose answers met the endless body are answered on a retry.
+        for index in 0..DROPS {
+          let path = format!("/_provider-tasks/hostile-{index}/");
+          server
+            .wait(&format!("the retried answer to hostile-{index}"), |seen| {
+              seen.answers.iter().any(|(at, _)| at.contains(&path))
+            })
+            .await;
+        }
+      }
+      _ => {}
+    }
+    wait_state(&registrar, RegistrarState::Connected).await;
+    task_is_answered(&server, "after-1", false).await;
+    task_is_answered(&server, "after-2", true).await;
+    registrar.stop().await;
+  });
+}
+
+macro_rules! endless {
+  ($($name:ident: $endpoint:ident $status:literal $pace:ident;)*) => {$(
+    #[test]
+    fn $name() {
+      endless_case(Endpoint::$endpoint, $status, Pace::$pace);
+    }
+  )*};
+}
+
+endless! {
+  endless_register_answer_fast: Register 200 Fast;
+  endless_register_answer_slow: Register 200 Slow;
+  endless_register_error_fast: Register 500 Fast;
+  endless_register_error_slow: Register 500 Slow;
+  endless_stream_connect_error_fast: Stream 500 Fast;
+  endless_stream_connect_error_slow: Stream 500 Slow;
+  endless_heartbeat_error_fast: Heartbeat 500 Fast;
+  endless_heartbeat_error_slow: Heartbeat 500 Slow;
+  endless_heartbeat_answer_fast: Heartbeat 200 Fast;
+  endless_heartbeat_answer_slow: Heartbeat 200 Slow;
+  endless_result_error_fast: Result 503 Fast;
+  endless_result_error_slow: Result 503 Slow;
+  endless_result_answer_fast: Result 200 Fast;
+  endless_result_answer_slow: Result 200 Slow;
+  endless_chunks_answer_fast: Chunks 200 Fast;
+  endless_chunks_error_fast: Chunks 500 Fast;
+  endless_chunks_error_slow: Chunks 500 Slow;
+}
+
+// ---------------------------------------------------------------- timeouts
+
+fn client(server: &Hostile) -> McpdClient {
+  let client = McpdClient::new(&server.url, Secret::new(TOKEN), false).unwrap();
+  client.set_session_id(Some("ps-hostile".to_owned()));
+  client
+}
+
+/// A body that trickles one byte every 100 ms never reaches a bound: the 30 s
+/// request timeout of register and heartbeat still ends it (the bytes do not
+/// restart the clock). Paused clock: the 30 s pass at once.
+#[tokio::test(start_paused = true)]
+async fn request_timeouts_bound_a_trickling_body() {
+  let server = Hostile::start().await;
+  let client = client(&server);
+  let cases = [
+    (Endpoint::Register, 200, REGISTER_PREFIX),
+    (Endpoint::Register, 500, ERROR_PREFIX),
+    (Endpoint::Heartbeat, 200, ""),
+    (Endpoint::Heartbeat, 500, ERROR_PREFIX),
+  ];
+  for (endpoint, status, prefix) in cases {
+    server.set(
+      endpoint,
+      Mode::Endless {
+        status,
+        pace: Pace::Trickle,
+        prefix,
+      },
+    );
+    let started = tokio::time::Instant::now();
+    let outcome = match endpoint {
+      Endpoint::Register => client.register(&[]).await.map(drop),
+      _ => client.heartbeat(&[]).await,
+    };
+    let took = started.elapsed();
+    assert!(
+      took >= Duration::from_secs(30) && took < Duration::from_secs(31),
+      "{endpoint:?} {status}: took {took:?}"
+    );
+    match (endpoint, status) {
+      // The status said it all; the rest of the body is not waited for longer.
+      (Endpoint::Heartbeat, 200) => outcome.unwrap(),
+      (_, 500) => {
+        let error = outcome.unwrap_err();
+        assert_eq!(error.status(), Some(500), "{error}");
+      }
+      _ => {
+        let error = describe(&outcome.unwrap_err());
+        assert!(error.contains("register failed"), "{error}");
+      }
+    }
+    server
+      .wait("the trickle dropped", |seen| {
+        seen.dropped.get(&endpoint).copied().unwrap_or(0) >= 1
+      })
+      .await;
+    server.set(endpoint, Mode::Normal);
+    server.seen.send_modify(|seen| seen.dropped.clear());
+  }
+}
+
+// ---------------------------------------------------------------- redirects
+
+/// A listener that counts the connections made to it: where a redirect points.
+async fn elsewhere() -> (String, Arc<std::sync::atomic::AtomicU32>) {
+  let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+  let origin = format!("http://{}", listener.local_addr().unwrap());
+  let count = Arc::new(std::sync::atomic::AtomicU32::new(0));
+  let counting = Arc::clone(&count);
+  tokio::spawn(async move {
+    while let Ok((_socket, _)) = listener.accept().await {
+      counting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+  });
+  (origin, count)
+}
+
+/// Every way the token could be written into a `Location`.
+fn token_forms() -> Vec<String> {
+  vec![
+    TOKEN.to_owned(),
+    TOKEN.replace('/', "%2F"),
+    TOKEN.replace('/', "%2f").replace('-', "%2D"),
+    TOKEN.replace('/', "%252F"),
+  ]
+}
+
+/// A redirect to another origin, and a redirect loop within mcpd's own, each with
+/// the token in its `Location`: start() rejects naming the origin, and no
+/// message, status or log field carries the token; nothing is sent elsewhere.
+#[tokio::test]
+async fn redirects_are_refused_and_never_leak_the_token() {
+  let server = Hostile::start().await;
+  let (other, connections) = elsewhere().await;
+  let dir = tempfile::tempdir().unwrap();
+  for form in token_forms() {
+    let cases = [
+      (
+        format!("{other}/steal?token={form}&x=1#{form}"),
+        format!("a redirect to another origin ({other})"),
+      ),
+      (
+        format!(
+          "http://user:{}@{}/x",
+          form.replace('/', "%2F"),
+          other.trim_start_matches("http://")
+        ),
+        format!("a redirect to another origin ({other})"),
+      ),
+      (
+        format!("{{origin}}/mcpd/api/v1/llms/_provider-register?t={form}"),
+        "a redirect within mcpd's origin".to_owned(),
+      ),
+      (
+        format!("/mcpd/{form}/api/v1/llms/_provider-register"),
+        "a redirect within mcpd's origin".to_owned(),
+      ),
+    ];
+    for (location, expected) in cases {
+      server.set(Endpoint::Register, Mode::Redirect(location.clone()));
+      let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+      let captured = Arc::clone(&lines);
+      let route = LogRoute::register(
+        Some(Arc::new(move |_, message, fields| {
+          captured
+            .lock()
+            .push(format!("{message} {}", Value::Object(fields)))
+        })),
+        Some(Secret::new(TOKEN)),
+      );
+      let registrar = registrar_logging_to(&server.url, &dir, route.span());
+      let error = registrar.start().await.unwrap_err();
+      let text = describe(&error);
+      assert_eq!(error.status(), Some(302), "{text}");
+      assert!(text.contains(&expected), "{location}: {text}");
+      assert!(text.contains("not followed"), "{text}");
+      let status = serde_json::to_string(&registrar.status()).unwrap();
+      let logged = lines.lock().join("\n");
+      assert!(logged.contains("register failed"), "{logged}");
+      for leak in token_forms() {
+        assert!(!text.contains(&leak), "{location}: {text}");
+        assert!(!status.contains(&leak), "{location}: {status}");
+        assert!(!logged.contains(&leak), "{location}: {logged}");
+      }
+      // The other endpoints refuse the same way.
+      server.set(Endpoint::Register, Mode::Normal);
+      server.set(Endpoint::Heartbeat, Mode::Redirect(location.clone()));
+      server.set(Endpoint::Stream, Mode::Redirect(location.clone()));
+      let client = client(&server);
+      let heartbeat = describe(&client.heartbeat(&[]).await.unwrap_err());
+      let stream = client.open_stream(None).await.unwrap();
+      assert_eq!(stream.status().as_u16(), 302);
+      let stream = describe(&client.status_error("stream connect", stream).await);
+      for text in [&heartbeat, &stream] {
+        assert!(text.contains(&expected), "{location}: {text}");
+        for leak in token_forms() {
+          assert!(!text.contains(&leak), "{location}: {text}");
+        }
+      }
+      server.set(Endpoint::Heartbeat, Mode::Normal);
+      server.set(Endpoint::Stream, Mode::Normal);
+    }
+  }
+  // One request per redirect, none followed, none sent to the other origin.
+  let seen = server.seen();
+  assert_eq!(seen.requests.get(&Endpoint::Register), Some(&16));
+  assert_eq!(seen.requests.get(&Endpoint::Heartbeat), Some(&16));
+  assert_eq!(seen.requests.get(&Endpoint::Stream), Some(&16));
+  assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// A transport error names the URL it failed on; when that URL holds the token
+/// (here in mcpdUrl's path prefix, as is and percent-encoded), the text the
+/// error becomes does not.
+#[tokio::test]
+async fn transport_errors_are_redacted() {
+  let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+  let address = listener.local_addr().unwrap();
+  drop(listener);
+  let encoded = TOKEN.replace('/', "%2F");
+  let client = McpdClient::new(
+    &format!("http://{address}/{encoded}/mcpd"),
+    Secret::new(TOKEN),
+    false,
+  )
+  .unwrap();
+  client.set_session_id(Some("ps-1".to_owned()));
+  let error = describe(&client.heartbeat(&[]).await.unwrap_err());
+  assert!(error.contains("heartbeat failed"), "{error}");
+  assert!(
+    error.contains(&format!("http://{address}/***/mcpd")),
+    "{error}"
+  );
+  for leak in token_forms() {
+    assert!(!error.contains(&leak), "{error}");
+  }
+}
