@@ -1,18 +1,20 @@
 //! The JavaScript surface (API.md): the `VirtualLlmRegistrar` class and
 //! mcplocal's boot hook `maybeStartVirtualLlmRegistrar`. Thin glue over the core.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use napi::bindgen_prelude::{Array, FnArgs, Function, JsObjectValue, Object, PromiseRaw, Unknown};
 use napi::{Env, ValueType};
 
+use super::error;
 use super::options::{self, ProviderEntry, Settings};
 use super::provider_bridge::{JsBridge, KeepAlive, KeepAliveSource, ProviderBridge};
 use crate::config::{resolve_config_dir, Credentials};
 use crate::dispatch::PublishedProvider;
 use crate::error::{describe, Error, Result};
 use crate::logging::LogRoute;
-use crate::registrar::{Registrar, RegistrarConfig};
+use crate::registrar::{Registrar, RegistrarConfig, RegistrarState};
 use crate::secret::Secret;
 
 /// How long mcplocal's boot waits for the first register before going on.
@@ -23,6 +25,9 @@ const BOOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 pub struct VirtualLlmRegistrar {
   core: Arc<Registrar>,
   keep_alive_source: KeepAliveSource,
+  /// Set by start() (and the boot hook), cleared when that start fails: a
+  /// second start() meanwhile is refused with ERR_ALREADY_STARTED.
+  start_claimed: Arc<AtomicBool>,
 }
 
 /// What both entry points read first: the callbacks, the bridge and the log route.
@@ -135,7 +140,26 @@ impl<'env> Setup<'env> {
     Ok(VirtualLlmRegistrar {
       core: Arc::new(core),
       keep_alive_source: self.keep_alive_source,
+      start_claimed: Arc::default(),
     })
+  }
+}
+
+/// The options argument as an object; a clear error for none, `null` or a non-object.
+fn options_object<'env>(options: Option<Unknown<'env>>, call: &str) -> Result<Object<'env>> {
+  let what = options
+    .as_ref()
+    .and_then(|value| value.get_type().ok())
+    .unwrap_or(ValueType::Undefined);
+  match (options, what) {
+    // SAFETY: the type was checked just above.
+    (Some(options), ValueType::Object) => unsafe { options.cast() }.map_err(napi_failure),
+    (_, ValueType::Undefined | ValueType::Null) => Err(Error::InvalidInput(format!(
+      "{call} needs an options object ({{ mcpdUrl, token, providers, ... }})"
+    ))),
+    _ => Err(Error::InvalidInput(format!(
+      "{call} needs an options object; got a {what}"
+    ))),
   }
 }
 
@@ -146,12 +170,17 @@ fn napi_failure(error: napi::Error) -> Error {
 #[napi]
 impl VirtualLlmRegistrar {
   /// Checks the options and reads the sticky session id; contacts nobody until `start()`.
+  /// Throws a `RegistrarError` (`code` 'ERR_INVALID_OPTION', naming the option)
+  /// for a missing, mistyped, misspelled or unknown option.
   #[napi(constructor, ts_args_type = "options: RegistrarOptions")]
-  pub fn new(env: Env, options: Object) -> napi::Result<Self> {
-    Ok(Self::from_options(&env, &options)?)
+  pub fn new(env: Env, options: Option<Unknown>) -> napi::Result<Self> {
+    Self::from_options(&env, options).map_err(error::js(&env))
   }
 
-  fn from_options(env: &Env, options: &Object) -> Result<Self> {
+  fn from_options(env: &Env, options: Option<Unknown>) -> Result<Self> {
+    let options = options_object(options, "new VirtualLlmRegistrar(options)")?;
+    let options = &options;
+    options::check_names(options, options::REGISTRAR_OPTIONS, "")?;
     let setup = Setup::new(env, options)?;
     let settings = options::settings(options)?;
     let credentials = Credentials {
@@ -197,13 +226,41 @@ impl VirtualLlmRegistrar {
   }
 
   /// Registers, persists the session id, opens the channel, starts the heartbeat.
-  /// Rejects (with the HTTP status in the message) when the first register fails.
+  /// Rejects with a `RegistrarError` when the first register fails (`code`
+  /// 'ERR_REGISTER_FAILED' or 'ERR_UNAUTHORIZED', with `status` when mcpd
+  /// answered an HTTP error), after stop() ('ERR_STOPPED'), or when already
+  /// started ('ERR_ALREADY_STARTED').
   #[napi(ts_return_type = "Promise<void>")]
   pub fn start<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
-    self.hold_event_loop(env)?;
     let core = Arc::clone(&self.core);
-    // A failed start releases the hold itself.
-    env.spawn_future(async move { Ok(core.start().await?) })
+    let claimed = Arc::clone(&self.start_claimed);
+    let refused = if core.status().state == RegistrarState::Stopped {
+      Some(Error::Stopped)
+    } else if claimed.swap(true, Ordering::SeqCst) {
+      Some(Error::AlreadyStarted)
+    } else {
+      None
+    };
+    if refused.is_none() {
+      if let Err(failure) = self.hold_event_loop(env) {
+        claimed.store(false, Ordering::SeqCst);
+        return Err(failure);
+      }
+    }
+    env.spawn_future_with_callback(
+      async move {
+        if let Some(error) = refused {
+          return Ok(Err(error));
+        }
+        // A failed start releases the hold itself.
+        let started = core.start().await;
+        if started.is_err() {
+          claimed.store(false, Ordering::SeqCst);
+        }
+        Ok(started)
+      },
+      |env, started| started.map_err(error::js(env)),
+    )
   }
 
   /// Stops taking tasks, aborts in-flight ones (answered 503), closes the channel,
@@ -220,7 +277,14 @@ impl VirtualLlmRegistrar {
   /// A snapshot of the registrar's state and counters.
   #[napi(ts_return_type = "RegistrarStatus")]
   pub fn status(&self) -> serde_json::Value {
-    serde_json::to_value(self.core.status()).unwrap_or_default()
+    let mut status = serde_json::to_value(self.core.status()).unwrap_or_default();
+    // Until the core counts cancelled tasks, they are reported as 0 (API.md).
+    if let Some(fields) = status.as_object_mut() {
+      fields
+        .entry("cancelled")
+        .or_insert(serde_json::Value::from(0));
+    }
+    status
   }
 
   /// Takes a strong reference on Node's event loop, held by the core until
@@ -262,6 +326,7 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
     return env.spawn_future_with_callback(async { Ok(()) }, |_, ()| Ok(None));
   };
   registrar.hold_event_loop(env)?;
+  registrar.start_claimed.store(true, Ordering::SeqCst);
   let core = Arc::clone(&registrar.core);
   env.spawn_future_with_callback(
     async move {
@@ -281,11 +346,8 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
 
 /// `Ok(None)` for the cases API.md resolves null, after a warning.
 fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistrar>> {
-  if options.get_type().ok() != Some(ValueType::Object) {
-    return Err(Error::InvalidInput("options must be an object".to_owned()));
-  }
-  // SAFETY: the type was checked just above.
-  let options: Object = unsafe { options.cast() }.map_err(napi_failure)?;
+  let options = options_object(Some(options), "maybeStartVirtualLlmRegistrar(options)")?;
+  options::check_names(&options, options::BOOT_OPTIONS, "")?;
   let setup = Setup::new(env, &options)?;
   // From here on, warnings go to the caller's logger: the route outlives `setup`.
   let route = Arc::clone(&setup.log_route);
