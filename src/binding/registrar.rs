@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use napi::bindgen_prelude::{Array, FnArgs, Function, JsObjectValue, Object, PromiseRaw, Unknown};
 use napi::{Env, ValueType};
+use tracing::Instrument;
 
 use super::error;
 use super::options::{self, ProviderEntry, Settings};
@@ -28,6 +29,8 @@ pub struct VirtualLlmRegistrar {
   /// Set by start() (and the boot hook), cleared when that start fails: a
   /// second start() meanwhile is refused with ERR_ALREADY_STARTED.
   start_claimed: Arc<AtomicBool>,
+  /// The registrar's log span: what start() and stop() log goes to its logger.
+  span: tracing::Span,
 }
 
 /// What both entry points read first: the callbacks, the bridge and the log route.
@@ -136,11 +139,13 @@ impl<'env> Setup<'env> {
       Some(self.bridge.status_observer()),
       self.log_route.span(),
     )?;
+    let span = self.log_route.span();
     core.keep_for_life(Box::new(self.log_route));
     Ok(VirtualLlmRegistrar {
       core: Arc::new(core),
       keep_alive_source: self.keep_alive_source,
       start_claimed: Arc::default(),
+      span,
     })
   }
 }
@@ -234,6 +239,7 @@ impl VirtualLlmRegistrar {
   pub fn start<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
     let core = Arc::clone(&self.core);
     let claimed = Arc::clone(&self.start_claimed);
+    let span = self.span.clone();
     let refused = if core.status().state == RegistrarState::Stopped {
       Some(Error::Stopped)
     } else if claimed.swap(true, Ordering::SeqCst) {
@@ -253,7 +259,7 @@ impl VirtualLlmRegistrar {
           return Ok(Err(error));
         }
         // A failed start releases the hold itself.
-        let started = core.start().await;
+        let started = core.start().instrument(span).await;
         if started.is_err() {
           claimed.store(false, Ordering::SeqCst);
         }
@@ -268,8 +274,9 @@ impl VirtualLlmRegistrar {
   #[napi(ts_return_type = "Promise<void>")]
   pub fn stop<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
     let core = Arc::clone(&self.core);
+    let span = self.span.clone();
     env.spawn_future(async move {
-      core.stop().await;
+      core.stop().instrument(span).await;
       Ok(())
     })
   }
@@ -328,18 +335,22 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
   registrar.hold_event_loop(env)?;
   registrar.start_claimed.store(true, Ordering::SeqCst);
   let core = Arc::clone(&registrar.core);
+  let span = registrar.span.clone();
   env.spawn_future_with_callback(
     async move {
       // The first register runs on its own task: the boot waits for it only so
       // long, and a slow mcpd finishes registering in the background.
-      let first = tokio::spawn(async move { core.start_in_background().await });
+      let first = tokio::spawn(
+        async move { core.start_in_background().await }.instrument(tracing::Span::current()),
+      );
       match tokio::time::timeout(BOOT_WAIT, first).await {
         Ok(Ok(Err(error))) => tracing::debug!(target: "mcpctl_registrar", error = %describe(&error), "first register failed; retrying in the background"),
         Err(_) => tracing::debug!(target: "mcpctl_registrar", "mcpd is slow to answer; registering in the background"),
         Ok(_) => {}
       }
       Ok(())
-    },
+    }
+    .instrument(span),
     move |_, ()| Ok(Some(registrar)),
   )
 }
