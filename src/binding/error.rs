@@ -10,6 +10,7 @@ use napi::bindgen_prelude::{
 use napi::{sys, Env};
 
 use crate::error::{describe, Error};
+use crate::secret::Secret;
 
 const SOURCE: &str = include_str!("registrar_error.js");
 
@@ -68,27 +69,41 @@ fn class(env: &Env) -> napi::Result<ErrorClass<'_>> {
 /// `error` as a `RegistrarError` to throw or reject with: the message with its
 /// causes (lancedb's "…: caused by …" lines), `code`, `status` when mcpd
 /// answered an HTTP error, and `cause` (an `Error`) where a source lies beneath.
-pub fn to_js(env: &Env, error: Error) -> napi::Error {
-  match build(env, &error) {
+/// `token`, when known, is replaced by `***` wherever mcpd echoed it.
+pub fn to_js(env: &Env, error: Error, token: Option<&Secret>) -> napi::Error {
+  match build(env, &error, token) {
     Ok(value) => napi::Error::from(value),
     // Building failed (the environment is going away): a plain error still says it.
-    Err(_) => napi::Error::from(error),
+    Err(_) => napi::Error::from_reason(redact(describe(&error), token)),
   }
 }
 
-fn build<'env>(env: &'env Env, error: &Error) -> napi::Result<Unknown<'env>> {
+fn redact(text: String, token: Option<&Secret>) -> String {
+  match token {
+    Some(token) => token.redact(&text),
+    None => text,
+  }
+}
+
+fn build<'env>(
+  env: &'env Env,
+  error: &Error,
+  token: Option<&Secret>,
+) -> napi::Result<Unknown<'env>> {
   let mut options = Object::new(env)?;
   options.set_named_property("code", error.code())?;
   if let Some(status) = error.status() {
     options.set_named_property("status", u32::from(status))?;
   }
   if let Some(cause) = error.cause() {
-    options.set_named_property("cause", env.create_error(napi::Error::from_reason(cause))?)?;
+    let cause = napi::Error::from_reason(redact(cause, token));
+    options.set_named_property("cause", env.create_error(cause)?)?;
   }
-  class(env)?.new_instance((describe(error), options).into())
+  let message = redact(describe(error), token);
+  class(env)?.new_instance((message, options).into())
 }
 
-/// The conversion for napi results: `napi_result.map_err(js(&env))`.
-pub fn js(env: &Env) -> impl Fn(Error) -> napi::Error + '_ {
-  move |error| to_js(env, error)
+/// The conversion for results: `result.map_err(js(&env, Some(&token)))`.
+pub fn js<'a>(env: &'a Env, token: Option<&'a Secret>) -> impl Fn(Error) -> napi::Error + 'a {
+  move |error| to_js(env, error, token)
 }

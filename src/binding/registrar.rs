@@ -31,6 +31,8 @@ pub struct VirtualLlmRegistrar {
   start_claimed: Arc<AtomicBool>,
   /// The registrar's log span: what start() and stop() log goes to its logger.
   span: tracing::Span,
+  /// To keep it out of error messages, should mcpd echo it.
+  token: Secret,
 }
 
 /// What both entry points read first: the callbacks, the bridge and the log route.
@@ -123,6 +125,7 @@ impl<'env> Setup<'env> {
     providers: Vec<PublishedProvider>,
   ) -> Result<VirtualLlmRegistrar> {
     self.log_route.set_token(credentials.token.clone());
+    let token = credentials.token.clone();
     let config = RegistrarConfig {
       mcpd_url: credentials.mcpd_url,
       token: credentials.token,
@@ -146,6 +149,7 @@ impl<'env> Setup<'env> {
       keep_alive_source: self.keep_alive_source,
       start_claimed: Arc::default(),
       span,
+      token,
     })
   }
 }
@@ -179,7 +183,7 @@ impl VirtualLlmRegistrar {
   /// for a missing, mistyped, misspelled or unknown option.
   #[napi(constructor, ts_args_type = "options: RegistrarOptions")]
   pub fn new(env: Env, options: Option<Unknown>) -> napi::Result<Self> {
-    Self::from_options(&env, options).map_err(error::js(&env))
+    Self::from_options(&env, options).map_err(error::js(&env, None))
   }
 
   fn from_options(env: &Env, options: Option<Unknown>) -> Result<Self> {
@@ -240,6 +244,7 @@ impl VirtualLlmRegistrar {
     let core = Arc::clone(&self.core);
     let claimed = Arc::clone(&self.start_claimed);
     let span = self.span.clone();
+    let token = self.token.clone();
     let refused = if core.status().state == RegistrarState::Stopped {
       Some(Error::Stopped)
     } else if claimed.swap(true, Ordering::SeqCst) {
@@ -265,7 +270,7 @@ impl VirtualLlmRegistrar {
         }
         Ok(started)
       },
-      |env, started| started.map_err(error::js(env)),
+      move |env, started| started.map_err(error::js(env, Some(&token))),
     )
   }
 
@@ -358,7 +363,6 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
 /// `Ok(None)` for the cases API.md resolves null, after a warning.
 fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistrar>> {
   let options = options_object(Some(options), "maybeStartVirtualLlmRegistrar(options)")?;
-  options::check_names(&options, options::BOOT_OPTIONS, "")?;
   let setup = Setup::new(env, &options)?;
   // From here on, warnings go to the caller's logger: the route outlives `setup`.
   let route = Arc::clone(&setup.log_route);
@@ -372,6 +376,7 @@ fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistra
 
 /// The part of `prepare_boot` that runs with the caller's logger in place.
 fn boot<'env>(options: &Object<'env>, setup: Setup<'env>) -> Result<Option<VirtualLlmRegistrar>> {
+  options::check_names(options, options::BOOT_OPTIONS, "")?;
   let settings = options::settings(options)?;
   let registry = options::object(options, "registry", "")?.ok_or_else(|| {
     Error::InvalidInput("registry must be a Map or an object with get(name)".to_owned())
