@@ -194,6 +194,12 @@ test('unknown option names are refused at every level, naming the nearest known 
   }
 })
 
+test('option errors never carry the token, even where an option echoes it', async (t) => {
+  const base = await baseOptions(t)
+  const error = await expectRegistrarError(() => new VirtualLlmRegistrar({ ...base, mcpdUrl: `not a url ${TOKEN}` }), 'ERR_INVALID_OPTION', /mcpdUrl 'not a url \*\*\*' is not a URL/)
+  assert.ok(!error.stack.includes(TOKEN))
+})
+
 test("provider entries may carry mcplocal's own fields", async (t) => {
   const base = await baseOptions(t)
   const registrar = new VirtualLlmRegistrar({

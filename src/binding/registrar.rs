@@ -183,7 +183,16 @@ impl VirtualLlmRegistrar {
   /// for a missing, mistyped, misspelled or unknown option.
   #[napi(constructor, ts_args_type = "options: RegistrarOptions")]
   pub fn new(env: Env, options: Option<Unknown>) -> napi::Result<Self> {
-    Self::from_options(&env, options).map_err(error::js(&env, None))
+    // Kept out of the message, should an option's text carry it.
+    let token = options
+      .as_ref()
+      .filter(|value| value.get_type().ok() == Some(ValueType::Object))
+      // SAFETY: the type was checked just above.
+      .and_then(|value| unsafe { value.cast::<Object>() }.ok())
+      .and_then(|object| options::string(&object, "token", "").ok().flatten())
+      .filter(|token| !token.is_empty())
+      .map(Secret::new);
+    Self::from_options(&env, options).map_err(error::js(&env, token.as_ref()))
   }
 
   fn from_options(env: &Env, options: Option<Unknown>) -> Result<Self> {
