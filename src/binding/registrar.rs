@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{Array, FnArgs, Function, JsObjectValue, Object, PromiseRaw, Unknown};
+use napi::bindgen_prelude::{
+  Array, FnArgs, Function, FunctionRef, JsObjectValue, JsValue, Object, PromiseRaw, Unknown,
+};
 use napi::{Env, ValueType};
 use tracing::Instrument;
 
@@ -33,14 +35,91 @@ pub struct VirtualLlmRegistrar {
   span: tracing::Span,
   /// To keep it out of error messages, should mcpd echo it.
   token: Secret,
+  /// Publishes the providers of an `update()`.
+  #[cfg(any())]
+  publisher: Publisher,
 }
 
 /// What both entry points read first: the callbacks, the bridge and the log route.
 struct Setup<'env> {
   bridge: Arc<JsBridge>,
   bridge_object: Object<'env>,
+  publisher: Publisher,
   keep_alive_source: KeepAliveSource,
   log_route: Arc<LogRoute>,
+}
+
+/// `publish(name, provider)` of provider_bridge.js; the provider is passed as is.
+type PublishFn = FunctionRef<FnArgs<(String, Unknown<'static>)>, Unknown<'static>>;
+
+/// Hands providers to the JavaScript side of the bridge and wraps them for the
+/// core: at construction, and again for each `update()`.
+struct Publisher {
+  bridge: Arc<JsBridge>,
+  publish: PublishFn,
+}
+
+impl Publisher {
+  /// One provider; `path` names its entry in errors (`providers[2].`).
+  fn publish(
+    &self,
+    env: &Env,
+    entry: ProviderEntry,
+    provider: Object,
+    path: &str,
+  ) -> Result<PublishedProvider> {
+    if !options::has_function(&provider, "complete")? {
+      return Err(Error::InvalidInput(format!(
+        "{path}provider.complete must be a function"
+      )));
+    }
+    let can_stream = options::has_function(&provider, "stream")?;
+    let publish = self.publish.borrow_back(env).map_err(napi_failure)?;
+    // SAFETY: a live value of this environment, used within this call only.
+    let provider = unsafe { Unknown::from_raw_unchecked(env.raw(), provider.raw()) };
+    publish
+      .call((entry.descriptor.name.clone(), provider).into())
+      .map_err(napi_failure)?;
+    Ok(PublishedProvider {
+      provider: Arc::new(ProviderBridge {
+        name: entry.descriptor.name.clone(),
+        can_stream,
+        bridge: Arc::clone(&self.bridge),
+      }),
+      descriptor: entry.descriptor,
+    })
+  }
+
+  /// The whole set of `RegistrarOptions['providers']` (the constructor's, and
+  /// `update()`'s): a non-empty array of entries with their `provider`; entries
+  /// with `publish: false` are left out (after a warning); names unique.
+  fn set(&self, env: &Env, entries: Option<Unknown>) -> Result<Vec<PublishedProvider>> {
+    let entries: Array = entries
+      .filter(|value| value.is_array().unwrap_or(false))
+      // SAFETY: checked to be an array just above.
+      .and_then(|value| unsafe { value.cast::<Array>() }.ok())
+      .filter(|array| array.len() > 0)
+      .ok_or_else(|| Error::InvalidInput("providers must be a non-empty array".to_owned()))?;
+    let mut providers = Vec::new();
+    for index in 0..entries.len() {
+      let path = format!("providers[{index}].");
+      let entry: Object = entries
+        .get(index)
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::InvalidInput(format!("providers[{index}] must be an object")))?;
+      let parsed = options::provider_entry(&entry, &path)?;
+      if parsed.publish == Some(false) {
+        tracing::warn!(provider = %parsed.descriptor.name, "not publishing a provider marked publish: false");
+        continue;
+      }
+      let provider = options::object(&entry, "provider", &path)?
+        .ok_or_else(|| Error::InvalidInput(format!("{path}provider must be an LlmProvider")))?;
+      providers.push(self.publish(env, parsed, provider, &path)?);
+    }
+    options::check_unique(providers.iter().map(|p| p.descriptor.name.as_str()))?;
+    Ok(providers)
+  }
 }
 
 impl<'env> Setup<'env> {
@@ -59,41 +138,19 @@ impl<'env> Setup<'env> {
     let has_logger = logger.is_some();
     let parts = JsBridge::create(env, logger, on_state_change).map_err(napi_failure)?;
     let sink = has_logger.then(|| parts.bridge.log_sink());
+    let publish: Function<FnArgs<(String, Unknown<'static>)>, Unknown<'static>> = parts
+      .object
+      .get_named_property("publish")
+      .map_err(napi_failure)?;
     Ok(Self {
       log_route: Arc::new(LogRoute::register(sink, None)),
+      publisher: Publisher {
+        bridge: Arc::clone(&parts.bridge),
+        publish: publish.create_ref().map_err(napi_failure)?,
+      },
       bridge: parts.bridge,
       bridge_object: parts.object,
       keep_alive_source: parts.keep_alive,
-    })
-  }
-
-  /// Hands a provider to the JavaScript side and wraps it for the core.
-  fn publish(
-    &self,
-    entry: ProviderEntry,
-    provider: Object<'env>,
-    path: &str,
-  ) -> Result<PublishedProvider> {
-    if !options::has_function(&provider, "complete")? {
-      return Err(Error::InvalidInput(format!(
-        "{path}provider.complete must be a function"
-      )));
-    }
-    let can_stream = options::has_function(&provider, "stream")?;
-    let publish: Function<FnArgs<(String, Object)>, Unknown> = self
-      .bridge_object
-      .get_named_property("publish")
-      .map_err(napi_failure)?;
-    publish
-      .call((entry.descriptor.name.clone(), provider).into())
-      .map_err(napi_failure)?;
-    Ok(PublishedProvider {
-      provider: Arc::new(ProviderBridge {
-        name: entry.descriptor.name.clone(),
-        can_stream,
-        bridge: Arc::clone(&self.bridge),
-      }),
-      descriptor: entry.descriptor,
     })
   }
 
@@ -150,6 +207,8 @@ impl<'env> Setup<'env> {
       start_claimed: Arc::default(),
       span,
       token,
+      #[cfg(any())]
+      publisher: self.publisher,
     })
   }
 }
@@ -214,32 +273,11 @@ impl VirtualLlmRegistrar {
           .ok_or_else(|| Error::InvalidInput("token must be a non-empty string".to_owned()))?,
       ),
     };
-    let entries: Array = options
-      .get("providers")
-      .ok()
-      .flatten()
-      .filter(|array: &Array| array.len() > 0)
-      .ok_or_else(|| Error::InvalidInput("providers must be a non-empty array".to_owned()))?;
-    let mut providers = Vec::new();
-    for index in 0..entries.len() {
-      let path = format!("providers[{index}].");
-      let entry: Object = entries
-        .get(index)
-        .ok()
-        .flatten()
-        .ok_or_else(|| Error::InvalidInput(format!("providers[{index}] must be an object")))?;
-      let parsed = options::provider_entry(&entry, &path)?;
-      if parsed.publish == Some(false) {
-        setup.log_route.span().in_scope(|| {
-          tracing::warn!(provider = %parsed.descriptor.name, "not publishing a provider marked publish: false")
-        });
-        continue;
-      }
-      let provider = options::object(&entry, "provider", &path)?
-        .ok_or_else(|| Error::InvalidInput(format!("{path}provider must be an LlmProvider")))?;
-      providers.push(setup.publish(parsed, provider, &path)?);
-    }
-    options::check_unique(providers.iter().map(|p| p.descriptor.name.as_str()))?;
+    let entries: Option<Unknown> = options.get("providers").map_err(napi_failure)?;
+    let providers = setup
+      .log_route
+      .span()
+      .in_scope(|| setup.publisher.set(env, entries))?;
     setup.build(settings, credentials, providers)
   }
 
@@ -322,6 +360,52 @@ impl VirtualLlmRegistrar {
   }
 }
 
+// update(providers) (API.md; PROTOCOL.md section 1, "Changing the set"): the
+// binding's half, ready for the core's `Registrar::update(Vec<PublishedProvider>)
+// -> Result<()>` (re-register under the same id, retried with backoff, the old
+// set published until one succeeds; Error::Stopped after stop()). To enable it:
+// drop the three `#[cfg(any())]` in this file, `npm run build:debug`, and
+// __test__/update.test.mjs runs (it skips while update() does not exist).
+#[cfg(any())]
+#[napi]
+impl VirtualLlmRegistrar {
+  /// Replaces the published set without a restart (PROTOCOL.md section 1,
+  /// "Changing the set"): re-registers under the same session id with the whole
+  /// new set; tasks in flight for a provider that left run to their end; later
+  /// ones for it are answered 404. Resolves once mcpd has accepted the new set;
+  /// a failed register is retried with backoff, the old set published meanwhile.
+  /// Rejects with a `RegistrarError` only for bad input ('ERR_INVALID_OPTION')
+  /// or after stop() ('ERR_STOPPED').
+  #[napi(
+    ts_args_type = "providers: RegistrarOptions['providers']",
+    ts_return_type = "Promise<void>"
+  )]
+  pub fn update<'env>(
+    &self,
+    env: &'env Env,
+    providers: Option<Unknown>,
+  ) -> napi::Result<PromiseRaw<'env, ()>> {
+    let set = if self.core.status().state == RegistrarState::Stopped {
+      Err(Error::Stopped)
+    } else {
+      self.span.in_scope(|| self.publisher.set(env, providers))
+    };
+    let core = Arc::clone(&self.core);
+    let span = self.span.clone();
+    let token = self.token.clone();
+    env.spawn_future_with_callback(
+      async move {
+        let providers = match set {
+          Ok(providers) => providers,
+          Err(error) => return Ok(Err(error)),
+        };
+        Ok(core.update(providers).instrument(span).await)
+      },
+      move |env, updated| updated.map_err(error::js(env, Some(&token))),
+    )
+  }
+}
+
 /// mcplocal's boot hook. Resolves null (after a logger.warn) when no provider is
 /// opted in, none of the opted-in ones is in the registry, or the credentials
 /// file (<configDir>/credentials: { "mcpdUrl": string, "token": string }) is
@@ -377,14 +461,18 @@ fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistra
   let route = Arc::clone(&setup.log_route);
   let span = route.span();
   let _entered = span.enter();
-  boot(&options, setup).or_else(|error| {
+  boot(env, &options, setup).or_else(|error| {
     tracing::warn!(error = %describe(&error), "virtual LLM registrar not started");
     Ok(None)
   })
 }
 
 /// The part of `prepare_boot` that runs with the caller's logger in place.
-fn boot<'env>(options: &Object<'env>, setup: Setup<'env>) -> Result<Option<VirtualLlmRegistrar>> {
+fn boot<'env>(
+  env: &Env,
+  options: &Object<'env>,
+  setup: Setup<'env>,
+) -> Result<Option<VirtualLlmRegistrar>> {
   options::check_names(options, options::BOOT_OPTIONS, "")?;
   let settings = options::settings(options)?;
   let registry = options::object(options, "registry", "")?.ok_or_else(|| {
@@ -423,7 +511,7 @@ fn boot<'env>(options: &Object<'env>, setup: Setup<'env>) -> Result<Option<Virtu
     let Some(provider) = setup.lookup(registry, &name)? else {
       continue;
     };
-    match setup.publish(parsed, provider, &path) {
+    match setup.publisher.publish(env, parsed, provider, &path) {
       Ok(published) => providers.push(published),
       Err(error) => tracing::warn!(provider = %name, error = %error, "not publishing provider"),
     }
