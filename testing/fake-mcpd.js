@@ -508,7 +508,9 @@ class FakeMcpd {
 
     const { seq, chunks } = body
     task.chunkPosts.push({ seq, chunks: [...chunks], at: ctx.record.at })
-    if (task.cancelled) this.#violate(`chunks after cancel: task ${task.taskId}`)
+    // The registrar posts one chunk batch at a time, so one POST may already be on
+    // its way when the cancel reaches it; a second one means the cancel was ignored.
+    if (task.cancelled && ++task.chunkPostsAfterCancel > 1) this.#violate(`chunks after cancel: task ${task.taskId}`)
     if (!task.stream) this.#violate(`chunks for non-streaming task ${task.taskId}`)
     if (task.result) this.#violate(`chunks after a result for task ${task.taskId}`)
 
@@ -797,6 +799,7 @@ function newTask (taskId, provider, stream, body, sessionId) {
     payloads: [],
     chunkPosts: [],
     chunkPostsInFlight: 0,
+    chunkPostsAfterCancel: 0,
     identity: null,
     sawChunk: false,
     sawError: false,
