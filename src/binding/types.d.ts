@@ -27,6 +27,8 @@ export interface ToolDefinition { type: 'function'; function: { name: string; de
 
 export interface CompletionOptions {
   messages: ChatMessage[]
+  /** The entry's configured model (`LlmProviderFileEntry.model`), absent when it
+   *  has none: never the virtual LLM's name, which stays in `request.model`. */
   model?: string
   temperature?: number
   maxTokens?: number
