@@ -27,6 +27,8 @@ export interface ToolDefinition { type: 'function'; function: { name: string; de
 
 export interface CompletionOptions {
   messages: ChatMessage[]
+  /** The entry's configured model (`LlmProviderFileEntry.model`), absent when it
+   *  has none: never the virtual LLM's name, which stays in `request.model`. */
   model?: string
   temperature?: number
   maxTokens?: number
@@ -60,36 +62,80 @@ export interface CompletionChunk {
   usage?: Usage
 }
 
-/** One entry of ~/.mcpctl/config.json's provider list, as mcplocal reads it. */
+/** One entry of ~/.mcpctl/config.json's provider list, as mcplocal reads it.
+ *  Fields of mcplocal's own (`url`, `apiKey`...) may be present and are ignored;
+ *  a near miss of a field below (`modle`, `Publish`) is refused with ERR_INVALID_OPTION. */
 export interface LlmProviderFileEntry {
+  /** The virtual LLM's name in mcpd: what OpenAI clients send as `model`. Unique. */
   name: string
+  /** The provider's kind (`ollama`, `llamacpp`...), shown by mcpd. */
   type: string
+  /** The model the provider runs; handed to it as `CompletionOptions.model`.
+   *  @default undefined (the provider chooses) */
   model?: string
-  publish?: boolean        // default false
+  /** Whether to publish this provider to mcpd. The boot hook publishes only
+   *  entries with `publish: true`; `new VirtualLlmRegistrar()` publishes every
+   *  entry except those with `publish: false`.
+   *  @default false (boot hook) */
+  publish?: boolean
+  /** Shown by mcpd next to the name. @default undefined */
   description?: string
+  /** The model's context window in tokens, shown by mcpd. @default undefined */
   contextWindow?: number
 }
 
-export interface Logger {               // pino- and console-compatible
-  debug(msg: string, fields?: Record<string, unknown>): void
-  info(msg: string, fields?: Record<string, unknown>): void
-  warn(msg: string, fields?: Record<string, unknown>): void
-  error(msg: string, fields?: Record<string, unknown>): void
+/** pino's argument order, fields first: a pino or Fastify logger is passed as is,
+ *  and its JSON lines carry every field; `console` prints both. Fields are
+ *  camelCase: `state`, `providerSessionId`, `taskId`, `provider`, `status`,
+ *  `error`, `durationMs` where they apply; never the token. */
+export interface Logger {
+  debug(fields: Record<string, unknown>, msg: string): void
+  info(fields: Record<string, unknown>, msg: string): void
+  warn(fields: Record<string, unknown>, msg: string): void
+  error(fields: Record<string, unknown>, msg: string): void
 }
 
 export interface RegistrarOptions {
+  /** mcpd's base URL (`https://mcpd.example.com`). Plain `http` is refused for a
+   *  non-loopback host unless `allowInsecureHttp`. Required. */
   mcpdUrl: string
+  /** The bearer token mcpd gave mcplocal. Never logged nor put in an error. Required. */
   token: string
-  providers: Array<LlmProviderFileEntry & { provider: LlmProvider }>  // the ones to publish
-  configDir?: string            // default $MCPCTL_HOME or ~/.mcpctl
-  heartbeatIntervalMs?: number  // default 30000
-  idleTimeoutMs?: number        // default 60000; 0 disables
-  backoff?: { initialMs?: number; maxMs?: number }   // default 5000 / 60000
-  taskTimeoutMs?: number        // default 600000
-  maxConcurrency?: number       // per provider, default 4
-  maxQueue?: number             // per provider, default 64
-  allowInsecureHttp?: boolean   // plain http to a non-loopback host; default false
+  /** The providers to publish, each with its `LlmProvider`. At least one; names unique. */
+  providers: Array<LlmProviderFileEntry & { provider: LlmProvider }>
+  /** Where the sticky session id is kept (`<configDir>/provider-session`).
+   *  @default $MCPCTL_HOME, else ~/.mcpctl */
+  configDir?: string
+  /** How often to tell mcpd the registrar is alive, in ms; mcpd's answer to
+   *  register may set another. @default 30000 */
+  heartbeatIntervalMs?: number
+  /** How long the control channel may stay silent before it is reopened, in ms;
+   *  0 disables. @default 60000 */
+  idleTimeoutMs?: number
+  /** Retry delays after a failed register or a lost channel (doubling, with jitter).
+   *  @default { initialMs: 5000, maxMs: 60000 } */
+  backoff?: {
+    /** The first delay, in ms. @default 5000 */
+    initialMs?: number
+    /** The longest delay, in ms; not below `initialMs`. @default 60000 */
+    maxMs?: number
+  }
+  /** How long a provider may take over one task before it is aborted (answered 504), in ms.
+   *  @default 600000 */
+  taskTimeoutMs?: number
+  /** Tasks run at once per provider. @default 4 */
+  maxConcurrency?: number
+  /** Tasks waiting per provider beyond `maxConcurrency`; more are answered 429. @default 64 */
+  maxQueue?: number
+  /** Allows plain http to a non-loopback host (the token then travels in clear).
+   *  @default false */
+  allowInsecureHttp?: boolean
+  /** Where log lines go (pino's order, fields first). Without one, warnings and
+   *  errors go to stderr; `MCPCTL_LOG` (`error`...`trace`, `off`) sets the level.
+   *  @default undefined (stderr) */
   logger?: Logger
+  /** Called with the status on every state change. A throw becomes a process warning.
+   *  @default undefined */
   onStateChange?: (status: RegistrarStatus) => void
 }
 
@@ -104,10 +150,43 @@ export interface RegistrarStatus {
   queued: number
   completed: number
   failed: number
+  cancelled: number             // received = completed + failed + cancelled + inFlight + queued
   reconnects: number
   lastError: string | null
 }
 
+/** The stable `code` of a `RegistrarError`. */
+export type RegistrarErrorCode =
+  /** An option or a provider entry is missing, mistyped, out of range, or an
+   *  unknown name (the message names the nearest known one), or no options at all. */
+  | 'ERR_INVALID_OPTION'
+  /** mcpd refused a register with an HTTP error other than 401/403 (`status` says
+   *  which), did not answer it, or answered something unreadable (`cause`). */
+  | 'ERR_REGISTER_FAILED'
+  /** mcpd answered 401 or 403 (`status`): the token is wrong or revoked. */
+  | 'ERR_UNAUTHORIZED'
+  /** The registrar is stopped, or was stopped while the call waited. */
+  | 'ERR_STOPPED'
+  /** `start()` on a registrar already started or starting (the boot hook starts it). */
+  | 'ERR_ALREADY_STARTED'
+  /** A file in `configDir` cannot be read or written (`cause` says why). */
+  | 'ERR_CONFIG'
+
+/** What every error the package throws or rejects with is. Messages never
+ *  contain the token. */
+export interface RegistrarError extends Error {
+  readonly name: 'RegistrarError'
+  code: RegistrarErrorCode
+  /** The HTTP status, when mcpd answered with an HTTP error. */
+  status?: number
+  /** The error beneath (a network or file error), when there is one. */
+  cause?: unknown
+}
+
+export interface RegistrarErrorConstructor {
+  new (message: string, options: { code: RegistrarErrorCode; status?: number; cause?: unknown }): RegistrarError
+  readonly prototype: RegistrarError
+}
 
 /**
  * Which binding artifact the generated loader actually loaded: `'native'` for
@@ -119,11 +198,18 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /** Publishes local LLM providers to mcpd and serves the inference mcpd relays back. */
 export declare class VirtualLlmRegistrar {
-  /** Checks the options and reads the sticky session id; contacts nobody until `start()`. */
+  /**
+   * Checks the options and reads the sticky session id; contacts nobody until `start()`.
+   * Throws a `RegistrarError` (`code` 'ERR_INVALID_OPTION', naming the option)
+   * for a missing, mistyped, misspelled or unknown option.
+   */
   constructor(options: RegistrarOptions)
   /**
    * Registers, persists the session id, opens the channel, starts the heartbeat.
-   * Rejects (with the HTTP status in the message) when the first register fails.
+   * Rejects with a `RegistrarError` when the first register fails (`code`
+   * 'ERR_REGISTER_FAILED' or 'ERR_UNAUTHORIZED', with `status` when mcpd
+   * answered an HTTP error), after stop() ('ERR_STOPPED'), or when already
+   * started ('ERR_ALREADY_STARTED').
    */
   start(): Promise<void>
   /**
@@ -143,3 +229,10 @@ export declare class VirtualLlmRegistrar {
  * retried in the background with backoff.
  */
 export declare function maybeStartVirtualLlmRegistrar(options: { providers: LlmProviderFileEntry[]; registry: Map<string, LlmProvider> | { get(name: string): LlmProvider | undefined } } & Partial<Omit<RegistrarOptions, 'providers'>>): Promise<VirtualLlmRegistrar | null>
+
+/**
+ * The class of every error the package throws or rejects with: `instanceof
+ * Error`, with a stable `code`, `status` when mcpd answered an HTTP error, and
+ * `cause` where another error lies beneath.
+ */
+export declare const RegistrarError: RegistrarErrorConstructor

@@ -837,3 +837,4 @@ module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __n
 module.exports = nativeBinding
 module.exports.VirtualLlmRegistrar = nativeBinding.VirtualLlmRegistrar
 module.exports.maybeStartVirtualLlmRegistrar = nativeBinding.maybeStartVirtualLlmRegistrar
+module.exports.RegistrarError = nativeBinding.RegistrarError

@@ -756,3 +756,97 @@ test('the dev mcpd command prints its URL, serves the OpenAI front behind its to
   assert.deepEqual(await Promise.race([exited, timeout]), { code: 0, signal: null })
   clearTimeout(timer)
 })
+
+// --- changing the set (PROTOCOL.md section 1) ------------------------------------------------
+
+const SECOND = { name: 'local-llama', type: 'llamacpp', model: 'llama-3.1-8b' }
+
+async function llmStates (mcpd, registrar) {
+  const { llms } = await (await fetch(`${mcpd.url}/api/v1/llms`, { headers: registrar.headers() })).json()
+  return Object.fromEntries(llms.map((l) => [l.name, l.status]))
+}
+
+test('a register under the same session id replaces its set: a new name is active and gets tasks', async (t) => {
+  const mcpd = await startMcpd(t)
+  const registrar = await connectedRegistrar(t, mcpd)
+  const id = registrar.sessionId
+  const client = openai(mcpd)
+  assert.deepEqual((await client.models.list()).data.map((m) => m.id), [MODEL])
+
+  registrar.providers = [...PROVIDERS, SECOND]
+  const answer = await registrar.register()
+  assert.equal(answer.status, 200)
+  assert.equal(answer.body.providerSessionId, id)
+  assert.deepEqual(answer.body.llms, [
+    { name: MODEL, kind: 'virtual', status: 'active' },
+    { name: SECOND.name, kind: 'virtual', status: 'active' }
+  ])
+  assert.deepEqual(mcpd.sessions.get(id).providers.map((p) => p.name), [MODEL, SECOND.name])
+  // The dev mcpd's model list shows the change, with no reconnect.
+  assert.deepEqual((await client.models.list()).data.map((m) => m.id), [MODEL, SECOND.name])
+  assert.deepEqual(await llmStates(mcpd, registrar), { [MODEL]: 'active', [SECOND.name]: 'active' })
+
+  const pending = client.chat.completions.create({ model: SECOND.name, messages: [{ role: 'user', content: 'hi' }] })
+  const task = await registrar.nextTask()
+  assert.equal(task.provider, SECOND.name)
+  await registrar.result(task.taskId, 200, completion('from the second', SECOND.name))
+  assert.equal((await pending).choices[0].message.content, 'from the second')
+  assert.equal(mcpd.connections.length, 1)
+  assert.deepEqual(mcpd.violations, [])
+})
+
+test('a name that leaves the set is inactive: no task is sent for it, a request for it is 404 model_not_found', async (t) => {
+  const mcpd = await startMcpd(t)
+  const registrar = await connectedRegistrar(t, mcpd, { providers: [...PROVIDERS, SECOND] })
+  const id = registrar.sessionId
+  const client = openai(mcpd)
+
+  registrar.providers = [SECOND]
+  assert.equal((await registrar.register()).status, 200)
+  assert.deepEqual(mcpd.sessions.get(id).providers.map((p) => p.name), [SECOND.name])
+  assert.deepEqual(await llmStates(mcpd, registrar), { [SECOND.name]: 'active', [MODEL]: 'inactive' })
+  assert.deepEqual((await client.models.list()).data.map((m) => m.id).sort(), [MODEL, SECOND.name].sort())
+  await assert.rejects(
+    client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] }),
+    (error) => error.status === 404 && error.code === 'model_not_found'
+  )
+  assert.equal(registrar.channel.events.filter((e) => e.event === 'task').length, 0)
+
+  // Back in the set, it is active again and no longer listed as inactive.
+  registrar.providers = [SECOND, ...PROVIDERS]
+  assert.equal((await registrar.register()).status, 200)
+  assert.deepEqual(mcpd.sessions.get(id).providers.map((p) => p.name), [SECOND.name, MODEL])
+  assert.deepEqual(await llmStates(mcpd, registrar), { [SECOND.name]: 'active', [MODEL]: 'active' })
+  assert.deepEqual(mcpd.violations, [])
+})
+
+test('a name one session drops stays active while another connected session publishes it', async (t) => {
+  const mcpd = await startMcpd(t)
+  const first = await connectedRegistrar(t, mcpd, { providers: [...PROVIDERS, SECOND] })
+  const second = await connectedRegistrar(t, mcpd, { providers: PROVIDERS })
+  first.providers = [SECOND]
+  assert.equal((await first.register()).status, 200)
+  assert.deepEqual(await llmStates(mcpd, first), { [MODEL]: 'active', [SECOND.name]: 'active' })
+  const pending = openai(mcpd).chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] })
+  const task = await second.nextTask()
+  assert.equal(task.provider, MODEL)
+  await second.result(task.taskId, 200, completion('from the other session'))
+  assert.equal((await pending).choices[0].message.content, 'from the other session')
+  assert.equal(first.channel.events.filter((e) => e.event === 'task').length, 0)
+})
+
+test('after a cancel, the one chunk POST already on its way is tolerated; a second is a violation', async (t) => {
+  const mcpd = await startMcpd(t)
+  const registrar = await connectedRegistrar(t, mcpd)
+  const payloads = streamPayloads(['a', 'b', 'c'])
+  const taskId = mcpd.sendTask({ provider: MODEL, body: { model: MODEL, messages: [], stream: true } })
+  assert.equal((await registrar.nextTask()).taskId, taskId)
+  await registrar.chunks(taskId, 0, payloads.slice(0, 1))
+  mcpd.cancel(taskId)
+  assert.deepEqual(JSON.parse((await registrar.next('cancel')).data), { taskId })
+  await registrar.chunks(taskId, 1, payloads.slice(1, 2))
+  assert.deepEqual(mcpd.violations, [])
+  await registrar.chunks(taskId, 2, payloads.slice(2, 3))
+  assert.equal(mcpd.violations.length, 1)
+  assert.match(mcpd.violations[0], /^chunks after cancel: task /)
+})

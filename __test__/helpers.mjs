@@ -26,10 +26,10 @@ export async function tempConfigDir(t) {
   return dir
 }
 
-/** Captures every log line, to assert on and to check no line carries the token. */
+/** Captures every log line (pino's order: fields, msg), to assert on and to check no line carries the token. */
 export function captureLogger() {
   const lines = []
-  const record = (level) => (msg, fields) => lines.push({ level, msg, fields })
+  const record = (level) => (fields, msg) => lines.push({ level, msg, fields })
   return { lines, debug: record('debug'), info: record('info'), warn: record('warn'), error: record('error') }
 }
 

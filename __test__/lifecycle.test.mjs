@@ -73,7 +73,7 @@ test('stop() answers in-flight and queued tasks 503, is idempotent, and later ca
   assert.equal(signal.reason.name, 'AbortError')
   assert.equal(registrar.status().state, 'stopped')
   await registrar.stop()
-  await assert.rejects(registrar.start(), /registrar is stopped/)
+  await assert.rejects(registrar.start(), { name: 'RegistrarError', code: 'ERR_STOPPED', message: /registrar is stopped/ })
   await mcpd.waitFor(() => states.at(-1) === 'stopped')
   await mcpd.waitFor(() => mcpd.connections.every((c) => c.closedAt !== null))
 })
@@ -186,7 +186,8 @@ test('bad options are refused with a clear error', async (t) => {
   for (const [patch, pattern] of cases) {
     assert.throws(() => new VirtualLlmRegistrar({ ...base, ...patch }), (error) => {
       assert.match(error.message, pattern, JSON.stringify(patch))
-      assert.equal(error.code, 'InvalidArg', JSON.stringify(patch))
+      assert.ok(error instanceof addon.RegistrarError, JSON.stringify(patch))
+      assert.equal(error.code, 'ERR_INVALID_OPTION', JSON.stringify(patch))
       return true
     })
   }
@@ -194,6 +195,6 @@ test('bad options are refused with a clear error', async (t) => {
   const insecure = new VirtualLlmRegistrar({ ...base, mcpdUrl: 'http://mcpd.example.com', allowInsecureHttp: true, logger: captureLogger() })
   assert.equal(insecure.status().state, 'idle')
   assert.deepEqual(insecure.status(), {
-    state: 'idle', providerSessionId: null, providers: ['a'], inFlight: 0, queued: 0, completed: 0, failed: 0, reconnects: 0, lastError: null,
+    state: 'idle', providerSessionId: null, providers: ['a'], inFlight: 0, queued: 0, completed: 0, failed: 0, cancelled: 0, reconnects: 0, lastError: null,
   })
 })

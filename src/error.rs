@@ -30,6 +30,26 @@ pub enum Error {
   Protocol(String),
   /// The registrar was stopped.
   Stopped,
+  /// `start()` was called on a registrar that is already started.
+  AlreadyStarted,
+}
+
+/// The stable codes of JavaScript's `RegistrarError` (API.md "Errors"); the
+/// list in src/binding/types.d.ts (`RegistrarErrorCode`) must match it.
+pub mod code {
+  /// An option (or a provider entry) is missing, mistyped, misspelled or out of range.
+  pub const INVALID_OPTION: &str = "ERR_INVALID_OPTION";
+  /// mcpd refused a register (an HTTP error other than 401/403), did not
+  /// answer it, or answered something unreadable.
+  pub const REGISTER_FAILED: &str = "ERR_REGISTER_FAILED";
+  /// mcpd answered 401 or 403: the token is wrong or revoked.
+  pub const UNAUTHORIZED: &str = "ERR_UNAUTHORIZED";
+  /// The registrar is stopped (or was stopped while the call was waiting).
+  pub const STOPPED: &str = "ERR_STOPPED";
+  /// `start()` on a registrar that is already started (or starting).
+  pub const ALREADY_STARTED: &str = "ERR_ALREADY_STARTED";
+  /// A file in the config dir (the session id file) cannot be read or written.
+  pub const CONFIG: &str = "ERR_CONFIG";
 }
 
 impl Error {
@@ -39,6 +59,27 @@ impl Error {
       Error::Status { status, .. } => Some(*status),
       _ => None,
     }
+  }
+
+  /// The stable code JavaScript sees as `RegistrarError.code`.
+  pub fn code(&self) -> &'static str {
+    match self {
+      Error::InvalidInput(_) => code::INVALID_OPTION,
+      Error::Status {
+        status: 401 | 403, ..
+      } => code::UNAUTHORIZED,
+      // A register is the only request to mcpd whose failure reaches a
+      // caller (start() and update()); the others are retried and logged.
+      Error::Status { .. } | Error::Transport { .. } | Error::Protocol(_) => code::REGISTER_FAILED,
+      Error::Io { .. } => code::CONFIG,
+      Error::Stopped => code::STOPPED,
+      Error::AlreadyStarted => code::ALREADY_STARTED,
+    }
+  }
+
+  /// What lies beneath, for JavaScript's `cause`: the `source()` chain folded.
+  pub fn cause(&self) -> Option<String> {
+    self.source().map(describe)
   }
 
   pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
@@ -64,6 +105,7 @@ impl fmt::Display for Error {
       Error::Transport { operation, .. } => write!(f, "{operation} failed: no answer from mcpd"),
       Error::Io { context, .. } => f.write_str(context),
       Error::Stopped => f.write_str("registrar is stopped"),
+      Error::AlreadyStarted => f.write_str("registrar is already started"),
     }
   }
 }
@@ -95,6 +137,8 @@ pub fn describe(error: &dyn StdError) -> String {
   crate::secret::redact(&text)
 }
 
+/// Outside JavaScript (Rust callers, tests): the message with its causes and
+/// the code as the status text. The binding builds a `RegistrarError` instead.
 impl From<Error> for napi::Error {
   fn from(error: Error) -> Self {
     let status = match error {
@@ -129,9 +173,27 @@ mod tests {
       message: "maintenance".into(),
     };
     assert_eq!(error.status(), Some(503));
+    assert_eq!(error.code(), code::REGISTER_FAILED);
     assert_eq!(
       error.to_string(),
       "register failed: mcpd answered HTTP 503: maintenance"
     );
+  }
+
+  #[test]
+  fn codes_tell_a_refused_token_from_a_typo() {
+    let refused = Error::Status {
+      operation: "register",
+      status: 401,
+      message: "invalid token".into(),
+    };
+    assert_eq!(refused.code(), code::UNAUTHORIZED);
+    assert_eq!(Error::InvalidInput("x".into()).code(), code::INVALID_OPTION);
+    assert_eq!(Error::Stopped.code(), code::STOPPED);
+    assert_eq!(Error::AlreadyStarted.code(), code::ALREADY_STARTED);
+    let io = Error::io("cannot write x", std::io::Error::other("disk full"));
+    assert_eq!(io.code(), code::CONFIG);
+    assert_eq!(io.cause().as_deref(), Some("disk full"));
+    assert_eq!(Error::Stopped.cause(), None);
   }
 }

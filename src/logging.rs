@@ -1,6 +1,9 @@
 //! Logging: every registrar logs through `tracing` inside its own span; one
 //! process-wide layer routes each event to that registrar's sink (the `logger`
-//! option), or to stderr, filtered by `MCPCTL_LOG` and with the token redacted.
+//! option) or, only when it has none, to stderr, filtered by `MCPCTL_LOG` and
+//! with the token redacted. A line's fields are its event's and its enclosing
+//! spans', named in camelCase as JavaScript's logs name them (`task_id` is
+//! `taskId`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -10,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::RwLock;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id};
+use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -116,6 +119,9 @@ fn install() {
 /// Marks a span as a registrar's, with its route id.
 struct RegistrarId(u64);
 
+/// A span's own fields, added to every event inside it.
+struct SpanFields(Map<String, Value>);
+
 struct RouteLayer;
 
 impl<S> Layer<S> for RouteLayer
@@ -131,26 +137,48 @@ where
   }
 
   fn on_new_span(&self, attributes: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-    if attributes.metadata().name() != SPAN_NAME {
+    let Some(span) = ctx.span(id) else {
       return;
-    }
+    };
     let mut visitor = Fields::default();
     attributes.record(&mut visitor);
-    if let (Some(Value::Number(number)), Some(span)) =
-      (visitor.fields.get(SPAN_FIELD), ctx.span(id))
-    {
-      if let Some(registrar) = number.as_u64() {
-        span.extensions_mut().insert(RegistrarId(registrar));
+    let mut extensions = span.extensions_mut();
+    if attributes.metadata().name() == SPAN_NAME {
+      if let Some(registrar) = visitor.fields.remove(SPAN_FIELD).and_then(|id| id.as_u64()) {
+        extensions.insert(RegistrarId(registrar));
       }
+    }
+    extensions.insert(SpanFields(visitor.fields));
+  }
+
+  fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+    let Some(span) = ctx.span(id) else {
+      return;
+    };
+    let mut visitor = Fields::default();
+    values.record(&mut visitor);
+    let mut extensions = span.extensions_mut();
+    if let Some(fields) = extensions.get_mut::<SpanFields>() {
+      fields.0.extend(visitor.fields);
     }
   }
 
   fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-    let registrar = ctx.event_scope(event).and_then(|scope| {
-      scope
-        .from_root()
-        .find_map(|span| span.extensions().get::<RegistrarId>().map(|id| id.0))
-    });
+    // The registrar the event belongs to, and the fields of the spans it is in
+    // (outermost first, so that an inner span's value wins).
+    let mut registrar = None;
+    let mut span_fields = Map::new();
+    if let Some(scope) = ctx.event_scope(event) {
+      for span in scope.from_root() {
+        let extensions = span.extensions();
+        if let Some(id) = extensions.get::<RegistrarId>() {
+          registrar.get_or_insert(id.0);
+        }
+        if let Some(fields) = extensions.get::<SpanFields>() {
+          span_fields.extend(fields.0.clone());
+        }
+      }
+    }
     let level = *event.metadata().level();
     let routes = routes().read();
     let route = registrar.and_then(|id| routes.by_registrar.get(&id));
@@ -163,6 +191,11 @@ where
     }
     let mut visitor = Fields::default();
     event.record(&mut visitor);
+    span_fields.extend(std::mem::take(&mut visitor.fields));
+    visitor.fields = span_fields
+      .into_iter()
+      .map(|(key, value)| (camel_case(&key), value))
+      .collect();
     let token = route.and_then(|route| route.token.as_ref());
     // The one redaction step (secret.rs) for every message and string field.
     let redact = |text: String| match token {
@@ -186,6 +219,23 @@ where
       None => eprintln!("{}", stderr_line(level, &message, &fields)),
     }
   }
+}
+
+/// `task_id` as `taskId`: the field names JavaScript's logs use.
+fn camel_case(name: &str) -> String {
+  let mut out = String::with_capacity(name.len());
+  let mut upper = false;
+  for c in name.chars() {
+    if c == '_' {
+      upper = !out.is_empty();
+    } else if upper {
+      out.extend(c.to_uppercase());
+      upper = false;
+    } else {
+      out.push(c);
+    }
+  }
+  out
 }
 
 fn stderr_line(level: Level, message: &str, fields: &Map<String, Value>) -> String {
@@ -280,6 +330,40 @@ mod tests {
     assert_eq!(fields["body"], Value::from("token *** refused"));
     assert_eq!(fields["url"], Value::from("http://evil.example/?t=***"));
     assert_eq!(fields["sent"], Value::from("authorization: ***"));
+  }
+
+  #[test]
+  fn lines_carry_the_spans_fields_in_camel_case() {
+    type Line = (String, Map<String, Value>);
+    let seen: Arc<Mutex<Vec<Line>>> = Arc::default();
+    let captured = Arc::clone(&seen);
+    let route = LogRoute::register(
+      Some(Arc::new(move |_, message, fields| {
+        captured.lock().push((message, fields))
+      })),
+      None,
+    );
+    route.span().in_scope(|| {
+      let task = tracing::info_span!(target: "mcpctl_registrar", "task", task_id = "t-1", provider = "local");
+      task.in_scope(|| tracing::info!(duration_ms = 12, provider = "inner", "task answered"));
+    });
+    let seen = seen.lock();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (message, fields) = &seen[0];
+    assert_eq!(message, "task answered");
+    assert_eq!(fields["taskId"], Value::from("t-1"));
+    assert_eq!(fields["durationMs"], Value::from(12));
+    assert_eq!(fields["provider"], Value::from("inner"));
+    assert!(!fields.contains_key("registrar"), "{fields:?}");
+    assert!(!fields.contains_key("task_id"), "{fields:?}");
+  }
+
+  #[test]
+  fn names_become_camel_case() {
+    assert_eq!(camel_case("task_id"), "taskId");
+    assert_eq!(camel_case("provider_session_id"), "providerSessionId");
+    assert_eq!(camel_case("status"), "status");
+    assert_eq!(camel_case("_private"), "private");
   }
 
   #[test]

@@ -41,6 +41,8 @@ class FakeMcpd {
   #tasks = new Map()
   #taskCounter = 0
   #firstPublished = new Map()
+  /** Per session id: the providers that left its set on a later register, listed as inactive. */
+  #retired = new Map()
   #failures = new Map(ROUTES.map((route) => [route, []]))
   #delays = new Map()
   #sleeps = new Set()
@@ -149,6 +151,7 @@ class FakeMcpd {
 
   forgetSession (id) {
     this.sessions.delete(id)
+    this.#retired.delete(id)
   }
 
   dropStreams () {
@@ -357,6 +360,16 @@ class FakeMcpd {
     const kept = typeof asked === 'string' && this.sessions.has(asked)
     const id = kept ? asked : this.#newSessionId()
     const session = this.sessions.get(id) ?? { providers: [], connected: false, inFlight: 0 }
+    // Changing the set (PROTOCOL.md section 1): a register under a known id replaces
+    // that session's set; names that left it become inactive and get no more tasks.
+    const names = new Set(body.providers.map((p) => p.name))
+    const leaving = session.providers.filter((p) => !names.has(p.name))
+    const joining = body.providers.filter((p) => !session.providers.some((old) => old.name === p.name))
+    const retired = (this.#retired.get(id) ?? []).filter((p) => !names.has(p.name) && !leaving.some((left) => left.name === p.name))
+    this.#retired.set(id, [...retired, ...leaving])
+    if (kept && (leaving.length > 0 || joining.length > 0)) {
+      this.#log(`session ${id} changed its set: ${[...joining.map((p) => `+${p.name}`), ...leaving.map((p) => `-${p.name}`)].join(' ')}`)
+    }
     session.providers = body.providers
     session.connected = this.#openStreamsOf(id).length > 0
     this.sessions.set(id, session)
@@ -495,7 +508,9 @@ class FakeMcpd {
 
     const { seq, chunks } = body
     task.chunkPosts.push({ seq, chunks: [...chunks], at: ctx.record.at })
-    if (task.cancelled) this.#violate(`chunks after cancel: task ${task.taskId}`)
+    // The registrar posts one chunk batch at a time, so one POST may already be on
+    // its way when the cancel reaches it; a second one means the cancel was ignored.
+    if (task.cancelled && ++task.chunkPostsAfterCancel > 1) this.#violate(`chunks after cancel: task ${task.taskId}`)
     if (!task.stream) this.#violate(`chunks for non-streaming task ${task.taskId}`)
     if (task.result) this.#violate(`chunks after a result for task ${task.taskId}`)
 
@@ -704,24 +719,28 @@ class FakeMcpd {
 
   #listLlms () {
     const byName = new Map()
-    for (const session of this.sessions.values()) {
-      for (const provider of session.providers) {
-        const entry = byName.get(provider.name)
-        if (entry) {
-          if (session.connected) entry.status = 'active'
-          continue
-        }
-        byName.set(provider.name, {
-          name: provider.name,
-          kind: 'virtual',
-          status: session.connected ? 'active' : 'inactive',
-          type: provider.type,
-          model: provider.model ?? null,
-          description: provider.description ?? null,
-          contextWindow: provider.contextWindow ?? null,
-          created: this.#firstPublished.get(provider.name) ?? Math.floor(Date.now() / 1000)
-        })
+    // A session's current set first, then the names that left a set (inactive, unless
+    // another connected session publishes them).
+    const published = [...this.sessions.values()].flatMap((session) =>
+      session.providers.map((provider) => ({ provider, active: session.connected })))
+    const retired = [...this.sessions.keys()].flatMap((id) =>
+      (this.#retired.get(id) ?? []).map((provider) => ({ provider, active: false })))
+    for (const { provider, active } of [...published, ...retired]) {
+      const entry = byName.get(provider.name)
+      if (entry) {
+        if (active) entry.status = 'active'
+        continue
       }
+      byName.set(provider.name, {
+        name: provider.name,
+        kind: 'virtual',
+        status: active ? 'active' : 'inactive',
+        type: provider.type,
+        model: provider.model ?? null,
+        description: provider.description ?? null,
+        contextWindow: provider.contextWindow ?? null,
+        created: this.#firstPublished.get(provider.name) ?? Math.floor(Date.now() / 1000)
+      })
     }
     return [...byName.values()]
   }
@@ -780,6 +799,7 @@ function newTask (taskId, provider, stream, body, sessionId) {
     payloads: [],
     chunkPosts: [],
     chunkPostsInFlight: 0,
+    chunkPostsAfterCancel: 0,
     identity: null,
     sawChunk: false,
     sawError: false,

@@ -126,11 +126,13 @@
       closeIterator(task)
     },
 
+    // pino's order, fields first (API.md Logger): a pino or Fastify logger
+    // keeps every field in its JSON line, and console prints both.
     log(level, message, fieldsJson) {
       if (!logger) return
       try {
         const method = typeof logger[level] === 'function' ? level : 'info'
-        logger[method](message, JSON.parse(fieldsJson))
+        logger[method](JSON.parse(fieldsJson), message)
       } catch {
         // A broken logger must not take the registrar down.
       }

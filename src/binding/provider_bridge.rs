@@ -50,6 +50,8 @@ pub struct JsBridge {
   abort: AbortFn,
   log: LogFn,
   state_change: StateFn,
+  /// The session id of the last status seen, added to every log line.
+  session_id: parking_lot::Mutex<Option<String>>,
 }
 
 /// What building a bridge gives the binding: the shared functions, the object
@@ -75,6 +77,7 @@ impl JsBridge {
       abort: weak_function(&object, "abort")?,
       log: weak_function(&object, "log")?,
       state_change: weak_function(&object, "stateChange")?,
+      session_id: parking_lot::Mutex::new(None),
     };
     let keep_alive: Function<(), Unknown> = object.get_named_property("keepAlive")?;
     Ok(BridgeParts {
@@ -84,7 +87,8 @@ impl JsBridge {
     })
   }
 
-  /// Where the registrar's log lines go when a `logger` was given.
+  /// Where the registrar's log lines go when a `logger` was given: its fields
+  /// (with the session id once known; never the token) and message, in pino's order.
   pub fn log_sink(self: &Arc<Self>) -> LogSink {
     let bridge = Arc::clone(self);
     Arc::new(move |level, message, fields: Map<String, Value>| {
@@ -94,6 +98,12 @@ impl JsBridge {
       } else {
         level
       };
+      let mut fields = fields;
+      if let Some(id) = bridge.session_id.lock().clone() {
+        fields
+          .entry("providerSessionId")
+          .or_insert(Value::String(id));
+      }
       let fields = Value::Object(fields).to_string();
       bridge.log.call(
         FnArgs::from((level, message, fields)),
@@ -105,6 +115,10 @@ impl JsBridge {
   pub fn status_observer(self: &Arc<Self>) -> StatusObserver {
     let bridge = Arc::clone(self);
     Arc::new(move |status: RegistrarStatus| {
+      bridge
+        .session_id
+        .lock()
+        .clone_from(&status.provider_session_id);
       if let Ok(json) = serde_json::to_string(&status) {
         bridge
           .state_change

@@ -1,18 +1,23 @@
 //! The JavaScript surface (API.md): the `VirtualLlmRegistrar` class and
 //! mcplocal's boot hook `maybeStartVirtualLlmRegistrar`. Thin glue over the core.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{Array, FnArgs, Function, JsObjectValue, Object, PromiseRaw, Unknown};
+use napi::bindgen_prelude::{
+  Array, FnArgs, Function, FunctionRef, JsObjectValue, JsValue, Object, PromiseRaw, Unknown,
+};
 use napi::{Env, ValueType};
+use tracing::Instrument;
 
+use super::error;
 use super::options::{self, ProviderEntry, Settings};
 use super::provider_bridge::{JsBridge, KeepAlive, KeepAliveSource, ProviderBridge};
 use crate::config::{resolve_config_dir, Credentials};
 use crate::dispatch::PublishedProvider;
 use crate::error::{describe, Error, Result};
 use crate::logging::LogRoute;
-use crate::registrar::{Registrar, RegistrarConfig};
+use crate::registrar::{Registrar, RegistrarConfig, RegistrarState};
 use crate::secret::Secret;
 
 /// How long mcplocal's boot waits for the first register before going on.
@@ -23,14 +28,98 @@ const BOOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 pub struct VirtualLlmRegistrar {
   core: Arc<Registrar>,
   keep_alive_source: KeepAliveSource,
+  /// Set by start() (and the boot hook), cleared when that start fails: a
+  /// second start() meanwhile is refused with ERR_ALREADY_STARTED.
+  start_claimed: Arc<AtomicBool>,
+  /// The registrar's log span: what start() and stop() log goes to its logger.
+  span: tracing::Span,
+  /// To keep it out of error messages, should mcpd echo it.
+  token: Secret,
+  /// Publishes the providers of an `update()`.
+  #[cfg(any())]
+  publisher: Publisher,
 }
 
 /// What both entry points read first: the callbacks, the bridge and the log route.
 struct Setup<'env> {
   bridge: Arc<JsBridge>,
   bridge_object: Object<'env>,
+  publisher: Publisher,
   keep_alive_source: KeepAliveSource,
   log_route: Arc<LogRoute>,
+}
+
+/// `publish(name, provider)` of provider_bridge.js; the provider is passed as is.
+type PublishFn = FunctionRef<FnArgs<(String, Unknown<'static>)>, Unknown<'static>>;
+
+/// Hands providers to the JavaScript side of the bridge and wraps them for the
+/// core: at construction, and again for each `update()`.
+struct Publisher {
+  bridge: Arc<JsBridge>,
+  publish: PublishFn,
+}
+
+impl Publisher {
+  /// One provider; `path` names its entry in errors (`providers[2].`).
+  fn publish(
+    &self,
+    env: &Env,
+    entry: ProviderEntry,
+    provider: Object,
+    path: &str,
+  ) -> Result<PublishedProvider> {
+    if !options::has_function(&provider, "complete")? {
+      return Err(Error::InvalidInput(format!(
+        "{path}provider.complete must be a function"
+      )));
+    }
+    let can_stream = options::has_function(&provider, "stream")?;
+    let publish = self.publish.borrow_back(env).map_err(napi_failure)?;
+    // SAFETY: a live value of this environment, used within this call only.
+    let provider = unsafe { Unknown::from_raw_unchecked(env.raw(), provider.raw()) };
+    publish
+      .call((entry.descriptor.name.clone(), provider).into())
+      .map_err(napi_failure)?;
+    Ok(PublishedProvider {
+      provider: Arc::new(ProviderBridge {
+        name: entry.descriptor.name.clone(),
+        can_stream,
+        bridge: Arc::clone(&self.bridge),
+      }),
+      descriptor: entry.descriptor,
+    })
+  }
+
+  /// The whole set of `RegistrarOptions['providers']` (the constructor's, and
+  /// `update()`'s): a non-empty array of entries with their `provider`; entries
+  /// with `publish: false` are left out (after a warning); names unique.
+  fn set(&self, env: &Env, entries: Option<Unknown>) -> Result<Vec<PublishedProvider>> {
+    let entries: Array = entries
+      .filter(|value| value.is_array().unwrap_or(false))
+      // SAFETY: checked to be an array just above.
+      .and_then(|value| unsafe { value.cast::<Array>() }.ok())
+      .filter(|array| array.len() > 0)
+      .ok_or_else(|| Error::InvalidInput("providers must be a non-empty array".to_owned()))?;
+    let mut providers = Vec::new();
+    for index in 0..entries.len() {
+      let path = format!("providers[{index}].");
+      let entry: Object = entries
+        .get(index)
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::InvalidInput(format!("providers[{index}] must be an object")))?;
+      let parsed = options::provider_entry(&entry, &path)?;
+      if parsed.publish == Some(false) {
+        tracing::warn!(provider = %parsed.descriptor.name, "not publishing a provider marked publish: false");
+        continue;
+      }
+      let provider = options::object(&entry, "provider", &path)?
+        .ok_or_else(|| Error::InvalidInput(format!("{path}provider must be an LlmProvider")))?;
+      providers.push(self.publish(env, parsed, provider, &path)?);
+    }
+    options::check_unique(providers.iter().map(|p| p.descriptor.name.as_str()))?;
+    Ok(providers)
+  }
 }
 
 impl<'env> Setup<'env> {
@@ -49,41 +138,19 @@ impl<'env> Setup<'env> {
     let has_logger = logger.is_some();
     let parts = JsBridge::create(env, logger, on_state_change).map_err(napi_failure)?;
     let sink = has_logger.then(|| parts.bridge.log_sink());
+    let publish: Function<FnArgs<(String, Unknown<'static>)>, Unknown<'static>> = parts
+      .object
+      .get_named_property("publish")
+      .map_err(napi_failure)?;
     Ok(Self {
       log_route: Arc::new(LogRoute::register(sink, None)),
+      publisher: Publisher {
+        bridge: Arc::clone(&parts.bridge),
+        publish: publish.create_ref().map_err(napi_failure)?,
+      },
       bridge: parts.bridge,
       bridge_object: parts.object,
       keep_alive_source: parts.keep_alive,
-    })
-  }
-
-  /// Hands a provider to the JavaScript side and wraps it for the core.
-  fn publish(
-    &self,
-    entry: ProviderEntry,
-    provider: Object<'env>,
-    path: &str,
-  ) -> Result<PublishedProvider> {
-    if !options::has_function(&provider, "complete")? {
-      return Err(Error::InvalidInput(format!(
-        "{path}provider.complete must be a function"
-      )));
-    }
-    let can_stream = options::has_function(&provider, "stream")?;
-    let publish: Function<FnArgs<(String, Object)>, Unknown> = self
-      .bridge_object
-      .get_named_property("publish")
-      .map_err(napi_failure)?;
-    publish
-      .call((entry.descriptor.name.clone(), provider).into())
-      .map_err(napi_failure)?;
-    Ok(PublishedProvider {
-      provider: Arc::new(ProviderBridge {
-        name: entry.descriptor.name.clone(),
-        can_stream,
-        bridge: Arc::clone(&self.bridge),
-      }),
-      descriptor: entry.descriptor,
     })
   }
 
@@ -115,6 +182,7 @@ impl<'env> Setup<'env> {
     providers: Vec<PublishedProvider>,
   ) -> Result<VirtualLlmRegistrar> {
     self.log_route.set_token(credentials.token.clone());
+    let token = credentials.token.clone();
     let config = RegistrarConfig {
       mcpd_url: credentials.mcpd_url,
       token: credentials.token,
@@ -131,11 +199,35 @@ impl<'env> Setup<'env> {
       Some(self.bridge.status_observer()),
       self.log_route.span(),
     )?;
+    let span = self.log_route.span();
     core.keep_for_life(Box::new(self.log_route));
     Ok(VirtualLlmRegistrar {
       core: Arc::new(core),
       keep_alive_source: self.keep_alive_source,
+      start_claimed: Arc::default(),
+      span,
+      token,
+      #[cfg(any())]
+      publisher: self.publisher,
     })
+  }
+}
+
+/// The options argument as an object; a clear error for none, `null` or a non-object.
+fn options_object<'env>(options: Option<Unknown<'env>>, call: &str) -> Result<Object<'env>> {
+  let what = options
+    .as_ref()
+    .and_then(|value| value.get_type().ok())
+    .unwrap_or(ValueType::Undefined);
+  match (options, what) {
+    // SAFETY: the type was checked just above.
+    (Some(options), ValueType::Object) => unsafe { options.cast() }.map_err(napi_failure),
+    (_, ValueType::Undefined | ValueType::Null) => Err(Error::InvalidInput(format!(
+      "{call} needs an options object ({{ mcpdUrl, token, providers, ... }})"
+    ))),
+    _ => Err(Error::InvalidInput(format!(
+      "{call} needs an options object; got a {what}"
+    ))),
   }
 }
 
@@ -146,12 +238,26 @@ fn napi_failure(error: napi::Error) -> Error {
 #[napi]
 impl VirtualLlmRegistrar {
   /// Checks the options and reads the sticky session id; contacts nobody until `start()`.
+  /// Throws a `RegistrarError` (`code` 'ERR_INVALID_OPTION', naming the option)
+  /// for a missing, mistyped, misspelled or unknown option.
   #[napi(constructor, ts_args_type = "options: RegistrarOptions")]
-  pub fn new(env: Env, options: Object) -> napi::Result<Self> {
-    Ok(Self::from_options(&env, &options)?)
+  pub fn new(env: Env, options: Option<Unknown>) -> napi::Result<Self> {
+    // Kept out of the message, should an option's text carry it.
+    let token = options
+      .as_ref()
+      .filter(|value| value.get_type().ok() == Some(ValueType::Object))
+      // SAFETY: the type was checked just above.
+      .and_then(|value| unsafe { value.cast::<Object>() }.ok())
+      .and_then(|object| options::string(&object, "token", "").ok().flatten())
+      .filter(|token| !token.is_empty())
+      .map(Secret::new);
+    Self::from_options(&env, options).map_err(error::js(&env, token.as_ref()))
   }
 
-  fn from_options(env: &Env, options: &Object) -> Result<Self> {
+  fn from_options(env: &Env, options: Option<Unknown>) -> Result<Self> {
+    let options = options_object(options, "new VirtualLlmRegistrar(options)")?;
+    let options = &options;
+    options::check_names(options, options::REGISTRAR_OPTIONS, "")?;
     let setup = Setup::new(env, options)?;
     let settings = options::settings(options)?;
     let credentials = Credentials {
@@ -167,43 +273,52 @@ impl VirtualLlmRegistrar {
           .ok_or_else(|| Error::InvalidInput("token must be a non-empty string".to_owned()))?,
       ),
     };
-    let entries: Array = options
-      .get("providers")
-      .ok()
-      .flatten()
-      .filter(|array: &Array| array.len() > 0)
-      .ok_or_else(|| Error::InvalidInput("providers must be a non-empty array".to_owned()))?;
-    let mut providers = Vec::new();
-    for index in 0..entries.len() {
-      let path = format!("providers[{index}].");
-      let entry: Object = entries
-        .get(index)
-        .ok()
-        .flatten()
-        .ok_or_else(|| Error::InvalidInput(format!("providers[{index}] must be an object")))?;
-      let parsed = options::provider_entry(&entry, &path)?;
-      if parsed.publish == Some(false) {
-        setup.log_route.span().in_scope(|| {
-          tracing::warn!(provider = %parsed.descriptor.name, "not publishing a provider marked publish: false")
-        });
-        continue;
-      }
-      let provider = options::object(&entry, "provider", &path)?
-        .ok_or_else(|| Error::InvalidInput(format!("{path}provider must be an LlmProvider")))?;
-      providers.push(setup.publish(parsed, provider, &path)?);
-    }
-    options::check_unique(providers.iter().map(|p| p.descriptor.name.as_str()))?;
+    let entries: Option<Unknown> = options.get("providers").map_err(napi_failure)?;
+    let providers = setup
+      .log_route
+      .span()
+      .in_scope(|| setup.publisher.set(env, entries))?;
     setup.build(settings, credentials, providers)
   }
 
   /// Registers, persists the session id, opens the channel, starts the heartbeat.
-  /// Rejects (with the HTTP status in the message) when the first register fails.
+  /// Rejects with a `RegistrarError` when the first register fails (`code`
+  /// 'ERR_REGISTER_FAILED' or 'ERR_UNAUTHORIZED', with `status` when mcpd
+  /// answered an HTTP error), after stop() ('ERR_STOPPED'), or when already
+  /// started ('ERR_ALREADY_STARTED').
   #[napi(ts_return_type = "Promise<void>")]
   pub fn start<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
-    self.hold_event_loop(env)?;
     let core = Arc::clone(&self.core);
-    // A failed start releases the hold itself.
-    env.spawn_future(async move { Ok(core.start().await?) })
+    let claimed = Arc::clone(&self.start_claimed);
+    let span = self.span.clone();
+    let token = self.token.clone();
+    let refused = if core.status().state == RegistrarState::Stopped {
+      Some(Error::Stopped)
+    } else if claimed.swap(true, Ordering::SeqCst) {
+      Some(Error::AlreadyStarted)
+    } else {
+      None
+    };
+    if refused.is_none() {
+      if let Err(failure) = self.hold_event_loop(env) {
+        claimed.store(false, Ordering::SeqCst);
+        return Err(failure);
+      }
+    }
+    env.spawn_future_with_callback(
+      async move {
+        if let Some(error) = refused {
+          return Ok(Err(error));
+        }
+        // A failed start releases the hold itself.
+        let started = core.start().instrument(span).await;
+        if started.is_err() {
+          claimed.store(false, Ordering::SeqCst);
+        }
+        Ok(started)
+      },
+      move |env, started| started.map_err(error::js(env, Some(&token))),
+    )
   }
 
   /// Stops taking tasks, aborts in-flight ones (answered 503), closes the channel,
@@ -211,8 +326,9 @@ impl VirtualLlmRegistrar {
   #[napi(ts_return_type = "Promise<void>")]
   pub fn stop<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
     let core = Arc::clone(&self.core);
+    let span = self.span.clone();
     env.spawn_future(async move {
-      core.stop().await;
+      core.stop().instrument(span).await;
       Ok(())
     })
   }
@@ -220,7 +336,14 @@ impl VirtualLlmRegistrar {
   /// A snapshot of the registrar's state and counters.
   #[napi(ts_return_type = "RegistrarStatus")]
   pub fn status(&self) -> serde_json::Value {
-    serde_json::to_value(self.core.status()).unwrap_or_default()
+    let mut status = serde_json::to_value(self.core.status()).unwrap_or_default();
+    // Until the core counts cancelled tasks, they are reported as 0 (API.md).
+    if let Some(fields) = status.as_object_mut() {
+      fields
+        .entry("cancelled")
+        .or_insert(serde_json::Value::from(0));
+    }
+    status
   }
 
   /// Takes a strong reference on Node's event loop, held by the core until
@@ -234,6 +357,52 @@ impl VirtualLlmRegistrar {
       .build()?;
     self.core.hold_while_running(Box::new(keep_alive));
     Ok(())
+  }
+}
+
+// update(providers) (API.md; PROTOCOL.md section 1, "Changing the set"): the
+// binding's half, ready for the core's `Registrar::update(Vec<PublishedProvider>)
+// -> Result<()>` (re-register under the same id, retried with backoff, the old
+// set published until one succeeds; Error::Stopped after stop()). To enable it:
+// drop the three `#[cfg(any())]` in this file, `npm run build:debug`, and
+// __test__/update.test.mjs runs (it skips while update() does not exist).
+#[cfg(any())]
+#[napi]
+impl VirtualLlmRegistrar {
+  /// Replaces the published set without a restart (PROTOCOL.md section 1,
+  /// "Changing the set"): re-registers under the same session id with the whole
+  /// new set; tasks in flight for a provider that left run to their end; later
+  /// ones for it are answered 404. Resolves once mcpd has accepted the new set;
+  /// a failed register is retried with backoff, the old set published meanwhile.
+  /// Rejects with a `RegistrarError` only for bad input ('ERR_INVALID_OPTION')
+  /// or after stop() ('ERR_STOPPED').
+  #[napi(
+    ts_args_type = "providers: RegistrarOptions['providers']",
+    ts_return_type = "Promise<void>"
+  )]
+  pub fn update<'env>(
+    &self,
+    env: &'env Env,
+    providers: Option<Unknown>,
+  ) -> napi::Result<PromiseRaw<'env, ()>> {
+    let set = if self.core.status().state == RegistrarState::Stopped {
+      Err(Error::Stopped)
+    } else {
+      self.span.in_scope(|| self.publisher.set(env, providers))
+    };
+    let core = Arc::clone(&self.core);
+    let span = self.span.clone();
+    let token = self.token.clone();
+    env.spawn_future_with_callback(
+      async move {
+        let providers = match set {
+          Ok(providers) => providers,
+          Err(error) => return Ok(Err(error)),
+        };
+        Ok(core.update(providers).instrument(span).await)
+      },
+      move |env, updated| updated.map_err(error::js(env, Some(&token))),
+    )
   }
 }
 
@@ -262,43 +431,49 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
     return env.spawn_future_with_callback(async { Ok(()) }, |_, ()| Ok(None));
   };
   registrar.hold_event_loop(env)?;
+  registrar.start_claimed.store(true, Ordering::SeqCst);
   let core = Arc::clone(&registrar.core);
+  let span = registrar.span.clone();
   env.spawn_future_with_callback(
     async move {
       // The first register runs on its own task: the boot waits for it only so
       // long, and a slow mcpd finishes registering in the background.
-      let first = tokio::spawn(async move { core.start_in_background().await });
+      let first = tokio::spawn(
+        async move { core.start_in_background().await }.instrument(tracing::Span::current()),
+      );
       match tokio::time::timeout(BOOT_WAIT, first).await {
         Ok(Ok(Err(error))) => tracing::debug!(target: "mcpctl_registrar", error = %describe(&error), "first register failed; retrying in the background"),
         Err(_) => tracing::debug!(target: "mcpctl_registrar", "mcpd is slow to answer; registering in the background"),
         Ok(_) => {}
       }
       Ok(())
-    },
+    }
+    .instrument(span),
     move |_, ()| Ok(Some(registrar)),
   )
 }
 
 /// `Ok(None)` for the cases API.md resolves null, after a warning.
 fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistrar>> {
-  if options.get_type().ok() != Some(ValueType::Object) {
-    return Err(Error::InvalidInput("options must be an object".to_owned()));
-  }
-  // SAFETY: the type was checked just above.
-  let options: Object = unsafe { options.cast() }.map_err(napi_failure)?;
+  let options = options_object(Some(options), "maybeStartVirtualLlmRegistrar(options)")?;
   let setup = Setup::new(env, &options)?;
   // From here on, warnings go to the caller's logger: the route outlives `setup`.
   let route = Arc::clone(&setup.log_route);
   let span = route.span();
   let _entered = span.enter();
-  boot(&options, setup).or_else(|error| {
+  boot(env, &options, setup).or_else(|error| {
     tracing::warn!(error = %describe(&error), "virtual LLM registrar not started");
     Ok(None)
   })
 }
 
 /// The part of `prepare_boot` that runs with the caller's logger in place.
-fn boot<'env>(options: &Object<'env>, setup: Setup<'env>) -> Result<Option<VirtualLlmRegistrar>> {
+fn boot<'env>(
+  env: &Env,
+  options: &Object<'env>,
+  setup: Setup<'env>,
+) -> Result<Option<VirtualLlmRegistrar>> {
+  options::check_names(options, options::BOOT_OPTIONS, "")?;
   let settings = options::settings(options)?;
   let registry = options::object(options, "registry", "")?.ok_or_else(|| {
     Error::InvalidInput("registry must be a Map or an object with get(name)".to_owned())
@@ -336,7 +511,7 @@ fn boot<'env>(options: &Object<'env>, setup: Setup<'env>) -> Result<Option<Virtu
     let Some(provider) = setup.lookup(registry, &name)? else {
       continue;
     };
-    match setup.publish(parsed, provider, &path) {
+    match setup.publisher.publish(env, parsed, provider, &path) {
       Ok(published) => providers.push(published),
       Err(error) => tracing::warn!(provider = %name, error = %error, "not publishing provider"),
     }
