@@ -194,6 +194,6 @@ test('bad options are refused with a clear error', async (t) => {
   const insecure = new VirtualLlmRegistrar({ ...base, mcpdUrl: 'http://mcpd.example.com', allowInsecureHttp: true, logger: captureLogger() })
   assert.equal(insecure.status().state, 'idle')
   assert.deepEqual(insecure.status(), {
-    state: 'idle', providerSessionId: null, providers: ['a'], inFlight: 0, queued: 0, completed: 0, failed: 0, reconnects: 0, lastError: null,
+    state: 'idle', providerSessionId: null, providers: ['a'], inFlight: 0, queued: 0, completed: 0, failed: 0, cancelled: 0, reconnects: 0, lastError: null,
   })
 })

@@ -132,16 +132,17 @@ struct Core {
   life: watch::Sender<Life>,
   owners: Owners,
   span: tracing::Span,
+  /// What must live as long as the registrar (its log route).
+  kept: Mutex<Vec<Box<dyn Send + Sync>>>,
+  /// What must live while it runs (the binding's hold on Node's event loop):
+  /// taken by start(), released by stop() or a failed start(). Held by the
+  /// core, which the supervisor holds, not by the JavaScript object, so that
+  /// garbage collection cannot release it.
+  running_hold: Mutex<Option<Box<dyn Send + Sync>>>,
 }
 
 pub struct Registrar {
   core: Arc<Core>,
-  /// What must live as long as the registrar (its log route).
-  kept: Mutex<Vec<Box<dyn Send + Sync>>>,
-  /// What must live while it runs (the binding's hold on Node's event loop):
-  /// taken by start(), released by stop() or a failed start(). Held here, not
-  /// by the JavaScript object, so that garbage collection cannot release it.
-  running_hold: Mutex<Option<Box<dyn Send + Sync>>>,
 }
 
 impl Registrar {
@@ -204,9 +205,9 @@ impl Registrar {
         life,
         owners,
         span,
+        kept: Mutex::new(Vec::new()),
+        running_hold: Mutex::new(None),
       }),
-      kept: Mutex::new(Vec::new()),
-      running_hold: Mutex::new(None),
     })
   }
 
@@ -214,15 +215,20 @@ impl Registrar {
     self.core.status()
   }
 
+  /// How many task ids the replay guard remembers (diagnostics and tests).
+  pub fn remembered_task_ids(&self) -> usize {
+    self.core.dispatcher.remembered()
+  }
+
   /// Keeps `resource` alive as long as the registrar (its loops included).
   pub fn keep_for_life(&self, resource: Box<dyn Send + Sync>) {
-    self.kept.lock().push(resource);
+    self.core.kept.lock().push(resource);
   }
 
   /// Holds `resource` until stop() or a failed start(); `false` (and
   /// `resource` dropped) when one is held already or the registrar is stopped.
   pub fn hold_while_running(&self, resource: Box<dyn Send + Sync>) -> bool {
-    let mut hold = self.running_hold.lock();
+    let mut hold = self.core.running_hold.lock();
     if hold.is_some() || self.core.state() == RegistrarState::Stopped {
       return false;
     }
@@ -231,7 +237,7 @@ impl Registrar {
   }
 
   fn release_hold(&self) {
-    let released = self.running_hold.lock().take();
+    let released = self.core.running_hold.lock().take();
     drop(released);
   }
 

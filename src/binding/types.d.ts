@@ -104,6 +104,7 @@ export interface RegistrarStatus {
   queued: number
   completed: number
   failed: number
+  cancelled: number             // received = completed + failed + cancelled + inFlight + queued
   reconnects: number
   lastError: string | null
 }
