@@ -370,3 +370,91 @@ async fn send_all(sender: &mpsc::Sender<String>, out: &mut Vec<String>) -> Resul
   }
   Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+  //! The order of `decide` when several endings are ready at once.
+  use super::*;
+  use crate::provider::{BoxFuture, ChunkSource, ProviderFailure};
+  use crate::secret::Secret;
+  use parking_lot::Mutex;
+  use serde_json::Value;
+  use tokio_util::sync::CancellationToken;
+
+  /// A provider that never settles and records the aborts it gets.
+  #[derive(Default)]
+  struct Silent(Mutex<Vec<AbortReason>>);
+
+  impl Provider for Silent {
+    fn can_stream(&self) -> bool {
+      false
+    }
+    fn complete(&self, _: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
+      Box::pin(std::future::pending())
+    }
+    fn stream(
+      &self,
+      _: ProviderCall,
+    ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+      Box::pin(std::future::pending())
+    }
+    fn abort(&self, _: &str, reason: AbortReason) {
+      self.0.lock().push(reason);
+    }
+  }
+
+  /// Runs one non-streaming task with the given endings already fired;
+  /// answers go to a closed port (refused at once, never retried once stopping).
+  async fn race(cancel: bool, stop: bool, timeout: Duration) -> (Outcome, Vec<AbortReason>) {
+    let client = McpdClient::new("http://127.0.0.1:9", Secret::new("t"), false).unwrap();
+    let signals = TaskSignals {
+      cancel: CancellationToken::new(),
+      stop: CancellationToken::new(),
+      kill: CancellationToken::new(),
+    };
+    if cancel {
+      signals.cancel.cancel();
+    }
+    if stop {
+      signals.stop.cancel();
+    }
+    let context = TaskContext {
+      client: &client,
+      task_timeout: timeout,
+      signals,
+    };
+    let silent = Arc::new(Silent::default());
+    let provider: Arc<dyn Provider> = silent.clone();
+    let call = ProviderCall {
+      task_id: "t".into(),
+      options: Value::Null,
+    };
+    let identity = AnswerIdentity::new("t", "m".into());
+    let outcome = context.complete_task(&provider, call, identity).await;
+    let aborts = silent.0.lock().clone();
+    (outcome, aborts)
+  }
+
+  #[tokio::test]
+  async fn cancel_beats_stop_beats_timeout() {
+    let (outcome, aborts) = race(true, true, Duration::ZERO).await;
+    assert_eq!(
+      (outcome, aborts),
+      (Outcome::Cancelled, vec![AbortReason::Cancelled])
+    );
+    let (outcome, aborts) = race(false, true, Duration::ZERO).await;
+    assert_eq!(
+      (outcome, aborts),
+      (Outcome::Failed, vec![AbortReason::Stopping])
+    );
+  }
+
+  #[tokio::test(start_paused = true)]
+  async fn timeout_alone_times_out() {
+    let (outcome, aborts) = race(false, false, Duration::from_millis(10)).await;
+    assert_eq!(
+      (outcome, aborts),
+      (Outcome::Failed, vec![AbortReason::TimedOut])
+    );
+  }
+}
