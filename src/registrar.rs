@@ -474,8 +474,6 @@ impl Supervisor {
         match registered {
           Ok(()) => {
             needs_register = false;
-            // Reports from before this register are stale.
-            while self.heartbeat_events.try_recv().is_ok() {}
             self.start_heartbeat();
             if let Some(first) = first.take() {
               let _ = first.send(Ok(()));
@@ -505,6 +503,14 @@ impl Supervisor {
             });
             continue;
           }
+        }
+      }
+      // A lost session reported before this connect is checked by the
+      // connect itself (404 → register again); only one reported while the
+      // channel is open needs the heartbeat's word.
+      while let Ok(event) = self.heartbeat_events.try_recv() {
+        if let HeartbeatEvent::Failed(text) = event {
+          core.record_error(text);
         }
       }
       // Run the channel until it ends, the session is lost, or stop.

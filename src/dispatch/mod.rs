@@ -17,9 +17,11 @@ mod replay;
 mod task;
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use parking_lot::Mutex;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -201,31 +203,17 @@ impl TaskDispatcher {
     let span = tracing::Span::current();
     self.owners.tracker.spawn(
       async move {
-        // A bug that panics a task must still leave it answered and counted;
-        // the inner task is joined here, never left behind.
-        let inner = {
-          let dispatcher = Arc::clone(&dispatcher);
-          let task_id = task_id.clone();
-          tokio::spawn(
-            async move {
-              let context = TaskContext {
-                client: &dispatcher.client,
-                task_timeout: dispatcher.settings.task_timeout,
-                signals,
-              };
-              context.run(&task_id, decision).await
-            }
-            .instrument(tracing::Span::current()),
-          )
+        // A bug that panics a task must still leave it answered and counted.
+        let context = TaskContext {
+          client: &dispatcher.client,
+          task_timeout: dispatcher.settings.task_timeout,
+          signals,
         };
-        let outcome = match inner.await {
+        let run = AssertUnwindSafe(context.run(&task_id, decision)).catch_unwind();
+        let outcome = match run.await {
           Ok(outcome) => outcome,
-          Err(error) => {
-            tracing::error!(
-              task_id,
-              panicked = error.is_panic(),
-              "task failed inside the registrar; answering 502"
-            );
+          Err(_) => {
+            tracing::error!(task_id, "task panicked inside the registrar; answering 502");
             let fallback = TaskContext {
               client: &dispatcher.client,
               task_timeout: dispatcher.settings.task_timeout,
