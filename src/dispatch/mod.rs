@@ -199,6 +199,13 @@ impl TaskDispatcher {
         None,
       ),
     };
+    // A task answered with an error without running (404, 400, 429, 503) is
+    // failed from this moment: it never counts as in flight, whatever its
+    // POST meets.
+    let counted = matches!(decision, Decision::Answer(_));
+    if counted {
+      Self::count(&mut self.book.lock(), lane.as_deref(), Outcome::Failed);
+    }
     let dispatcher = Arc::clone(self);
     let span = tracing::Span::current();
     self.owners.tracker.spawn(
@@ -228,7 +235,7 @@ impl TaskDispatcher {
             Outcome::Failed
           }
         };
-        dispatcher.finish(&task_id, lane.as_deref(), outcome);
+        dispatcher.finish(&task_id, lane.as_deref(), (!counted).then_some(outcome));
       }
       .instrument(span),
     );
@@ -285,11 +292,19 @@ impl TaskDispatcher {
     }
   }
 
-  /// Retires a task: counted once, remembered by the replay guard.
-  fn finish(&self, task_id: &str, lane: Option<&Lane>, outcome: Outcome) {
+  /// Retires a task: no longer live, remembered by the replay guard, and
+  /// its outcome counted (unless it was counted at admission).
+  fn finish(&self, task_id: &str, lane: Option<&Lane>, outcome: Option<Outcome>) {
     let mut book = self.book.lock();
     book.live.remove(task_id);
     book.guard.remember(task_id);
+    if let Some(outcome) = outcome {
+      Self::count(&mut book, lane, outcome);
+    }
+  }
+
+  /// Counts a task's one outcome.
+  fn count(book: &mut Book, lane: Option<&Lane>, outcome: Outcome) {
     match outcome {
       Outcome::Completed => book.completed += 1,
       Outcome::Failed => book.failed += 1,
