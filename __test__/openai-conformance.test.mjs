@@ -52,7 +52,9 @@ test('create() non-streaming: content, snake_case usage, integer created; the pr
 
   const [options] = provider.calls
   assert.deepEqual(options.messages, messages)
-  assert.equal(options.model, 'local')
+  // API.md: the entry's configured model, never the virtual LLM's name (kept in request.model).
+  assert.equal(options.model, 'local-model')
+  assert.equal(options.request.model, 'local')
   assert.equal(options.maxTokens, 12)
   assert.deepEqual(options.stop, ['END'])
   assert.equal(options.temperature, 0.2)

@@ -1,44 +1,74 @@
 //! The heartbeat: every `heartbeatIntervalMs` while registered, the per-provider
 //! load figures go to mcpd; a 404/410 answer means mcpd forgot the session.
+//!
+//! Shape: an async loop on the registrar's `TaskTracker`. It reads the interval
+//! from the registrar's one `watch` channel (`Life`), reports to the supervisor
+//! through a channel (`HeartbeatEvent`), and ends on the registrar's root token.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::jitter;
 use crate::dispatch::TaskDispatcher;
 use crate::error::describe;
 use crate::mcpd::McpdClient;
+use crate::registrar::Life;
+
+/// What the heartbeat tells the supervisor.
+#[derive(Debug)]
+pub enum HeartbeatEvent {
+  /// mcpd answered 404/410: register again.
+  SessionLost,
+  /// Another failure, for `lastError`; the heartbeat goes on.
+  Failed(String),
+}
 
 pub struct Heartbeat {
   pub client: Arc<McpdClient>,
   pub dispatcher: Arc<TaskDispatcher>,
-  /// Shared with the registrar, which updates it from the register answer.
-  pub interval: Arc<Mutex<Duration>>,
+  pub life: watch::Receiver<Life>,
+  pub events: mpsc::UnboundedSender<HeartbeatEvent>,
+  pub stop: CancellationToken,
 }
 
 impl Heartbeat {
-  /// Runs until dropped. `on_session_lost` fires on 404/410; other failures are
-  /// logged and never stop the loop.
-  pub async fn run(self, on_session_lost: impl Fn(), on_error: impl Fn(String)) {
+  /// Runs until the stop token fires.
+  pub async fn run(self) {
     loop {
-      let interval = *self.interval.lock();
-      tokio::time::sleep(jitter(interval)).await;
+      let interval = self.life.borrow().heartbeat_interval;
+      tokio::select! {
+        biased;
+        _ = self.stop.cancelled() => return,
+        _ = tokio::time::sleep(jitter(interval)) => {}
+      }
       if self.client.session_id().is_none() {
         continue;
       }
-      match self.client.heartbeat(&self.dispatcher.loads()).await {
-        Ok(()) => tracing::trace!("heartbeat sent"),
+      let loads = self.dispatcher.loads();
+      let sent = tokio::select! {
+        biased;
+        _ = self.stop.cancelled() => return,
+        sent = self.client.heartbeat(&loads) => sent,
+      };
+      let event = match sent {
+        Ok(()) => {
+          tracing::trace!("heartbeat sent");
+          continue;
+        }
         Err(error) if matches!(error.status(), Some(404 | 410)) => {
           tracing::info!("mcpd no longer knows the session; registering again");
-          on_session_lost();
+          HeartbeatEvent::SessionLost
         }
         Err(error) => {
           let text = describe(&error);
           tracing::warn!(error = %text, "heartbeat failed");
-          on_error(text);
+          HeartbeatEvent::Failed(text)
         }
+      };
+      if self.events.send(event).is_err() {
+        return;
       }
     }
   }

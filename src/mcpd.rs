@@ -1,9 +1,9 @@
 //! The HTTP side of mcpd: register, heartbeat, the stream request, and the
-//! result and chunk POSTs with their bounded retries. Every body read from mcpd
-//! goes through [`read_bounded`]; redirects are never followed.
+//! result and chunk POSTs (one attempt each; `dispatch::delivery` retries them).
+//! Every body read from mcpd goes through [`read_bounded`]; redirects are never followed.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::RwLock;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
@@ -22,8 +22,6 @@ const SESSION_HEADER: &str = "x-mcpctl-provider-session";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Register, heartbeat, result and chunk requests; the stream has no total timeout.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long result and chunk POSTs are retried in all.
-const DELIVERY_DEADLINE: Duration = Duration::from_secs(30);
 /// The most of an error body (or of its `error.message`) an error message quotes.
 const ERROR_BODY_BYTES: usize = 500;
 /// The most of a register answer the registrar reads (PROTOCOL.md section 4).
@@ -35,16 +33,6 @@ pub const ANSWER_BODY_LIMIT: usize = 64 * 1024;
 const TASKS_PATH: &str = "/api/v1/llms/_provider-tasks/";
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// How a result or chunk POST ended.
-#[derive(Debug)]
-pub enum Delivery {
-  Delivered,
-  /// mcpd answered 404/410: it no longer knows the task.
-  Gone,
-  /// Retries ran out, or mcpd refused the POST for good.
-  Failed(Error),
-}
 
 pub struct McpdClient {
   http: reqwest::Client,
@@ -273,43 +261,80 @@ impl McpdClient {
     })
   }
 
-  pub async fn post_result(&self, task_id: &str, status: u16, body: &Value) -> Delivery {
+  /// One result POST; the retries are the caller's (`dispatch::delivery`).
+  pub async fn post_result(&self, task_id: &str, status: u16, body: &Value) -> PostOutcome {
     let path = task_path(task_id, "result");
     self
-      .deliver("result POST", &path, &ResultPost { status, body })
+      .post_once("result POST", &path, &ResultPost { status, body })
       .await
   }
 
-  pub async fn post_chunks(&self, task_id: &str, seq: u64, chunks: &[String]) -> Delivery {
+  /// One chunk POST; the retries are the caller's (`dispatch::delivery`).
+  pub async fn post_chunks(&self, task_id: &str, seq: u64, chunks: &[String]) -> PostOutcome {
     let path = task_path(task_id, "chunks");
     self
-      .deliver("chunk POST", &path, &ChunkPost { seq, chunks })
+      .post_once("chunk POST", &path, &ChunkPost { seq, chunks })
       .await
   }
 
-  /// POSTs with retries on connection errors, 429 and 5xx, for about 30 s in all.
-  async fn deliver<T: Serialize>(&self, operation: &'static str, path: &str, body: &T) -> Delivery {
-    let deadline = Instant::now() + DELIVERY_DEADLINE;
-    let mut pause = Duration::from_millis(200);
-    loop {
-      let error = match self.post_json(operation, path, body).await {
-        Ok(_) => return Delivery::Delivered,
-        Err(error) => error,
-      };
-      let retryable = match error.status() {
-        Some(404 | 410) => return Delivery::Gone,
-        Some(status) => status == 429 || status >= 500,
-        None => matches!(error, Error::Transport { .. }),
-      };
-      let now = Instant::now();
-      if !retryable || now + pause > deadline {
-        return Delivery::Failed(error);
-      }
-      tracing::debug!(operation, error = %crate::error::describe(&error), "retrying");
-      tokio::time::sleep(crate::backoff::jitter(pause)).await;
-      pause = (pause * 2).min(Duration::from_secs(5));
+  /// A single attempt; a failure carries mcpd's `Retry-After` when it sent one.
+  async fn post_once<T: Serialize>(
+    &self,
+    operation: &'static str,
+    path: &str,
+    body: &T,
+  ) -> PostOutcome {
+    let fail = |error: Error| PostFailure {
+      error,
+      retry_after: None,
+    };
+    let url = self.endpoint_url(path).map_err(fail)?;
+    let body = serde_json::to_vec(body).map_err(|error| {
+      fail(Error::Protocol(format!(
+        "{operation}: cannot encode the body: {error}"
+      )))
+    })?;
+    let response = self
+      .http
+      .post(url)
+      .headers(self.headers())
+      .header(CONTENT_TYPE, "application/json")
+      .timeout(REQUEST_TIMEOUT)
+      .body(body)
+      .send()
+      .await
+      .map_err(|source| PostFailure {
+        error: Error::Transport { operation, source },
+        retry_after: None,
+      })?;
+    if response.status().is_success() {
+      // Read (bounded) so the connection can be reused; the status decides.
+      read_bounded(response, ANSWER_BODY_LIMIT).await;
+      return Ok(());
     }
+    let retry_after = retry_after(response.headers());
+    Err(PostFailure {
+      error: self.status_error(operation, response).await,
+      retry_after,
+    })
   }
+}
+
+/// What one result or chunk POST attempt gave.
+pub type PostOutcome = std::result::Result<(), PostFailure>;
+
+/// A failed POST attempt: the error, and how long mcpd asked us to wait.
+#[derive(Debug)]
+pub struct PostFailure {
+  pub error: Error,
+  pub retry_after: Option<Duration>,
+}
+
+/// `Retry-After` in delta-seconds (the form mcpd uses); an HTTP date is ignored.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+  let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+  let seconds: f64 = value.trim().parse().ok()?;
+  (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(3600.0)))
 }
 
 /// What an error answer says: `error.message` from a JSON body, else its first 500 bytes.

@@ -1,23 +1,33 @@
 //! The registrar's life: register (with the sticky session id), keep the control
 //! channel open, beat the heart, and stop. Knows nothing of napi.
+//!
+//! Shape: `Registrar` owns a `TaskTracker` and a root `CancellationToken`
+//! (`dispatch::Owners`); everything it starts (the supervisor, the heartbeat,
+//! every task) is spawned on that tracker and ends on that token. One
+//! supervisor task runs the state machine in a single `select!` loop
+//! (register → connect → run → reconnect/re-register → stop) and publishes
+//! it through one `watch` channel (`Life`), which `status()`, the heartbeat
+//! and `start()` read. The heartbeat reports to the supervisor through a
+//! channel. `stop()` cancels the root token and waits (at most `STOP_GRACE`,
+//! then the hard stop drops what is still in flight) until the tracker is empty.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::channel::{ChannelEnd, ControlChannel};
 use crate::config::SessionStore;
-use crate::dispatch::{DispatchSettings, PublishedProvider, TaskDispatcher};
+use crate::dispatch::{DispatchSettings, Owners, PublishedProvider, TaskDispatcher};
 use crate::error::{describe, Error, Result};
-use crate::heartbeat::Heartbeat;
+use crate::heartbeat::{Heartbeat, HeartbeatEvent};
 use crate::mcpd::McpdClient;
 use crate::secret::Secret;
 use crate::wire::ProviderDescriptor;
@@ -26,8 +36,9 @@ use crate::wire::ProviderDescriptor;
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 /// The floor under a `heartbeatIntervalMs` that mcpd sends.
 const MIN_SERVER_HEARTBEAT: Duration = Duration::from_millis(100);
-/// How long `stop()` waits for the 503 answers of aborted tasks.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long `stop()` waits for the 503 answers of aborted tasks before it
+/// drops whatever is still in flight.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub struct RegistrarConfig {
   pub mcpd_url: String,
@@ -76,54 +87,62 @@ pub struct RegistrarStatus {
   pub queued: u32,
   pub completed: u64,
   pub failed: u64,
+  /// received = completed + failed + cancelled + inFlight + queued.
+  pub cancelled: u64,
   pub reconnects: u64,
   pub last_error: Option<String>,
 }
 
-/// How the first register went, which sets the supervisor's first wait.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FirstStart {
-  Registered,
-  Failed,
-  /// The token was refused: retry at the maximum backoff only.
-  Unauthorized,
+/// The registrar's life as one value, published through one `watch` channel.
+#[derive(Debug, Clone)]
+pub struct Life {
+  pub state: RegistrarState,
+  pub last_error: Option<String>,
+  pub reconnects: u64,
+  /// The configured interval, or mcpd's `heartbeatIntervalMs`.
+  pub heartbeat_interval: Duration,
+  /// How many times the control channel opened.
+  pub connections: u64,
+  /// `start()` was called and did not fail.
+  pub claimed: bool,
 }
 
 /// Called with the status on every state change.
 pub type StatusObserver = Arc<dyn Fn(RegistrarStatus) + Send + Sync>;
 
-struct Life {
-  state: RegistrarState,
-  last_error: Option<String>,
-  reconnects: u64,
+/// How the first register failing is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartMode {
+  /// `start()`: the failure is the caller's; the supervisor ends.
+  Foreground,
+  /// The boot hook: retried in the background with backoff.
+  Background,
 }
 
-struct Shared {
+/// What the registrar and its supervisor share: fixed parts, and the `Life`
+/// sender (written by the supervisor, and by start()/stop() at the edges).
+struct Core {
   client: Arc<McpdClient>,
   store: SessionStore,
   descriptors: Vec<ProviderDescriptor>,
   dispatcher: Arc<TaskDispatcher>,
-  heartbeat_interval: Arc<Mutex<Duration>>,
   idle_timeout: Option<Duration>,
   backoff: BackoffPolicy,
-  life: Mutex<Life>,
   observer: Option<StatusObserver>,
-  shutdown: watch::Sender<bool>,
-  session_lost: AtomicBool,
-  session_lost_signal: Notify,
+  life: watch::Sender<Life>,
+  owners: Owners,
   span: tracing::Span,
   /// What must live as long as the registrar (its log route).
   kept: Mutex<Vec<Box<dyn Send + Sync>>>,
   /// What must live while it runs (the binding's hold on Node's event loop):
-  /// taken by start(), released by stop() or a failed start(). Held here, not
-  /// by the JavaScript object, so that garbage collection cannot release it.
+  /// taken by start(), released by stop() or a failed start(). Held by the
+  /// core, which the supervisor holds, not by the JavaScript object, so that
+  /// garbage collection cannot release it.
   running_hold: Mutex<Option<Box<dyn Send + Sync>>>,
 }
 
 pub struct Registrar {
-  shared: Arc<Shared>,
-  started: AtomicBool,
-  loops: Mutex<Vec<JoinHandle<()>>>,
+  core: Arc<Core>,
 }
 
 impl Registrar {
@@ -155,53 +174,62 @@ impl Registrar {
       .iter()
       .map(|published| published.descriptor.clone())
       .collect();
+    let owners = Owners {
+      tracker: TaskTracker::new(),
+      root: CancellationToken::new(),
+      kill: CancellationToken::new(),
+    };
     let dispatcher = Arc::new(TaskDispatcher::new(
       config.providers,
       Arc::clone(&client),
       config.dispatch,
+      owners.clone(),
     ));
-    let (shutdown, _) = watch::channel(false);
+    let (life, _) = watch::channel(Life {
+      state: RegistrarState::Idle,
+      last_error: None,
+      reconnects: 0,
+      heartbeat_interval: config.heartbeat_interval,
+      connections: 0,
+      claimed: false,
+    });
     Ok(Self {
-      shared: Arc::new(Shared {
+      core: Arc::new(Core {
         client,
         store,
         descriptors,
         dispatcher,
-        heartbeat_interval: Arc::new(Mutex::new(config.heartbeat_interval)),
         idle_timeout: config.idle_timeout,
         backoff: config.backoff,
-        life: Mutex::new(Life {
-          state: RegistrarState::Idle,
-          last_error: None,
-          reconnects: 0,
-        }),
         observer,
-        shutdown,
-        session_lost: AtomicBool::new(false),
-        session_lost_signal: Notify::new(),
+        life,
+        owners,
         span,
         kept: Mutex::new(Vec::new()),
         running_hold: Mutex::new(None),
       }),
-      started: AtomicBool::new(false),
-      loops: Mutex::new(Vec::new()),
     })
   }
 
   pub fn status(&self) -> RegistrarStatus {
-    self.shared.status()
+    self.core.status()
+  }
+
+  /// How many task ids the replay guard remembers (diagnostics and tests).
+  pub fn remembered_task_ids(&self) -> usize {
+    self.core.dispatcher.remembered()
   }
 
   /// Keeps `resource` alive as long as the registrar (its loops included).
   pub fn keep_for_life(&self, resource: Box<dyn Send + Sync>) {
-    self.shared.kept.lock().push(resource);
+    self.core.kept.lock().push(resource);
   }
 
   /// Holds `resource` until stop() or a failed start(); `false` (and
   /// `resource` dropped) when one is held already or the registrar is stopped.
   pub fn hold_while_running(&self, resource: Box<dyn Send + Sync>) -> bool {
-    let mut hold = self.shared.running_hold.lock();
-    if hold.is_some() || self.shared.state() == RegistrarState::Stopped {
+    let mut hold = self.core.running_hold.lock();
+    if hold.is_some() || self.core.state() == RegistrarState::Stopped {
       return false;
     }
     *hold = Some(resource);
@@ -209,130 +237,113 @@ impl Registrar {
   }
 
   fn release_hold(&self) {
-    let released = self.shared.running_hold.lock().take();
+    let released = self.core.running_hold.lock().take();
     drop(released);
   }
 
-  /// Registers once; on success persists the id and starts the channel and the
-  /// heartbeat. On failure returns the error (naming the HTTP status) and stays idle.
+  /// Registers, then resolves once the control channel is open (state
+  /// `connected`), so a task mcpd sends from then on is run. Fails when the
+  /// first register fails (naming the HTTP status; the registrar stays idle,
+  /// or unauthorized), or with `Stopped` when stop() comes first. A stream
+  /// that does not open after a good register is retried with backoff, and
+  /// start() waits for it.
   pub async fn start(&self) -> Result<()> {
-    self.claim_start()?;
-    let shared = Arc::clone(&self.shared);
-    match shared.register_once().instrument(shared.span.clone()).await {
-      Ok(()) => {
-        self.spawn_loops(FirstStart::Registered);
-        Ok(())
-      }
-      Err(error) => {
-        let state = if shared.state() == RegistrarState::Stopped {
-          RegistrarState::Stopped
-        } else if matches!(error.status(), Some(401 | 403)) {
-          RegistrarState::Unauthorized
-        } else {
-          RegistrarState::Idle
-        };
-        shared.set_state(state);
-        self.started.store(false, Ordering::SeqCst);
-        self.release_hold();
-        Err(error)
-      }
+    if let Err(error) = self.launch(StartMode::Foreground).await {
+      self.release_hold();
+      return Err(error);
+    }
+    let mut life = self.core.life.subscribe();
+    let opened = life
+      .wait_for(|life| life.connections > 0 || life.state == RegistrarState::Stopped)
+      .await
+      .map(|life| life.connections > 0)
+      .unwrap_or(false);
+    if opened {
+      Ok(())
+    } else {
+      Err(Error::Stopped)
     }
   }
 
   /// Like `start`, but a failed first register is retried in the background
-  /// with backoff; the error of the first attempt is returned for logging.
+  /// with backoff; returns after the first register, with its error for logging.
   pub async fn start_in_background(&self) -> Result<()> {
+    self.launch(StartMode::Background).await
+  }
+
+  /// Claims the start, spawns the supervisor and waits for the first register.
+  async fn launch(&self, mode: StartMode) -> Result<()> {
     self.claim_start()?;
-    let shared = Arc::clone(&self.shared);
-    let first = shared.register_once().instrument(shared.span.clone()).await;
-    let first_start = match &first {
-      Ok(()) => FirstStart::Registered,
-      Err(Error::Stopped) => return first,
-      Err(error) if matches!(error.status(), Some(401 | 403)) => {
-        shared.set_state(RegistrarState::Unauthorized);
-        FirstStart::Unauthorized
-      }
-      Err(_) => {
-        shared.set_state(RegistrarState::Reconnecting);
-        FirstStart::Failed
-      }
+    let (first, registered) = oneshot::channel();
+    let (events, heartbeat_events) = mpsc::unbounded_channel();
+    let supervisor = Supervisor {
+      core: Arc::clone(&self.core),
+      backoff: Backoff::new(self.core.backoff),
+      events,
+      heartbeat_events,
+      heartbeat_started: false,
     };
-    self.spawn_loops(first_start);
-    first
+    let span = self.core.span.clone();
+    self
+      .core
+      .owners
+      .tracker
+      .spawn(supervisor.run(mode, first).instrument(span));
+    registered.await.unwrap_or(Err(Error::Stopped))
   }
 
   fn claim_start(&self) -> Result<()> {
-    if self.shared.state() == RegistrarState::Stopped {
+    if self.core.owners.root.is_cancelled() {
       return Err(Error::Stopped);
     }
-    if self.started.swap(true, Ordering::SeqCst) {
-      return Err(Error::InvalidInput(
-        "registrar is already started".to_owned(),
-      ));
-    }
-    Ok(())
-  }
-
-  fn spawn_loops(&self, first_start: FirstStart) {
-    let shared = &self.shared;
-    let supervisor = tokio::spawn(
-      Arc::clone(shared)
-        .supervise(first_start)
-        .instrument(shared.span.clone()),
-    );
-    let heartbeat = Heartbeat {
-      client: Arc::clone(&shared.client),
-      dispatcher: Arc::clone(&shared.dispatcher),
-      interval: Arc::clone(&shared.heartbeat_interval),
-    };
-    let lost = Arc::clone(shared);
-    let failed = Arc::clone(shared);
-    let mut shutdown = shared.shutdown.subscribe();
-    let beating = tokio::spawn(
-      async move {
-        tokio::select! {
-          _ = heartbeat.run(move || lost.mark_session_lost(), move |error| failed.record_error(error)) => {}
-          _ = shutdown.wait_for(|stopped| *stopped) => {}
-        }
+    let mut refusal = None;
+    self.core.life.send_if_modified(|life| {
+      if life.state == RegistrarState::Stopped {
+        refusal = Some(Error::Stopped);
+      } else if life.claimed {
+        refusal = Some(Error::InvalidInput(
+          "registrar is already started".to_owned(),
+        ));
+      } else {
+        life.claimed = true;
       }
-      .instrument(shared.span.clone()),
-    );
-    self.loops.lock().extend([supervisor, beating]);
+      refusal.is_none()
+    });
+    refusal.map_or(Ok(()), Err)
   }
 
   /// Stops taking tasks, answers in-flight ones 503, closes the channel and
-  /// ends every loop. Idempotent.
+  /// ends every task of this registrar: when it returns, nothing of it is in
+  /// flight, will be sent, or alive. Idempotent.
   pub async fn stop(&self) {
-    let shared = &self.shared;
-    if shared.state() == RegistrarState::Stopped {
-      self.release_hold();
-      return;
+    let core = &self.core;
+    if core.state() != RegistrarState::Stopped {
+      let owners = &core.owners;
+      owners.root.cancel();
+      owners.tracker.close();
+      let drained = tokio::time::timeout(STOP_GRACE, owners.tracker.wait()).await;
+      if drained.is_err() {
+        core.span.in_scope(|| {
+          tracing::warn!("stopped with tasks still answering; dropping their requests")
+        });
+        owners.kill.cancel();
+        owners.tracker.wait().await;
+      }
+      core.set_state(RegistrarState::Stopped);
     }
-    shared.shutdown.send_replace(true);
-    shared
-      .dispatcher
-      .stop(STOP_GRACE)
-      .instrument(shared.span.clone())
-      .await;
-    let loops: Vec<_> = self.loops.lock().drain(..).collect();
-    for handle in loops {
-      handle.abort();
-      let _ = handle.await;
-    }
-    shared.set_state(RegistrarState::Stopped);
     // Releasing the hold is what lets Node exit.
     self.release_hold();
   }
 }
 
-impl Shared {
+impl Core {
   fn state(&self) -> RegistrarState {
-    self.life.lock().state
+    self.life.borrow().state
   }
 
   fn status(&self) -> RegistrarStatus {
     let totals = self.dispatcher.totals();
-    let life = self.life.lock();
+    let life = self.life.borrow();
     RegistrarStatus {
       state: life.state,
       provider_session_id: self.client.session_id(),
@@ -341,57 +352,43 @@ impl Shared {
       queued: totals.queued,
       completed: totals.completed,
       failed: totals.failed,
+      cancelled: totals.cancelled,
       reconnects: life.reconnects,
       last_error: life.last_error.clone(),
     }
   }
 
+  /// Changes the state (never out of `Stopped`) and tells the observer.
   fn set_state(&self, state: RegistrarState) {
-    {
-      let mut life = self.life.lock();
+    let changed = self.life.send_if_modified(|life| {
       if life.state == state || life.state == RegistrarState::Stopped {
-        return;
+        return false;
       }
       life.state = state;
-    }
-    tracing::debug!(state = state.as_str(), "state changed");
-    if let Some(observer) = &self.observer {
-      observer(self.status());
+      if state == RegistrarState::Connected {
+        life.connections += 1;
+      }
+      true
+    });
+    if changed {
+      tracing::debug!(state = state.as_str(), "state changed");
+      if let Some(observer) = &self.observer {
+        observer(self.status());
+      }
     }
   }
 
   fn record_error(&self, error: String) {
-    self.life.lock().last_error = Some(self.client.token().redact(&error));
-  }
-
-  fn mark_session_lost(&self) {
-    self.session_lost.store(true, Ordering::SeqCst);
-    self.session_lost_signal.notify_one();
-  }
-
-  async fn stopped(&self) {
-    let mut shutdown = self.shutdown.subscribe();
-    let _ = shutdown.wait_for(|stopped| *stopped).await;
-  }
-
-  async fn session_lost(&self) {
-    loop {
-      let signal = self.session_lost_signal.notified();
-      if self.session_lost.load(Ordering::SeqCst) {
-        return;
-      }
-      signal.await;
-    }
+    let redacted = self.client.token().redact(&error);
+    self
+      .life
+      .send_modify(|life| life.last_error = Some(redacted));
   }
 
   /// One register call; adopts and persists the id mcpd answers.
   async fn register_once(&self) -> Result<()> {
     self.set_state(RegistrarState::Registering);
-    let answer = tokio::select! {
-      answer = self.client.register(&self.descriptors) => answer,
-      _ = self.stopped() => return Err(Error::Stopped),
-    };
-    let answer = match answer {
+    let answer = match self.client.register(&self.descriptors).await {
       Ok(answer) => answer,
       Err(error) => {
         let text = describe(&error);
@@ -420,7 +417,9 @@ impl Shared {
       let ms = value.as_f64().unwrap_or(f64::NAN);
       if ms.is_finite() && ms > 0.0 && ms < 1e10 {
         let interval = Duration::from_millis(ms as u64).max(MIN_SERVER_HEARTBEAT);
-        *self.heartbeat_interval.lock() = interval;
+        self
+          .life
+          .send_modify(|life| life.heartbeat_interval = interval);
       } else {
         tracing::warn!(
           heartbeat_interval_ms = %value,
@@ -428,96 +427,167 @@ impl Shared {
         );
       }
     }
-    self.session_lost.store(false, Ordering::SeqCst);
     tracing::info!(providers = self.descriptors.len(), "registered with mcpd");
     Ok(())
   }
+}
 
-  /// Keeps the registrar registered and its channel open until shutdown.
-  async fn supervise(self: Arc<Self>, first_start: FirstStart) {
-    let mut backoff = Backoff::new(self.backoff);
+/// The one owner of the registrar's state machine.
+struct Supervisor {
+  core: Arc<Core>,
+  backoff: Backoff,
+  events: mpsc::UnboundedSender<HeartbeatEvent>,
+  heartbeat_events: mpsc::UnboundedReceiver<HeartbeatEvent>,
+  heartbeat_started: bool,
+}
+
+impl Supervisor {
+  /// Keeps the registrar registered and its channel open until the root
+  /// token fires. `first` gets the first register's result.
+  async fn run(mut self, mode: StartMode, first: oneshot::Sender<Result<()>>) {
+    let core = Arc::clone(&self.core);
+    let root = core.owners.root.clone();
+    let mut first = Some(first);
     let mut channel = ControlChannel::new(
-      Arc::clone(&self.client),
-      Arc::clone(&self.dispatcher),
-      self.idle_timeout,
+      Arc::clone(&core.client),
+      Arc::clone(&core.dispatcher),
+      core.idle_timeout,
     );
-    // A reconnect that follows a failure waits first; the first connect does not.
-    let mut needs_register = first_start != FirstStart::Registered;
-    let mut pause = match first_start {
-      FirstStart::Registered => None,
-      FirstStart::Failed => Some(backoff.next_delay()),
-      FirstStart::Unauthorized => Some(backoff.max_delay()),
-    };
+    let mut needs_register = true;
+    let mut pause: Option<Duration> = None;
     // 404s on connect right after registering mean mcpd keeps forgetting us.
     let mut unknown_in_a_row = 0u32;
     loop {
       if let Some(delay) = pause.take() {
         tokio::select! {
+          biased;
+          _ = root.cancelled() => return,
           _ = tokio::time::sleep(delay) => {}
-          _ = self.stopped() => return,
         }
       }
       if needs_register {
-        match self.register_once().await {
-          Ok(()) => needs_register = false,
-          Err(Error::Stopped) => return,
+        let registered = tokio::select! {
+          biased;
+          _ = root.cancelled() => return,
+          registered = core.register_once() => registered,
+        };
+        match registered {
+          Ok(()) => {
+            needs_register = false;
+            self.start_heartbeat();
+            if let Some(first) = first.take() {
+              let _ = first.send(Ok(()));
+            }
+          }
           Err(error) => {
-            pause = Some(if matches!(error.status(), Some(401 | 403)) {
-              self.set_state(RegistrarState::Unauthorized);
-              backoff.max_delay()
+            let unauthorized = matches!(error.status(), Some(401 | 403));
+            if let (Some(first), StartMode::Foreground) = (first.take(), mode) {
+              core.set_state(if unauthorized {
+                RegistrarState::Unauthorized
+              } else {
+                RegistrarState::Idle
+              });
+              core.life.send_modify(|life| life.claimed = false);
+              let _ = first.send(Err(error));
+              return;
+            }
+            if let Some(first) = first.take() {
+              let _ = first.send(Err(error));
+            }
+            pause = Some(if unauthorized {
+              core.set_state(RegistrarState::Unauthorized);
+              self.backoff.max_delay()
             } else {
-              self.set_state(RegistrarState::Reconnecting);
-              backoff.next_delay()
+              core.set_state(RegistrarState::Reconnecting);
+              self.backoff.next_delay()
             });
             continue;
           }
         }
       }
-      let shared = Arc::clone(&self);
-      let end = tokio::select! {
-        end = channel.run(move || shared.set_state(RegistrarState::Connected), &mut backoff) => end,
-        _ = self.session_lost() => {
-          // mcpd answered the heartbeat: a fresh start, not a failure streak.
-          backoff.reset();
-          needs_register = true;
-          self.set_state(RegistrarState::Registering);
-          continue;
+      // A lost session reported before this connect is checked by the
+      // connect itself (404 → register again); only one reported while the
+      // channel is open needs the heartbeat's word.
+      while let Ok(event) = self.heartbeat_events.try_recv() {
+        if let HeartbeatEvent::Failed(text) = event {
+          core.record_error(text);
         }
-        _ = self.stopped() => return,
+      }
+      // Run the channel until it ends, the session is lost, or stop.
+      let end = {
+        let opened = || core.set_state(RegistrarState::Connected);
+        let running = channel.run(opened, &mut self.backoff);
+        tokio::pin!(running);
+        loop {
+          tokio::select! {
+            biased;
+            _ = root.cancelled() => return,
+            Some(event) = self.heartbeat_events.recv() => match event {
+              HeartbeatEvent::SessionLost => break None,
+              HeartbeatEvent::Failed(text) => core.record_error(text),
+            },
+            end = &mut running => break Some(end),
+          }
+        }
       };
       match end {
-        ChannelEnd::SessionUnknown => {
+        None => {
+          // mcpd answered the heartbeat: a fresh start, not a failure streak.
+          self.backoff.reset();
+          needs_register = true;
+          core.set_state(RegistrarState::Registering);
+        }
+        Some(ChannelEnd::SessionUnknown) => {
           tracing::info!("mcpd does not know the session; registering again");
-          self.set_state(RegistrarState::Registering);
+          core.set_state(RegistrarState::Registering);
           needs_register = true;
           // Straight away the first time; with backoff if it keeps happening.
           unknown_in_a_row += 1;
-          pause = (unknown_in_a_row > 1).then(|| backoff.next_delay());
+          pause = (unknown_in_a_row > 1).then(|| self.backoff.next_delay());
         }
-        ChannelEnd::Unauthorized(error) => {
+        Some(ChannelEnd::Unauthorized(error)) => {
           let text = describe(&error);
           tracing::warn!(error = %text, "mcpd refused the token");
-          self.record_error(text);
-          self.set_state(RegistrarState::Unauthorized);
-          pause = Some(backoff.max_delay());
+          core.record_error(text);
+          core.set_state(RegistrarState::Unauthorized);
+          pause = Some(self.backoff.max_delay());
         }
-        ChannelEnd::Dropped {
+        Some(ChannelEnd::Dropped {
           error,
           delivered,
           lasted,
-        } => {
+        }) => {
           let text = describe(&error);
           tracing::warn!(error = %text, "control channel lost; reconnecting");
-          self.record_error(text);
+          core.record_error(text);
           unknown_in_a_row = 0;
           if delivered || lasted >= STABLE_CONNECTION {
-            backoff.reset();
+            self.backoff.reset();
           }
-          self.life.lock().reconnects += 1;
-          self.set_state(RegistrarState::Reconnecting);
-          pause = Some(backoff.next_delay());
+          core.life.send_modify(|life| life.reconnects += 1);
+          core.set_state(RegistrarState::Reconnecting);
+          pause = Some(self.backoff.next_delay());
         }
       }
     }
+  }
+
+  fn start_heartbeat(&mut self) {
+    if self.heartbeat_started {
+      return;
+    }
+    self.heartbeat_started = true;
+    let core = &self.core;
+    let heartbeat = Heartbeat {
+      client: Arc::clone(&core.client),
+      dispatcher: Arc::clone(&core.dispatcher),
+      life: core.life.subscribe(),
+      events: self.events.clone(),
+      stop: core.owners.root.clone(),
+    };
+    core
+      .owners
+      .tracker
+      .spawn(heartbeat.run().instrument(core.span.clone()));
   }
 }

@@ -2,6 +2,7 @@
 //! (PROTOCOL.md sections 1-4), as serde types.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 pub const CLIENT_NAME: &str = "mcplocal-registrar";
@@ -64,9 +65,10 @@ pub struct HeartbeatRequest<'a> {
   pub providers: &'a [ProviderLoad],
 }
 
-/// A `task` event's data. `body` stays a raw value: validating it is the
-/// dispatcher's job, so that a bad body is answered 400 rather than dropped.
-#[derive(Debug, Clone, Deserialize)]
+/// A `task` event's data. `body` stays raw text: parsing it is the
+/// dispatcher's job, so that a body that cannot be parsed (too deep, wrong
+/// shape) is answered 400 with its task id rather than dropped.
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskEvent {
   pub task_id: String,
@@ -75,7 +77,48 @@ pub struct TaskEvent {
   #[serde(default)]
   pub stream: Option<bool>,
   #[serde(default)]
-  pub body: Value,
+  pub body: Option<Box<RawValue>>,
+}
+
+/// Only the `taskId` of a task event, for a frame that does not parse as a whole.
+#[derive(Deserialize)]
+struct TaskIdOnly {
+  #[serde(rename = "taskId")]
+  task_id: String,
+}
+
+/// A `task` frame that does not parse; `task_id` when it can still be read.
+#[derive(Debug)]
+pub struct MalformedTask {
+  pub task_id: Option<String>,
+  pub error: String,
+}
+
+/// Parses a `task` frame. Never recurses on nesting outside `body`'s own
+/// parse (serde_json skips raw values and ignored fields iteratively, and its
+/// recursion limit of 128 bounds everything else), so a frame nested 10,000
+/// deep costs no stack.
+pub fn parse_task(data: &str) -> Result<TaskEvent, MalformedTask> {
+  serde_json::from_str::<TaskEvent>(data).map_err(|error| MalformedTask {
+    task_id: serde_json::from_str::<TaskIdOnly>(data)
+      .ok()
+      .map(|only| only.task_id),
+    error: error.to_string(),
+  })
+}
+
+/// The longest task id accepted, in bytes (PROTOCOL.md section 4).
+pub const MAX_TASK_ID_BYTES: usize = 256;
+
+/// Why a task id is refused: empty, a dot segment, or over 256 bytes
+/// (PROTOCOL.md section 4). Valid UTF-8 is guaranteed by `str`.
+pub fn refuse_task_id(task_id: &str) -> Option<&'static str> {
+  match task_id {
+    "" => Some("the task id is empty"),
+    "." | ".." => Some("the task id is a dot segment"),
+    id if id.len() > MAX_TASK_ID_BYTES => Some("the task id is over 256 bytes"),
+    _ => None,
+  }
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,12 +168,46 @@ mod tests {
 
   #[test]
   fn task_event_keeps_the_body_raw() {
-    let event: TaskEvent = serde_json::from_str(
+    let event = parse_task(
       r#"{"taskId":"t-1","provider":"p","stream":true,"body":{"messages":[]},"extra":1}"#,
     )
     .unwrap();
     assert_eq!(event.task_id, "t-1");
     assert_eq!(event.stream, Some(true));
-    assert_eq!(event.body["messages"], serde_json::json!([]));
+    assert_eq!(event.body.unwrap().get(), r#"{"messages":[]}"#);
+  }
+
+  #[test]
+  fn a_frame_nested_10000_deep_parses_without_recursion() {
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let frame = format!(r#"{{"taskId":"t-deep","provider":"p","body":{deep}}}"#);
+    let event = parse_task(&frame).expect("the frame parses; the body stays raw");
+    assert_eq!(event.task_id, "t-deep");
+    let body = event.body.unwrap();
+    assert!(
+      serde_json::from_str::<Value>(body.get()).is_err(),
+      "too deep for a Value"
+    );
+    // Deep nesting in another field: the frame is malformed, its id still read.
+    let frame = format!(r#"{{"stream":{deep},"taskId":"t-x"}}"#);
+    let malformed = parse_task(&frame).unwrap_err();
+    assert_eq!(malformed.task_id.as_deref(), Some("t-x"));
+    let malformed = parse_task(&format!(r#"{{"taskId":{deep}}}"#)).unwrap_err();
+    assert_eq!(malformed.task_id, None);
+    assert_eq!(parse_task("not json").unwrap_err().task_id, None);
+  }
+
+  #[test]
+  fn task_ids_are_refused_as_the_protocol_says() {
+    assert!(refuse_task_id("").is_some());
+    assert!(refuse_task_id(".").is_some());
+    assert!(refuse_task_id("..").is_some());
+    assert!(refuse_task_id(&"a".repeat(257)).is_some());
+    // 256 bytes of multi-byte characters: at the edge, accepted.
+    assert!(refuse_task_id(&"é".repeat(128)).is_none());
+    assert!(refuse_task_id(&format!("{}a", "é".repeat(128))).is_some());
+    for fine in ["...", "a/b", "%2e", "t\r\n", "ü", "t-1"] {
+      assert!(refuse_task_id(fine).is_none(), "{fine}");
+    }
   }
 }

@@ -319,13 +319,21 @@ async fn heartbeat_follows_the_interval_mcpd_asks_and_reports_load() {
     beat.body["providers"],
     json!([{ "name": PROVIDER, "inFlight": 1, "queued": 0, "maxConcurrency": 2, "completed": 0, "failed": 0 }])
   );
-  let before = fake.count(Route::Heartbeat);
-  tokio::time::sleep(Duration::from_millis(450)).await;
-  let beats = fake.count(Route::Heartbeat) - before;
-  assert!(
-    (2..=6).contains(&beats),
-    "{beats} heartbeats in 450 ms at a 100 ms interval"
-  );
+  // mcpd's 100 ms (jittered by at most 10%) and not our 50 ms: every gap
+  // between beats is at least 90 ms. Load can only make gaps longer.
+  let seen = fake.count(Route::Heartbeat);
+  wait_for("four more heartbeats", WAIT, || {
+    fake.count(Route::Heartbeat) >= seen + 4
+  })
+  .await;
+  let beats = fake.of(Route::Heartbeat);
+  for pair in beats.windows(2) {
+    let gap = pair[1].at - pair[0].at;
+    assert!(
+      gap >= Duration::from_millis(90),
+      "a heartbeat {gap:?} after the last"
+    );
+  }
   registrar.stop().await;
 }
 
@@ -389,7 +397,11 @@ async fn non_streaming_round_trip() {
     "/api/v1/llms/_provider-tasks/t%2F2%20%3F/result"
   );
   assert_eq!(result.body["status"], json!(200));
-  assert_eq!(rig.registrar.status().completed, 2);
+  // Counted once mcpd's answer to the POST came back.
+  wait_for("two completed", WAIT, || {
+    rig.registrar.status().completed == 2
+  })
+  .await;
   rig.stop().await;
 }
 
@@ -485,23 +497,29 @@ async fn streaming_provider_is_batched_under_slow_chunk_posts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_is_relayed_as_it_is_produced() {
-  let provider = MockProvider::streaming(8, Duration::from_millis(60), None);
+  // The provider yields its first chunk, then each next one only when the
+  // test lets it: the first must reach mcpd while the rest is still unmade.
+  let provider = MockProvider::new(true, vec![Behavior::GatedStream { count: 8 }]);
   let rig = Rig::one("incremental", &provider, roomy()).await;
-  let sent = Instant::now();
   rig.fake.send_task("t-1", PROVIDER, true, chat(true));
   wait_for("the first content chunk", WAIT, || {
     rig.fake.payloads("t-1").iter().any(|p| p.contains("c0 "))
   })
   .await;
-  let first = sent.elapsed();
+  assert!(!rig.fake.payloads("t-1").iter().any(|p| p.contains("c1 ")));
+  for n in 1..8 {
+    provider.release(1);
+    let what = format!("chunk c{n} relayed");
+    let marker = format!("c{n} ");
+    wait_for(&what, WAIT, || {
+      rig.fake.payloads("t-1").iter().any(|p| p.contains(&marker))
+    })
+    .await;
+  }
+  provider.release(1);
   let payloads = rig.fake.done("t-1").await;
-  let whole = sent.elapsed();
   assert_eq!(payloads.len(), 11);
-  assert!(
-    first < whole / 2,
-    "first content after {first:?}, the whole stream after {whole:?}"
-  );
-  assert!(rig.fake.for_task(Route::Chunks, "t-1").len() >= 4);
+  assert!(rig.fake.for_task(Route::Chunks, "t-1").len() >= 8);
   rig.stop().await;
 }
 
@@ -605,7 +623,7 @@ async fn provider_rejection_is_answered_502() {
     rig.fake.for_task(Route::Chunks, "t-2").is_empty(),
     "nothing was streamed"
   );
-  assert_eq!(rig.registrar.status().failed, 2);
+  wait_for("two failed", WAIT, || rig.registrar.status().failed == 2).await;
   rig.stop().await;
 }
 
@@ -721,7 +739,10 @@ async fn task_timeout_answers_504_aborts_and_frees_the_slot() {
   );
   rig.fake.send_task("t-2", PROVIDER, false, chat(false));
   assert_eq!(rig.fake.result("t-2").await.body["status"], json!(200));
-  assert_eq!(rig.registrar.status().in_flight, 0);
+  wait_for("nothing in flight", WAIT, || {
+    rig.registrar.status().in_flight == 0
+  })
+  .await;
   rig.stop().await;
 }
 
@@ -761,20 +782,23 @@ async fn cancel_stops_a_stream_without_done() {
   let rig = Rig::one("cancelstream", &provider, roomy()).await;
   rig.fake.send_task("t-1", PROVIDER, true, chat(true));
   wait_for("some chunks", WAIT, || rig.fake.payloads("t-1").len() > 3).await;
+  let before_cancel = rig.fake.posts_for("t-1").len();
   rig.fake.cancel("t-1");
-  wait_for("the abort", WAIT, || !provider.aborts().is_empty()).await;
+  wait_for("the task counted cancelled", WAIT, || {
+    rig.registrar.status().cancelled == 1
+  })
+  .await;
   assert_eq!(
     provider.aborts(),
     [("t-1".to_owned(), AbortReason::Cancelled)]
   );
-  // A POST already on its way when the cancel landed may still arrive.
-  tokio::time::sleep(Duration::from_millis(100)).await;
-  let posted = rig.fake.posts_for("t-1").len();
+  // The relay never has two POSTs in flight and starts none after the
+  // cancel: at most the one on its way when the cancel landed arrives later.
   settle().await;
-  assert_eq!(
-    rig.fake.posts_for("t-1").len(),
-    posted,
-    "POSTs after the cancel"
+  let posted = rig.fake.posts_for("t-1").len();
+  assert!(
+    posted <= before_cancel + 1,
+    "{posted} POSTs, {before_cancel} before the cancel"
   );
   assert!(!rig.fake.payloads("t-1").contains(&"[DONE]".to_owned()));
   assert!(rig.fake.for_task(Route::Result, "t-1").is_empty());
@@ -1129,5 +1153,380 @@ async fn chunk_post_lost_on_the_wire_is_retried_with_the_same_seq() {
   assert_eq!(posts[0].body, posts[1].body, "the retry repeats the POST");
   assert_eq!(payloads_in_seq_order(&posts), payloads);
   assert_eq!(payloads.len(), 4);
+  rig.stop().await;
+}
+
+// ------------------------------------------------- the engine (issue 6)
+
+/// When stop() resolves, nothing of the registrar is in flight or will be
+/// sent, even while mcpd keeps failing result POSTs with 503 (the retry loop
+/// stops on the root token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_arrives_after_stop_resolved_while_results_keep_failing() {
+  let answering = MockProvider::answering(hello());
+  let hanging = MockProvider::hanging();
+  let rig = Rig::connected(
+    "stopquiet",
+    vec![
+      published("fast", Arc::clone(&answering)),
+      published("slow", Arc::clone(&hanging)),
+    ],
+    roomy(),
+  )
+  .await;
+  let fake = &rig.fake;
+  fake.always(Route::Result, 503);
+  fake.send_task("t-retrying", "fast", false, chat(false));
+  fake.send_task("t-running", "slow", false, chat(false));
+  wait_for("the result retried", WAIT, || {
+    fake.for_task(Route::Result, "t-retrying").len() >= 2
+  })
+  .await;
+  wait_for("t-running running", WAIT, || hanging.calls().len() == 1).await;
+
+  let stopping = Instant::now();
+  rig.registrar.stop().await;
+  let stopped = Instant::now();
+  // Longer than several retry pauses (200 ms, 400 ms, ...).
+  tokio::time::sleep(Duration::from_millis(1500)).await;
+  let requests = fake.requests();
+  let late: Vec<_> = requests
+    .iter()
+    .filter(|request| request.at > stopped)
+    .map(|request| (request.route, request.path.clone()))
+    .collect();
+  assert!(late.is_empty(), "requests after stop() resolved: {late:?}");
+  let last = requests.iter().map(|request| request.at).max().unwrap();
+  eprintln!(
+    "stop() took {:?}; its last request arrived {:?} after stop() was called",
+    stopped - stopping,
+    last.saturating_duration_since(stopping)
+  );
+  // The running task was answered 503 once, and not retried.
+  let answers = fake.for_task(Route::Result, "t-running");
+  assert_eq!(answers.len(), 1, "{answers:?}");
+  assert_eq!(
+    error_of(&answers[0]),
+    (503, "unavailable".into(), "unavailable".into())
+  );
+  assert_eq!(
+    hanging.aborts(),
+    [("t-running".to_owned(), AbortReason::Stopping)]
+  );
+  let status = rig.registrar.status();
+  assert_eq!(status.state, RegistrarState::Stopped);
+  assert_eq!((status.in_flight, status.queued), (0, 0));
+  assert_eq!(status.completed + status.failed + status.cancelled, 2);
+  assert!(!fake.stream_is_open(0));
+}
+
+/// The provider's signal says which ending won: cancel, stop and timeout have
+/// their own tests above; a provider failure mid-stream and a relay mcpd gave
+/// up on are told apart here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_abort_reason_tells_failure_and_relay_gone_apart() {
+  let failing = MockProvider::streaming(2, Duration::ZERO, Some("broke"));
+  let endless = MockProvider::streaming(100_000, Duration::from_millis(5), None);
+  let rig = Rig::connected(
+    "reasons",
+    vec![
+      published("failing", Arc::clone(&failing)),
+      published("endless", Arc::clone(&endless)),
+    ],
+    roomy(),
+  )
+  .await;
+  rig.fake.send_task("t-fail", "failing", true, chat(true));
+  rig.fake.done("t-fail").await;
+  wait_for("the failure's abort", WAIT, || !failing.aborts().is_empty()).await;
+  assert_eq!(
+    failing.aborts(),
+    [("t-fail".to_owned(), AbortReason::Failed)]
+  );
+
+  // mcpd forgets the streaming task: its chunk POSTs are answered 404.
+  rig.fake.always(Route::Chunks, 404);
+  rig.fake.send_task("t-gone", "endless", true, chat(true));
+  wait_for("the relay gone", WAIT, || !endless.aborts().is_empty()).await;
+  assert_eq!(
+    endless.aborts(),
+    [("t-gone".to_owned(), AbortReason::Abandoned)]
+  );
+  wait_for("both failed", WAIT, || rig.registrar.status().failed == 2).await;
+  assert!(rig.fake.for_task(Route::Result, "t-gone").is_empty());
+  rig.stop().await;
+}
+
+/// received = completed + failed + cancelled + in flight + queued, with one
+/// task in each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counters_add_up() {
+  let fast = MockProvider::answering(hello());
+  let slow = MockProvider::hanging();
+  let rig = Rig::connected(
+    "counters",
+    vec![
+      published("fast", Arc::clone(&fast)),
+      published("slow", Arc::clone(&slow)),
+    ],
+    dispatch(1, 4, Duration::from_secs(10)),
+  )
+  .await;
+  let fake = &rig.fake;
+  fake.send_task("t-done", "fast", false, chat(false));
+  fake.send_task("t-404", "nope", false, chat(false));
+  fake.send_task("t-running", "slow", false, chat(false));
+  fake.send_task("t-queued", "slow", false, chat(false));
+  fake.send_task("t-cancelled", "slow", false, chat(false));
+  wait_for("two queued", WAIT, || rig.registrar.status().queued == 2).await;
+  fake.cancel("t-cancelled");
+  let expected = |status: &mcpctl_registrar::registrar::RegistrarStatus| {
+    (
+      status.completed,
+      status.failed,
+      status.cancelled,
+      status.in_flight,
+      status.queued,
+    ) == (1, 1, 1, 1, 1)
+  };
+  wait_for("one task in each counter", WAIT, || {
+    expected(&rig.registrar.status())
+  })
+  .await;
+  let status = rig.registrar.status();
+  let sum = status.completed
+    + status.failed
+    + status.cancelled
+    + u64::from(status.in_flight)
+    + u64::from(status.queued);
+  assert_eq!(sum, 5, "{status:?}");
+  assert!(fake.posts_for("t-cancelled").is_empty());
+  rig.registrar.stop().await;
+  // After stop: the running and queued tasks were answered 503 (failed).
+  let status = rig.registrar.status();
+  assert_eq!(
+    (
+      status.completed,
+      status.failed,
+      status.cancelled,
+      status.in_flight,
+      status.queued
+    ),
+    (1, 3, 1, 0, 0)
+  );
+  let json = serde_json::to_value(&status).unwrap();
+  assert_eq!(json["cancelled"], json!(1), "serialized camelCase: {json}");
+}
+
+/// A cancel at any moment after the task frame (queued, just admitted, while
+/// the provider call is being made) ends the task exactly: the provider is
+/// told for every call that was made, nothing is posted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_racing_the_start_of_tasks_are_exact() {
+  let provider = MockProvider::hanging();
+  let rig = Rig::one(
+    "cancelrace",
+    &provider,
+    dispatch(3, 64, Duration::from_secs(10)),
+  )
+  .await;
+  let tasks = 40;
+  for i in 0..tasks {
+    let id = format!("t-{i}");
+    let task =
+      json!({ "taskId": id, "provider": PROVIDER, "stream": i % 2 == 0, "body": chat(i % 2 == 0) });
+    // Task and cancel in one write, or the cancel a little later.
+    let cancel = json!({ "taskId": id });
+    if i % 3 == 0 {
+      rig.fake.push(format!(
+        "event: task\ndata: {task}\n\nevent: cancel\ndata: {cancel}\n\n"
+      ));
+    } else {
+      rig.fake.push(format!("event: task\ndata: {task}\n\n"));
+      tokio::time::sleep(Duration::from_millis(i % 5)).await;
+      rig.fake.cancel(&id);
+    }
+  }
+  wait_for("every task cancelled", WAIT, || {
+    rig.registrar.status().cancelled == tasks
+  })
+  .await;
+  let aborts = provider.aborts();
+  for call in provider.calls() {
+    assert!(
+      aborts.contains(&(call.clone(), AbortReason::Cancelled)),
+      "{call} was called but never aborted: {aborts:?}"
+    );
+  }
+  assert_eq!(aborts.len(), provider.calls().len(), "{aborts:?}");
+  settle().await;
+  let posted: Vec<_> = rig
+    .fake
+    .requests()
+    .into_iter()
+    .filter_map(|request| request.task_id)
+    .collect();
+  assert!(posted.is_empty(), "{posted:?}");
+  let status = rig.registrar.status();
+  assert_eq!((status.in_flight, status.queued, status.failed), (0, 0, 0));
+  rig.stop().await;
+}
+
+// ------------------------------------------------- hardening (issue 8)
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_task_ids_are_never_run_posted_or_remembered() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("refused", &provider, roomy()).await;
+  let long = "x".repeat(257);
+  let multibyte_over = format!("{}a", "é".repeat(128));
+  for id in ["", ".", "..", long.as_str(), multibyte_over.as_str()] {
+    rig.fake.send_task(id, PROVIDER, false, chat(false));
+    rig.fake.send_task(id, PROVIDER, true, chat(true));
+  }
+  // A malformed frame whose id is refused is refused too, not answered 400.
+  rig
+    .fake
+    .send("task", &json!({ "taskId": "..", "stream": "yes" }));
+  // At the edge: 256 bytes (128 two-byte characters) is a fine id.
+  let edge = "é".repeat(128);
+  rig.fake.send_task(&edge, PROVIDER, false, chat(false));
+  assert_eq!(rig.fake.result(&edge).await.body["status"], json!(200));
+  wait_for("the edge task counted", WAIT, || {
+    rig.registrar.status().completed == 1
+  })
+  .await;
+  settle().await;
+  assert_eq!(provider.calls(), vec![edge.clone()]);
+  let posted: Vec<_> = rig
+    .fake
+    .requests()
+    .into_iter()
+    .filter(|request| {
+      request.route != Route::Heartbeat
+        && request.route != Route::Register
+        && request.route != Route::Stream
+    })
+    .map(|request| request.path)
+    .collect();
+  assert_eq!(posted.len(), 1, "{posted:?}");
+  assert_eq!(
+    rig.registrar.remembered_task_ids(),
+    1,
+    "only the edge id is remembered"
+  );
+  let status = rig.registrar.status();
+  assert_eq!(
+    (status.completed, status.failed, status.cancelled),
+    (1, 0, 0)
+  );
+  rig.stop().await;
+}
+
+/// A task frame nested 10,000 deep, in `body` or in a message's content, is
+/// answered 400 with its task id; the registrar goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_bodies_are_answered_400() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("deep", &provider, roomy()).await;
+  let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+  let frames = [
+    (
+      "t-body",
+      format!(r#"{{"taskId":"t-body","provider":"{PROVIDER}","stream":false,"body":{deep}}}"#),
+    ),
+    (
+      "t-content",
+      format!(
+        r#"{{"taskId":"t-content","provider":"{PROVIDER}","stream":true,"body":{{"model":"m","messages":[{{"role":"user","content":{deep}}}]}}}}"#
+      ),
+    ),
+    (
+      "t-stream",
+      format!(r#"{{"taskId":"t-stream","stream":{deep}}}"#),
+    ),
+  ];
+  for (_, frame) in &frames {
+    rig.fake.push(format!("event: task\ndata: {frame}\n\n"));
+  }
+  // A frame whose taskId cannot be read is dropped.
+  rig
+    .fake
+    .push(format!("event: task\ndata: {{\"taskId\":{deep}}}\n\n"));
+  for (task, _) in &frames {
+    let result = rig.fake.result(task).await;
+    assert_eq!(
+      error_of(&result),
+      (
+        400,
+        "invalid_request_error".into(),
+        "invalid_request".into()
+      ),
+      "{task}"
+    );
+  }
+  rig.fake.send_task("t-after", PROVIDER, false, chat(false));
+  assert_eq!(rig.fake.result("t-after").await.body["status"], json!(200));
+  assert_eq!(provider.calls(), ["t-after"]);
+  assert_eq!(rig.fake.streams_opened(), 1, "the channel stayed up");
+  rig.stop().await;
+}
+
+// ------------------------------------------------------------- the core
+
+/// API.md: `options.model` is the entry's configured model (absent when it
+/// has none), never the virtual LLM's name; `options.request.model` keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provider_gets_the_configured_model() {
+  let configured = MockProvider::answering(hello());
+  let bare = MockProvider::answering(hello());
+  let mut unconfigured = published("bare", Arc::clone(&bare));
+  unconfigured.descriptor.model = None;
+  let rig = Rig::connected(
+    "model",
+    vec![published(PROVIDER, Arc::clone(&configured)), unconfigured],
+    roomy(),
+  )
+  .await;
+  let mut body = chat(false);
+  body["model"] = json!("virtual-name");
+  rig.fake.send_task("t-1", PROVIDER, false, body.clone());
+  rig.fake.send_task("t-2", "bare", false, body);
+  rig.fake.result("t-1").await;
+  rig.fake.result("t-2").await;
+  let options = configured.call(0).options;
+  assert_eq!(options["model"], json!(MODEL));
+  assert_eq!(options["request"]["model"], json!("virtual-name"));
+  let options = bare.call(0).options;
+  assert!(options.get("model").is_none(), "{options}");
+  assert_eq!(options["request"]["model"], json!("virtual-name"));
+  rig.stop().await;
+}
+
+/// start() resolves once the channel is open, so a task sent right after it
+/// is run, even when the first connect failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_resolves_once_the_channel_is_open() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::idle(
+    "startopen",
+    vec![published(PROVIDER, Arc::clone(&provider))],
+    roomy(),
+  )
+  .await;
+  rig.fake.script(Route::Stream, [Answer::Status(503)]);
+  rig.registrar.start().await.expect("start");
+  assert_eq!(rig.registrar.status().state, RegistrarState::Connected);
+  rig.fake.send_task("t-1", PROVIDER, false, chat(false));
+  assert_eq!(rig.fake.result("t-1").await.body["status"], json!(200));
+  assert_eq!(
+    rig
+      .fake
+      .of(Route::Stream)
+      .iter()
+      .map(|s| s.status)
+      .collect::<Vec<_>>(),
+    [503, 200]
+  );
   rig.stop().await;
 }

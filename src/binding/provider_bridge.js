@@ -8,6 +8,24 @@
   'use strict'
   const providers = new Map()
   const tasks = new Map()
+  // Aborts that arrived before their task began (the abort and the call
+  // travel on different threadsafe functions, so either may come first):
+  // taskId -> { reason, timedOut, at }, applied by begin(). Bounded in count
+  // and age; an abort for a task that already ended also lands here and ages out.
+  const pendingAborts = new Map()
+  const PENDING_MAX = 10000
+  const PENDING_MS = 60000
+
+  const makeReason = (reason, timedOut) => new DOMException(reason, timedOut ? 'TimeoutError' : 'AbortError')
+
+  function recordAbort(taskId, reason, timedOut) {
+    const now = Date.now()
+    for (const [id, entry] of pendingAborts) {
+      if (pendingAborts.size < PENDING_MAX && now - entry.at < PENDING_MS) break
+      pendingAborts.delete(id)
+    }
+    pendingAborts.set(taskId, { reason, timedOut, at: now })
+  }
 
   const describe = (error) => {
     if (error instanceof Error) return error.message || error.name || 'Error'
@@ -32,7 +50,14 @@
     const options = JSON.parse(optionsJson)
     options.signal = controller.signal
     const task = { controller, iterator: null }
-    tasks.set(taskId, task)
+    const early = pendingAborts.get(taskId)
+    if (early) {
+      // Aborted before it began: the provider sees a signal already fired.
+      pendingAborts.delete(taskId)
+      controller.abort(makeReason(early.reason, early.timedOut))
+    } else {
+      tasks.set(taskId, task)
+    }
     return { task, options }
   }
 
@@ -81,6 +106,7 @@
           throw new Error('the provider\'s stream() did not return an async iterable')
         }
         task.iterator = open.call(iterable)
+        if (task.controller.signal.aborted) closeIterator(task)
         resolve(JSON.stringify({ ok: true }))
       }).catch((error) => {
         tasks.delete(taskId)
@@ -116,10 +142,13 @@
 
     abort(taskId, reason, timedOut) {
       const task = tasks.get(taskId)
-      if (!task) return
+      if (!task) {
+        recordAbort(taskId, reason, timedOut)
+        return
+      }
       tasks.delete(taskId)
       try {
-        task.controller.abort(new DOMException(reason, timedOut ? 'TimeoutError' : 'AbortError'))
+        task.controller.abort(makeReason(reason, timedOut))
       } catch {
         // A listener threw; the signal has fired all the same.
       }

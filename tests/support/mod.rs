@@ -93,6 +93,8 @@ pub struct Request {
   pub task_id: Option<String>,
   /// What the fake answered; 0 when it dropped the connection.
   pub status: u16,
+  /// When the fake had read the whole request.
+  pub at: std::time::Instant,
 }
 
 impl Request {
@@ -106,6 +108,8 @@ struct State {
   requests: Vec<Request>,
   scripts: HashMap<Route, VecDeque<Answer>>,
   delays: HashMap<Route, Duration>,
+  /// Every request of the route answered with this status, after any script.
+  always: HashMap<Route, u16>,
   /// Every control channel answered 200, in order; `None` once closed.
   streams: Vec<Option<mpsc::UnboundedSender<Vec<u8>>>>,
   sessions: u32,
@@ -154,6 +158,11 @@ impl FakeMcpd {
   pub fn script(&self, route: Route, answers: impl IntoIterator<Item = Answer>) {
     let mut state = self.state.lock();
     state.scripts.entry(route).or_default().extend(answers);
+  }
+
+  /// Every request of `route` (once its script is used up) is answered `status`.
+  pub fn always(&self, route: Route, status: u16) {
+    self.state.lock().always.insert(route, status);
   }
 
   /// Every request of `route` is answered only after `delay`.
@@ -348,12 +357,19 @@ fn decide(state: &Mutex<State>, mut request: Request) -> (Answer, Option<Duratio
     .scripts
     .get_mut(&request.route)
     .and_then(VecDeque::pop_front);
-  let answer = scripted.unwrap_or(Answer::Status(match request.route {
-    Route::Register => 201,
-    Route::Stream | Route::Result | Route::Chunks => 200,
-    Route::Heartbeat => 204,
-    Route::Other => 404,
-  }));
+  let always = state
+    .always
+    .get(&request.route)
+    .copied()
+    .map(Answer::Status);
+  let answer = scripted
+    .or(always)
+    .unwrap_or(Answer::Status(match request.route {
+      Route::Register => 201,
+      Route::Stream | Route::Result | Route::Chunks => 200,
+      Route::Heartbeat => 204,
+      Route::Other => 404,
+    }));
   let body = match answer {
     Answer::Status(status) if (200..300).contains(&status) => match request.route {
       Route::Register => Some(register_answer(&mut state, &request.body)),
@@ -495,6 +511,7 @@ async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Re
     body,
     task_id,
     status: 0,
+    at: std::time::Instant::now(),
   })
 }
 

@@ -32,6 +32,9 @@ pub enum Behavior {
     delay: Duration,
     fail: Option<String>,
   },
+  /// `stream()` yields `{ "content": "c<i> " }` for i in 0..count, each after
+  /// the first only once the test calls `release`.
+  GatedStream { count: usize },
 }
 
 pub struct MockProvider {
@@ -119,7 +122,9 @@ impl MockProvider {
           gate.acquire().await.expect("gate open").forget();
           Ok(value)
         }
-        Behavior::Stream { .. } => Err(ProviderFailure("mock: a stream used as complete()".into())),
+        Behavior::Stream { .. } | Behavior::GatedStream { .. } => {
+          Err(ProviderFailure("mock: a stream used as complete()".into()))
+        }
       }
     })
   }
@@ -146,6 +151,14 @@ impl Provider for MockProvider {
         count,
         delay,
         fail,
+        gate: None,
+      }),
+      Behavior::GatedStream { count } => Box::new(Chunks {
+        next: 0,
+        count,
+        delay: Duration::ZERO,
+        fail: None,
+        gate: Some(Arc::clone(&self.gate)),
       }),
       other => {
         // A one-chunk stream of whatever `complete()` would have settled with.
@@ -169,6 +182,7 @@ struct Chunks {
   count: usize,
   delay: Duration,
   fail: Option<String>,
+  gate: Option<Arc<Semaphore>>,
 }
 
 impl ChunkSource for Chunks {
@@ -176,6 +190,9 @@ impl ChunkSource for Chunks {
     Box::pin(async move {
       if !self.delay.is_zero() {
         tokio::time::sleep(self.delay).await;
+      }
+      if let (Some(gate), true) = (&self.gate, self.next > 0) {
+        gate.acquire().await.expect("gate open").forget();
       }
       if self.next < self.count {
         self.next += 1;

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs the Rust and the Node suites N rounds (default 20) while a CPU hog keeps
+# every core busy, and reports "N passed, M failed". Both suites run every
+# round, so a Rust failure never hides the Node result. Exits non-zero when any
+# round failed. Usage: scripts/stress.sh [rounds]   (npm run test:stress -- 3)
+set -u
+rounds="${1:-${STRESS_ROUNDS:-20}}"
+cd "$(dirname "$0")/.."
+logs="$(mktemp -d "${TMPDIR:-/tmp}/registrar-stress.XXXXXX")"
+
+hogs=()
+stop_hogs() {
+  for pid in "${hogs[@]}"; do kill "$pid" 2>/dev/null; done
+  wait 2>/dev/null
+}
+trap stop_hogs EXIT
+trap 'exit 130' INT TERM
+
+echo "building (Rust tests and the debug addon) before loading the cores"
+cargo test --no-run --quiet || exit 1
+npm run --silent build:debug >/dev/null || exit 1
+
+cores="$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc 2>/dev/null || echo 2)"
+for _ in $(seq "$cores"); do
+  yes >/dev/null &
+  hogs+=("$!")
+done
+echo "$cores CPU hogs running; $rounds rounds; logs in $logs"
+
+passed=0
+failed=0
+for round in $(seq "$rounds"); do
+  ok=1
+  if ! cargo test --quiet >"$logs/rust-$round.log" 2>&1; then
+    ok=0
+    echo "round $round: Rust suite FAILED (see $logs/rust-$round.log)"
+  fi
+  if ! node --test --test-concurrency=2 --test-timeout=120000 __test__/ >"$logs/node-$round.log" 2>&1; then
+    ok=0
+    echo "round $round: Node suite FAILED (see $logs/node-$round.log)"
+  fi
+  if [ "$ok" = 1 ]; then
+    passed=$((passed + 1))
+    echo "round $round: passed"
+  else
+    failed=$((failed + 1))
+  fi
+done
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]

@@ -1,0 +1,331 @@
+//! The task engine: turns `task` and `cancel` events into exactly one outcome
+//! per task (PROTOCOL.md section 4).
+//!
+//! Shape: `TaskDispatcher` is a plain struct owned by the registrar. It admits
+//! each task synchronously, in arrival order, on the control channel's task
+//! (`admission`), checks the replay guard (`replay`), and runs the task's life
+//! (`task`, with `relay` and `delivery` for its POSTs) on the registrar's
+//! `TaskTracker`. Every task has a `CancellationToken` of its own for mcpd's
+//! cancel and a child of the registrar's root token for stop; `stop()` in the
+//! registrar cancels the root and waits on the tracker. The dispatcher's one
+//! lock (`Book`) holds the live tasks, the replay guard and the counters.
+
+mod admission;
+mod delivery;
+mod relay;
+mod replay;
+mod task;
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::mcpd::McpdClient;
+use crate::openai::{self, ErrorReply};
+use crate::provider::Provider;
+use crate::wire::{self, CancelEvent, ProviderDescriptor, ProviderLoad, TaskEvent};
+
+pub use delivery::{deliver, Delivery, DeliverySignals, DELIVERY_DEADLINE};
+pub use replay::{ReplayGuard, MAX_IDS, MAX_ID_BYTES, REPLAY_WINDOW};
+pub use task::Outcome;
+
+use admission::Lane;
+use task::{Decision, TaskContext, TaskSignals};
+
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchSettings {
+  pub task_timeout: Duration,
+  pub max_concurrency: u32,
+  pub max_queue: u32,
+}
+
+impl Default for DispatchSettings {
+  fn default() -> Self {
+    Self {
+      task_timeout: Duration::from_secs(600),
+      max_concurrency: 4,
+      max_queue: 64,
+    }
+  }
+}
+
+/// A provider the registrar publishes.
+#[derive(Clone)]
+pub struct PublishedProvider {
+  pub descriptor: ProviderDescriptor,
+  pub provider: Arc<dyn Provider>,
+}
+
+/// The task counters of `status()`: received = completed + failed +
+/// cancelled + in flight + queued, always.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadTotals {
+  pub received: u64,
+  pub in_flight: u32,
+  pub queued: u32,
+  pub completed: u64,
+  pub failed: u64,
+  pub cancelled: u64,
+}
+
+/// The owners a dispatcher's tasks answer to (the registrar's).
+#[derive(Clone)]
+pub struct Owners {
+  /// Spawns and waits for every task.
+  pub tracker: TaskTracker,
+  /// Cancelled by `stop()`; each task holds a child.
+  pub root: CancellationToken,
+  /// Cancelled when the stop's grace ran out: POSTs in flight are dropped.
+  pub kill: CancellationToken,
+}
+
+/// Live tasks, the replay guard and the counters, under one lock.
+#[derive(Default)]
+struct Book {
+  live: HashMap<String, CancellationToken>,
+  guard: ReplayGuard,
+  received: u64,
+  completed: u64,
+  failed: u64,
+  cancelled: u64,
+}
+
+pub struct TaskDispatcher {
+  lanes: HashMap<String, Arc<Lane>>,
+  client: Arc<McpdClient>,
+  settings: DispatchSettings,
+  owners: Owners,
+  book: Mutex<Book>,
+}
+
+impl TaskDispatcher {
+  pub fn new(
+    providers: Vec<PublishedProvider>,
+    client: Arc<McpdClient>,
+    settings: DispatchSettings,
+    owners: Owners,
+  ) -> Self {
+    let lanes = providers
+      .into_iter()
+      .map(|published| {
+        let name = published.descriptor.name.clone();
+        let lane = Lane::new(published, settings.max_concurrency, settings.max_queue);
+        (name, Arc::new(lane))
+      })
+      .collect();
+    Self {
+      lanes,
+      client,
+      settings,
+      owners,
+      book: Mutex::new(Book::default()),
+    }
+  }
+
+  /// The load figures the heartbeat reports, one entry per provider.
+  pub fn loads(&self) -> Vec<ProviderLoad> {
+    let mut loads: Vec<ProviderLoad> = self.lanes.values().map(|lane| lane.load()).collect();
+    loads.sort_by(|a, b| a.name.cmp(&b.name));
+    loads
+  }
+
+  pub fn totals(&self) -> LoadTotals {
+    let book = self.book.lock();
+    // Read under the book's lock: a queued task is always received and not ended.
+    let queued: u32 = self.lanes.values().map(|lane| lane.queued()).sum();
+    let ended = book.completed + book.failed + book.cancelled;
+    LoadTotals {
+      received: book.received,
+      in_flight: book
+        .received
+        .saturating_sub(ended)
+        .saturating_sub(u64::from(queued)) as u32,
+      queued,
+      completed: book.completed,
+      failed: book.failed,
+      cancelled: book.cancelled,
+    }
+  }
+
+  /// How many task ids the replay guard remembers (for tests and diagnostics).
+  pub fn remembered(&self) -> usize {
+    self.book.lock().guard.len()
+  }
+
+  /// A `task` event: runs it unless its id is refused or was seen in the last 10 minutes.
+  pub fn accept(self: &Arc<Self>, data: &str) {
+    let (task_id, parsed) = match wire::parse_task(data) {
+      Ok(event) => (event.task_id.clone(), Ok(event)),
+      Err(malformed) => match malformed.task_id {
+        Some(task_id) => (task_id, Err(malformed.error)),
+        None => {
+          return tracing::warn!(error = %malformed.error, "ignoring a task event without a readable taskId")
+        }
+      },
+    };
+    if let Some(why) = wire::refuse_task_id(&task_id) {
+      let shown: String = task_id.chars().take(64).collect();
+      return tracing::warn!(task_id = %shown, reason = why, "refusing a task; not run, nothing posted");
+    }
+    let cancel = {
+      let mut book = self.book.lock();
+      if book.live.contains_key(&task_id) || book.guard.seen(&task_id) {
+        return tracing::debug!(task_id, "task already running or answered; not run again");
+      }
+      let cancel = CancellationToken::new();
+      book.live.insert(task_id.clone(), cancel.clone());
+      book.received += 1;
+      cancel
+    };
+    let signals = TaskSignals {
+      cancel,
+      stop: self.owners.root.child_token(),
+      kill: self.owners.kill.clone(),
+    };
+    let (decision, lane) = match parsed {
+      Ok(event) => self.decide(&event),
+      Err(error) => (
+        Decision::Answer(ErrorReply::invalid_request(format!(
+          "the task event is malformed: {error}"
+        ))),
+        None,
+      ),
+    };
+    // A task answered with an error without running (404, 400, 429, 503) is
+    // failed from this moment: it never counts as in flight, whatever its
+    // POST meets.
+    let counted = matches!(decision, Decision::Answer(_));
+    if counted {
+      Self::count(&mut self.book.lock(), lane.as_deref(), Outcome::Failed);
+    }
+    let dispatcher = Arc::clone(self);
+    let span = tracing::Span::current();
+    self.owners.tracker.spawn(
+      async move {
+        // A bug that panics a task must still leave it answered and counted.
+        let context = TaskContext {
+          client: &dispatcher.client,
+          task_timeout: dispatcher.settings.task_timeout,
+          signals,
+        };
+        let run = AssertUnwindSafe(context.run(&task_id, decision)).catch_unwind();
+        let outcome = match run.await {
+          Ok(outcome) => outcome,
+          Err(_) => {
+            tracing::error!(task_id, "task panicked inside the registrar; answering 502");
+            let fallback = TaskContext {
+              client: &dispatcher.client,
+              task_timeout: dispatcher.settings.task_timeout,
+              signals: TaskSignals {
+                cancel: CancellationToken::new(),
+                stop: dispatcher.owners.root.child_token(),
+                kill: dispatcher.owners.kill.clone(),
+              },
+            };
+            let reply = ErrorReply::provider_error("internal error in the registrar");
+            fallback.run(&task_id, Decision::Answer(reply)).await;
+            Outcome::Failed
+          }
+        };
+        dispatcher.finish(&task_id, lane.as_deref(), (!counted).then_some(outcome));
+      }
+      .instrument(span),
+    );
+  }
+
+  /// Routes, checks and admits a task, synchronously and in arrival order.
+  fn decide(&self, event: &TaskEvent) -> (Decision, Option<Arc<Lane>>) {
+    let provider = event.provider.as_deref().unwrap_or_default();
+    let Some(lane) = self.lanes.get(provider) else {
+      return (
+        Decision::Answer(ErrorReply::model_not_found(provider)),
+        None,
+      );
+    };
+    let lane = Arc::clone(lane);
+    let answer = |reply| (Decision::Answer(reply), Some(Arc::clone(&lane)));
+    if self.owners.root.is_cancelled() {
+      return answer(ErrorReply::unavailable());
+    }
+    // The body is parsed here, with serde_json's recursion limit: a body
+    // too deep or of the wrong shape is answered 400.
+    let body: Value = match event
+      .body
+      .as_deref()
+      .map(|raw| serde_json::from_str(raw.get()))
+    {
+      None => Value::Null,
+      Some(Ok(body)) => body,
+      Some(Err(error)) => {
+        return answer(ErrorReply::invalid_request(format!(
+          "the request body cannot be read: {error}"
+        )))
+      }
+    };
+    let request = match openai::to_completion_options(&body) {
+      Ok(request) => request,
+      Err(reply) => return answer(reply),
+    };
+    let stream = event
+      .stream
+      .or_else(|| body.get("stream").and_then(Value::as_bool))
+      .unwrap_or(false);
+    match lane.admit(&event.task_id) {
+      Some(admission) => (
+        Decision::Run {
+          lane: Arc::clone(&lane),
+          request,
+          admission,
+          stream,
+        },
+        Some(lane),
+      ),
+      None => answer(ErrorReply::rate_limited(lane.name())),
+    }
+  }
+
+  /// Retires a task: no longer live, remembered by the replay guard, and
+  /// its outcome counted (unless it was counted at admission).
+  fn finish(&self, task_id: &str, lane: Option<&Lane>, outcome: Option<Outcome>) {
+    let mut book = self.book.lock();
+    book.live.remove(task_id);
+    book.guard.remember(task_id);
+    if let Some(outcome) = outcome {
+      Self::count(&mut book, lane, outcome);
+    }
+  }
+
+  /// Counts a task's one outcome.
+  fn count(book: &mut Book, lane: Option<&Lane>, outcome: Outcome) {
+    match outcome {
+      Outcome::Completed => book.completed += 1,
+      Outcome::Failed => book.failed += 1,
+      Outcome::Cancelled => book.cancelled += 1,
+    }
+    if let (Some(lane), Outcome::Completed | Outcome::Failed) = (lane, outcome) {
+      lane.count(outcome == Outcome::Completed);
+    }
+  }
+
+  /// A `cancel` event: fires the task's token; unknown or finished tasks are a no-op.
+  pub fn cancel(&self, data: &str) {
+    let Ok(event) = serde_json::from_str::<CancelEvent>(data) else {
+      return tracing::warn!("ignoring a cancel event without a taskId");
+    };
+    match self.book.lock().live.get(&event.task_id) {
+      Some(cancel) => {
+        tracing::debug!(task_id = %event.task_id, "cancelled by mcpd");
+        cancel.cancel();
+      }
+      None => tracing::debug!(task_id = %event.task_id, "cancel for a task not running; ignored"),
+    }
+  }
+}

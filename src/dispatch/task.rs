@@ -1,0 +1,460 @@
+//! One task's life, from admission to its one outcome (PROTOCOL.md section 4):
+//! a result POST, a chunk sequence ending in `[DONE]`, or nothing after
+//! mcpd's `cancel`.
+//!
+//! Shape: an async function run on the registrar's `TaskTracker`. What ends a
+//! task is decided in one place, `decide`, a biased `select!` whose order is
+//! the rule when several endings are ready at once:
+//!
+//! 1. **cancel from mcpd**: nothing more is posted; the provider's signal fires
+//!    with `Cancelled`.
+//! 2. **stop** (the registrar's root token): answered 503; signal `Stopping`.
+//! 3. **timeout** (`taskTimeoutMs`): answered 504; signal `TimedOut`.
+//! 4. **the provider settles**: its answer, or, when it failed, 502 (in-band
+//!    after chunks went out); signal `Failed` when it failed.
+//! 5. **relay gone** (mcpd forgot a streaming task, or delivery gave up): ends
+//!    quietly; signal `Abandoned`.
+//!
+//! Once the provider call was started, every ending but the provider's own
+//! settling calls `provider.abort(task_id, reason)`, so the signal fires even
+//! when the call reaches the provider after the ending (the bridge records an
+//! abort for a task it does not know yet).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::admission::{Admission, Lane, Slot};
+use super::delivery::{deliver, Delivery, DeliverySignals};
+use super::relay::{relay_chunks, Relayed, RELAY_BUFFER};
+use crate::error::describe;
+use crate::mcpd::McpdClient;
+use crate::openai::{self, AnswerIdentity, ErrorReply, StreamEncoder};
+use crate::provider::{AbortReason, Provider, ProviderCall};
+
+/// A task's tokens: mcpd's cancel (its own), the stop (a child of the
+/// registrar's root) and the hard stop after the stop's grace.
+pub type TaskSignals = DeliverySignals;
+
+/// How a task ended, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+  Completed,
+  Failed,
+  Cancelled,
+}
+
+/// What admission decided for a task, in arrival order.
+pub enum Decision {
+  /// Answered with an error without running (404, 400, 429, 503).
+  Answer(ErrorReply),
+  Run {
+    lane: Arc<Lane>,
+    request: openai::ChatRequest,
+    admission: Admission,
+    stream: bool,
+  },
+}
+
+/// What a task needs from the dispatcher.
+pub struct TaskContext<'a> {
+  pub client: &'a McpdClient,
+  pub task_timeout: Duration,
+  pub signals: TaskSignals,
+}
+
+/// Why the provider's part of a task ended.
+enum Ending<T> {
+  /// From outside: cancel, stop or timeout.
+  Aborted(AbortReason),
+  /// The provider settled (for a stream: its iterator ended or failed).
+  Settled(T),
+  /// The relay is gone.
+  RelayGone,
+}
+
+impl TaskContext<'_> {
+  /// Runs a task to its one outcome.
+  pub async fn run(&self, task_id: &str, decision: Decision) -> Outcome {
+    match decision {
+      Decision::Answer(reply) => self.fail(task_id, &reply).await,
+      Decision::Run {
+        lane,
+        request,
+        admission,
+        stream,
+      } => {
+        self
+          .run_in_lane(task_id, &lane, request, admission, stream)
+          .await
+      }
+    }
+  }
+
+  async fn run_in_lane(
+    &self,
+    task_id: &str,
+    lane: &Arc<Lane>,
+    request: openai::ChatRequest,
+    admission: Admission,
+    stream: bool,
+  ) -> Outcome {
+    let _slot: Slot = match admission {
+      Admission::Now(slot) => slot,
+      Admission::Queued(mut queued) => {
+        // Same order as `decide`: cancel, then stop, then the slot.
+        let signals = &self.signals;
+        tokio::select! {
+          biased;
+          _ = signals.cancel.cancelled() => {
+            queued.leave();
+            return Outcome::Cancelled;
+          }
+          _ = signals.stop.cancelled() => {
+            queued.leave();
+            return self.fail(task_id, &ErrorReply::unavailable()).await;
+          }
+          slot = queued.granted() => slot,
+        }
+      }
+    };
+    // A slot handed over just as the task was cancelled or stopped.
+    if self.signals.cancel.is_cancelled() {
+      return Outcome::Cancelled;
+    }
+    if self.signals.stop.is_cancelled() {
+      return self.fail(task_id, &ErrorReply::unavailable()).await;
+    }
+    let descriptor = &lane.published.descriptor;
+    let identity_model = request
+      .model
+      .clone()
+      .or_else(|| descriptor.model.clone())
+      .unwrap_or_else(|| descriptor.name.clone());
+    let identity = AnswerIdentity::new(task_id, identity_model);
+    let mut options = request.options;
+    // The provider gets the entry's configured model, never the virtual
+    // LLM's name mcpd routed by (which stays in `options.request.model`).
+    if let Some(options) = options.as_object_mut() {
+      match &descriptor.model {
+        Some(model) => options.insert("model".into(), model.clone().into()),
+        None => options.remove("model"),
+      };
+    }
+    let call = ProviderCall {
+      task_id: task_id.to_owned(),
+      options,
+    };
+    let provider = &lane.published.provider;
+    if stream {
+      let encoder = StreamEncoder::new(identity, request.include_usage);
+      self.stream_task(provider, call, encoder).await
+    } else {
+      self.complete_task(provider, call, identity).await
+    }
+  }
+
+  /// The one place where a task's endings race; see the module comment for the order.
+  async fn decide<T>(
+    &self,
+    deadline: Instant,
+    settled: impl std::future::Future<Output = T>,
+    relay_gone: impl std::future::Future<Output = ()>,
+  ) -> Ending<T> {
+    let signals = &self.signals;
+    tokio::select! {
+      biased;
+      _ = signals.cancel.cancelled() => Ending::Aborted(AbortReason::Cancelled),
+      _ = signals.stop.cancelled() => Ending::Aborted(AbortReason::Stopping),
+      _ = tokio::time::sleep_until(deadline) => Ending::Aborted(AbortReason::TimedOut),
+      value = settled => Ending::Settled(value),
+      _ = relay_gone => Ending::RelayGone,
+    }
+  }
+
+  /// The error answer for an ending from outside; `None` for mcpd's cancel.
+  fn reply_for(&self, reason: AbortReason) -> Option<ErrorReply> {
+    match reason {
+      AbortReason::Cancelled => None,
+      AbortReason::Stopping => Some(ErrorReply::unavailable()),
+      AbortReason::TimedOut => Some(ErrorReply::timeout(self.task_timeout.as_millis() as u64)),
+      AbortReason::Failed | AbortReason::Abandoned => None,
+    }
+  }
+
+  async fn complete_task(
+    &self,
+    provider: &Arc<dyn Provider>,
+    call: ProviderCall,
+    identity: AnswerIdentity,
+  ) -> Outcome {
+    let task_id = call.task_id.clone();
+    let deadline = Instant::now() + self.task_timeout;
+    let settled = self
+      .decide(deadline, provider.complete(call), std::future::pending())
+      .await;
+    let settled = match settled {
+      Ending::Settled(settled) => settled,
+      Ending::Aborted(reason) => {
+        provider.abort(&task_id, reason);
+        return match self.reply_for(reason) {
+          Some(reply) => self.fail(&task_id, &reply).await,
+          None => Outcome::Cancelled,
+        };
+      }
+      Ending::RelayGone => unreachable!("a non-streaming task has no relay"),
+    };
+    match settled
+      .map_err(|failure| failure.0)
+      .and_then(openai::parse_result)
+    {
+      Ok(result) => {
+        let body = openai::chat_completion(&identity, &result);
+        self
+          .post_result(&task_id, 200, &body, Outcome::Completed)
+          .await
+      }
+      Err(message) => {
+        tracing::warn!(task_id = %task_id, error = %message, "provider failed");
+        self
+          .fail(&task_id, &ErrorReply::provider_error(message))
+          .await
+      }
+    }
+  }
+
+  async fn stream_task(
+    &self,
+    provider: &Arc<dyn Provider>,
+    call: ProviderCall,
+    mut encoder: StreamEncoder,
+  ) -> Outcome {
+    let task_id = call.task_id.clone();
+    let deadline = Instant::now() + self.task_timeout;
+    let (sender, receiver) = mpsc::channel::<String>(RELAY_BUFFER);
+    let relay = relay_chunks(self.client, &task_id, receiver, &self.signals);
+    let produce = async {
+      let sender = sender;
+      let produced = produce(provider.as_ref(), call, &mut encoder, &sender);
+      let ending = self.decide(deadline, produced, sender.closed()).await;
+      let reply = match ending {
+        Ending::Settled(Ok(())) => return Outcome::Completed,
+        Ending::Settled(Err(Produced::RelayClosed)) | Ending::RelayGone => {
+          provider.abort(&task_id, AbortReason::Abandoned);
+          return Outcome::Failed;
+        }
+        Ending::Settled(Err(Produced::Failed(reply))) => {
+          // Let go of the provider's iterator whatever went wrong.
+          provider.abort(&task_id, AbortReason::Failed);
+          reply
+        }
+        Ending::Aborted(reason) => {
+          provider.abort(&task_id, reason);
+          match self.reply_for(reason) {
+            Some(reply) => reply,
+            None => return Outcome::Cancelled,
+          }
+        }
+      };
+      if encoder.started() {
+        // Payloads went out: the error goes in-band, then [DONE].
+        let mut out = Vec::new();
+        encoder.fail(&reply, &mut out);
+        let _ = send_all(&sender, &mut out).await;
+        Outcome::Failed
+      } else {
+        drop(sender);
+        self.fail(&task_id, &reply).await
+      }
+    };
+    let (outcome, relayed) = tokio::join!(produce, relay);
+    match (outcome, relayed) {
+      (Outcome::Cancelled, _) | (_, Relayed::Cancelled) => Outcome::Cancelled,
+      (outcome, Relayed::Finished) => outcome,
+      (_, Relayed::Undelivered) => Outcome::Failed,
+    }
+  }
+
+  /// Answers a task with an OpenAI error body on the result endpoint.
+  async fn fail(&self, task_id: &str, reply: &ErrorReply) -> Outcome {
+    tracing::debug!(task_id, status = reply.status, message = %reply.message, "answering with an error");
+    self
+      .post_result(task_id, reply.status, &reply.body(), Outcome::Failed)
+      .await
+  }
+
+  /// POSTs a result; `delivered` is the outcome when it arrives.
+  async fn post_result(
+    &self,
+    task_id: &str,
+    status: u16,
+    body: &serde_json::Value,
+    delivered: Outcome,
+  ) -> Outcome {
+    let delivery = deliver(&self.signals, || {
+      self.client.post_result(task_id, status, body)
+    })
+    .await;
+    match delivery {
+      Delivery::Delivered => delivered,
+      Delivery::Cancelled => {
+        tracing::debug!(task_id, "cancelled while its result was being delivered");
+        Outcome::Cancelled
+      }
+      Delivery::Gone => {
+        tracing::debug!(task_id, "mcpd no longer knows the task; result dropped");
+        Outcome::Failed
+      }
+      Delivery::Failed(error) => {
+        tracing::warn!(task_id, error = %describe(&error), "could not deliver the task's result");
+        Outcome::Failed
+      }
+    }
+  }
+}
+
+/// Why producing a stream stopped early.
+enum Produced {
+  Failed(ErrorReply),
+  /// The relay is gone (its receiver dropped).
+  RelayClosed,
+}
+
+/// Pulls the provider's chunks (or its one result, for a provider without
+/// `stream()`) and hands the payloads to the relay, waiting while it is full.
+async fn produce(
+  provider: &dyn Provider,
+  call: ProviderCall,
+  encoder: &mut StreamEncoder,
+  sender: &mpsc::Sender<String>,
+) -> Result<(), Produced> {
+  let provider_failed = |message: String| {
+    tracing::warn!(error = %message, "provider failed");
+    Produced::Failed(ErrorReply::provider_error(message))
+  };
+  let mut out = Vec::new();
+  if provider.can_stream() {
+    let mut source = provider
+      .stream(call)
+      .await
+      .map_err(|failure| provider_failed(failure.0))?;
+    while let Some(value) = source
+      .next_chunk()
+      .await
+      .map_err(|failure| provider_failed(failure.0))?
+    {
+      let chunk = openai::parse_chunk(value).map_err(provider_failed)?;
+      encoder.push(chunk, &mut out);
+      send_all(sender, &mut out).await?;
+    }
+  } else {
+    let value = provider
+      .complete(call)
+      .await
+      .map_err(|failure| provider_failed(failure.0))?;
+    let result = openai::parse_result(value).map_err(provider_failed)?;
+    encoder.push_result(result, &mut out);
+  }
+  encoder.finish(&mut out);
+  send_all(sender, &mut out).await
+}
+
+async fn send_all(sender: &mpsc::Sender<String>, out: &mut Vec<String>) -> Result<(), Produced> {
+  for payload in out.drain(..) {
+    sender
+      .send(payload)
+      .await
+      .map_err(|_| Produced::RelayClosed)?;
+  }
+  Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+  //! The order of `decide` when several endings are ready at once.
+  use super::*;
+  use crate::provider::{BoxFuture, ChunkSource, ProviderFailure};
+  use crate::secret::Secret;
+  use parking_lot::Mutex;
+  use serde_json::Value;
+  use tokio_util::sync::CancellationToken;
+
+  /// A provider that never settles and records the aborts it gets.
+  #[derive(Default)]
+  struct Silent(Mutex<Vec<AbortReason>>);
+
+  impl Provider for Silent {
+    fn can_stream(&self) -> bool {
+      false
+    }
+    fn complete(&self, _: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
+      Box::pin(std::future::pending())
+    }
+    fn stream(
+      &self,
+      _: ProviderCall,
+    ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+      Box::pin(std::future::pending())
+    }
+    fn abort(&self, _: &str, reason: AbortReason) {
+      self.0.lock().push(reason);
+    }
+  }
+
+  /// Runs one non-streaming task with the given endings already fired;
+  /// answers go to a closed port (refused at once, never retried once stopping).
+  async fn race(cancel: bool, stop: bool, timeout: Duration) -> (Outcome, Vec<AbortReason>) {
+    let client = McpdClient::new("http://127.0.0.1:9", Secret::new("t"), false).unwrap();
+    let signals = TaskSignals {
+      cancel: CancellationToken::new(),
+      stop: CancellationToken::new(),
+      kill: CancellationToken::new(),
+    };
+    if cancel {
+      signals.cancel.cancel();
+    }
+    if stop {
+      signals.stop.cancel();
+    }
+    let context = TaskContext {
+      client: &client,
+      task_timeout: timeout,
+      signals,
+    };
+    let silent = Arc::new(Silent::default());
+    let provider: Arc<dyn Provider> = silent.clone();
+    let call = ProviderCall {
+      task_id: "t".into(),
+      options: Value::Null,
+    };
+    let identity = AnswerIdentity::new("t", "m".into());
+    let outcome = context.complete_task(&provider, call, identity).await;
+    let aborts = silent.0.lock().clone();
+    (outcome, aborts)
+  }
+
+  #[tokio::test]
+  async fn cancel_beats_stop_beats_timeout() {
+    let (outcome, aborts) = race(true, true, Duration::ZERO).await;
+    assert_eq!(
+      (outcome, aborts),
+      (Outcome::Cancelled, vec![AbortReason::Cancelled])
+    );
+    let (outcome, aborts) = race(false, true, Duration::ZERO).await;
+    assert_eq!(
+      (outcome, aborts),
+      (Outcome::Failed, vec![AbortReason::Stopping])
+    );
+  }
+
+  #[tokio::test(start_paused = true)]
+  async fn timeout_alone_times_out() {
+    let (outcome, aborts) = race(false, false, Duration::from_millis(10)).await;
+    assert_eq!(
+      (outcome, aborts),
+      (Outcome::Failed, vec![AbortReason::TimedOut])
+    );
+  }
+}
