@@ -3,3 +3,4 @@
 mod options;
 mod provider_bridge;
 mod registrar;
+mod stream_window;

@@ -3,11 +3,17 @@
 // AbortController, the providers' async iterators, and calls made with the
 // right `this`. Rust passes task ids and JSON text; every function here answers
 // a JSON text and never throws or rejects, so a broken provider cannot crash
-// mcplocal.
-(function createProviderBridge(logger, onStateChange) {
+// mcplocal. A stream's `for await` loop runs here too (pump below): it hands
+// chunks to Rust in batches through `native`, plain synchronous calls into the
+// addon (stream_window.rs), never one threadsafe-function round trip per chunk.
+(function createProviderBridge(logger, onStateChange, native) {
   'use strict'
   const providers = new Map()
   const tasks = new Map()
+  // A pump waiting for credit, by stream id; `credit()` settles it.
+  const creditWaiters = new Map()
+  // The most chunk JSON gathered before a push, whatever the credit.
+  const FLUSH_BYTES = native.flushBytes
 
   const describe = (error) => {
     if (error instanceof Error) return error.message || error.name || 'Error'
@@ -46,6 +52,96 @@
     }
   }
 
+  // The shape openai.rs parse_chunk accepts, checked as the chunk is produced:
+  // a bad one ends the loop while the provider still waits at its `yield`, so
+  // its iterator can be closed. Rust checks every chunk again.
+  const isCount = (value) => Number.isSafeInteger(value) && value >= 0
+  const optional = (value, check) => value === undefined || value === null || check(value)
+  const isText = (value) => typeof value === 'string'
+  const isObject = (value) => value !== null && typeof value === 'object' && !Array.isArray(value)
+  function checkChunk(chunk) {
+    if (!isObject(chunk)) {
+      throw new Error('the provider\'s stream() yielded something that is not a CompletionChunk object')
+    }
+    const valid =
+      optional(chunk.content, isText) &&
+      optional(chunk.finishReason, isText) &&
+      optional(chunk.usage, (usage) => isObject(usage) && isCount(usage.promptTokens) &&
+        isCount(usage.completionTokens) && optional(usage.totalTokens, isCount)) &&
+      optional(chunk.toolCalls, (calls) => Array.isArray(calls) && calls.every((call) =>
+        isObject(call) && isCount(call.index) && optional(call.id, isText) &&
+        optional(call.function, (fn) => isObject(fn) && optional(fn.name, isText))))
+    if (!valid) throw new Error('the provider yielded an invalid CompletionChunk')
+  }
+
+  function wakePump(streamId, credit) {
+    const resolve = creditWaiters.get(streamId)
+    creditWaiters.delete(streamId)
+    resolve?.(credit)
+  }
+
+  // Runs a stream's `for await` loop. Chunks produced in the same tick go to Rust
+  // in one `native.push` (at the end of the tick, or once the batch reaches the
+  // credit left or FLUSH_BYTES). `push` answers the credit left; at 0 the loop
+  // holds its next chunk and awaits one wake-up, when Rust has taken half the
+  // window. An abort (cancel, timeout, stop) stops it at its next step.
+  async function pump(taskId, task, streamId, credit) {
+    const { signal } = task.controller
+    const iterator = task.iterator
+    // An abort also ends a wait for credit at once.
+    signal.addEventListener('abort', () => wakePump(streamId, -1), { once: true })
+    let parts = []
+    let bytes = 0
+    let scheduled = false
+    const flush = () => {
+      scheduled = false
+      if (parts.length === 0) return
+      const text = parts.length === 1 ? parts[0] : parts.join('\n')
+      const count = parts.length
+      parts = []
+      bytes = 0
+      credit = native.push(streamId, text, count)
+    }
+    let ending = null
+    try {
+      for await (const chunk of { [Symbol.asyncIterator]: () => iterator }) {
+        if (signal.aborted) return
+        while (credit <= parts.length) {
+          if (parts.length > 0) {
+            flush()
+          } else if (credit < 0) {
+            return
+          } else {
+            credit = await new Promise((resolve) => creditWaiters.set(streamId, resolve))
+            if (signal.aborted) return
+          }
+        }
+        checkChunk(chunk)
+        // JSON text never holds a raw "\n", so it separates the chunks of a push.
+        const text = JSON.stringify(chunk)
+        parts.push(text)
+        bytes += text.length
+        if (bytes >= FLUSH_BYTES) {
+          flush()
+        } else if (!scheduled) {
+          scheduled = true
+          setImmediate(flush)
+        }
+      }
+    } catch (error) {
+      ending = describe(error)
+    } finally {
+      creditWaiters.delete(streamId)
+      task.iterator = null
+    }
+    // After a failure the task stays known until Rust aborts it (reason: failed).
+    if (ending === null && tasks.get(taskId) === task) tasks.delete(taskId)
+    if (signal.aborted) return
+    flush()
+    if (ending === null) native.end(streamId)
+    else native.fail(streamId, ending)
+  }
+
   return {
     publish(name, provider) {
       providers.set(name, provider)
@@ -71,7 +167,7 @@
         .finally(() => tasks.delete(taskId))
     },
 
-    openStream(name, taskId, optionsJson) {
+    openStream(name, taskId, optionsJson, streamId, credit) {
       return new Promise((resolve) => {
         const provider = providers.get(name)
         const { task, options } = begin(taskId, optionsJson)
@@ -81,6 +177,7 @@
           throw new Error('the provider\'s stream() did not return an async iterable')
         }
         task.iterator = open.call(iterable)
+        pump(taskId, task, streamId, credit)
         resolve(JSON.stringify({ ok: true }))
       }).catch((error) => {
         tasks.delete(taskId)
@@ -88,30 +185,9 @@
       })
     },
 
-    next(taskId) {
-      const task = tasks.get(taskId)
-      if (!task || !task.iterator) {
-        return Promise.resolve(failure(new Error('the stream was closed')))
-      }
-      return new Promise((resolve) => resolve(task.iterator.next()))
-        .then((step) => {
-          if (step === null || typeof step !== 'object') {
-            throw new Error('the provider\'s iterator returned a non-object step')
-          }
-          if (step.done) {
-            task.iterator = null
-            tasks.delete(taskId)
-            return JSON.stringify({ ok: true, done: true })
-          }
-          return JSON.stringify({ ok: true, value: step.value })
-        })
-        .catch((error) => {
-          // The stream is over: let the provider's iterator clean up (its
-          // finally blocks run) and forget the task.
-          tasks.delete(taskId)
-          closeIterator(task)
-          return failure(error)
-        })
+    // Rust gave credit back to a pump that used it all (CLOSED, -1: the task ended).
+    credit(streamId, credit) {
+      wakePump(streamId, credit)
     },
 
     abort(taskId, reason, timedOut) {
