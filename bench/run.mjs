@@ -156,6 +156,8 @@ async function measure(kind) {
     await run('warm-up', scale.warmup, 1, 0)
     await run('warm-up streams', 4, 4, 200)
 
+    // Idle: after the warm-up's garbage is collected and its JIT work done.
+    await new Promise((resolve) => setTimeout(resolve, scale.idleMs / 2))
     let before = await child.snap()
     await new Promise((resolve) => setTimeout(resolve, scale.idleMs))
     let after = await child.snap()

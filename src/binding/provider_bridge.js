@@ -2,8 +2,8 @@
 // provider_bridge.rs. It owns what only JavaScript can hold well: each task's
 // AbortController, the providers' async iterators, and calls made with the
 // right `this`. Rust passes task ids and JSON text; every function here answers
-// a JSON text and never throws or rejects, so a broken provider cannot crash
-// mcplocal. A stream's `for await` loop runs here too (pump below): it hands
+// a JSON text (a provider call through `native.settle`) and never throws or
+// rejects, so a broken provider cannot crash mcplocal. A stream's `for await` loop runs here too (pump below): it hands
 // chunks to Rust in batches through `native`, plain synchronous calls into the
 // addon (stream_window.rs), never one threadsafe-function round trip per chunk.
 (function createProviderBridge(logger, onStateChange, native) {
@@ -72,6 +72,15 @@
         isObject(call) && isCount(call.index) && optional(call.id, isText) &&
         optional(call.function, (fn) => isObject(fn) && optional(fn.name, isText))))
     if (!valid) throw new Error('the provider yielded an invalid CompletionChunk')
+  }
+
+  // Answers a provider call (provider_bridge.rs PendingCalls).
+  function settle(callId, reply) {
+    try {
+      native.settle(callId, reply)
+    } catch {
+      // Only a bug could get here; Rust's task timeout still ends the task.
+    }
   }
 
   function wakePump(streamId, credit) {
@@ -157,18 +166,19 @@
       }
     },
 
-    complete(name, taskId, optionsJson) {
-      return new Promise((resolve) => {
+    complete(name, taskId, optionsJson, callId) {
+      new Promise((resolve) => {
         const provider = providers.get(name)
         const { options } = begin(taskId, optionsJson)
         resolve(provider.complete(options))
       })
         .then(encode, failure)
         .finally(() => tasks.delete(taskId))
+        .then((reply) => settle(callId, reply))
     },
 
-    openStream(name, taskId, optionsJson, streamId, credit) {
-      return new Promise((resolve) => {
+    openStream(name, taskId, optionsJson, callId, streamId, credit) {
+      new Promise((resolve) => {
         const provider = providers.get(name)
         const { task, options } = begin(taskId, optionsJson)
         const iterable = provider.stream(options)
@@ -179,10 +189,12 @@
         task.iterator = open.call(iterable)
         pump(taskId, task, streamId, credit)
         resolve(JSON.stringify({ ok: true }))
-      }).catch((error) => {
-        tasks.delete(taskId)
-        return failure(error)
       })
+        .catch((error) => {
+          tasks.delete(taskId)
+          return failure(error)
+        })
+        .then((reply) => settle(callId, reply))
     },
 
     // Rust gave credit back to a pump that used it all (CLOSED, -1: the task ended).

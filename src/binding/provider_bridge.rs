@@ -8,14 +8,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{
-  FnArgs, Function, FunctionRef, JsObjectValue, Object, Promise, Unknown,
-};
+use napi::bindgen_prelude::{FnArgs, Function, FunctionRef, JsObjectValue, Object, Unknown};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::{Env, Status};
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 
 use super::stream_window::{
   Credit, End, StreamWindow, WakeProducer, WindowReader, CLOSED, FLUSH_BYTES, WINDOW,
@@ -28,16 +27,17 @@ use crate::registrar::{RegistrarStatus, StatusObserver};
 
 const SOURCE: &str = include_str!("provider_bridge.js");
 
-type TaskArgs = FnArgs<(String, String, String)>;
-type StreamArgs = FnArgs<(String, String, String, u32, Credit)>;
+type TaskArgs = FnArgs<(String, String, String, u32)>;
+type StreamArgs = FnArgs<(String, String, String, u32, u32, Credit)>;
 type CreditArgs = FnArgs<(u32, Credit)>;
 type AbortArgs = FnArgs<(String, String, bool)>;
 type LogArgs = FnArgs<(String, String, String)>;
-/// `complete(name, taskId, optionsJson)`: resolves to a JSON reply.
-type TaskFn = ThreadsafeFunction<TaskArgs, Promise<String>, TaskArgs, Status, false, true>;
-/// `openStream(name, taskId, optionsJson, streamId, credit)`: resolves to a JSON
-/// reply once the provider's iterator is open; its loop then pushes the chunks.
-type StreamFn = ThreadsafeFunction<StreamArgs, Promise<String>, StreamArgs, Status, false, true>;
+/// `complete(name, taskId, optionsJson, callId)`: settles the call with a JSON reply.
+type TaskFn = ThreadsafeFunction<TaskArgs, Unknown<'static>, TaskArgs, Status, false, true>;
+/// `openStream(name, taskId, optionsJson, callId, streamId, credit)`: settles the
+/// call with a JSON reply once the provider's iterator is open; its loop then
+/// pushes the chunks.
+type StreamFn = ThreadsafeFunction<StreamArgs, Unknown<'static>, StreamArgs, Status, false, true>;
 /// `credit(streamId, credit)`: wakes a stream's loop that waits for credit.
 type CreditFn = ThreadsafeFunction<CreditArgs, Unknown<'static>, CreditArgs, Status, false, true>;
 /// `abort(taskId, reason, timedOut)`.
@@ -55,6 +55,48 @@ type BridgeFactory<'env> = Function<
   FnArgs<(Option<Object<'env>>, Option<Function<'env>>, Object<'env>)>,
   Object<'env>,
 >;
+
+/// Provider calls waiting for their JavaScript reply, by call id. The reply
+/// comes back through `native.settle(callId, replyJson)`, a plain synchronous
+/// call, rather than as a Promise handed back through the threadsafe function
+/// (which costs an extra wake-up of the runtime and a pair of callbacks per call).
+#[derive(Default)]
+struct PendingCalls {
+  next_id: AtomicU32,
+  waiting: Mutex<HashMap<u32, oneshot::Sender<String>>>,
+}
+
+impl PendingCalls {
+  fn open(self: &Arc<Self>) -> PendingCall {
+    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+    let (sender, receiver) = oneshot::channel();
+    self.waiting.lock().insert(id, sender);
+    PendingCall {
+      id,
+      receiver,
+      calls: Arc::clone(self),
+    }
+  }
+
+  fn settle(&self, id: u32, reply: String) {
+    if let Some(sender) = self.waiting.lock().remove(&id) {
+      let _ = sender.send(reply);
+    }
+  }
+}
+
+/// One call's wait for its reply; forgotten when dropped (the task ended first).
+struct PendingCall {
+  id: u32,
+  receiver: oneshot::Receiver<String>,
+  calls: Arc<PendingCalls>,
+}
+
+impl Drop for PendingCall {
+  fn drop(&mut self) {
+    self.calls.waiting.lock().remove(&self.id);
+  }
+}
 
 /// The open streams of one bridge, by the id their JavaScript loop pushes to.
 #[derive(Default)]
@@ -79,10 +121,23 @@ impl StreamTable {
   }
 
   /// `native`: `push(streamId, text, count)` answers the credit left,
-  /// `end(streamId)` and `fail(streamId, message)` end the stream. Plain
-  /// synchronous calls on the JavaScript thread: a lock and a copy, no wake-up.
-  fn native<'env>(self: &Arc<Self>, env: &'env Env) -> napi::Result<Object<'env>> {
+  /// `end(streamId)` and `fail(streamId, message)` end the stream, and
+  /// `settle(callId, replyJson)` answers a provider call. Plain synchronous
+  /// calls on the JavaScript thread: a lock and a copy, no wake-up of their own.
+  fn native<'env>(
+    self: &Arc<Self>,
+    calls: &Arc<PendingCalls>,
+    env: &'env Env,
+  ) -> napi::Result<Object<'env>> {
     let mut native = Object::new(env)?;
+    let pending = Arc::clone(calls);
+    let settle =
+      env.create_function_from_closure::<FnArgs<(u32, String)>, _, _>("settle", move |call| {
+        let (id, reply): (u32, String) = call.args()?;
+        pending.settle(id, reply);
+        Ok(())
+      })?;
+    native.set_named_property("settle", settle)?;
     let table = Arc::clone(self);
     let push = env.create_function_from_closure::<FnArgs<(u32, String, u32)>, _, _>(
       "push",
@@ -126,6 +181,7 @@ pub struct JsBridge {
   open_stream: StreamFn,
   credit: Arc<CreditFn>,
   streams: Arc<StreamTable>,
+  calls: Arc<PendingCalls>,
   abort: AbortFn,
   log: LogFn,
   state_change: StateFn,
@@ -147,13 +203,15 @@ impl JsBridge {
   ) -> napi::Result<BridgeParts<'env>> {
     let factory: BridgeFactory = env.run_script(SOURCE)?;
     let streams = Arc::new(StreamTable::default());
-    let native = streams.native(env)?;
+    let calls = Arc::new(PendingCalls::default());
+    let native = streams.native(&calls, env)?;
     let object = factory.call(FnArgs::from((logger, on_state_change, native)))?;
     let bridge = JsBridge {
       complete: weak_function(&object, "complete")?,
       open_stream: weak_function(&object, "openStream")?,
       credit: Arc::new(weak_function(&object, "credit")?),
       streams,
+      calls,
       abort: weak_function(&object, "abort")?,
       log: weak_function(&object, "log")?,
       state_change: weak_function(&object, "stateChange")?,
@@ -195,16 +253,25 @@ impl JsBridge {
     })
   }
 
+  /// Calls `function` with a fresh call id and waits for its `settle`.
   async fn call_task<Args: 'static + napi::bindgen_prelude::JsValuesTupleIntoVec>(
     &self,
-    function: &ThreadsafeFunction<Args, Promise<String>, Args, Status, false, true>,
+    function: &ThreadsafeFunction<Args, Unknown<'static>, Args, Status, false, true>,
     what: &str,
-    args: Args,
+    args: impl FnOnce(u32) -> Args,
   ) -> Result<Reply, ProviderFailure> {
-    let context =
-      |error: napi::Error| ProviderFailure(format!("provider.{what}: {}", error.reason));
-    let promise = function.call_async_catch(args).await.map_err(context)?;
-    let text = promise.await.map_err(context)?;
+    let mut call = self.calls.open();
+    let status = function.call(args(call.id), ThreadsafeFunctionCallMode::NonBlocking);
+    if status != Status::Ok {
+      return Err(ProviderFailure(format!(
+        "provider.{what}: cannot call into JavaScript: {status}"
+      )));
+    }
+    let text = (&mut call.receiver).await.map_err(|_| {
+      ProviderFailure(format!(
+        "provider.{what}: the JavaScript side went away without answering"
+      ))
+    })?;
     Reply::decode(&text, what)
   }
 }
@@ -265,7 +332,9 @@ impl Provider for ProviderBridge {
     let args = (self.name.clone(), call.task_id, call.options.to_string());
     Box::pin(async move {
       let reply = bridge
-        .call_task(&bridge.complete, "complete", FnArgs::from(args))
+        .call_task(&bridge.complete, "complete", |id| {
+          FnArgs::from((args.0, args.1, args.2, id))
+        })
         .await?;
       Ok(reply.value)
     })
@@ -279,16 +348,13 @@ impl Provider for ProviderBridge {
     let name = self.name.clone();
     Box::pin(async move {
       let source = JsChunkSource::open(&bridge);
-      let args = (
-        name,
-        call.task_id,
-        call.options.to_string(),
-        source.id,
-        source.initial_credit,
-      );
+      let (stream_id, credit) = (source.id, source.initial_credit);
+      let options = call.options.to_string();
       // A failed open drops `source`, which forgets the stream.
       bridge
-        .call_task(&bridge.open_stream, "stream", FnArgs::from(args))
+        .call_task(&bridge.open_stream, "stream", |id| {
+          FnArgs::from((name, call.task_id, options, id, stream_id, credit))
+        })
         .await?;
       Ok(Box::new(source) as Box<dyn ChunkSource>)
     })
