@@ -26,8 +26,8 @@ const smoke = values.smoke
 const rounds = Math.max(1, Number(values.rounds) || 1)
 
 const scale = smoke
-  ? { warmup: 50, latency: 200, throughput: 300, oneStream: 2000, streams: 16, streamTokens: 100, idleMs: 300, floor: 100 }
-  : { warmup: 500, latency: 3000, throughput: 20_000, oneStream: 20_000, streams: 64, streamTokens: 2000, idleMs: 2000, floor: 2000 }
+  ? { warmup: 50, latency: 200, throughput: 300, oneStream: 2000, oneStreamRuns: 2, streams: 16, streamTokens: 100, idleMs: 300, idleSettleMs: 300, floor: 100 }
+  : { warmup: 500, latency: 3000, throughput: 20_000, oneStream: 20_000, oneStreamRuns: 5, streams: 64, streamTokens: 2000, idleMs: 3000, idleSettleMs: 3000, floor: 2000 }
 
 function findAddon() {
   if (values.addon) return resolve(values.addon)
@@ -136,6 +136,13 @@ async function loopbackFloor(port, count) {
   return times[Math.floor(times.length / 2)]
 }
 
+const median = (numbers) => {
+  const sorted = numbers.filter(Number.isFinite).sort((a, b) => a - b)
+  if (!sorted.length) return NaN
+  const middle = sorted.length >> 1
+  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2
+}
+
 const errors = []
 function check(kind, what, answer) {
   if (answer.errors || answer.finished !== answer.tasks) {
@@ -153,17 +160,18 @@ async function measure(kind) {
     const run = async (what, tasks, inFlight, tokens) =>
       check(kind, what, await mcpd.command(`run ${tasks} ${inFlight} ${tokens}`))
 
-    await run('warm-up', scale.warmup, 1, 0)
-    await run('warm-up streams', 4, 4, 200)
-
-    // Idle: after the warm-up's garbage is collected and its JIT work done.
-    await new Promise((resolve) => setTimeout(resolve, scale.idleMs / 2))
+    // Idle: a registrar that is connected and has nothing to do, once start-up
+    // (loading, JIT, the first GCs) has settled.
+    await new Promise((resolve) => setTimeout(resolve, scale.idleSettleMs))
     let before = await child.snap()
     await new Promise((resolve) => setTimeout(resolve, scale.idleMs))
     let after = await child.snap()
     const idleSeconds = (after.at - before.at) / 1000
     figures.idleCpuUsPerS = (after.processUs - before.processUs) / idleSeconds
     figures.idleMainUsPerS = (after.mainUs - before.mainUs) / idleSeconds
+
+    await run('warm-up', scale.warmup, 1, 0)
+    await run('warm-up streams', 4, 4, 200)
 
     before = await child.snap()
     const latency = await run('latency', scale.latency, 1, 0)
@@ -176,13 +184,21 @@ async function measure(kind) {
     const throughput = await run('throughput', scale.throughput, 64, 0)
     figures.tasksPerS = scale.throughput / (throughput.elapsedNs / 1e9)
 
+    // One stream at a time, a few times: the median stream's rate, the CPU of all.
     before = await child.snap()
-    const one = await run('one stream', 1, 1, scale.oneStream)
+    const rates = []
+    let posts = 0
+    for (let i = 0; i < scale.oneStreamRuns; i++) {
+      const one = await run('one stream', 1, 1, scale.oneStream)
+      rates.push(scale.oneStream / (one.elapsedNs / 1e9))
+      posts += one.posts
+    }
     after = await child.snap()
-    figures.oneStreamTokensPerS = scale.oneStream / (one.elapsedNs / 1e9)
-    figures.mainUsPerToken = (after.mainUs - before.mainUs) / scale.oneStream
-    figures.processUsPerToken = (after.processUs - before.processUs) / scale.oneStream
-    figures.oneStreamPosts = one.posts
+    const tokensStreamed = scale.oneStream * scale.oneStreamRuns
+    figures.oneStreamTokensPerS = median(rates)
+    figures.mainUsPerToken = (after.mainUs - before.mainUs) / tokensStreamed
+    figures.processUsPerToken = (after.processUs - before.processUs) / tokensStreamed
+    figures.oneStreamPosts = posts / scale.oneStreamRuns
 
     const tokens = scale.streams * scale.streamTokens
     const many = await run('concurrent streams', scale.streams, scale.streams, scale.streamTokens)
@@ -203,12 +219,6 @@ async function measure(kind) {
   }
 }
 
-const median = (numbers) => {
-  const sorted = numbers.filter(Number.isFinite).sort((a, b) => a - b)
-  if (!sorted.length) return NaN
-  const middle = sorted.length >> 1
-  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2
-}
 
 const kinds = values.only ? [values.only] : ['plain', 'addon']
 const samples = Object.fromEntries(kinds.map((kind) => [kind, []]))
