@@ -48,6 +48,12 @@ function findMcpd() {
   throw new Error('bench/mcpd is not built: cargo build --release --manifest-path bench/mcpd/Cargo.toml')
 }
 
+// A registrar that stops answering must fail the run, not hang CI.
+setTimeout(() => {
+  console.error('bench error: the run did not finish in time')
+  process.exit(1)
+}, smoke ? 180_000 : 30 * 60_000).unref()
+
 const addonPath = findAddon()
 const mcpdPath = findMcpd()
 
@@ -154,8 +160,9 @@ function check(kind, what, answer) {
 /** Every figure for one registrar, measured on a fresh mcpd. */
 async function measure(kind) {
   const mcpd = await startMcpd()
-  const child = await startChild(kind, mcpd.url)
+  let child
   try {
+    child = await startChild(kind, mcpd.url)
     const figures = {}
     const run = async (what, tasks, inFlight, tokens) =>
       check(kind, what, await mcpd.command(`run ${tasks} ${inFlight} ${tokens}`))
@@ -212,7 +219,7 @@ async function measure(kind) {
     await child.stop()
     return figures
   } catch (error) {
-    child.kill()
+    child?.kill()
     throw error
   } finally {
     mcpd.stop()
@@ -275,5 +282,6 @@ for (const row of table.slice(1)) console.log(line(row))
 console.log(JSON.stringify({ bench: 'mcpctl-registrar', smoke, rounds, addon: addonPath.replace(`${root}/`, ''), scale, plain: result.plain, addon: result.addon, ratios, errors }))
 if (errors.length) {
   for (const error of errors) console.error(`bench error: ${error}`)
-  process.exitCode = 1
 }
+// Whatever is left (a child that hangs), the verdict is given.
+process.exit(errors.length ? 1 : 0)
