@@ -3,9 +3,10 @@
 // AbortController, the providers' async iterators, and calls made with the
 // right `this`. Rust passes task ids and JSON text; every function here answers
 // a JSON text (a provider call through `native.settle`) and never throws or
-// rejects, so a broken provider cannot crash mcplocal. A stream's `for await` loop runs here too (pump below): it hands
-// chunks to Rust in batches through `native`, plain synchronous calls into the
-// addon (stream_window.rs), never one threadsafe-function round trip per chunk.
+// rejects, so a broken provider cannot crash mcplocal. A stream's `for await`
+// loop runs here too (pump below): it hands chunks to Rust in batches through
+// `native`, plain synchronous calls into the addon (stream_window.rs), never one
+// threadsafe-function round trip per chunk.
 (function createProviderBridge(logger, onStateChange, native) {
   'use strict'
   const providers = new Map()
