@@ -11,8 +11,8 @@
   'use strict'
   const providers = new Map()
   const tasks = new Map()
-  // A pump waiting for credit, by stream id; `credit()` settles it.
-  const creditWaiters = new Map()
+  // Each running stream loop's credit, and its wake-up while it waits for more.
+  const pumps = new Map()
   // The most chunk JSON gathered before a push, whatever the credit.
   const FLUSH_BYTES = native.flushBytes
 
@@ -84,10 +84,16 @@
     }
   }
 
-  function wakePump(streamId, credit) {
-    const resolve = creditWaiters.get(streamId)
-    creditWaiters.delete(streamId)
-    resolve?.(credit)
+  // New credit for a stream's loop. It may come while the loop is not waiting yet
+  // (a push at the end of a tick used the credit up while the loop awaited the
+  // provider), so it is kept, not only handed to a waiter.
+  function givePump(streamId, credit) {
+    const pump = pumps.get(streamId)
+    if (!pump) return
+    pump.credit = credit
+    const wake = pump.wake
+    pump.wake = null
+    wake?.()
   }
 
   // Runs a stream's `for await` loop. Chunks produced in the same tick go to Rust
@@ -98,8 +104,10 @@
   async function pump(taskId, task, streamId, credit) {
     const { signal } = task.controller
     const iterator = task.iterator
+    const state = { credit, wake: null }
+    pumps.set(streamId, state)
     // An abort also ends a wait for credit at once.
-    signal.addEventListener('abort', () => wakePump(streamId, -1), { once: true })
+    signal.addEventListener('abort', () => givePump(streamId, -1), { once: true })
     let parts = []
     let bytes = 0
     let scheduled = false
@@ -110,19 +118,19 @@
       const count = parts.length
       parts = []
       bytes = 0
-      credit = native.push(streamId, text, count)
+      state.credit = native.push(streamId, text, count)
     }
     let ending = null
     try {
       for await (const chunk of { [Symbol.asyncIterator]: () => iterator }) {
         if (signal.aborted) return
-        while (credit <= parts.length) {
+        while (state.credit <= parts.length) {
           if (parts.length > 0) {
             flush()
-          } else if (credit < 0) {
+          } else if (state.credit < 0) {
             return
           } else {
-            credit = await new Promise((resolve) => creditWaiters.set(streamId, resolve))
+            await new Promise((resolve) => (state.wake = resolve))
             if (signal.aborted) return
           }
         }
@@ -141,7 +149,7 @@
     } catch (error) {
       ending = describe(error)
     } finally {
-      creditWaiters.delete(streamId)
+      pumps.delete(streamId)
       task.iterator = null
     }
     // After a failure the task stays known until Rust aborts it (reason: failed).
@@ -200,7 +208,7 @@
 
     // Rust gave credit back to a pump that used it all (CLOSED, -1: the task ended).
     credit(streamId, credit) {
-      wakePump(streamId, credit)
+      givePump(streamId, credit)
     },
 
     abort(taskId, reason, timedOut) {
