@@ -4,3 +4,4 @@ mod error;
 mod options;
 mod provider_bridge;
 mod registrar;
+mod stream_window;

@@ -2,9 +2,12 @@
 // provider_bridge.rs. It owns what only JavaScript can hold well: each task's
 // AbortController, the providers' async iterators, and calls made with the
 // right `this`. Rust passes task ids and JSON text; every function here answers
-// a JSON text and never throws or rejects, so a broken provider cannot crash
-// mcplocal.
-(function createProviderBridge(logger, onStateChange) {
+// a JSON text (a provider call through `native.settle`) and never throws or
+// rejects, so a broken provider cannot crash mcplocal. A stream's `for await`
+// loop runs here too (pump below): it hands chunks to Rust in batches through
+// `native`, plain synchronous calls into the addon (stream_window.rs), never one
+// threadsafe-function round trip per chunk.
+(function createProviderBridge(logger, onStateChange, native) {
   'use strict'
   const providers = new Map()
   const tasks = new Map()
@@ -26,6 +29,10 @@
     }
     pendingAborts.set(taskId, { reason, timedOut, at: now })
   }
+  // Each running stream loop's credit, and its wake-up while it waits for more.
+  const pumps = new Map()
+  // The most chunk JSON gathered before a push, whatever the credit.
+  const FLUSH_BYTES = native.flushBytes
 
   const describe = (error) => {
     if (error instanceof Error) return error.message || error.name || 'Error'
@@ -71,6 +78,113 @@
     }
   }
 
+  // The shape openai.rs parse_chunk accepts, checked as the chunk is produced:
+  // a bad one ends the loop while the provider still waits at its `yield`, so
+  // its iterator can be closed. Rust checks every chunk again.
+  const isCount = (value) => Number.isSafeInteger(value) && value >= 0
+  const optional = (value, check) => value === undefined || value === null || check(value)
+  const isText = (value) => typeof value === 'string'
+  const isObject = (value) => value !== null && typeof value === 'object' && !Array.isArray(value)
+  function checkChunk(chunk) {
+    if (!isObject(chunk)) {
+      throw new Error('the provider\'s stream() yielded something that is not a CompletionChunk object')
+    }
+    const valid =
+      optional(chunk.content, isText) &&
+      optional(chunk.finishReason, isText) &&
+      optional(chunk.usage, (usage) => isObject(usage) && isCount(usage.promptTokens) &&
+        isCount(usage.completionTokens) && optional(usage.totalTokens, isCount)) &&
+      optional(chunk.toolCalls, (calls) => Array.isArray(calls) && calls.every((call) =>
+        isObject(call) && isCount(call.index) && optional(call.id, isText) &&
+        optional(call.function, (fn) => isObject(fn) && optional(fn.name, isText))))
+    if (!valid) throw new Error('the provider yielded an invalid CompletionChunk')
+  }
+
+  // Answers a provider call (provider_bridge.rs PendingCalls).
+  function settle(callId, reply) {
+    try {
+      native.settle(callId, reply)
+    } catch {
+      // Only a bug could get here; Rust's task timeout still ends the task.
+    }
+  }
+
+  // New credit for a stream's loop. It may come while the loop is not waiting yet
+  // (a push at the end of a tick used the credit up while the loop awaited the
+  // provider), so it is kept, not only handed to a waiter.
+  function givePump(streamId, credit) {
+    const pump = pumps.get(streamId)
+    if (!pump) return
+    pump.credit = credit
+    const wake = pump.wake
+    pump.wake = null
+    wake?.()
+  }
+
+  // Runs a stream's `for await` loop. Chunks produced in the same tick go to Rust
+  // in one `native.push` (at the end of the tick, or once the batch reaches the
+  // credit left or FLUSH_BYTES). `push` answers the credit left; at 0 the loop
+  // holds its next chunk and awaits one wake-up, when Rust has taken half the
+  // window. An abort (cancel, timeout, stop) stops it at its next step.
+  async function pump(taskId, task, streamId, credit) {
+    const { signal } = task.controller
+    const iterator = task.iterator
+    const state = { credit, wake: null }
+    pumps.set(streamId, state)
+    // An abort also ends a wait for credit at once.
+    signal.addEventListener('abort', () => givePump(streamId, -1), { once: true })
+    let parts = []
+    let bytes = 0
+    let scheduled = false
+    const flush = () => {
+      scheduled = false
+      if (parts.length === 0) return
+      const text = parts.length === 1 ? parts[0] : parts.join('\n')
+      const count = parts.length
+      parts = []
+      bytes = 0
+      state.credit = native.push(streamId, text, count)
+    }
+    let ending = null
+    try {
+      for await (const chunk of { [Symbol.asyncIterator]: () => iterator }) {
+        if (signal.aborted) return
+        while (state.credit <= parts.length) {
+          if (parts.length > 0) {
+            flush()
+          } else if (state.credit < 0) {
+            return
+          } else {
+            await new Promise((resolve) => (state.wake = resolve))
+            if (signal.aborted) return
+          }
+        }
+        checkChunk(chunk)
+        // JSON text never holds a raw "\n", so it separates the chunks of a push.
+        const text = JSON.stringify(chunk)
+        parts.push(text)
+        bytes += text.length
+        if (bytes >= FLUSH_BYTES) {
+          flush()
+        } else if (!scheduled) {
+          scheduled = true
+          setImmediate(flush)
+        }
+      }
+    } catch (error) {
+      ending = describe(error)
+    } finally {
+      pumps.delete(streamId)
+      task.iterator = null
+    }
+    // After a failure the task stays known until Rust aborts it (reason: failed).
+    if (ending === null && tasks.get(taskId) === task) tasks.delete(taskId)
+    if (signal.aborted) return
+    flush()
+    if (ending === null) native.end(streamId)
+    else native.fail(streamId, ending)
+  }
+
   return {
     publish(name, provider) {
       providers.set(name, provider)
@@ -86,18 +200,19 @@
       }
     },
 
-    complete(name, taskId, optionsJson) {
-      return new Promise((resolve) => {
+    complete(name, taskId, optionsJson, callId) {
+      new Promise((resolve) => {
         const provider = providers.get(name)
         const { options } = begin(taskId, optionsJson)
         resolve(provider.complete(options))
       })
         .then(encode, failure)
         .finally(() => tasks.delete(taskId))
+        .then((reply) => settle(callId, reply))
     },
 
-    openStream(name, taskId, optionsJson) {
-      return new Promise((resolve) => {
+    openStream(name, taskId, optionsJson, callId, streamId, credit) {
+      new Promise((resolve) => {
         const provider = providers.get(name)
         const { task, options } = begin(taskId, optionsJson)
         const iterable = provider.stream(options)
@@ -106,38 +221,19 @@
           throw new Error('the provider\'s stream() did not return an async iterable')
         }
         task.iterator = open.call(iterable)
-        if (task.controller.signal.aborted) closeIterator(task)
+        pump(taskId, task, streamId, credit)
         resolve(JSON.stringify({ ok: true }))
-      }).catch((error) => {
-        tasks.delete(taskId)
-        return failure(error)
       })
-    },
-
-    next(taskId) {
-      const task = tasks.get(taskId)
-      if (!task || !task.iterator) {
-        return Promise.resolve(failure(new Error('the stream was closed')))
-      }
-      return new Promise((resolve) => resolve(task.iterator.next()))
-        .then((step) => {
-          if (step === null || typeof step !== 'object') {
-            throw new Error('the provider\'s iterator returned a non-object step')
-          }
-          if (step.done) {
-            task.iterator = null
-            tasks.delete(taskId)
-            return JSON.stringify({ ok: true, done: true })
-          }
-          return JSON.stringify({ ok: true, value: step.value })
-        })
         .catch((error) => {
-          // The stream is over: let the provider's iterator clean up (its
-          // finally blocks run) and forget the task.
           tasks.delete(taskId)
-          closeIterator(task)
           return failure(error)
         })
+        .then((reply) => settle(callId, reply))
+    },
+
+    // Rust gave credit back to a pump that used it all (CLOSED, -1: the task ended).
+    credit(streamId, credit) {
+      givePump(streamId, credit)
     },
 
     abort(taskId, reason, timedOut) {

@@ -1,18 +1,24 @@
 //! The JavaScript side of the registrar: `ProviderBridge` implements the core's
 //! `Provider` trait over an `LlmProvider`, and the logger and `onStateChange`
 //! callbacks are reached the same way, all through threadsafe functions into
-//! the functions of provider_bridge.js.
+//! the functions of provider_bridge.js. A stream's chunks come the other way,
+//! in batches, through plain synchronous calls (`native` below, stream_window.rs).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{
-  FnArgs, Function, FunctionRef, JsObjectValue, Object, Promise, Unknown,
-};
+use napi::bindgen_prelude::{FnArgs, Function, FunctionRef, JsObjectValue, Object, Unknown};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::{Env, Status};
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 
+use super::stream_window::{
+  Credit, End, StreamWindow, WakeProducer, WindowReader, CLOSED, FLUSH_BYTES, WINDOW,
+};
 use crate::logging::LogSink;
 use crate::provider::{
   AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
@@ -21,13 +27,19 @@ use crate::registrar::{RegistrarStatus, StatusObserver};
 
 const SOURCE: &str = include_str!("provider_bridge.js");
 
-type TaskArgs = FnArgs<(String, String, String)>;
+type TaskArgs = FnArgs<(String, String, String, u32)>;
+type StreamArgs = FnArgs<(String, String, String, u32, u32, Credit)>;
+type CreditArgs = FnArgs<(u32, Credit)>;
 type AbortArgs = FnArgs<(String, String, bool)>;
 type LogArgs = FnArgs<(String, String, String)>;
-/// `complete(name, taskId, optionsJson)` and `openStream(…)`: resolve to a JSON reply.
-type TaskFn = ThreadsafeFunction<TaskArgs, Promise<String>, TaskArgs, Status, false, true>;
-/// `next(taskId)`: resolves to a JSON reply.
-type NextFn = ThreadsafeFunction<String, Promise<String>, String, Status, false, true>;
+/// `complete(name, taskId, optionsJson, callId)`: settles the call with a JSON reply.
+type TaskFn = ThreadsafeFunction<TaskArgs, Unknown<'static>, TaskArgs, Status, false, true>;
+/// `openStream(name, taskId, optionsJson, callId, streamId, credit)`: settles the
+/// call with a JSON reply once the provider's iterator is open; its loop then
+/// pushes the chunks.
+type StreamFn = ThreadsafeFunction<StreamArgs, Unknown<'static>, StreamArgs, Status, false, true>;
+/// `credit(streamId, credit)`: wakes a stream's loop that waits for credit.
+type CreditFn = ThreadsafeFunction<CreditArgs, Unknown<'static>, CreditArgs, Status, false, true>;
 /// `abort(taskId, reason, timedOut)`.
 type AbortFn = ThreadsafeFunction<AbortArgs, Unknown<'static>, AbortArgs, Status, false, true>;
 /// `log(level, message, fieldsJson)`.
@@ -37,16 +49,139 @@ type StateFn = ThreadsafeFunction<String, Unknown<'static>, String, Status, fals
 /// A strong reference that keeps Node's event loop alive while the registrar runs.
 pub type KeepAlive = ThreadsafeFunction<(), Unknown<'static>, (), Status, false, false>;
 pub type KeepAliveSource = FunctionRef<(), Unknown<'static>>;
-/// provider_bridge.js evaluates to `createProviderBridge(logger, onStateChange)`.
-type BridgeFactory<'env> =
-  Function<'env, FnArgs<(Option<Object<'env>>, Option<Function<'env>>)>, Object<'env>>;
+/// provider_bridge.js evaluates to `createProviderBridge(logger, onStateChange, native)`.
+type BridgeFactory<'env> = Function<
+  'env,
+  FnArgs<(Option<Object<'env>>, Option<Function<'env>>, Object<'env>)>,
+  Object<'env>,
+>;
+
+/// Provider calls waiting for their JavaScript reply, by call id. The reply
+/// comes back through `native.settle(callId, replyJson)`, a plain synchronous
+/// call, rather than as a Promise handed back through the threadsafe function
+/// (which costs an extra wake-up of the runtime and a pair of callbacks per call).
+#[derive(Default)]
+struct PendingCalls {
+  next_id: AtomicU32,
+  waiting: Mutex<HashMap<u32, oneshot::Sender<String>>>,
+}
+
+impl PendingCalls {
+  fn open(self: &Arc<Self>) -> PendingCall {
+    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+    let (sender, receiver) = oneshot::channel();
+    self.waiting.lock().insert(id, sender);
+    PendingCall {
+      id,
+      receiver,
+      calls: Arc::clone(self),
+    }
+  }
+
+  fn settle(&self, id: u32, reply: String) {
+    if let Some(sender) = self.waiting.lock().remove(&id) {
+      let _ = sender.send(reply);
+    }
+  }
+}
+
+/// One call's wait for its reply; forgotten when dropped (the task ended first).
+struct PendingCall {
+  id: u32,
+  receiver: oneshot::Receiver<String>,
+  calls: Arc<PendingCalls>,
+}
+
+impl Drop for PendingCall {
+  fn drop(&mut self) {
+    self.calls.waiting.lock().remove(&self.id);
+  }
+}
+
+/// The open streams of one bridge, by the id their JavaScript loop pushes to.
+#[derive(Default)]
+struct StreamTable {
+  next_id: AtomicU32,
+  open: Mutex<HashMap<u32, Arc<StreamWindow>>>,
+}
+
+impl StreamTable {
+  fn insert(&self, window: Arc<StreamWindow>) -> u32 {
+    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+    self.open.lock().insert(id, window);
+    id
+  }
+
+  fn get(&self, id: u32) -> Option<Arc<StreamWindow>> {
+    self.open.lock().get(&id).cloned()
+  }
+
+  fn remove(&self, id: u32) {
+    self.open.lock().remove(&id);
+  }
+
+  /// `native`: `push(streamId, text, count)` answers the credit left,
+  /// `end(streamId)` and `fail(streamId, message)` end the stream, and
+  /// `settle(callId, replyJson)` answers a provider call. Plain synchronous
+  /// calls on the JavaScript thread: a lock and a copy, no wake-up of their own.
+  fn native<'env>(
+    self: &Arc<Self>,
+    calls: &Arc<PendingCalls>,
+    env: &'env Env,
+  ) -> napi::Result<Object<'env>> {
+    let mut native = Object::new(env)?;
+    let pending = Arc::clone(calls);
+    let settle =
+      env.create_function_from_closure::<FnArgs<(u32, String)>, _, _>("settle", move |call| {
+        let (id, reply): (u32, String) = call.args()?;
+        pending.settle(id, reply);
+        Ok(())
+      })?;
+    native.set_named_property("settle", settle)?;
+    let table = Arc::clone(self);
+    let push = env.create_function_from_closure::<FnArgs<(u32, String, u32)>, _, _>(
+      "push",
+      move |call| {
+        let (id, text, count): (u32, String, u32) = call.args()?;
+        Ok(match table.get(id) {
+          Some(window) => window.push(text, count),
+          None => CLOSED,
+        })
+      },
+    )?;
+    native.set_named_property("push", push)?;
+    let table = Arc::clone(self);
+    let end = env.create_function_from_closure::<FnArgs<(u32,)>, _, _>("end", move |call| {
+      let id: u32 = call.get(0)?;
+      if let Some(window) = table.get(id) {
+        window.finish(End::Done);
+      }
+      Ok(())
+    })?;
+    native.set_named_property("end", end)?;
+    let table = Arc::clone(self);
+    let fail =
+      env.create_function_from_closure::<FnArgs<(u32, String)>, _, _>("fail", move |call| {
+        let (id, message): (u32, String) = call.args()?;
+        if let Some(window) = table.get(id) {
+          window.finish(End::Failed(message));
+        }
+        Ok(())
+      })?;
+    native.set_named_property("fail", fail)?;
+    native.set_named_property("flushBytes", FLUSH_BYTES as u32)?;
+    Ok(native)
+  }
+}
 
 /// The threadsafe functions of one registrar's bridge. All are weak: they
 /// never keep Node alive by themselves (the `KeepAlive` does, while started).
 pub struct JsBridge {
   complete: TaskFn,
-  open_stream: TaskFn,
-  next: NextFn,
+  open_stream: StreamFn,
+  credit: Arc<CreditFn>,
+  streams: Arc<StreamTable>,
+  calls: Arc<PendingCalls>,
   abort: AbortFn,
   log: LogFn,
   state_change: StateFn,
@@ -69,11 +204,16 @@ impl JsBridge {
     on_state_change: Option<Function<'env>>,
   ) -> napi::Result<BridgeParts<'env>> {
     let factory: BridgeFactory = env.run_script(SOURCE)?;
-    let object = factory.call(FnArgs::from((logger, on_state_change)))?;
+    let streams = Arc::new(StreamTable::default());
+    let calls = Arc::new(PendingCalls::default());
+    let native = streams.native(&calls, env)?;
+    let object = factory.call(FnArgs::from((logger, on_state_change, native)))?;
     let bridge = JsBridge {
       complete: weak_function(&object, "complete")?,
       open_stream: weak_function(&object, "openStream")?,
-      next: weak_function(&object, "next")?,
+      credit: Arc::new(weak_function(&object, "credit")?),
+      streams,
+      calls,
       abort: weak_function(&object, "abort")?,
       log: weak_function(&object, "log")?,
       state_change: weak_function(&object, "stateChange")?,
@@ -127,19 +267,25 @@ impl JsBridge {
     })
   }
 
-  async fn call_task(
+  /// Calls `function` with a fresh call id and waits for its `settle`.
+  async fn call_task<Args: 'static + napi::bindgen_prelude::JsValuesTupleIntoVec>(
     &self,
-    function: &TaskFn,
+    function: &ThreadsafeFunction<Args, Unknown<'static>, Args, Status, false, true>,
     what: &str,
-    args: (String, String, String),
+    args: impl FnOnce(u32) -> Args,
   ) -> Result<Reply, ProviderFailure> {
-    let context =
-      |error: napi::Error| ProviderFailure(format!("provider.{what}: {}", error.reason));
-    let promise = function
-      .call_async_catch(FnArgs::from(args))
-      .await
-      .map_err(context)?;
-    let text = promise.await.map_err(context)?;
+    let mut call = self.calls.open();
+    let status = function.call(args(call.id), ThreadsafeFunctionCallMode::NonBlocking);
+    if status != Status::Ok {
+      return Err(ProviderFailure(format!(
+        "provider.{what}: cannot call into JavaScript: {status}"
+      )));
+    }
+    let text = (&mut call.receiver).await.map_err(|_| {
+      ProviderFailure(format!(
+        "provider.{what}: the JavaScript side went away without answering"
+      ))
+    })?;
     Reply::decode(&text, what)
   }
 }
@@ -166,8 +312,6 @@ struct Reply {
   ok: bool,
   #[serde(default)]
   value: Value,
-  #[serde(default)]
-  done: bool,
   #[serde(default)]
   message: String,
 }
@@ -201,7 +345,11 @@ impl Provider for ProviderBridge {
     let bridge = Arc::clone(&self.bridge);
     let args = (self.name.clone(), call.task_id, call.options.to_string());
     Box::pin(async move {
-      let reply = bridge.call_task(&bridge.complete, "complete", args).await?;
+      let reply = bridge
+        .call_task(&bridge.complete, "complete", |id| {
+          FnArgs::from((args.0, args.1, args.2, id))
+        })
+        .await?;
       Ok(reply.value)
     })
   }
@@ -211,13 +359,18 @@ impl Provider for ProviderBridge {
     call: ProviderCall,
   ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
     let bridge = Arc::clone(&self.bridge);
-    let task_id = call.task_id.clone();
-    let args = (self.name.clone(), call.task_id, call.options.to_string());
+    let name = self.name.clone();
     Box::pin(async move {
+      let source = JsChunkSource::open(&bridge);
+      let (stream_id, credit) = (source.id, source.initial_credit);
+      let options = call.options.to_string();
+      // A failed open drops `source`, which forgets the stream.
       bridge
-        .call_task(&bridge.open_stream, "stream", args)
+        .call_task(&bridge.open_stream, "stream", |id| {
+          FnArgs::from((name, call.task_id, options, id, stream_id, credit))
+        })
         .await?;
-      Ok(Box::new(JsChunkSource { bridge, task_id }) as Box<dyn ChunkSource>)
+      Ok(Box::new(source) as Box<dyn ChunkSource>)
     })
   }
 
@@ -234,24 +387,62 @@ impl Provider for ProviderBridge {
   }
 }
 
+/// A stream's chunks as the JavaScript loop pushed them, read through the
+/// stream's credit window.
 struct JsChunkSource {
-  bridge: Arc<JsBridge>,
-  task_id: String,
+  id: u32,
+  initial_credit: Credit,
+  reader: WindowReader,
+  streams: Arc<StreamTable>,
+}
+
+impl JsChunkSource {
+  fn open(bridge: &JsBridge) -> Self {
+    let credit = Arc::clone(&bridge.credit);
+    let id_cell = Arc::new(AtomicU32::new(u32::MAX));
+    let id_for_wake = Arc::clone(&id_cell);
+    let wake: WakeProducer = Arc::new(move |value| {
+      let id = id_for_wake.load(Ordering::Relaxed);
+      credit.call(
+        FnArgs::from((id, value)),
+        ThreadsafeFunctionCallMode::NonBlocking,
+      );
+    });
+    let window = Arc::new(StreamWindow::new(WINDOW, wake));
+    let initial_credit = window.initial_credit();
+    let id = bridge.streams.insert(Arc::clone(&window));
+    id_cell.store(id, Ordering::Relaxed);
+    Self {
+      id,
+      initial_credit,
+      reader: WindowReader::new(window),
+      streams: Arc::clone(&bridge.streams),
+    }
+  }
+}
+
+impl Drop for JsChunkSource {
+  fn drop(&mut self) {
+    // The reader's own drop then closes the window, waking a waiting loop.
+    self.streams.remove(self.id);
+  }
 }
 
 impl ChunkSource for JsChunkSource {
   fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>> {
     Box::pin(async move {
-      let context =
-        |error: napi::Error| ProviderFailure(format!("provider.stream: {}", error.reason));
-      let promise = self
-        .bridge
-        .next
-        .call_async_catch(self.task_id.clone())
+      match self
+        .reader
+        .next(|text: &str| serde_json::from_str::<Value>(text))
         .await
-        .map_err(context)?;
-      let reply = Reply::decode(&promise.await.map_err(context)?, "stream")?;
-      Ok((!reply.done).then_some(reply.value))
+      {
+        Ok(Ok(value)) => Ok(Some(value)),
+        Ok(Err(error)) => Err(ProviderFailure(format!(
+          "provider.stream: unreadable chunk: {error}"
+        ))),
+        Err(End::Done) => Ok(None),
+        Err(End::Failed(message)) => Err(ProviderFailure(message)),
+      }
     })
   }
 }

@@ -1,0 +1,157 @@
+// The JavaScript half of a stream's hand-over (provider_bridge.js `pump`), driven
+// directly with a scripted `native` in place of the addon's: batching per tick, the
+// credit window, a wake-up that comes before the loop waits, and abort while waiting.
+import test from 'node:test'
+import assert from 'node:assert/strict'
+import { readFileSync } from 'node:fs'
+import vm from 'node:vm'
+
+const source = readFileSync(new URL('../src/binding/provider_bridge.js', import.meta.url), 'utf8')
+
+/** A bridge over a fake native side whose push answers what `credits` says. */
+function bridgeWith(credits) {
+  const calls = { pushes: [], ends: [], fails: [], settles: [] }
+  let pushed = () => {}
+  const native = {
+    flushBytes: 64 * 1024,
+    push(streamId, text, count) {
+      calls.pushes.push({ streamId, count, texts: text.split('\n') })
+      pushed()
+      return credits(calls.pushes.length, count)
+    },
+    end: (streamId) => calls.ends.push(streamId),
+    fail: (streamId, message) => calls.fails.push({ streamId, message }),
+    settle: (callId, reply) => calls.settles.push({ callId, reply: JSON.parse(reply) }),
+  }
+  const bridge = vm.runInThisContext(source)(null, null, native)
+  /** Resolves once the pushes reach `count`. */
+  const pushesReach = (count) =>
+    new Promise((resolve) => {
+      pushed = () => calls.pushes.length >= count && resolve()
+      pushed()
+    })
+  return { bridge, calls, pushesReach }
+}
+
+const within = (promise, ms, what) =>
+  Promise.race([
+    promise,
+    new Promise((_, reject) => setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms).unref()),
+  ])
+
+const open = (bridge, provider, { taskId = 't-1', streamId = 7, credit = 512 } = {}) => {
+  bridge.publish('p', provider)
+  bridge.openStream('p', taskId, JSON.stringify({ messages: [] }), 1, streamId, credit)
+}
+
+test('chunks produced in one tick go to Rust in one push', async () => {
+  const { bridge, calls, pushesReach } = bridgeWith(() => 10_000)
+  open(bridge, {
+    async *stream() {
+      for (let i = 0; i < 1000; i++) yield { content: `${i}` }
+    },
+  }, { credit: 10_000 })
+  await within(pushesReach(1), 2000, 'the push')
+  await within(new Promise((resolve) => setImmediate(resolve)), 100, 'a tick')
+  assert.equal(calls.pushes.length, 1)
+  assert.equal(calls.pushes[0].count, 1000)
+  assert.equal(calls.pushes[0].texts[999], '{"content":"999"}')
+  assert.deepEqual(calls.ends, [7])
+  assert.deepEqual(calls.settles, [{ callId: 1, reply: { ok: true } }])
+})
+
+test('the loop never pushes more than its credit, and waits for the wake-up', async () => {
+  let credit = 100
+  const { bridge, calls, pushesReach } = bridgeWith((_, count) => (credit -= count))
+  open(bridge, {
+    async *stream() {
+      for (let i = 0; i < 250; i++) yield { content: `${i}` }
+    },
+  }, { credit: 100 })
+  await within(pushesReach(1), 2000, 'the first push')
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  assert.deepEqual(calls.pushes.map((push) => push.count), [100], 'a full window: one push, then a wait')
+  credit = 200
+  bridge.credit(7, 200)
+  await within(pushesReach(2), 2000, 'the push after the wake-up')
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  assert.deepEqual(calls.pushes.map((push) => push.count), [100, 150])
+  assert.deepEqual(calls.ends, [7])
+})
+
+test('credit given back before the loop waits is not lost', async () => {
+  // The end-of-tick push uses the last credit while the loop awaits the provider;
+  // Rust gives credit back before the provider yields again.
+  let release
+  const gate = new Promise((resolve) => (release = resolve))
+  const { bridge, calls, pushesReach } = bridgeWith((pushes) => (pushes === 1 ? 0 : 100))
+  open(bridge, {
+    async *stream() {
+      yield { content: 'a' }
+      await gate
+      yield { content: 'b' }
+    },
+  }, { credit: 1 })
+  await within(pushesReach(1), 2000, 'the first push')
+  bridge.credit(7, 512)
+  release()
+  await within(pushesReach(2), 2000, 'the second chunk after the early wake-up')
+  assert.deepEqual(calls.pushes.map((push) => push.texts), [['{"content":"a"}'], ['{"content":"b"}']])
+  await within(new Promise((resolve) => setImmediate(resolve)), 100, 'a tick')
+  assert.deepEqual(calls.ends, [7])
+})
+
+test('an abort while the loop waits for credit ends it at once and closes the iterator', async () => {
+  let closed = false
+  let signal
+  const { bridge, calls, pushesReach } = bridgeWith(() => 0)
+  open(bridge, {
+    async *stream(options) {
+      signal = options.signal
+      try {
+        for (let i = 0; ; i++) yield { content: `${i}` }
+      } finally {
+        closed = true
+      }
+    },
+  }, { credit: 8 })
+  await within(pushesReach(1), 2000, 'the push that fills the window')
+  bridge.abort('t-1', 'the task was cancelled by mcpd', false)
+  await within(
+    (async () => {
+      while (!closed) await new Promise((resolve) => setImmediate(resolve))
+    })(),
+    2000,
+    'the iterator closed',
+  )
+  assert.equal(signal.aborted, true)
+  assert.equal(calls.pushes.length, 1)
+  assert.deepEqual(calls.ends, [])
+  assert.deepEqual(calls.fails, [])
+})
+
+test('a chunk that is not a CompletionChunk fails the stream and closes the iterator at its yield', async () => {
+  let closed = false
+  const { bridge, calls } = bridgeWith(() => 512)
+  open(bridge, {
+    async *stream() {
+      try {
+        yield { content: 'fine' }
+        yield { content: 5 }
+        await new Promise(() => {})
+      } finally {
+        closed = true
+      }
+    },
+  })
+  await within(
+    (async () => {
+      while (!calls.fails.length) await new Promise((resolve) => setImmediate(resolve))
+    })(),
+    2000,
+    'the failure',
+  )
+  assert.equal(closed, true)
+  assert.match(calls.fails[0].message, /invalid CompletionChunk/)
+  assert.deepEqual(calls.pushes.flatMap((push) => push.texts), ['{"content":"fine"}'])
+})

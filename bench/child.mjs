@@ -1,0 +1,83 @@
+// One registrar under test, in its own process as in mcplocal: the addon
+// (`--kind addon`) or the plain-Node baseline (`--kind plain`), with the same
+// bench provider. Answers the parent's `snap` messages with its CPU and memory;
+// nothing else crosses the IPC channel while a scenario runs.
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { parseArgs } from 'node:util'
+
+import { PlainRegistrar } from './plain-registrar.mjs'
+
+const { values } = parseArgs({
+  options: { kind: { type: 'string' }, url: { type: 'string' }, addon: { type: 'string' } },
+})
+
+/** Answers at once; the latency scenario times the registrar, not a model. */
+const provider = {
+  complete() {
+    return Promise.resolve({ content: 'ok', finishReason: 'stop', usage: { promptTokens: 1, completionTokens: 1 } })
+  },
+  /** Yields `maxTokens` tokens as fast as the consumer lets it. */
+  async *stream(options) {
+    const tokens = options.maxTokens ?? 1
+    for (let i = 0; i < tokens; i++) yield { content: 'tok ' }
+    yield { finishReason: 'stop' }
+  },
+}
+
+/** The main thread's CPU time in µs: its own schedstat line, ns precision (the
+ *  tick-based utime+stime in stat is the fallback). process.cpuUsage() is the
+ *  whole process, every thread of the addon's runtime included. */
+const mainThread = `/proc/self/task/${process.pid}`
+function mainThreadCpuUs() {
+  try {
+    const sched = readFileSync(`${mainThread}/sched`, 'utf8')
+    const match = /se\.sum_exec_runtime\s*:\s*([\d.]+)/.exec(sched)
+    if (match) return Number(match[1]) * 1000
+  } catch {}
+  try {
+    const fields = readFileSync(`${mainThread}/stat`, 'utf8').split(') ')[1].split(' ')
+    return (Number(fields[11]) + Number(fields[12])) * 10_000
+  } catch {
+    return NaN
+  }
+}
+
+const configDir = mkdtempSync(join(tmpdir(), 'mcpctl-bench-'))
+const entry = { name: 'bench', type: 'bench', model: 'bench', publish: true, provider }
+let registrar
+if (values.kind === 'plain') {
+  registrar = new PlainRegistrar({ mcpdUrl: values.url, token: 'bench-token', providers: [entry] })
+} else {
+  const { VirtualLlmRegistrar } = createRequire(import.meta.url)(values.addon)
+  registrar = new VirtualLlmRegistrar({
+    mcpdUrl: values.url,
+    token: 'bench-token',
+    providers: [entry],
+    configDir,
+    maxConcurrency: 64,
+    maxQueue: 4096,
+  })
+}
+await registrar.start()
+
+process.on('message', async (message) => {
+  if (message.type === 'snap') {
+    const cpu = process.cpuUsage()
+    process.send({
+      type: 'snap',
+      mainUs: mainThreadCpuUs(),
+      processUs: cpu.user + cpu.system,
+      rss: process.memoryUsage.rss(),
+      at: performance.now(),
+    })
+  } else if (message.type === 'stop') {
+    await registrar.stop()
+    rmSync(configDir, { recursive: true, force: true })
+    process.send({ type: 'stopped' })
+    process.disconnect()
+  }
+})
+process.send({ type: 'ready' })
