@@ -83,7 +83,7 @@ test('a pino logger gets the fields in its JSON lines: state, providerSessionId,
   // Fields first, message second: pino keeps both.
   const connected = find((line) => line.state === 'connected', 'state: connected')
   assert.equal(connected.msg, 'state changed')
-  assert.equal(connected.level, 20) // debug
+  assert.equal(connected.level, 30) // info
   find((line) => line.providerSessionId === sessionId, 'providerSessionId')
   find((line) => line.taskId === taskId, 'taskId')
   find((line) => line.taskId === taskId && line.status === 502, 'the answered status')

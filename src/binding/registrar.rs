@@ -137,9 +137,12 @@ impl Publisher {
     for index in 0..entries.len() {
       let path = format!("providers[{index}].");
       let entry: Object = entries
-        .get(index)
+        .get::<Unknown>(index)
         .ok()
         .flatten()
+        .filter(|value| value.get_type().ok() == Some(ValueType::Object))
+        // SAFETY: checked to be an object just above.
+        .and_then(|value| unsafe { value.cast::<Object>() }.ok())
         .ok_or_else(|| Error::InvalidInput(format!("providers[{index}] must be an object")))?;
       let parsed = options::provider_entry(&entry, &path)?;
       if parsed.publish == Some(false) {
