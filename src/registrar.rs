@@ -517,12 +517,7 @@ impl Core {
         );
       }
     }
-    let providers = descriptors
-      .iter()
-      .map(|d| d.name.as_str())
-      .collect::<Vec<_>>()
-      .join(", ");
-    tracing::info!(%providers, "registered with mcpd");
+    tracing::info!(providers = descriptors.len(), "registered with mcpd");
     Ok(moved)
   }
 }
