@@ -1835,3 +1835,41 @@ async fn update_refuses_bad_sets_and_stops_with_the_registrar() {
     Err(mcpctl_registrar::error::Error::Stopped)
   ));
 }
+
+/// mcpd forgot the session by the time an update registers: the new id is
+/// adopted and persisted, and the channel reopened under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_answered_with_a_new_session_id_reopens_the_channel_under_it() {
+  let a = MockProvider::answering(hello());
+  let rig = Rig::one("update-moved", &a, roomy()).await;
+  let fake = &rig.fake;
+  fake.next_session_id("ps-moved");
+  rig
+    .registrar
+    .update(vec![
+      published(PROVIDER, Arc::clone(&a)),
+      published("b", MockProvider::answering(hello())),
+    ])
+    .await
+    .expect("update");
+  fake.wait_stream(2).await;
+  let streams = fake.of(Route::Stream);
+  assert_eq!(
+    streams
+      .last()
+      .unwrap()
+      .query
+      .get("providerSessionId")
+      .map(String::as_str),
+    Some("ps-moved")
+  );
+  rig.wait_state(RegistrarState::Connected).await;
+  let status = rig.registrar.status();
+  assert_eq!(status.provider_session_id.as_deref(), Some("ps-moved"));
+  assert_eq!(status.providers, [PROVIDER, "b"]);
+  let stored = std::fs::read_to_string(rig.dir.path().join("provider-session")).unwrap();
+  assert!(stored.contains("ps-moved"), "{stored}");
+  fake.send_task("t-b", "b", false, chat(false));
+  assert_eq!(fake.result("t-b").await.body["status"], json!(200));
+  rig.stop().await;
+}

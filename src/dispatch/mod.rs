@@ -446,3 +446,113 @@ impl TaskDispatcher {
     }
   }
 }
+
+#[cfg(test)]
+mod tests {
+  //! `serve`: which names are routed, which are reported, and which lanes live on.
+  use super::*;
+  use crate::provider::{AbortReason, BoxFuture, ChunkSource, ProviderCall, ProviderFailure};
+  use crate::secret::Secret;
+
+  struct Idle;
+
+  impl Provider for Idle {
+    fn can_stream(&self) -> bool {
+      false
+    }
+    fn complete(&self, _: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
+      Box::pin(std::future::pending())
+    }
+    fn stream(
+      &self,
+      _: ProviderCall,
+    ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+      Box::pin(std::future::pending())
+    }
+    fn abort(&self, _: &str, _: AbortReason) {}
+  }
+
+  fn entry(name: &str, model: &str) -> PublishedProvider {
+    PublishedProvider {
+      descriptor: ProviderDescriptor {
+        name: name.to_owned(),
+        kind: "test".to_owned(),
+        model: Some(model.to_owned()),
+        description: None,
+        context_window: None,
+      },
+      provider: Arc::new(Idle),
+    }
+  }
+
+  fn dispatcher(providers: Vec<PublishedProvider>) -> TaskDispatcher {
+    let client = McpdClient::new("http://127.0.0.1:9", Secret::new("t"), false).unwrap();
+    let owners = Owners {
+      tracker: TaskTracker::new(),
+      root: CancellationToken::new(),
+      kill: CancellationToken::new(),
+    };
+    TaskDispatcher::new(
+      providers,
+      Arc::new(client),
+      DispatchSettings::default(),
+      owners,
+    )
+  }
+
+  fn lane(dispatcher: &TaskDispatcher, name: &str) -> Option<Arc<Lane>> {
+    dispatcher.lanes.read().serving.get(name).cloned()
+  }
+
+  fn load_names(dispatcher: &TaskDispatcher) -> Vec<String> {
+    dispatcher
+      .loads()
+      .into_iter()
+      .map(|load| load.name)
+      .collect()
+  }
+
+  #[test]
+  fn a_joining_name_is_served_before_it_is_reported() {
+    let dispatcher = dispatcher(vec![entry("a", "a-1")]);
+    let a = lane(&dispatcher, "a").unwrap();
+    dispatcher.serve(
+      &[entry("a", "a-1")],
+      &[entry("a", "a-2"), entry("b", "b-1")],
+    );
+    assert!(lane(&dispatcher, "b").is_some(), "b is routed already");
+    assert_eq!(dispatcher.published_names(), ["a"]);
+    assert_eq!(load_names(&dispatcher), ["a"]);
+    // A kept name keeps its lane, and its accepted entry until the new one is.
+    assert!(Arc::ptr_eq(&a, &lane(&dispatcher, "a").unwrap()));
+    assert_eq!(a.published().descriptor.model.as_deref(), Some("a-1"));
+
+    dispatcher.serve(&[entry("a", "a-2"), entry("b", "b-1")], &[]);
+    assert_eq!(dispatcher.published_names(), ["a", "b"]);
+    assert_eq!(load_names(&dispatcher), ["a", "b"]);
+    assert!(Arc::ptr_eq(&a, &lane(&dispatcher, "a").unwrap()));
+    assert_eq!(a.published().descriptor.model.as_deref(), Some("a-2"));
+  }
+
+  #[test]
+  fn a_name_that_left_is_not_routed_and_its_held_lane_comes_back_with_it() {
+    let dispatcher = dispatcher(vec![entry("a", "a-1"), entry("b", "b-1")]);
+    // A task in flight holds b's lane.
+    let held = lane(&dispatcher, "b").unwrap();
+    dispatcher.serve(&[entry("a", "a-1")], &[]);
+    assert!(lane(&dispatcher, "b").is_none());
+    assert_eq!(load_names(&dispatcher), ["a"]);
+    dispatcher.serve(&[entry("a", "a-1"), entry("b", "b-2")], &[]);
+    let back = lane(&dispatcher, "b").unwrap();
+    assert!(
+      Arc::ptr_eq(&held, &back),
+      "the slots in use are still counted"
+    );
+    assert_eq!(back.published().descriptor.model.as_deref(), Some("b-2"));
+    // A lane no task holds is forgotten once it left.
+    drop((held, back));
+    dispatcher.serve(&[entry("a", "a-1")], &[]);
+    dispatcher.serve(&[entry("a", "a-1")], &[]);
+    assert!(dispatcher.lanes.read().retired.is_empty());
+  }
+}
