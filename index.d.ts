@@ -219,6 +219,31 @@ export declare class VirtualLlmRegistrar {
   stop(): Promise<void>
   /** A snapshot of the registrar's state and counters. */
   status(): RegistrarStatus
+  /**
+   * Replaces the published set without a restart (PROTOCOL.md section 1,
+   * "Changing the set"): re-registers under the same session id with the whole
+   * new set, the control channel left open. Resolves once mcpd has accepted it.
+   *
+   * - A failed register is retried with backoff (the `backoff` option); the
+   *   old set stays published and served until one succeeds.
+   * - Then: new names are served; a name that left gets 404 `model_not_found`
+   *   for later tasks, while its tasks in flight run to their end; the
+   *   heartbeat and `status().providers` show the new set.
+   * - A kept name keeps its load figures and counters; its new entry (`model`,
+   *   ...) applies once mcpd accepted the set, its new `provider` object to
+   *   the calls that start after `update()` was called.
+   * - Before `start()` (or after a failed one): replaces the set that `start()`
+   *   registers, and resolves at once.
+   * - Concurrent calls: the last set wins; every call still waiting resolves
+   *   when mcpd has accepted it (an earlier set may never be sent).
+   * - The set is checked like the constructor's `providers` (entries with
+   *   `publish: false` are left out); an empty set is bad input: to publish
+   *   nothing, call `stop()`.
+   *
+   * Rejects with a `RegistrarError` only for bad input ('ERR_INVALID_OPTION',
+   * nothing changed), or after or during `stop()` ('ERR_STOPPED').
+   */
+  update(providers: RegistrarOptions['providers']): Promise<void>
 }
 
 /**

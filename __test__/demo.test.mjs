@@ -72,7 +72,7 @@ test('npm run demo: every step, the streamed tokens live, and a clean exit 0 by 
   const out = run.stdout
 
   // 1. models.list() shows the published provider.
-  assert.match(out, /\[1\/5\] client\.models\.list\(\)\n {2}demo-llm\b/)
+  assert.match(out, /\[1\/6\] client\.models\.list\(\)\n {2}demo-llm {2}/)
   // 2. The non-streaming answer, and its usage.
   assert.ok(out.includes(`demo-llm: ${DEMO_REPLIES.hello}`), out)
   assert.match(out, /finish_reason stop, usage 7 prompt \+ 18 completion = 25 tokens/)
@@ -84,7 +84,12 @@ test('npm run demo: every step, the streamed tokens live, and a clean exit 0 by 
   assert.ok(aborted, out)
   const tokensBeforeAbort = Number(aborted[1])
   assert.ok(tokensBeforeAbort >= 5 && tokensBeforeAbort < 100, `aborted after ${tokensBeforeAbort} of 100 tokens`)
-  // 5. Everything down, and the last line says so.
+  // 5. update() publishes a second provider under the same session; /v1/models lists both, no restart.
+  const sessionId = /registrar {4}connected, session (\S+),/.exec(out)?.[1]
+  assert.ok(sessionId, out)
+  assert.ok(out.includes(`[5/6] registrar.update([...]): publishing demo-llm-2 too, no restart\n  registrar    connected, same session ${sessionId}, publishing demo-llm, demo-llm-2\n`), out)
+  assert.match(out, /client\.models\.list\(\):\n {2}demo-llm {2}\(owned by [^)]+\)\n {2}demo-llm-2 {2}\(owned by [^)]+\)\n/)
+  // 6. Everything down, and the last line says so.
   assert.match(out, /registrar stopped \(state stopped; tasks: 2 completed, 0 failed, 0 in flight\)/)
   assert.match(out, /dev mcpd closed/)
   assert.match(out, /temporary config dir removed/)
@@ -346,7 +351,8 @@ test('demo --upstream: publishes an OpenAI-compatible server end to end (fake up
   assert.equal(run.code, 0, explain(run))
   const out = run.stdout
   assert.match(out, /upstream {5}http:\/\/127\.0\.0\.1:\d+\/v1, model up-model/)
-  assert.match(out, /\[1\/5\] client\.models\.list\(\)\n {2}upstream-llm\b/)
+  assert.match(out, /\[1\/6\] client\.models\.list\(\)\n {2}upstream-llm\b/)
+  assert.match(out, /client\.models\.list\(\):\n {2}upstream-llm {2}\(owned by [^)]+\)\n {2}demo-llm-2 {2}/)
   assert.ok(out.includes(`upstream-llm: ${answer}`), out)
   assert.ok(out.includes(`upstream-llm: ${streamedWords.join('')}\n`), out)
   assert.ok(out.includes('client: got "1 2 3 4 5", calling stream.controller.abort()'), out)

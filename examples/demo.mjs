@@ -27,7 +27,7 @@ const PROMPTS = {
   count: 'Count from 1 to 100, separated by spaces, nothing else.',
 }
 const CANCEL_AFTER_TOKENS = 5
-const STEPS = 5
+const STEPS = 6
 
 const say = (line = '') => process.stdout.write(`${line}\n`)
 const header = (step, title) => say(`\n[${step}/${STEPS}] ${title}`)
@@ -99,10 +99,13 @@ async function main() {
       provider = createDemoProvider({ tokenDelayMs: 40, ...providerHooks })
     }
 
-    // 4. The registrar, through mcplocal's boot hook: it reads <configDir>/credentials itself.
+    // 4. The registrar, through mcplocal's boot hook: it reads <configDir>/credentials itself,
+    // and returns the registrar, which step 5 uses to publish a second provider.
+    const registry = new Map([[entry.name, provider]])
+    const config = [entry]
     const registrar = await maybeStartVirtualLlmRegistrar({
-      providers: [entry],
-      registry: new Map([[entry.name, provider]]),
+      providers: config,
+      registry,
       configDir,
       logger: registrarLogger(args.verbose),
       taskTimeoutMs,
@@ -195,8 +198,24 @@ async function main() {
     // The provider prints "provider: aborted after K tokens" itself when its signal fires.
     await withTimeout(sawAbort, 5_000, 'the provider never saw its AbortSignal fire after the client aborted')
 
-    // Step 5: everything down, and the dev mcpd saw no protocol violation on the way.
-    header(5, 'shutting down')
+    // Step 5: a second provider, published without a restart, as mcplocal does when its config
+    // file gains a `publish: true` entry: the whole new set goes to update().
+    const second = { name: 'demo-llm-2', type: 'demo', model: 'demo-2', publish: true, description: 'published by update()' }
+    header(5, `registrar.update([...]): publishing ${second.name} too, no restart`)
+    registry.set(second.name, createDemoProvider({ tokenDelayMs: 40, ...providerHooks }))
+    config.push(second)
+    const sessionBefore = registrar.status().providerSessionId
+    await registrar.update(config.filter((e) => e.publish && registry.has(e.name)).map((e) => ({ ...e, provider: registry.get(e.name) })))
+    const updated = registrar.status()
+    if (updated.providerSessionId !== sessionBefore) throw new DemoError('update() changed the session id')
+    say(`  registrar    ${updated.state}, same session ${updated.providerSessionId}, publishing ${updated.providers.join(', ')}`)
+    say('  client.models.list():')
+    const after = (await client.models.list(requestOptions)).data
+    for (const m of after) say(`  ${m.id}  (owned by ${m.owned_by})`)
+    if (!after.some((m) => m.id === second.name)) throw new DemoError(`${second.name} is not in the model list after update()`)
+
+    // Step 6: everything down, and the dev mcpd saw no protocol violation on the way.
+    header(6, 'shutting down')
     await runCleanup(cleanup, { verbose: true, registrar })
     if (mcpd.violations.length > 0) throw new DemoError(`the dev mcpd recorded protocol violations:\n  ${mcpd.violations.join('\n  ')}`)
     say('\ndemo finished: all steps passed')
@@ -226,7 +245,7 @@ const registrarSummary = (status) =>
 
 /** Registrar logs: warnings and errors always (stderr), the rest with --verbose. */
 function registrarLogger(verbose) {
-  const line = (level) => (msg, fields) => {
+  const line = (level) => (fields, msg) => {
     const extra = fields && Object.keys(fields).length > 0 ? ` ${JSON.stringify(fields)}` : ''
     process.stderr.write(`[registrar ${level}] ${msg}${extra}\n`)
   }

@@ -10,8 +10,16 @@
 //! and `start()` read. The heartbeat reports to the supervisor through a
 //! channel. `stop()` cancels the root token and waits (at most `STOP_GRACE`,
 //! then the hard stop drops what is still in flight) until the tracker is empty.
+//!
+//! `update()` sends the new set to the supervisor over its command channel
+//! (`Command`); the supervisor registers it under the same session id while
+//! the channel stays open, retries with backoff, and tells the dispatcher
+//! which set to serve (`TaskDispatcher::serve`): the old set until mcpd
+//! accepted the new one.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +39,15 @@ use crate::heartbeat::{Heartbeat, HeartbeatEvent};
 use crate::mcpd::McpdClient;
 use crate::secret::Secret;
 use crate::wire::ProviderDescriptor;
+
+/// What the supervisor is asked to do.
+enum Command {
+  /// Publish this set instead (`update()`); `done` gets the outcome.
+  Update {
+    providers: Vec<PublishedProvider>,
+    done: oneshot::Sender<Result<()>>,
+  },
+}
 
 /// A connection that stayed up this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
@@ -124,8 +141,14 @@ enum StartMode {
 struct Core {
   client: Arc<McpdClient>,
   store: SessionStore,
-  descriptors: Vec<ProviderDescriptor>,
+  /// The published set lives here (`serve`, `published`); the supervisor
+  /// decides when it changes.
   dispatcher: Arc<TaskDispatcher>,
+  /// To the supervisor.
+  commands: mpsc::UnboundedSender<Command>,
+  /// The supervisor's end, taken by each start and given back when a
+  /// start() fails.
+  command_inbox: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
   idle_timeout: Option<Duration>,
   backoff: BackoffPolicy,
   observer: Option<StatusObserver>,
@@ -152,11 +175,7 @@ impl Registrar {
     observer: Option<StatusObserver>,
     span: tracing::Span,
   ) -> Result<Self> {
-    if config.providers.is_empty() {
-      return Err(Error::InvalidInput(
-        "providers must name at least one provider to publish".to_owned(),
-      ));
-    }
+    check_set(&config.providers)?;
     let client = Arc::new(McpdClient::new(
       &config.mcpd_url,
       config.token,
@@ -169,11 +188,6 @@ impl Registrar {
         tracing::warn!(error = %describe(&error), "ignoring the stored session id; registering afresh")
       }),
     }
-    let descriptors = config
-      .providers
-      .iter()
-      .map(|published| published.descriptor.clone())
-      .collect();
     let owners = Owners {
       tracker: TaskTracker::new(),
       root: CancellationToken::new(),
@@ -193,12 +207,14 @@ impl Registrar {
       connections: 0,
       claimed: false,
     });
+    let (commands, command_inbox) = mpsc::unbounded_channel();
     Ok(Self {
       core: Arc::new(Core {
         client,
         store,
-        descriptors,
         dispatcher,
+        commands,
+        command_inbox: Mutex::new(Some(command_inbox)),
         idle_timeout: config.idle_timeout,
         backoff: config.backoff,
         observer,
@@ -265,6 +281,63 @@ impl Registrar {
     }
   }
 
+  /// Replaces the published set (PROTOCOL.md section 1, "Changing the set").
+  ///
+  /// - Running (after start(), or the boot hook): the supervisor registers
+  ///   the whole new set under the same session id, with the channel left
+  ///   open, and resolves once mcpd accepted it. A failed register is retried
+  ///   with backoff (the maximum delay when the token is refused); until one
+  ///   succeeds the old set stays published and served. Then names that left
+  ///   are answered 404 `model_not_found` (their tasks in flight run to their
+  ///   end), joining names are served, kept names keep their lane (load and
+  ///   counters) and run later tasks with their new entry.
+  /// - Before start(), or after a failed start(): replaces the set the next
+  ///   start() registers, and resolves at once.
+  /// - Concurrent updates: the last one wins. Every caller waiting resolves
+  ///   once mcpd accepted the last set (an earlier set may never be sent).
+  ///
+  /// Fails with `InvalidInput` for an empty set or a name listed twice, and
+  /// with `Stopped` after stop(), or when stop() comes while it waits.
+  pub async fn update(&self, providers: Vec<PublishedProvider>) -> Result<()> {
+    check_set(&providers)?;
+    let core = &self.core;
+    let root = core.owners.root.clone();
+    if root.is_cancelled() {
+      return Err(Error::Stopped);
+    }
+    // Under the `Life` lock, as start() claims: either this update lands
+    // before the claim (and start() registers it) or it goes to the supervisor.
+    let mut settled = None;
+    core.life.send_if_modified(|life| {
+      if life.state == RegistrarState::Stopped {
+        settled = Some(Err(Error::Stopped));
+      } else if !life.claimed {
+        core.dispatcher.serve(&providers, &[]);
+        settled = Some(Ok(()));
+      }
+      false
+    });
+    if let Some(settled) = settled {
+      if settled.is_ok() {
+        core.span.in_scope(|| {
+          tracing::info!(providers = %names(&providers), "published set replaced; start() registers it")
+        });
+      }
+      return settled;
+    }
+    let (done, answer) = oneshot::channel();
+    core
+      .commands
+      .send(Command::Update { providers, done })
+      .map_err(|_| Error::Stopped)?;
+    tokio::select! {
+      // mcpd's acceptance first: an update accepted as stop() comes did happen.
+      biased;
+      answer = answer => answer.unwrap_or(Err(Error::Stopped)),
+      _ = root.cancelled() => Err(Error::Stopped),
+    }
+  }
+
   /// Like `start`, but a failed first register is retried in the background
   /// with backoff; returns after the first register, with its error for logging.
   pub async fn start_in_background(&self) -> Result<()> {
@@ -276,12 +349,22 @@ impl Registrar {
     self.claim_start()?;
     let (first, registered) = oneshot::channel();
     let (events, heartbeat_events) = mpsc::unbounded_channel();
+    // Always there after a claim: a failed start gives it back before it
+    // lets the next claim in.
+    let inbox = self.core.command_inbox.lock().take();
     let supervisor = Supervisor {
       core: Arc::clone(&self.core),
       backoff: Backoff::new(self.core.backoff),
       events,
       heartbeat_events,
       heartbeat_started: false,
+      updates: Updates {
+        inbox: inbox.unwrap_or_else(|| mpsc::unbounded_channel().1),
+        pending: None,
+        generation: 0,
+        backoff: Backoff::new(self.core.backoff),
+        retry_at: None,
+      },
     };
     let span = self.core.span.clone();
     self
@@ -347,7 +430,7 @@ impl Core {
     RegistrarStatus {
       state: life.state,
       provider_session_id: self.client.session_id(),
-      providers: self.descriptors.iter().map(|d| d.name.clone()).collect(),
+      providers: self.dispatcher.published_names(),
       in_flight: totals.in_flight,
       queued: totals.queued,
       completed: totals.completed,
@@ -371,7 +454,13 @@ impl Core {
       true
     });
     if changed {
-      tracing::debug!(state = state.as_str(), "state changed");
+      // The states a service's operator wants to see at pino's default level.
+      match state {
+        RegistrarState::Idle | RegistrarState::Registering => {
+          tracing::debug!(state = state.as_str(), "state changed")
+        }
+        _ => tracing::info!(state = state.as_str(), "state changed"),
+      }
       if let Some(observer) = &self.observer {
         observer(self.status());
       }
@@ -385,10 +474,10 @@ impl Core {
       .send_modify(|life| life.last_error = Some(redacted));
   }
 
-  /// One register call; adopts and persists the id mcpd answers.
-  async fn register_once(&self) -> Result<()> {
-    self.set_state(RegistrarState::Registering);
-    let answer = match self.client.register(&self.descriptors).await {
+  /// One register call of `descriptors`; adopts and persists the id mcpd
+  /// answers. `Ok(true)` when that id is not the one sent.
+  async fn register_once(&self, descriptors: &[ProviderDescriptor]) -> Result<bool> {
+    let answer = match self.client.register(descriptors).await {
       Ok(answer) => answer,
       Err(error) => {
         let text = describe(&error);
@@ -399,6 +488,7 @@ impl Core {
     };
     let id = answer.provider_session_id;
     let previous = self.client.session_id();
+    let moved = previous.is_some() && previous.as_deref() != Some(id.as_str());
     if previous.as_deref() != Some(id.as_str()) {
       if previous.is_some() {
         tracing::info!("mcpd assigned a new session id");
@@ -427,9 +517,179 @@ impl Core {
         );
       }
     }
-    tracing::info!(providers = self.descriptors.len(), "registered with mcpd");
-    Ok(())
+    tracing::info!(providers = descriptors.len(), "registered with mcpd");
+    Ok(moved)
   }
+}
+
+/// A set to publish: not empty, no name twice.
+fn check_set(providers: &[PublishedProvider]) -> Result<()> {
+  if providers.is_empty() {
+    return Err(Error::InvalidInput(
+      "providers must name at least one provider to publish".to_owned(),
+    ));
+  }
+  let mut seen = std::collections::HashSet::new();
+  for published in providers {
+    let name = &published.descriptor.name;
+    if !seen.insert(name) {
+      return Err(Error::InvalidInput(format!(
+        "provider '{name}' is listed twice"
+      )));
+    }
+  }
+  Ok(())
+}
+
+fn names(providers: &[PublishedProvider]) -> String {
+  providers
+    .iter()
+    .map(|p| p.descriptor.name.as_str())
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+/// Sleeps until `at`; never wakes for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+  match at {
+    Some(at) => tokio::time::sleep_until(at).await,
+    None => std::future::pending().await,
+  }
+}
+
+/// A register of an update, in flight; its generation and result.
+type UpdateAttempt = Pin<Box<dyn Future<Output = (u64, Result<bool>)> + Send>>;
+
+/// The set an update asks for, until mcpd accepts it.
+struct PendingUpdate {
+  generation: u64,
+  providers: Vec<PublishedProvider>,
+  waiters: Vec<oneshot::Sender<Result<()>>>,
+}
+
+/// The supervisor's part that changes the set (a field of its own, so that it
+/// can be used while the channel borrows the rest).
+struct Updates {
+  inbox: mpsc::UnboundedReceiver<Command>,
+  pending: Option<PendingUpdate>,
+  generation: u64,
+  /// Between failed update registers; apart from the channel's.
+  backoff: Backoff,
+  /// When the next update register may go, after one failed.
+  retry_at: Option<tokio::time::Instant>,
+}
+
+impl Updates {
+  /// Takes a command: the last set wins; every waiter resolves with it.
+  fn take(&mut self, core: &Core, command: Command) {
+    let Command::Update { providers, done } = command;
+    self.generation += 1;
+    let mut waiters = self
+      .pending
+      .take()
+      .map(|pending| pending.waiters)
+      .unwrap_or_default();
+    waiters.push(done);
+    // Joining names get lanes now: mcpd may send them a task as soon as it
+    // accepted the set, before its answer reaches us.
+    core
+      .dispatcher
+      .serve(&core.dispatcher.published(), &providers);
+    tracing::info!(providers = %names(&providers), "publishing a new set");
+    self.pending = Some(PendingUpdate {
+      generation: self.generation,
+      providers,
+      waiters,
+    });
+  }
+
+  /// Takes every command already sent.
+  fn drain(&mut self, core: &Core) {
+    while let Ok(command) = self.inbox.try_recv() {
+      self.take(core, command);
+    }
+  }
+
+  /// What a register sends now: the pending set (with its generation), or the published one.
+  fn wanted(&self, core: &Core) -> (Option<u64>, Vec<ProviderDescriptor>) {
+    match &self.pending {
+      Some(pending) => (Some(pending.generation), descriptors(&pending.providers)),
+      None => (None, descriptors(&core.dispatcher.published())),
+    }
+  }
+
+  /// An update register to send now, if one is pending and not waiting out its backoff.
+  fn attempt(&mut self, core: &Arc<Core>) -> Option<UpdateAttempt> {
+    let pending = self.pending.as_ref()?;
+    if self
+      .retry_at
+      .is_some_and(|at| at > tokio::time::Instant::now())
+    {
+      return None;
+    }
+    self.retry_at = None;
+    let generation = pending.generation;
+    let descriptors = descriptors(&pending.providers);
+    let core = Arc::clone(core);
+    Some(Box::pin(async move {
+      (generation, core.register_once(&descriptors).await)
+    }))
+  }
+
+  /// mcpd accepted the set of `generation`: when it is the last one asked
+  /// for, it becomes the published set and its callers resolve.
+  fn accepted(&mut self, core: &Core, generation: Option<u64>) {
+    self.backoff.reset();
+    self.retry_at = None;
+    let current = self.pending.as_ref().map(|pending| pending.generation);
+    if generation.is_none() || generation != current {
+      return;
+    }
+    if let Some(pending) = self.pending.take() {
+      core.dispatcher.serve(&pending.providers, &[]);
+      tracing::info!(providers = %names(&pending.providers), "published set changed");
+      for waiter in pending.waiters {
+        let _ = waiter.send(Ok(()));
+      }
+    }
+  }
+
+  /// An update register failed: the old set stays; retried after a backoff.
+  fn failed(&mut self, core: &Core, error: &Error) {
+    let text = describe(error);
+    tracing::warn!(error = %text, "update register failed; the old set stays published; retrying");
+    core.record_error(text);
+    let delay = if matches!(error.status(), Some(401 | 403)) {
+      self.backoff.max_delay()
+    } else {
+      self.backoff.next_delay()
+    };
+    self.retry_at = Some(tokio::time::Instant::now() + delay);
+  }
+
+  /// A start() failed: the sets asked for meanwhile become the one the next
+  /// start() registers, as before a start.
+  fn settle_unstarted(&mut self, core: &Core) {
+    self.drain(core);
+    if let Some(pending) = self.pending.take() {
+      core.dispatcher.serve(&pending.providers, &[]);
+      for waiter in pending.waiters {
+        let _ = waiter.send(Ok(()));
+      }
+    }
+  }
+}
+
+fn descriptors(providers: &[PublishedProvider]) -> Vec<ProviderDescriptor> {
+  providers.iter().map(|p| p.descriptor.clone()).collect()
+}
+
+/// Why the supervisor left a running channel on its own.
+enum Interrupt {
+  /// The heartbeat found the session lost: register again.
+  SessionLost,
+  /// An update register got a new session id: the open channel is the old session's.
+  SessionMoved,
 }
 
 /// The one owner of the registrar's state machine.
@@ -439,6 +699,7 @@ struct Supervisor {
   events: mpsc::UnboundedSender<HeartbeatEvent>,
   heartbeat_events: mpsc::UnboundedReceiver<HeartbeatEvent>,
   heartbeat_started: bool,
+  updates: Updates,
 }
 
 impl Supervisor {
@@ -466,14 +727,19 @@ impl Supervisor {
         }
       }
       if needs_register {
+        // The set asked for last, if an update is pending.
+        self.updates.drain(&core);
+        let (generation, descriptors) = self.updates.wanted(&core);
+        core.set_state(RegistrarState::Registering);
         let registered = tokio::select! {
           biased;
           _ = root.cancelled() => return,
-          registered = core.register_once() => registered,
+          registered = core.register_once(&descriptors) => registered,
         };
         match registered {
-          Ok(()) => {
+          Ok(_) => {
             needs_register = false;
+            self.updates.accepted(&core, generation);
             self.start_heartbeat();
             if let Some(first) = first.take() {
               let _ = first.send(Ok(()));
@@ -487,7 +753,14 @@ impl Supervisor {
               } else {
                 RegistrarState::Idle
               });
-              core.life.send_modify(|life| life.claimed = false);
+              // Updates sent meanwhile replace the set the next start()
+              // registers; the inbox goes back before the next claim can come.
+              let mut updates = self.updates;
+              core.life.send_modify(|life| {
+                updates.settle_unstarted(&core);
+                life.claimed = false;
+              });
+              *core.command_inbox.lock() = Some(updates.inbox);
               let _ = first.send(Err(error));
               return;
             }
@@ -513,21 +786,53 @@ impl Supervisor {
           core.record_error(text);
         }
       }
-      // Run the channel until it ends, the session is lost, or stop.
+      // Run the channel until it ends, the session is lost, or stop; an
+      // update registers meanwhile, with the channel open.
       let end = {
         let opened = || core.set_state(RegistrarState::Connected);
         let running = channel.run(opened, &mut self.backoff);
         tokio::pin!(running);
+        let updates = &mut self.updates;
+        let mut attempt: Option<UpdateAttempt> = None;
         loop {
+          if attempt.is_none() {
+            attempt = updates.attempt(&core);
+          }
+          let retry_at = updates.retry_at.filter(|_| attempt.is_none());
+          // Order: stop; the heartbeat's news; a new set asked for; an update
+          // register's answer; its retry time; the channel's end.
           tokio::select! {
             biased;
             _ = root.cancelled() => return,
             Some(event) = self.heartbeat_events.recv() => match event {
-              HeartbeatEvent::SessionLost => break None,
+              HeartbeatEvent::SessionLost => break Err(Interrupt::SessionLost),
               HeartbeatEvent::Failed(text) => core.record_error(text),
             },
-            end = &mut running => break Some(end),
+            Some(command) = updates.inbox.recv() => updates.take(&core, command),
+            (generation, registered) = async { attempt.as_mut().expect("checked").await }, if attempt.is_some() => {
+              attempt = None;
+              match registered {
+                Ok(moved) => {
+                  updates.accepted(&core, Some(generation));
+                  if moved {
+                    break Err(Interrupt::SessionMoved);
+                  }
+                }
+                Err(error) => updates.failed(&core, &error),
+              }
+            }
+            _ = sleep_until_some(retry_at), if retry_at.is_some() => {}
+            end = &mut running => break Ok(end),
           }
+        }
+      };
+      let end = match end {
+        Ok(end) => Some(end),
+        Err(Interrupt::SessionLost) => None,
+        Err(Interrupt::SessionMoved) => {
+          tracing::info!("the session id changed; reopening the control channel");
+          core.set_state(RegistrarState::Reconnecting);
+          continue;
         }
       };
       match end {

@@ -1530,3 +1530,346 @@ async fn start_resolves_once_the_channel_is_open() {
   );
   rig.stop().await;
 }
+
+// ---------------------------------------------------------------- update
+
+fn names_of(value: &Value) -> Vec<String> {
+  value
+    .as_array()
+    .expect("a provider list")
+    .iter()
+    .map(|p| p["name"].as_str().expect("a name").to_owned())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_registers_the_whole_set_under_the_same_session_id_with_the_channel_open() {
+  let first = MockProvider::answering(hello());
+  let rig = Rig::one("update-add", &first, roomy()).await;
+  let fake = &rig.fake;
+  let id = rig.registrar.status().provider_session_id.expect("an id");
+  let second = MockProvider::answering(json!({ "content": "from second" }));
+  rig
+    .registrar
+    .update(vec![
+      published(PROVIDER, Arc::clone(&first)),
+      published("second", Arc::clone(&second)),
+    ])
+    .await
+    .expect("update");
+
+  let registers = fake.of(Route::Register);
+  assert_eq!(registers.len(), 2);
+  let last = &registers[1];
+  assert_eq!(last.body["providerSessionId"], json!(id));
+  assert_eq!(last.header("x-mcpctl-provider-session"), Some(id.as_str()));
+  assert_eq!(names_of(&last.body["providers"]), [PROVIDER, "second"]);
+  assert_eq!(last.body["providers"][1]["model"], json!(MODEL));
+  let status = rig.registrar.status();
+  assert_eq!(status.providers, [PROVIDER, "second"]);
+  assert_eq!(status.provider_session_id.as_deref(), Some(id.as_str()));
+  assert_eq!(status.state, RegistrarState::Connected);
+  assert_eq!(fake.streams_opened(), 1, "the channel stayed open");
+
+  fake.send_task("t-new", "second", false, chat(false));
+  let answer = fake.result("t-new").await;
+  assert_eq!(answer.body["status"], json!(200));
+  assert_eq!(
+    answer.body["body"]["choices"][0]["message"]["content"],
+    json!("from second")
+  );
+  assert_eq!(second.calls(), ["t-new"]);
+  // The heartbeat reports the new set from then on.
+  let both = |beat: &Request| names_of(&beat.body["providers"]) == [PROVIDER, "second"];
+  wait_for("a heartbeat with both providers", WAIT, || {
+    fake.of(Route::Heartbeat).iter().any(both)
+  })
+  .await;
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_left_finishes_its_task_and_later_ones_are_404() {
+  let leaving = MockProvider::gated(hello());
+  let staying = MockProvider::answering(hello());
+  let rig = Rig::connected(
+    "update-remove",
+    vec![
+      published("leaving", Arc::clone(&leaving)),
+      published("staying", Arc::clone(&staying)),
+    ],
+    roomy(),
+  )
+  .await;
+  let fake = &rig.fake;
+  fake.send_task("t-1", "leaving", false, chat(false));
+  wait_for("the call in flight", WAIT, || leaving.calls().len() == 1).await;
+  rig
+    .registrar
+    .update(vec![published("staying", Arc::clone(&staying))])
+    .await
+    .expect("update");
+  assert_eq!(rig.registrar.status().providers, ["staying"]);
+  assert_eq!(rig.registrar.status().in_flight, 1);
+
+  // A task for it that was already on its way when mcpd changed the set.
+  fake.send_task("t-2", "leaving", false, chat(false));
+  let refused = fake.result("t-2").await;
+  assert_eq!(
+    error_of(&refused),
+    (
+      404,
+      "invalid_request_error".into(),
+      "model_not_found".into()
+    )
+  );
+  assert_eq!(leaving.calls(), ["t-1"], "not run");
+
+  leaving.release(1);
+  let done = fake.result("t-1").await;
+  assert_eq!(done.body["status"], json!(200));
+  assert!(leaving.aborts().is_empty(), "{:?}", leaving.aborts());
+  let fresh = |beat: &Request| names_of(&beat.body["providers"]) == ["staying"];
+  wait_for("a heartbeat without the provider that left", WAIT, || {
+    fake.of(Route::Heartbeat).iter().any(fresh)
+  })
+  .await;
+  let status = rig.registrar.status();
+  assert_eq!(
+    (
+      status.completed,
+      status.failed,
+      status.in_flight,
+      status.queued
+    ),
+    (1, 1, 0, 0)
+  );
+  rig.stop().await;
+}
+
+/// A kept name keeps its lane: its slots stay shared with the tasks in flight,
+/// and later tasks run with its new entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_name_keeps_its_slots_and_takes_its_new_entry() {
+  let old = MockProvider::gated(hello());
+  let rig = Rig::connected(
+    "update-keep",
+    vec![published(PROVIDER, Arc::clone(&old))],
+    dispatch(1, 4, Duration::from_secs(10)),
+  )
+  .await;
+  let fake = &rig.fake;
+  fake.send_task("t-1", PROVIDER, false, chat(false));
+  wait_for("the call in flight", WAIT, || old.calls().len() == 1).await;
+  let new = MockProvider::answering(hello());
+  let mut entry = published(PROVIDER, Arc::clone(&new));
+  entry.descriptor.model = Some("new-model".to_owned());
+  rig.registrar.update(vec![entry]).await.expect("update");
+  // One slot, still held by t-1: t-2 waits in the same queue.
+  fake.send_task("t-2", PROVIDER, false, chat(false));
+  wait_for("t-2 queued", WAIT, || rig.registrar.status().queued == 1).await;
+  assert!(new.calls().is_empty());
+  old.release(1);
+  assert_eq!(fake.result("t-1").await.body["status"], json!(200));
+  assert_eq!(fake.result("t-2").await.body["status"], json!(200));
+  assert_eq!(new.calls(), ["t-2"]);
+  assert_eq!(new.call(0).options["model"], json!("new-model"));
+  rig.stop().await;
+}
+
+/// A failed update register is retried with backoff; the old set stays
+/// published and served meanwhile. Real time: with real sockets a paused
+/// clock runs ahead while I/O is pending, so only lower bounds are checked
+/// (load can only make the gaps longer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_update_register_is_retried_with_backoff_and_the_old_set_served() {
+  let fake = FakeMcpd::start().await;
+  let dir = TempDir::new("update-retry");
+  let first = MockProvider::answering(hello());
+  let config = RegistrarConfig {
+    mcpd_url: fake.url.clone(),
+    token: Secret::new(TOKEN),
+    providers: vec![published(PROVIDER, Arc::clone(&first))],
+    config_dir: dir.path().to_owned(),
+    heartbeat_interval: Duration::from_secs(3600),
+    idle_timeout: None,
+    backoff: BackoffPolicy {
+      initial: Duration::from_millis(200),
+      max: Duration::from_secs(60),
+    },
+    dispatch: roomy(),
+    allow_insecure_http: false,
+  };
+  let registrar =
+    Arc::new(Registrar::new(config, None, tracing::Span::none()).expect("valid config"));
+  registrar.start().await.expect("start");
+  fake.wait_stream(1).await;
+  fake.script(Route::Register, [Answer::Status(503), Answer::Status(503)]);
+  let second = MockProvider::answering(hello());
+  let started = Instant::now();
+  let updating = tokio::spawn({
+    let registrar = Arc::clone(&registrar);
+    let set = vec![
+      published(PROVIDER, Arc::clone(&first)),
+      published("second", Arc::clone(&second)),
+    ];
+    async move { registrar.update(set).await }
+  });
+  wait_for("the first update register", WAIT, || {
+    fake.count(Route::Register) == 2
+  })
+  .await;
+  // Meanwhile the old set is what status reports and what is served.
+  let status = registrar.status();
+  assert_eq!(status.providers, [PROVIDER]);
+  assert_eq!(status.state, RegistrarState::Connected);
+  assert!(status.last_error.unwrap_or_default().contains("503"));
+  fake.send_task("t-old", PROVIDER, false, chat(false));
+  assert_eq!(fake.result("t-old").await.body["status"], json!(200));
+
+  updating.await.expect("joined").expect("update");
+  let took = started.elapsed();
+  // Two failures: 200 ms then 400 ms, each jittered by at most 10%.
+  assert!(took >= Duration::from_millis(540), "took {took:?}");
+  let registers = fake.of(Route::Register);
+  assert_eq!(
+    registers.iter().map(|r| r.status).collect::<Vec<_>>(),
+    [201, 503, 503, 201]
+  );
+  for register in &registers[1..] {
+    assert_eq!(names_of(&register.body["providers"]), [PROVIDER, "second"]);
+  }
+  assert_eq!(registrar.status().providers, [PROVIDER, "second"]);
+  assert_eq!(fake.streams_opened(), 1);
+  registrar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_before_start_replaces_the_set_start_registers() {
+  let old = MockProvider::answering(hello());
+  let new = MockProvider::answering(hello());
+  let rig = Rig::idle(
+    "update-idle",
+    vec![published("old", Arc::clone(&old))],
+    roomy(),
+  )
+  .await;
+  rig
+    .registrar
+    .update(vec![published("new", Arc::clone(&new))])
+    .await
+    .expect("update");
+  assert_eq!(rig.fake.count(Route::Register), 0);
+  assert_eq!(rig.registrar.status().providers, ["new"]);
+  rig.registrar.start().await.expect("start");
+  let register = rig.fake.of(Route::Register).remove(0);
+  assert_eq!(names_of(&register.body["providers"]), ["new"]);
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_the_last_wins_and_all_resolve() {
+  let a = MockProvider::answering(hello());
+  let rig = Rig::one("update-race", &a, roomy()).await;
+  rig.fake.delay(Route::Register, Duration::from_millis(100));
+  let set = |extra: &str| {
+    vec![
+      published(PROVIDER, Arc::clone(&a)),
+      published(extra, MockProvider::answering(hello())),
+    ]
+  };
+  let (first, second) = tokio::join!(
+    rig.registrar.update(set("b")),
+    rig.registrar.update(set("c"))
+  );
+  first.expect("the earlier update resolves");
+  second.expect("the last update resolves");
+  assert_eq!(rig.registrar.status().providers, [PROVIDER, "c"]);
+  let last = rig.fake.of(Route::Register).pop().unwrap();
+  assert_eq!(names_of(&last.body["providers"]), [PROVIDER, "c"]);
+  rig.fake.send_task("t-b", "b", false, chat(false));
+  assert_eq!(error_of(&rig.fake.result("t-b").await).0, 404);
+  rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_refuses_bad_sets_and_stops_with_the_registrar() {
+  let a = MockProvider::answering(hello());
+  let rig = Rig::one("update-refuse", &a, roomy()).await;
+  let empty = rig.registrar.update(Vec::new()).await.unwrap_err();
+  assert!(
+    matches!(empty, mcpctl_registrar::error::Error::InvalidInput(_)),
+    "{empty}"
+  );
+  let twice = rig
+    .registrar
+    .update(vec![
+      published("x", Arc::clone(&a)),
+      published("x", Arc::clone(&a)),
+    ])
+    .await
+    .unwrap_err();
+  assert!(twice.to_string().contains("listed twice"), "{twice}");
+  assert_eq!(rig.fake.count(Route::Register), 1, "nothing registered");
+
+  // stop() while an update waits for mcpd ends it with Stopped.
+  rig.fake.always(Route::Register, 503);
+  let registrar = &rig.registrar;
+  let waiting = registrar.update(vec![published("y", Arc::clone(&a))]);
+  let stopping = async {
+    wait_for("an update register", WAIT, || {
+      rig.fake.count(Route::Register) >= 2
+    })
+    .await;
+    registrar.stop().await;
+  };
+  let (waited, ()) = tokio::join!(waiting, stopping);
+  assert!(
+    matches!(waited, Err(mcpctl_registrar::error::Error::Stopped)),
+    "{waited:?}"
+  );
+  assert_eq!(registrar.status().providers, [PROVIDER]);
+  let after = registrar.update(vec![published("z", Arc::clone(&a))]).await;
+  assert!(matches!(
+    after,
+    Err(mcpctl_registrar::error::Error::Stopped)
+  ));
+}
+
+/// mcpd forgot the session by the time an update registers: the new id is
+/// adopted and persisted, and the channel reopened under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_answered_with_a_new_session_id_reopens_the_channel_under_it() {
+  let a = MockProvider::answering(hello());
+  let rig = Rig::one("update-moved", &a, roomy()).await;
+  let fake = &rig.fake;
+  fake.next_session_id("ps-moved");
+  rig
+    .registrar
+    .update(vec![
+      published(PROVIDER, Arc::clone(&a)),
+      published("b", MockProvider::answering(hello())),
+    ])
+    .await
+    .expect("update");
+  fake.wait_stream(2).await;
+  let streams = fake.of(Route::Stream);
+  assert_eq!(
+    streams
+      .last()
+      .unwrap()
+      .query
+      .get("providerSessionId")
+      .map(String::as_str),
+    Some("ps-moved")
+  );
+  rig.wait_state(RegistrarState::Connected).await;
+  let status = rig.registrar.status();
+  assert_eq!(status.provider_session_id.as_deref(), Some("ps-moved"));
+  assert_eq!(status.providers, [PROVIDER, "b"]);
+  let stored = std::fs::read_to_string(rig.dir.path().join("provider-session")).unwrap();
+  assert!(stored.contains("ps-moved"), "{stored}");
+  fake.send_task("t-b", "b", false, chat(false));
+  assert_eq!(fake.result("t-b").await.body["status"], json!(200));
+  rig.stop().await;
+}

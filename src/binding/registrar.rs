@@ -36,7 +36,6 @@ pub struct VirtualLlmRegistrar {
   /// To keep it out of error messages, should mcpd echo it.
   token: Secret,
   /// Publishes the providers of an `update()`.
-  #[cfg(any())]
   publisher: Publisher,
 }
 
@@ -59,8 +58,34 @@ struct Publisher {
   publish: PublishFn,
 }
 
+/// A provider entry checked, not yet handed to the JavaScript side.
+struct Checked<'env> {
+  entry: ProviderEntry,
+  provider: Object<'env>,
+  can_stream: bool,
+}
+
 impl Publisher {
-  /// One provider; `path` names its entry in errors (`providers[2].`).
+  /// Checks one provider; `path` names its entry in errors (`providers[2].`).
+  fn check<'env>(
+    entry: ProviderEntry,
+    provider: Object<'env>,
+    path: &str,
+  ) -> Result<Checked<'env>> {
+    if !options::has_function(&provider, "complete")? {
+      return Err(Error::InvalidInput(format!(
+        "{path}provider.complete must be a function"
+      )));
+    }
+    let can_stream = options::has_function(&provider, "stream")?;
+    Ok(Checked {
+      entry,
+      provider,
+      can_stream,
+    })
+  }
+
+  /// Checks and publishes one provider.
   fn publish(
     &self,
     env: &Env,
@@ -68,12 +93,19 @@ impl Publisher {
     provider: Object,
     path: &str,
   ) -> Result<PublishedProvider> {
-    if !options::has_function(&provider, "complete")? {
-      return Err(Error::InvalidInput(format!(
-        "{path}provider.complete must be a function"
-      )));
-    }
-    let can_stream = options::has_function(&provider, "stream")?;
+    let checked = Self::check(entry, provider, path)?;
+    self.hand_over(env, checked)
+  }
+
+  /// Hands a checked provider to the JavaScript side under its name (a
+  /// provider published before under that name is replaced there for the
+  /// calls that start from now on) and wraps it for the core.
+  fn hand_over(&self, env: &Env, checked: Checked) -> Result<PublishedProvider> {
+    let Checked {
+      entry,
+      provider,
+      can_stream,
+    } = checked;
     let publish = self.publish.borrow_back(env).map_err(napi_failure)?;
     // SAFETY: a live value of this environment, used within this call only.
     let provider = unsafe { Unknown::from_raw_unchecked(env.raw(), provider.raw()) };
@@ -92,7 +124,8 @@ impl Publisher {
 
   /// The whole set of `RegistrarOptions['providers']` (the constructor's, and
   /// `update()`'s): a non-empty array of entries with their `provider`; entries
-  /// with `publish: false` are left out (after a warning); names unique.
+  /// with `publish: false` are left out (after a warning); names unique. Every
+  /// entry is checked before any is handed over: bad input changes nothing.
   fn set(&self, env: &Env, entries: Option<Unknown>) -> Result<Vec<PublishedProvider>> {
     let entries: Array = entries
       .filter(|value| value.is_array().unwrap_or(false))
@@ -104,9 +137,12 @@ impl Publisher {
     for index in 0..entries.len() {
       let path = format!("providers[{index}].");
       let entry: Object = entries
-        .get(index)
+        .get::<Unknown>(index)
         .ok()
         .flatten()
+        .filter(|value| value.get_type().ok() == Some(ValueType::Object))
+        // SAFETY: checked to be an object just above.
+        .and_then(|value| unsafe { value.cast::<Object>() }.ok())
         .ok_or_else(|| Error::InvalidInput(format!("providers[{index}] must be an object")))?;
       let parsed = options::provider_entry(&entry, &path)?;
       if parsed.publish == Some(false) {
@@ -115,10 +151,19 @@ impl Publisher {
       }
       let provider = options::object(&entry, "provider", &path)?
         .ok_or_else(|| Error::InvalidInput(format!("{path}provider must be an LlmProvider")))?;
-      providers.push(self.publish(env, parsed, provider, &path)?);
+      providers.push(Self::check(parsed, provider, &path)?);
     }
-    options::check_unique(providers.iter().map(|p| p.descriptor.name.as_str()))?;
-    Ok(providers)
+    options::check_unique(providers.iter().map(|p| p.entry.descriptor.name.as_str()))?;
+    if providers.is_empty() {
+      return Err(Error::InvalidInput(
+        "providers must name at least one provider to publish (every entry has publish: false)"
+          .to_owned(),
+      ));
+    }
+    providers
+      .into_iter()
+      .map(|checked| self.hand_over(env, checked))
+      .collect()
   }
 }
 
@@ -207,7 +252,6 @@ impl<'env> Setup<'env> {
       start_claimed: Arc::default(),
       span,
       token,
-      #[cfg(any())]
       publisher: self.publisher,
     })
   }
@@ -360,22 +404,31 @@ impl VirtualLlmRegistrar {
   }
 }
 
-// update(providers) (API.md; PROTOCOL.md section 1, "Changing the set"): the
-// binding's half, ready for the core's `Registrar::update(Vec<PublishedProvider>)
-// -> Result<()>` (re-register under the same id, retried with backoff, the old
-// set published until one succeeds; Error::Stopped after stop()). To enable it:
-// drop the three `#[cfg(any())]` in this file, `npm run build:debug`, and
-// __test__/update.test.mjs runs (it skips while update() does not exist).
-#[cfg(any())]
+// update(providers) (API.md; PROTOCOL.md section 1, "Changing the set").
 #[napi]
 impl VirtualLlmRegistrar {
   /// Replaces the published set without a restart (PROTOCOL.md section 1,
   /// "Changing the set"): re-registers under the same session id with the whole
-  /// new set; tasks in flight for a provider that left run to their end; later
-  /// ones for it are answered 404. Resolves once mcpd has accepted the new set;
-  /// a failed register is retried with backoff, the old set published meanwhile.
-  /// Rejects with a `RegistrarError` only for bad input ('ERR_INVALID_OPTION')
-  /// or after stop() ('ERR_STOPPED').
+  /// new set, the control channel left open. Resolves once mcpd has accepted it.
+  ///
+  /// - A failed register is retried with backoff (the `backoff` option); the
+  ///   old set stays published and served until one succeeds.
+  /// - Then: new names are served; a name that left gets 404 `model_not_found`
+  ///   for later tasks, while its tasks in flight run to their end; the
+  ///   heartbeat and `status().providers` show the new set.
+  /// - A kept name keeps its load figures and counters; its new entry (`model`,
+  ///   ...) applies once mcpd accepted the set, its new `provider` object to
+  ///   the calls that start after `update()` was called.
+  /// - Before `start()` (or after a failed one): replaces the set that `start()`
+  ///   registers, and resolves at once.
+  /// - Concurrent calls: the last set wins; every call still waiting resolves
+  ///   when mcpd has accepted it (an earlier set may never be sent).
+  /// - The set is checked like the constructor's `providers` (entries with
+  ///   `publish: false` are left out); an empty set is bad input: to publish
+  ///   nothing, call `stop()`.
+  ///
+  /// Rejects with a `RegistrarError` only for bad input ('ERR_INVALID_OPTION',
+  /// nothing changed), or after or during `stop()` ('ERR_STOPPED').
   #[napi(
     ts_args_type = "providers: RegistrarOptions['providers']",
     ts_return_type = "Promise<void>"

@@ -16,9 +16,12 @@ use tokio::sync::oneshot;
 use super::PublishedProvider;
 use crate::wire::ProviderLoad;
 
-/// One provider's slots, queue and counters.
+/// One provider's slots, queue and counters. A lane outlives an `update()`
+/// that keeps its name (its slots and counters go on); the provider and
+/// descriptor it runs new tasks with are swapped when mcpd accepted the set.
 pub struct Lane {
-  pub published: PublishedProvider,
+  name: String,
+  published: Mutex<PublishedProvider>,
   max_concurrency: u32,
   max_queue: u32,
   slots: Mutex<Slots>,
@@ -69,7 +72,8 @@ impl Queued {
 impl Lane {
   pub fn new(published: PublishedProvider, max_concurrency: u32, max_queue: u32) -> Self {
     Self {
-      published,
+      name: published.descriptor.name.clone(),
+      published: Mutex::new(published),
       max_concurrency,
       max_queue,
       slots: Mutex::new(Slots::default()),
@@ -79,7 +83,17 @@ impl Lane {
   }
 
   pub fn name(&self) -> &str {
-    &self.published.descriptor.name
+    &self.name
+  }
+
+  /// The provider and descriptor a task starting now runs with.
+  pub fn published(&self) -> PublishedProvider {
+    self.published.lock().clone()
+  }
+
+  /// What later tasks run with (same name; an `update()` accepted by mcpd).
+  pub fn republish(&self, published: PublishedProvider) {
+    *self.published.lock() = published;
   }
 
   /// A slot, a place in the queue, or `None` when both are full.

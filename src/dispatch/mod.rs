@@ -9,6 +9,13 @@
 //! cancel and a child of the registrar's root token for stop; `stop()` in the
 //! registrar cancels the root and waits on the tracker. The dispatcher's one
 //! lock (`Book`) holds the live tasks, the replay guard and the counters.
+//!
+//! The published set can change (`update()`, PROTOCOL.md section 1): the
+//! registrar's supervisor calls `serve` with the set mcpd has accepted (and
+//! the one it is asking mcpd to accept, so that a task for a joining name is
+//! never refused while the answer is on its way). A name that left is no
+//! longer routed (404 `model_not_found`); its tasks already admitted hold
+//! their lane and run to their end.
 
 mod admission;
 mod delivery;
@@ -18,11 +25,12 @@ mod task;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -98,8 +106,20 @@ struct Book {
   cancelled: u64,
 }
 
+/// The lanes tasks are routed to, and which of them mcpd has accepted.
+#[derive(Default)]
+struct Lanes {
+  /// By name: the published set, plus names joining in an update not yet accepted.
+  serving: HashMap<String, Arc<Lane>>,
+  /// The set mcpd accepted, in the order it was given (status, heartbeat).
+  published: Vec<String>,
+  /// Lanes of names that left, while tasks still hold them (their queue
+  /// still counts; a name that comes back gets its lane again).
+  retired: Vec<Weak<Lane>>,
+}
+
 pub struct TaskDispatcher {
-  lanes: HashMap<String, Arc<Lane>>,
+  lanes: RwLock<Lanes>,
   client: Arc<McpdClient>,
   settings: DispatchSettings,
   owners: Owners,
@@ -113,34 +133,106 @@ impl TaskDispatcher {
     settings: DispatchSettings,
     owners: Owners,
   ) -> Self {
-    let lanes = providers
-      .into_iter()
-      .map(|published| {
-        let name = published.descriptor.name.clone();
-        let lane = Lane::new(published, settings.max_concurrency, settings.max_queue);
-        (name, Arc::new(lane))
-      })
-      .collect();
-    Self {
-      lanes,
+    let dispatcher = Self {
+      lanes: RwLock::new(Lanes::default()),
       client,
       settings,
       owners,
       book: Mutex::new(Book::default()),
-    }
+    };
+    dispatcher.serve(&providers, &[]);
+    dispatcher
   }
 
-  /// The load figures the heartbeat reports, one entry per provider.
+  /// Routes tasks to `published` (the set mcpd accepted) and to the names of
+  /// `joining` not in it (a set being registered). Names in neither are no
+  /// longer routed; their admitted tasks run to their end. A kept name keeps
+  /// its lane (slots, queue, counters) and runs later tasks with its new entry.
+  pub fn serve(&self, published: &[PublishedProvider], joining: &[PublishedProvider]) {
+    let mut lanes = self.lanes.write();
+    let mut previous = std::mem::take(&mut lanes.serving);
+    let mut retired: Vec<Arc<Lane>> = lanes.retired.iter().filter_map(Weak::upgrade).collect();
+    let mut serving = HashMap::new();
+    let accepted = published.iter().map(|p| (p, true));
+    let asked = joining.iter().map(|p| (p, false));
+    for (entry, is_published) in accepted.chain(asked) {
+      let name = &entry.descriptor.name;
+      if serving.contains_key(name) {
+        continue;
+      }
+      let kept = previous.remove(name).or_else(|| {
+        let index = retired.iter().position(|lane| lane.name() == name)?;
+        Some(retired.swap_remove(index))
+      });
+      let lane = match kept {
+        // A joining name already served runs with its accepted entry until
+        // mcpd accepts the new one.
+        Some(lane) if is_published || !lanes.published.contains(name) => {
+          lane.republish(entry.clone());
+          lane
+        }
+        Some(lane) => lane,
+        None => Arc::new(Lane::new(
+          entry.clone(),
+          self.settings.max_concurrency,
+          self.settings.max_queue,
+        )),
+      };
+      serving.insert(name.clone(), lane);
+    }
+    retired.extend(previous.into_values());
+    lanes.retired = retired.iter().map(Arc::downgrade).collect();
+    lanes.serving = serving;
+    lanes.published = published
+      .iter()
+      .map(|p| p.descriptor.name.clone())
+      .collect();
+  }
+
+  /// The set mcpd accepted (or that start() will register), in order.
+  pub fn published(&self) -> Vec<PublishedProvider> {
+    let lanes = self.lanes.read();
+    lanes
+      .published
+      .iter()
+      .filter_map(|name| lanes.serving.get(name))
+      .map(|lane| lane.published())
+      .collect()
+  }
+
+  /// The names of the published set, in order (`status().providers`).
+  pub fn published_names(&self) -> Vec<String> {
+    self.lanes.read().published.clone()
+  }
+
+  /// The load figures the heartbeat reports, one entry per published provider.
   pub fn loads(&self) -> Vec<ProviderLoad> {
-    let mut loads: Vec<ProviderLoad> = self.lanes.values().map(|lane| lane.load()).collect();
+    let lanes = self.lanes.read();
+    let mut loads: Vec<ProviderLoad> = lanes
+      .published
+      .iter()
+      .filter_map(|name| lanes.serving.get(name))
+      .map(|lane| lane.load())
+      .collect();
     loads.sort_by(|a, b| a.name.cmp(&b.name));
     loads
   }
 
   pub fn totals(&self) -> LoadTotals {
     let book = self.book.lock();
-    // Read under the book's lock: a queued task is always received and not ended.
-    let queued: u32 = self.lanes.values().map(|lane| lane.queued()).sum();
+    // Read under the book's lock: a queued task is always received and not
+    // ended. Lanes of names that left still hold queued tasks.
+    let queued: u32 = {
+      let lanes = self.lanes.read();
+      let serving: u32 = lanes.serving.values().map(|lane| lane.queued()).sum();
+      let retired: u32 = lanes
+        .retired
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|lane| lane.queued())
+        .sum();
+      serving + retired
+    };
     let ended = book.completed + book.failed + book.cancelled;
     LoadTotals {
       received: book.received,
@@ -190,6 +282,14 @@ impl TaskDispatcher {
       stop: self.owners.root.child_token(),
       kill: self.owners.kill.clone(),
     };
+    // Every line of the task carries its id and provider (pino: taskId, provider).
+    let provider = parsed
+      .as_ref()
+      .ok()
+      .and_then(|event| event.provider.clone())
+      .unwrap_or_default();
+    let span = tracing::info_span!("task", task_id = %task_id, provider = %provider);
+    let started = tokio::time::Instant::now();
     let (decision, lane) = match parsed {
       Ok(event) => self.decide(&event),
       Err(error) => (
@@ -207,7 +307,6 @@ impl TaskDispatcher {
       Self::count(&mut self.book.lock(), lane.as_deref(), Outcome::Failed);
     }
     let dispatcher = Arc::clone(self);
-    let span = tracing::Span::current();
     self.owners.tracker.spawn(
       async move {
         // A bug that panics a task must still leave it answered and counted.
@@ -215,6 +314,7 @@ impl TaskDispatcher {
           client: &dispatcher.client,
           task_timeout: dispatcher.settings.task_timeout,
           signals,
+          answered: AtomicU16::new(0),
         };
         let run = AssertUnwindSafe(context.run(&task_id, decision)).catch_unwind();
         let outcome = match run.await {
@@ -229,12 +329,30 @@ impl TaskDispatcher {
                 stop: dispatcher.owners.root.child_token(),
                 kill: dispatcher.owners.kill.clone(),
               },
+              answered: AtomicU16::new(0),
             };
             let reply = ErrorReply::provider_error("internal error in the registrar");
             fallback.run(&task_id, Decision::Answer(reply)).await;
+            context
+              .answered
+              .store(fallback.answered.load(Ordering::Relaxed), Ordering::Relaxed);
             Outcome::Failed
           }
         };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match context.answered.load(Ordering::Relaxed) {
+          0 => tracing::info!(
+            outcome = outcome.as_str(),
+            duration_ms,
+            "task ended without an answer"
+          ),
+          status => tracing::info!(
+            outcome = outcome.as_str(),
+            status,
+            duration_ms,
+            "task answered"
+          ),
+        }
         dispatcher.finish(&task_id, lane.as_deref(), (!counted).then_some(outcome));
       }
       .instrument(span),
@@ -244,13 +362,12 @@ impl TaskDispatcher {
   /// Routes, checks and admits a task, synchronously and in arrival order.
   fn decide(&self, event: &TaskEvent) -> (Decision, Option<Arc<Lane>>) {
     let provider = event.provider.as_deref().unwrap_or_default();
-    let Some(lane) = self.lanes.get(provider) else {
+    let Some(lane) = self.lanes.read().serving.get(provider).cloned() else {
       return (
         Decision::Answer(ErrorReply::model_not_found(provider)),
         None,
       );
     };
-    let lane = Arc::clone(lane);
     let answer = |reply| (Decision::Answer(reply), Some(Arc::clone(&lane)));
     if self.owners.root.is_cancelled() {
       return answer(ErrorReply::unavailable());
@@ -327,5 +444,115 @@ impl TaskDispatcher {
       }
       None => tracing::debug!(task_id = %event.task_id, "cancel for a task not running; ignored"),
     }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  //! `serve`: which names are routed, which are reported, and which lanes live on.
+  use super::*;
+  use crate::provider::{AbortReason, BoxFuture, ChunkSource, ProviderCall, ProviderFailure};
+  use crate::secret::Secret;
+
+  struct Idle;
+
+  impl Provider for Idle {
+    fn can_stream(&self) -> bool {
+      false
+    }
+    fn complete(&self, _: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
+      Box::pin(std::future::pending())
+    }
+    fn stream(
+      &self,
+      _: ProviderCall,
+    ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+      Box::pin(std::future::pending())
+    }
+    fn abort(&self, _: &str, _: AbortReason) {}
+  }
+
+  fn entry(name: &str, model: &str) -> PublishedProvider {
+    PublishedProvider {
+      descriptor: ProviderDescriptor {
+        name: name.to_owned(),
+        kind: "test".to_owned(),
+        model: Some(model.to_owned()),
+        description: None,
+        context_window: None,
+      },
+      provider: Arc::new(Idle),
+    }
+  }
+
+  fn dispatcher(providers: Vec<PublishedProvider>) -> TaskDispatcher {
+    let client = McpdClient::new("http://127.0.0.1:9", Secret::new("t"), false).unwrap();
+    let owners = Owners {
+      tracker: TaskTracker::new(),
+      root: CancellationToken::new(),
+      kill: CancellationToken::new(),
+    };
+    TaskDispatcher::new(
+      providers,
+      Arc::new(client),
+      DispatchSettings::default(),
+      owners,
+    )
+  }
+
+  fn lane(dispatcher: &TaskDispatcher, name: &str) -> Option<Arc<Lane>> {
+    dispatcher.lanes.read().serving.get(name).cloned()
+  }
+
+  fn load_names(dispatcher: &TaskDispatcher) -> Vec<String> {
+    dispatcher
+      .loads()
+      .into_iter()
+      .map(|load| load.name)
+      .collect()
+  }
+
+  #[test]
+  fn a_joining_name_is_served_before_it_is_reported() {
+    let dispatcher = dispatcher(vec![entry("a", "a-1")]);
+    let a = lane(&dispatcher, "a").unwrap();
+    dispatcher.serve(
+      &[entry("a", "a-1")],
+      &[entry("a", "a-2"), entry("b", "b-1")],
+    );
+    assert!(lane(&dispatcher, "b").is_some(), "b is routed already");
+    assert_eq!(dispatcher.published_names(), ["a"]);
+    assert_eq!(load_names(&dispatcher), ["a"]);
+    // A kept name keeps its lane, and its accepted entry until the new one is.
+    assert!(Arc::ptr_eq(&a, &lane(&dispatcher, "a").unwrap()));
+    assert_eq!(a.published().descriptor.model.as_deref(), Some("a-1"));
+
+    dispatcher.serve(&[entry("a", "a-2"), entry("b", "b-1")], &[]);
+    assert_eq!(dispatcher.published_names(), ["a", "b"]);
+    assert_eq!(load_names(&dispatcher), ["a", "b"]);
+    assert!(Arc::ptr_eq(&a, &lane(&dispatcher, "a").unwrap()));
+    assert_eq!(a.published().descriptor.model.as_deref(), Some("a-2"));
+  }
+
+  #[test]
+  fn a_name_that_left_is_not_routed_and_its_held_lane_comes_back_with_it() {
+    let dispatcher = dispatcher(vec![entry("a", "a-1"), entry("b", "b-1")]);
+    // A task in flight holds b's lane.
+    let held = lane(&dispatcher, "b").unwrap();
+    dispatcher.serve(&[entry("a", "a-1")], &[]);
+    assert!(lane(&dispatcher, "b").is_none());
+    assert_eq!(load_names(&dispatcher), ["a"]);
+    dispatcher.serve(&[entry("a", "a-1"), entry("b", "b-2")], &[]);
+    let back = lane(&dispatcher, "b").unwrap();
+    assert!(
+      Arc::ptr_eq(&held, &back),
+      "the slots in use are still counted"
+    );
+    assert_eq!(back.published().descriptor.model.as_deref(), Some("b-2"));
+    // A lane no task holds is forgotten once it left.
+    drop((held, back));
+    dispatcher.serve(&[entry("a", "a-1")], &[]);
+    dispatcher.serve(&[entry("a", "a-1")], &[]);
+    assert!(dispatcher.lanes.read().retired.is_empty());
   }
 }

@@ -20,6 +20,7 @@
 //! when the call reaches the provider after the ending (the bridge records an
 //! abort for a task it does not know yet).
 
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,16 @@ pub enum Outcome {
   Cancelled,
 }
 
+impl Outcome {
+  pub fn as_str(self) -> &'static str {
+    match self {
+      Outcome::Completed => "completed",
+      Outcome::Failed => "failed",
+      Outcome::Cancelled => "cancelled",
+    }
+  }
+}
+
 /// What admission decided for a task, in arrival order.
 pub enum Decision {
   /// Answered with an error without running (404, 400, 429, 503).
@@ -63,6 +74,9 @@ pub struct TaskContext<'a> {
   pub client: &'a McpdClient,
   pub task_timeout: Duration,
   pub signals: TaskSignals,
+  /// The HTTP status mcpd got as the task's answer (0: none yet; 200 for a
+  /// stream that began, whatever came in-band after), for the log line.
+  pub answered: AtomicU16,
 }
 
 /// Why the provider's part of a task ended.
@@ -127,7 +141,8 @@ impl TaskContext<'_> {
     if self.signals.stop.is_cancelled() {
       return self.fail(task_id, &ErrorReply::unavailable()).await;
     }
-    let descriptor = &lane.published.descriptor;
+    let published = lane.published();
+    let descriptor = &published.descriptor;
     let identity_model = request
       .model
       .clone()
@@ -147,7 +162,7 @@ impl TaskContext<'_> {
       task_id: task_id.to_owned(),
       options,
     };
-    let provider = &lane.published.provider;
+    let provider = &published.provider;
     if stream {
       let encoder = StreamEncoder::new(identity, request.include_usage);
       self.stream_task(provider, call, encoder).await
@@ -270,6 +285,9 @@ impl TaskContext<'_> {
       }
     };
     let (outcome, relayed) = tokio::join!(produce, relay);
+    if encoder.started() && !matches!(relayed, Relayed::Cancelled) {
+      self.answered.store(200, Ordering::Relaxed);
+    }
     match (outcome, relayed) {
       (Outcome::Cancelled, _) | (_, Relayed::Cancelled) => Outcome::Cancelled,
       (outcome, Relayed::Finished) => outcome,
@@ -298,7 +316,10 @@ impl TaskContext<'_> {
     })
     .await;
     match delivery {
-      Delivery::Delivered => delivered,
+      Delivery::Delivered => {
+        self.answered.store(status, Ordering::Relaxed);
+        delivered
+      }
       Delivery::Cancelled => {
         tracing::debug!(task_id, "cancelled while its result was being delivered");
         Outcome::Cancelled
@@ -422,6 +443,7 @@ mod tests {
       client: &client,
       task_timeout: timeout,
       signals,
+      answered: AtomicU16::new(0),
     };
     let silent = Arc::new(Silent::default());
     let provider: Arc<dyn Provider> = silent.clone();
