@@ -62,71 +62,47 @@ test('10,000 small chunks as fast as the provider can: all relayed in order, in 
 })
 
 test('backpressure: a provider faster than mcpd is held a bounded number of chunks ahead', async (t) => {
-  // MEASURED (debug build, x86_64 Linux, 5 runs): with 200 ms per chunk POST the registrar
-  // sends 16 payloads of 64 KiB per POST (its 1 MiB batch cap), so mcpd takes 64 chunks/s
-  // (~4 MiB/s). The provider makes ~120-190 chunks/s (~8-12 MiB/s: each chunk is a JS round
-  // trip and 64 KiB of JSON each way) until the relay's buffer is full, ~2-2.5 s in; from then
-  // on it is pulled only as fast as mcpd takes chunks. produced − received rises to 257
-  // (the 256-payload relay buffer + the chunk in hand; the batch on the wire already counts as
-  // received) and stays there: over 4 s the provider made ~480 chunks (~30 MiB) where an
-  // unthrottled one would have made ~700 and kept climbing. RSS grew 44-60 MB (peak), most of it
-  // the fake mcpd keeping every payload it accepted.
+  // No clock in the assertions: the provider records, at every chunk it yields, how far
+  // it is ahead of what mcpd has accepted. With chunk POSTs answered slowly, what the
+  // registrar may hold is bounded by its buffers: the JS-to-Rust credit window (1 MiB of
+  // chunk JSON, 64 chunks of 16 KiB), the relay buffer (256 payloads) and the batch on
+  // the wire (1 MiB, 64 chunks): about 400 chunks here. Unthrottled, the provider would
+  // run ahead by nearly all of its 2,000 chunks, since it makes them far faster than mcpd
+  // takes them. Load on the machine can only make the lead smaller, never larger.
   const mcpd = await startMcpd(t)
-  const chunkBytes = 64 * 1024
+  const chunkBytes = 16 * 1024
   const filler = 'x'.repeat(chunkBytes - 8)
-  const produceForMs = 4000
+  const count = 2000
   let produced = 0
-  let producing = true
+  let maxLead = 0
+  let received = () => 0
   const firehose = {
     complete: noComplete,
     async *stream() {
-      const until = performance.now() + produceForMs
-      while (performance.now() < until) {
-        const content = produced.toString(36).padStart(8, '0') + filler
+      for (let i = 0; i < count; i++) {
+        maxLead = Math.max(maxLead, produced - received())
         produced++
-        yield { content }
+        yield { content: i.toString(36).padStart(8, '0') + filler }
       }
-      producing = false
     },
   }
   await startRegistrar(t, mcpd, { firehose })
-  mcpd.delay('chunks', 200)
+  mcpd.delay('chunks', 100)
   const rssBefore = process.memoryUsage().rss
   const taskId = mcpd.sendTask({ provider: 'firehose', body: chatBody({ stream: true }) })
-
   // Content payloads mcpd has accepted (the first payload is the role chunk).
-  const received = () => Math.max(0, postedPayloads(mcpd, taskId).length - 1)
-  const samples = []
-  let rssPeak = rssBefore
-  const startedAt = performance.now()
-  while (producing && performance.now() - startedAt < produceForMs + 2000) {
-    await sleep(250)
-    rssPeak = Math.max(rssPeak, process.memoryUsage().rss)
-    samples.push({ ms: Math.round(performance.now() - startedAt), producing, produced, received: received() })
-  }
-  assert.equal(producing, false, 'the provider finished its 4 s')
-  const lead = (sample) => sample.produced - sample.received
-  const maxLead = Math.max(...samples.map(lead))
-  const rssGrowthMb = (rssPeak - rssBefore) / 2 ** 20
-  t.diagnostic(`samples (ms produced/received): ${samples.map((s) => `${s.ms}:${s.produced}/${s.received}`).join(' ')}`)
-  t.diagnostic(`max lead ${maxLead} chunks (${((maxLead * chunkBytes) / 2 ** 20).toFixed(1)} MiB); RSS growth ${rssGrowthMb.toFixed(0)} MB; produced ${produced}`)
-
-  assert.ok(samples.length >= 10, `${samples.length} samples`)
-  assert.ok(maxLead <= 1500, `the provider ran ${maxLead} chunks ahead of mcpd`)
-  // A plateau, not a slope: over the last 1.5 s of production the lead does not keep growing
-  // (unthrottled, it would grow by ~180 chunks here).
-  const last = samples.filter((s) => s.producing && s.ms >= produceForMs - 1500)
-  assert.ok(last.length >= 3, `${last.length} late samples`)
-  assert.ok(lead(last.at(-1)) - lead(last[0]) <= 64, `the lead grew from ${lead(last[0])} to ${lead(last.at(-1))}`)
-  assert.ok(received() >= 100, `mcpd received ${received()} chunks: the relay kept moving`)
+  received = () => Math.max(0, postedPayloads(mcpd, taskId).length - 1)
+  const outcome = await mcpd.outcome(taskId, { timeoutMs: 60_000 })
+  const rssGrowthMb = (process.memoryUsage().rss - rssBefore) / 2 ** 20
+  t.diagnostic(`max lead ${maxLead} chunks (${((maxLead * chunkBytes) / 2 ** 20).toFixed(1)} MiB); RSS growth ${rssGrowthMb.toFixed(0)} MB`)
+  assert.equal(produced, count)
+  assert.ok(maxLead <= 600, `the provider ran ${maxLead} chunks ahead of mcpd`)
   assert.ok(rssGrowthMb < 300, `RSS grew ${rssGrowthMb.toFixed(0)} MB`)
 
-  // Drain the rest quickly and check nothing was lost, damaged or reordered.
-  mcpd.delay('chunks', 0)
-  const outcome = await mcpd.outcome(taskId, { timeoutMs: 20_000 })
+  // Nothing was lost, damaged or reordered.
   assert.equal(outcome.kind, 'stream')
   const contents = outcome.payloads.slice(1, -2).map((payload) => JSON.parse(payload).choices[0].delta.content)
-  assert.equal(contents.length, produced)
+  assert.equal(contents.length, count)
   contents.forEach((content, i) => {
     if (content.length !== chunkBytes || parseInt(content.slice(0, 8), 36) !== i) assert.fail(`chunk ${i} is out of order or damaged`)
   })
