@@ -90,8 +90,9 @@ const gnu = results
 let glibcOk = true
 if (gnu.length > 0) {
   console.log()
-  glibcOk = spawnSync(process.execPath, [join(root, 'scripts', 'check-glibc.mjs'), ...gnu], { cwd: root, stdio: 'inherit' })
-    .status === 0
+  glibcOk =
+    spawnSync(process.execPath, [join(root, 'scripts', 'check-glibc.mjs'), ...gnu], { cwd: root, stdio: 'inherit' })
+      .status === 0
 }
 
 console.log('\nbuild:dist:')

@@ -21,7 +21,7 @@ const compare = (a, b) => {
   return 0
 }
 
-let files = process.argv.slice(2)
+const files = process.argv.slice(2)
 if (files.length === 0) {
   for (const dir of readdirSync(join(root, 'npm'))) {
     if (!dir.endsWith('-gnu')) continue

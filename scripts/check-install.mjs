@@ -30,8 +30,9 @@ try {
   const pack = (dir) =>
     join(
       scratch,
-      JSON.parse(execFileSync('npm', ['pack', '--json', '--pack-destination', scratch], { cwd: dir, encoding: 'utf8' }))[0]
-        .filename,
+      JSON.parse(
+        execFileSync('npm', ['pack', '--json', '--pack-destination', scratch], { cwd: dir, encoding: 'utf8' }),
+      )[0].filename,
     )
   const tarballs = [pack(root), pack(platformDir)]
   const project = join(scratch, 'app')

@@ -2,7 +2,7 @@
 // Keeps the per-platform packages in npm/ in step with the root package.json: the same
 // version, description, license, engines, repository, homepage, bugs and publishConfig,
 // and a copy of LICENSE. `--check` changes nothing and fails when a file is out of step.
-import { readFileSync, readdirSync, writeFileSync } from 'node:fs'
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 

@@ -33,9 +33,7 @@ function run(command, args, env = process.env) {
   return result.status === 0
 }
 
-const hostTriple = /^host: (\S+)$/m.exec(
-  spawnSync('rustc', ['-vV'], { cwd: root, encoding: 'utf8' }).stdout ?? '',
-)?.[1]
+const hostTriple = /^host: (\S+)$/m.exec(spawnSync('rustc', ['-vV'], { cwd: root, encoding: 'utf8' }).stdout ?? '')?.[1]
 if (!hostTriple) {
   console.error('could not read the host triple from `rustc -vV`')
   process.exit(1)
@@ -60,8 +58,7 @@ const built = run(process.execPath, [
 if (suites.includes('rust')) outcome.rust = run('cargo', ['test', '--target', hostTriple])
 if (suites.includes('node')) {
   outcome.node =
-    built &&
-    run(process.execPath, ['--test', '--test-concurrency=2', '--test-timeout=120000', '__test__/'])
+    built && run(process.execPath, ['--test', '--test-concurrency=2', '--test-timeout=120000', '__test__/'])
   if (!built) console.error('\nnode tests not run: the addon did not build')
 }
 

@@ -3,8 +3,8 @@ import {
   type CompletionChunk,
   type CompletionOptions,
   type LlmProvider,
-  type RegistrarStatus,
   maybeStartVirtualLlmRegistrar,
+  type RegistrarStatus,
   VirtualLlmRegistrar,
 } from '@mcpctl/registrar'
 import { FakeMcpd } from '@mcpctl/registrar/testing'
