@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 // Fails when a glibc binary needs a glibc symbol version newer than the floor (2.17, the
 // sysroot of the napi-rs cross toolchain), i.e. would not load on RHEL 7/8, Ubuntu 20.04
-// or Amazon Linux 2. Reads the dynamic symbol table with `objdump -T` (binutils; for a
-// foreign architecture as well, since it only reads the ELF).
+// or Amazon Linux 2. Reads the versioned dynamic symbols with `readelf --dyn-syms`
+// (binutils; readelf reads an ELF of any architecture, an arm64 one on an x86_64 host).
 //
 // Usage: node scripts/check-glibc.mjs [file.node...]   (default: every npm/*-gnu/*.node)
 import { execFileSync } from 'node:child_process'
@@ -42,10 +42,10 @@ for (const file of files) {
     failed = true
     continue
   }
-  const table = execFileSync('objdump', ['-T', file], { encoding: 'utf8', maxBuffer: 64 << 20 })
+  const table = execFileSync('readelf', ['--dyn-syms', '--wide', file], { encoding: 'utf8', maxBuffer: 64 << 20 })
   const needs = new Map()
-  for (const match of table.matchAll(/\bGLIBC_(\d+(?:\.\d+)+)\)?\s+(\S+)$/gm)) {
-    const [, version, symbol] = match
+  for (const match of table.matchAll(/\s([^\s@]+)@@?GLIBC_(\d+(?:\.\d+)+)/g)) {
+    const [, symbol, version] = match
     if (!needs.has(version)) needs.set(version, [])
     needs.get(version).push(symbol)
   }
