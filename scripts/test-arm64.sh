@@ -7,6 +7,9 @@
 # from Debian's cross toolchain; qemu-user runs the test binaries. With rustup's target
 # installed instead (`rustup target add aarch64-unknown-linux-gnu`), that one is used.
 #
+# On the project's own VM the tests build but qemu-user hangs at the first pthread_create
+# of any guest program (qemu 7.2 and 10.0 alike), so nothing runs there; see the README.
+#
 # One-time setup (root):
 #   dpkg --add-architecture arm64 && apt-get update
 #   apt-get install rustc-web cargo-web libstd-rust-web-dev:arm64 \
