@@ -4,7 +4,7 @@
 // right `this`. Rust passes task ids and JSON text; every function here answers
 // a JSON text and never throws or rejects, so a broken provider cannot crash
 // mcplocal.
-(function createProviderBridge(logger, onStateChange) {
+;(function createProviderBridge(logger, onStateChange) {
   'use strict'
   const providers = new Map()
   const tasks = new Map()
@@ -76,9 +76,9 @@
         const provider = providers.get(name)
         const { task, options } = begin(taskId, optionsJson)
         const iterable = provider.stream(options)
-        const open = iterable && iterable[Symbol.asyncIterator]
+        const open = iterable?.[Symbol.asyncIterator]
         if (typeof open !== 'function') {
-          throw new Error('the provider\'s stream() did not return an async iterable')
+          throw new Error("the provider's stream() did not return an async iterable")
         }
         task.iterator = open.call(iterable)
         resolve(JSON.stringify({ ok: true }))
@@ -90,13 +90,13 @@
 
     next(taskId) {
       const task = tasks.get(taskId)
-      if (!task || !task.iterator) {
+      if (!task?.iterator) {
         return Promise.resolve(failure(new Error('the stream was closed')))
       }
       return new Promise((resolve) => resolve(task.iterator.next()))
         .then((step) => {
           if (step === null || typeof step !== 'object') {
-            throw new Error('the provider\'s iterator returned a non-object step')
+            throw new Error("the provider's iterator returned a non-object step")
           }
           if (step.done) {
             task.iterator = null
