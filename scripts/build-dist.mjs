@@ -20,7 +20,12 @@ import { ensureToolchain } from './napi-cross-toolchain.mjs'
 const root = fileURLToPath(new URL('..', import.meta.url))
 const TARGETS = {
   'x86_64-unknown-linux-gnu': { dir: 'linux-x64-gnu', args: ['--use-napi-cross'] },
-  'aarch64-unknown-linux-gnu': { dir: 'linux-arm64-gnu', args: ['--use-napi-cross'] },
+  'aarch64-unknown-linux-gnu': {
+    dir: 'linux-arm64-gnu',
+    args: ['--use-napi-cross'],
+    // The toolchain's gcc (4.8) does not define __ARM_ARCH, which ring's assembly requires.
+    env: { CFLAGS_aarch64_unknown_linux_gnu: '-D__ARM_ARCH=8' },
+  },
   'x86_64-unknown-linux-musl': { dir: 'linux-x64-musl', args: ['-x'] },
 }
 const wanted = process.argv.slice(2)
@@ -73,7 +78,7 @@ for (const triple of triples) {
   const build = spawnSync(
     process.execPath,
     [napiBin, 'build', '--platform', '--release', '--target', triple, ...target.args],
-    { cwd: root, stdio: 'inherit', env: { ...process.env, ...rust.env } },
+    { cwd: root, stdio: 'inherit', env: { ...target.env, ...process.env, ...rust.env } },
   )
   if (build.status !== 0) {
     results.push([triple, 'FAILED'])
