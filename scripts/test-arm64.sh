@@ -36,8 +36,9 @@ done
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
-# qemu-user finds the arm64 dynamic loader and libc in Debian's cross sysroot.
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+# qemu-user finds the arm64 dynamic loader and libc in Debian's cross sysroot; a test
+# binary that qemu cannot run (see above) is stopped after 10 minutes instead of hanging.
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="timeout 600 qemu-aarch64 -L /usr/aarch64-linux-gnu"
 
 echo "test:arm64: $("${RUSTC:-rustc}" --version), $(qemu-aarch64 --version | head -1)"
 nice -n 10 "$cargo" test --target "$triple" "$@"
