@@ -59,6 +59,8 @@ try {
       const registrar = new VirtualLlmRegistrar({ mcpdUrl: await mcpd.listen(), token: 't',
         providers: [{ name: 'p', type: 'demo', provider }], configDir })
       await registrar.start()
+      // start() resolves once registered; the control channel connects right after.
+      await mcpd.waitFor(() => registrar.status().state === 'connected', { timeoutMs: 10000 })
       const state = registrar.status().state
       await registrar.stop()
       await mcpd.close()
