@@ -1,13 +1,23 @@
 // The JavaScript surface mcplocal relies on (issue 9): a pino logger gets every
 // field, MCPCTL_LOG goes to the logger (stderr only without one), every error is
 // a RegistrarError with a code, and options are strict.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
+import test from 'node:test'
 import { fileURLToPath } from 'node:url'
 import pino from 'pino'
 import { RegistrarError as NamedExport } from '../index.js'
-import { addon, startMcpd, startRegistrar, tempConfigDir, captureLogger, recordingProvider, chatBody, TOKEN } from './helpers.mjs'
+import {
+  addon,
+  captureLogger,
+  chatBody,
+  recordingProvider,
+  startMcpd,
+  startRegistrar,
+  TOKEN,
+  tempConfigDir,
+} from './helpers.mjs'
 
 const { VirtualLlmRegistrar, RegistrarError, maybeStartVirtualLlmRegistrar } = addon
 const INDEX = fileURLToPath(new URL('../index.js', import.meta.url))
@@ -38,11 +48,22 @@ function setLogLevel(t, level) {
   })
 }
 
-const provider = () => ({ async complete() { return { content: 'hi' } } })
+const provider = () => ({
+  async complete() {
+    return { content: 'hi' }
+  },
+})
 const entry = (extra = {}) => ({ name: 'local', type: 'ollama', model: 'qwen2.5:7b', provider: provider(), ...extra })
 
 async function baseOptions(t, extra = {}) {
-  return { mcpdUrl: 'http://127.0.0.1:9', token: TOKEN, configDir: await tempConfigDir(t), logger: captureLogger(), providers: [entry()], ...extra }
+  return {
+    mcpdUrl: 'http://127.0.0.1:9',
+    token: TOKEN,
+    configDir: await tempConfigDir(t),
+    logger: captureLogger(),
+    providers: [entry()],
+    ...extra,
+  }
 }
 
 /** Asserts that `run()` throws (or rejects with) a RegistrarError with `code`, and returns it. */
@@ -65,7 +86,9 @@ async function expectRegistrarError(run, code, message) {
 test('a pino logger gets the fields in its JSON lines: state, providerSessionId, taskId, status, error; never the token', async (t) => {
   const mcpd = await startMcpd(t)
   const { lines, logger } = pinoCapture()
-  const failing = recordingProvider(() => { throw new Error('backend down') })
+  const failing = recordingProvider(() => {
+    throw new Error('backend down')
+  })
   setLogLevel(t, 'debug')
   const { registrar } = await startRegistrar(t, mcpd, { local: failing }, { logger })
   const sessionId = registrar.status().providerSessionId
@@ -114,11 +137,18 @@ function runChild(mcpd, configDir, loggerSource, env = {}) {
       .then(() => setTimeout(() => process.stdout.write('LINES ' + JSON.stringify(lines) + '\\n'), 50))
   `
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['-e', source], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawn(process.execPath, ['-e', source], {
+      env: { ...process.env, ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    })
     let stdout = ''
     let stderr = ''
-    child.stdout.on('data', (data) => { stdout += data })
-    child.stderr.on('data', (data) => { stderr += data })
+    child.stdout.on('data', (data) => {
+      stdout += data
+    })
+    child.stderr.on('data', (data) => {
+      stderr += data
+    })
     child.on('error', reject)
     child.on('close', (code) => resolve({ code, stdout, stderr }))
   })
@@ -126,14 +156,22 @@ function runChild(mcpd, configDir, loggerSource, env = {}) {
 
 test('MCPCTL_LOG output goes to the given logger only; to stderr only when there is none', async (t) => {
   const mcpd = await startMcpd(t)
-  const withLogger = await runChild(mcpd, await tempConfigDir(t), '{ debug: record("debug"), info: record("info"), warn: record("warn"), error: record("error") }', { MCPCTL_LOG: 'debug' })
+  const withLogger = await runChild(
+    mcpd,
+    await tempConfigDir(t),
+    '{ debug: record("debug"), info: record("info"), warn: record("warn"), error: record("error") }',
+    { MCPCTL_LOG: 'debug' },
+  )
   assert.equal(withLogger.code, 0, withLogger.stderr)
   assert.ok(!withLogger.stderr.includes('[mcpctl-registrar]'), withLogger.stderr)
   const lines = JSON.parse(withLogger.stdout.split('LINES ')[1])
   for (const state of ['registering', 'connected', 'stopped']) {
     // registering at debug; connected, reconnecting, unauthorized, stopped at info (pino's default level shows them).
     const level = state === 'registering' ? 'debug' : 'info'
-    assert.ok(lines.some((line) => line.level === level && line.fields.state === state && line.msg === 'state changed'), `${state}: ${JSON.stringify(lines)}`)
+    assert.ok(
+      lines.some((line) => line.level === level && line.fields.state === state && line.msg === 'state changed'),
+      `${state}: ${JSON.stringify(lines)}`,
+    )
   }
 
   const withoutLogger = await runChild(mcpd, await tempConfigDir(t), 'null', { MCPCTL_LOG: 'debug' })
@@ -174,7 +212,11 @@ test('no options object at all: a clear ERR_INVALID_OPTION', async () => {
   for (const args of [[], [undefined], [null]]) {
     await expectRegistrarError(() => new VirtualLlmRegistrar(...args), 'ERR_INVALID_OPTION', /needs an options object/)
   }
-  await expectRegistrarError(() => new VirtualLlmRegistrar(42), 'ERR_INVALID_OPTION', /needs an options object; got a Number/i)
+  await expectRegistrarError(
+    () => new VirtualLlmRegistrar(42),
+    'ERR_INVALID_OPTION',
+    /needs an options object; got a Number/i,
+  )
 })
 
 test('unknown option names are refused at every level, naming the nearest known one', async (t) => {
@@ -184,11 +226,17 @@ test('unknown option names are refused at every level, naming the nearest known 
     [{ taskTimeout: 1000 }, /unknown option `taskTimeout`: did you mean `taskTimeoutMs`\?/],
     [{ heartbeatInterval: 1000 }, /did you mean `heartbeatIntervalMs`\?/],
     [{ maxConcurency: 2 }, /did you mean `maxConcurrency`\?/],
-    [{ onStatusChange () {} }, /did you mean `onStateChange`\?/],
+    [{ onStatusChange() {} }, /did you mean `onStateChange`\?/],
     [{ backoff: { initial: 10 } }, /unknown option `backoff.initial`: did you mean `backoff.initialMs`\?/],
     [{ backoff: { maxMS: 10 } }, /did you mean `backoff.maxMs`\?/],
-    [{ providers: [entry({ modle: 'x' })] }, /unknown field `providers\[0\].modle`: did you mean `providers\[0\].model`\?/],
-    [{ providers: [entry(), entry({ name: 'b', contextwindow: 4096 })] }, /`providers\[1\].contextwindow`: did you mean `providers\[1\].contextWindow`\?/],
+    [
+      { providers: [entry({ modle: 'x' })] },
+      /unknown field `providers\[0\].modle`: did you mean `providers\[0\].model`\?/,
+    ],
+    [
+      { providers: [entry(), entry({ name: 'b', contextwindow: 4096 })] },
+      /`providers\[1\].contextwindow`: did you mean `providers\[1\].contextWindow`\?/,
+    ],
     [{ somethingElse: true }, /unknown option `somethingElse`: known options: mcpdUrl, token, providers/],
   ]
   for (const [patch, pattern] of cases) {
@@ -198,7 +246,11 @@ test('unknown option names are refused at every level, naming the nearest known 
 
 test('option errors never carry the token, even where an option echoes it', async (t) => {
   const base = await baseOptions(t)
-  const error = await expectRegistrarError(() => new VirtualLlmRegistrar({ ...base, mcpdUrl: `not a url ${TOKEN}` }), 'ERR_INVALID_OPTION', /mcpdUrl 'not a url \*\*\*' is not a URL/)
+  const error = await expectRegistrarError(
+    () => new VirtualLlmRegistrar({ ...base, mcpdUrl: `not a url ${TOKEN}` }),
+    'ERR_INVALID_OPTION',
+    /mcpdUrl 'not a url \*\*\*' is not a URL/,
+  )
   assert.ok(!error.stack.includes(TOKEN))
 })
 
@@ -206,7 +258,16 @@ test("provider entries may carry mcplocal's own fields", async (t) => {
   const base = await baseOptions(t)
   const registrar = new VirtualLlmRegistrar({
     ...base,
-    providers: [entry({ publish: true, description: 'd', contextWindow: 8192, url: 'http://127.0.0.1:11434', apiKey: 'k', binaryPath: '/usr/bin/x' })],
+    providers: [
+      entry({
+        publish: true,
+        description: 'd',
+        contextWindow: 8192,
+        url: 'http://127.0.0.1:11434',
+        apiKey: 'k',
+        binaryPath: '/usr/bin/x',
+      }),
+    ],
   })
   assert.deepEqual(registrar.status().providers, ['local'])
 })
@@ -221,7 +282,10 @@ test('the boot hook refuses an unknown option too: a warning naming the nearest 
     logger,
   })
   assert.equal(registrar, null)
-  assert.ok(logger.lines.some((line) => line.level === 'warn' && /did you mean `registry`\?/.test(line.fields.error)), JSON.stringify(logger.lines))
+  assert.ok(
+    logger.lines.some((line) => line.level === 'warn' && /did you mean `registry`\?/.test(line.fields.error)),
+    JSON.stringify(logger.lines),
+  )
 })
 
 test('start() rejects with ERR_UNAUTHORIZED and the status on 401, without the token even when mcpd echoes it', async (t) => {

@@ -1,10 +1,11 @@
 // mcplocal's boot hook, maybeStartVirtualLlmRegistrar: when it resolves null,
 // where it reads credentials, and that it never rejects or blocks the boot.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { addon, startMcpd, tempConfigDir, captureLogger, recordingProvider, chatBody, TOKEN } from './helpers.mjs'
+import test from 'node:test'
+import { addon, captureLogger, chatBody, recordingProvider, startMcpd, TOKEN, tempConfigDir } from './helpers.mjs'
 
 const { maybeStartVirtualLlmRegistrar, VirtualLlmRegistrar } = addon
 
@@ -19,13 +20,19 @@ test('resolves null after a warning when no provider is opted in (seed: no-op)',
   const configDir = await tempConfigDir(t)
   await writeCredentials(configDir, { mcpdUrl: mcpd.url, token: TOKEN })
   const registrar = await maybeStartVirtualLlmRegistrar({
-    providers: [{ name: 'local', type: 'ollama' }, { name: 'other', type: 'openai', publish: false }],
+    providers: [
+      { name: 'local', type: 'ollama' },
+      { name: 'other', type: 'openai', publish: false },
+    ],
     registry: new Map([['local', recordingProvider()]]),
     configDir,
     logger,
   })
   assert.equal(registrar, null)
-  assert.ok(logger.lines.some((line) => line.level === 'warn' && /publish: true/.test(line.msg)), JSON.stringify(logger.lines))
+  assert.ok(
+    logger.lines.some((line) => line.level === 'warn' && /publish: true/.test(line.msg)),
+    JSON.stringify(logger.lines),
+  )
   assert.equal(mcpd.requests.length, 0, 'nothing was sent to mcpd')
 })
 
@@ -65,11 +72,21 @@ test('reads <configDir>/credentials, publishes the opted-in providers from a Map
   await writeCredentials(configDir, { mcpdUrl: mcpd.url, token: TOKEN })
   const registrar = await maybeStartVirtualLlmRegistrar({
     providers: [
-      { name: 'local', type: 'ollama', model: 'qwen2.5:7b', publish: true, description: 'my GPU', contextWindow: 32768 },
+      {
+        name: 'local',
+        type: 'ollama',
+        model: 'qwen2.5:7b',
+        publish: true,
+        description: 'my GPU',
+        contextWindow: 32768,
+      },
       { name: 'private', type: 'openai', publish: false },
       { name: 'missing', type: 'ollama', publish: true },
     ],
-    registry: new Map([['local', recordingProvider()], ['private', recordingProvider()]]),
+    registry: new Map([
+      ['local', recordingProvider()],
+      ['private', recordingProvider()],
+    ]),
     configDir,
     logger: captureLogger(),
     backoff: { initialMs: 50, maxMs: 200 },
@@ -109,17 +126,35 @@ test('never rejects on bad options either', async (t) => {
   assert.equal(await maybeStartVirtualLlmRegistrar({ providers: 'nope', registry: new Map(), logger }), null)
   assert.equal(await maybeStartVirtualLlmRegistrar({ providers: [], registry: 42, logger }), null)
   assert.equal(await maybeStartVirtualLlmRegistrar(undefined), null)
-  const throwing = { get () { throw new Error('registry exploded') } }
-  assert.equal(await maybeStartVirtualLlmRegistrar({ providers: [{ name: 'a', type: 't', publish: true }], registry: throwing, logger, configDir: await tempConfigDir(t) }), null)
+  const throwing = {
+    get() {
+      throw new Error('registry exploded')
+    },
+  }
+  assert.equal(
+    await maybeStartVirtualLlmRegistrar({
+      providers: [{ name: 'a', type: 't', publish: true }],
+      registry: throwing,
+      logger,
+      configDir: await tempConfigDir(t),
+    }),
+    null,
+  )
   assert.ok(logger.lines.some((line) => /registry exploded/.test(JSON.stringify(line))))
 })
 
 test('never blocks the boot: an mcpd that accepts but never answers resolves the registrar within ~3 s', async (t) => {
   const { createServer } = await import('node:net')
   const sockets = new Set()
-  const silent = createServer((socket) => { sockets.add(socket); socket.on('error', () => {}) })
+  const silent = createServer((socket) => {
+    sockets.add(socket)
+    socket.on('error', () => {})
+  })
   await new Promise((resolve) => silent.listen(0, '127.0.0.1', resolve))
-  t.after(() => { for (const socket of sockets) socket.destroy(); silent.close() })
+  t.after(() => {
+    for (const socket of sockets) socket.destroy()
+    silent.close()
+  })
   const started = Date.now()
   const registrar = await maybeStartVirtualLlmRegistrar({
     providers: [{ name: 'local', type: 'ollama', publish: true }],

@@ -2,9 +2,10 @@
 // after the task frame (queued, being admitted, while the JS call is being made,
 // while the provider's promise is pending) fires the provider's signal, and
 // nothing is posted for the task.
-import { test } from 'node:test'
+
 import assert from 'node:assert/strict'
-import { startMcpd, startRegistrar, chatBody } from './helpers.mjs'
+import { test } from 'node:test'
+import { chatBody, startMcpd, startRegistrar } from './helpers.mjs'
 
 const TASKS = 1500
 
@@ -21,7 +22,9 @@ test(`${TASKS} tasks, each cancelled 0-100 ms after it is sent: every provider c
       calls.push({ signal, fired })
       // Answers only once aborted (an answer the registrar must not post), or
       // after 60 s, far beyond this test.
-      return Promise.race([fired, new Promise((resolve) => setTimeout(resolve, 60_000).unref())]).then(() => ({ content: 'late' }))
+      return Promise.race([fired, new Promise((resolve) => setTimeout(resolve, 60_000).unref())]).then(() => ({
+        content: 'late',
+      }))
     },
   }
   const { registrar } = await startRegistrar(t, mcpd, { slow: provider }, { maxConcurrency: TASKS, maxQueue: TASKS })
@@ -31,7 +34,9 @@ test(`${TASKS} tasks, each cancelled 0-100 ms after it is sent: every provider c
   for (let i = 0; i < TASKS; i++) {
     const taskId = mcpd.sendTask({ provider: 'slow', body: chatBody(), taskId: `race-${i}` })
     ids.push(taskId)
-    cancels.push(new Promise((resolve) => setTimeout(() => resolve(mcpd.cancel(taskId)), Math.floor(Math.random() * 101))))
+    cancels.push(
+      new Promise((resolve) => setTimeout(() => resolve(mcpd.cancel(taskId)), Math.floor(Math.random() * 101))),
+    )
     // Spread the sends a little, as mcpd would under load.
     if (i % 100 === 99) await new Promise((resolve) => setImmediate(resolve))
   }
@@ -46,7 +51,9 @@ test(`${TASKS} tasks, each cancelled 0-100 ms after it is sent: every provider c
   const pending = calls.filter((call) => !call.signal.aborted).length
   const reasons = await Promise.race([
     Promise.all(calls.map((call) => call.fired)),
-    new Promise((_, reject) => setTimeout(() => reject(new Error(`${pending} provider signals never fired`)), 10_000).unref()),
+    new Promise((_, reject) =>
+      setTimeout(() => reject(new Error(`${pending} provider signals never fired`)), 10_000).unref(),
+    ),
   ])
   assert.ok(calls.length <= TASKS, `${calls.length} calls`)
   for (const reason of reasons) {
@@ -57,6 +64,9 @@ test(`${TASKS} tasks, each cancelled 0-100 ms after it is sent: every provider c
   // After stop() nothing more can be sent: nothing was posted for any task.
   await registrar.stop()
   const posted = mcpd.requests.filter((request) => request.path.includes('/_provider-tasks/'))
-  assert.deepEqual(posted.map((request) => request.path), [])
+  assert.deepEqual(
+    posted.map((request) => request.path),
+    [],
+  )
   assert.deepEqual(mcpd.violations, [])
 })

@@ -1,12 +1,13 @@
 // The demo (`npm run demo`) run as a user runs it, and its providers in process: the demo
 // model, and the OpenAI-compatible upstream bridge against a node:http fake of such a server.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
-import { createServer } from 'node:http'
 import { existsSync } from 'node:fs'
+import { createServer } from 'node:http'
+import test from 'node:test'
 import { fileURLToPath } from 'node:url'
-import { DEMO_REPLIES, countingReply, createDemoProvider, createUpstreamProvider } from '../examples/providers.mjs'
+import { countingReply, createDemoProvider, createUpstreamProvider, DEMO_REPLIES } from '../examples/providers.mjs'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const DEMO = fileURLToPath(new URL('../examples/demo.mjs', import.meta.url))
@@ -27,7 +28,9 @@ function runDemo(t, args = [], { timeoutMs = 60_000 } = {}) {
   child.stdout.setEncoding('utf8')
   child.stderr.setEncoding('utf8')
   child.stdout.on('data', (text) => chunks.push({ at: performance.now() - started, text }))
-  child.stderr.on('data', (text) => { stderr += text })
+  child.stderr.on('data', (text) => {
+    stderr += text
+  })
   return new Promise((resolve, reject) => {
     let timedOut = false
     const timer = setTimeout(() => {
@@ -61,7 +64,8 @@ function chunksCarrying(run, text) {
   return carrying
 }
 
-const explain = (run) => `exit ${run.code}${run.signal ? ` (${run.signal})` : ''}${run.timedOut ? ', timed out after 60 s' : ''}\n--- stdout\n${run.stdout}\n--- stderr\n${run.stderr}`
+const explain = (run) =>
+  `exit ${run.code}${run.signal ? ` (${run.signal})` : ''}${run.timedOut ? ', timed out after 60 s' : ''}\n--- stdout\n${run.stdout}\n--- stderr\n${run.stderr}`
 
 test('npm run demo: every step, the streamed tokens live, and a clean exit 0 by itself', async (t) => {
   const run = await runDemo(t)
@@ -87,8 +91,16 @@ test('npm run demo: every step, the streamed tokens live, and a clean exit 0 by 
   // 5. update() publishes a second provider under the same session; /v1/models lists both, no restart.
   const sessionId = /registrar {4}connected, session (\S+),/.exec(out)?.[1]
   assert.ok(sessionId, out)
-  assert.ok(out.includes(`[5/6] registrar.update([...]): publishing demo-llm-2 too, no restart\n  registrar    connected, same session ${sessionId}, publishing demo-llm, demo-llm-2\n`), out)
-  assert.match(out, /client\.models\.list\(\):\n {2}demo-llm {2}\(owned by [^)]+\)\n {2}demo-llm-2 {2}\(owned by [^)]+\)\n/)
+  assert.ok(
+    out.includes(
+      `[5/6] registrar.update([...]): publishing demo-llm-2 too, no restart\n  registrar    connected, same session ${sessionId}, publishing demo-llm, demo-llm-2\n`,
+    ),
+    out,
+  )
+  assert.match(
+    out,
+    /client\.models\.list\(\):\n {2}demo-llm {2}\(owned by [^)]+\)\n {2}demo-llm-2 {2}\(owned by [^)]+\)\n/,
+  )
   // 6. Everything down, and the last line says so.
   assert.match(out, /registrar stopped \(state stopped; tasks: 2 completed, 0 failed, 0 in flight\)/)
   assert.match(out, /dev mcpd closed/)
@@ -128,12 +140,26 @@ test('demo provider: complete() and stream() give the same answer, with usage, a
   const signal = new AbortController().signal
 
   const whole = await provider.complete({ ...request('Who are you?'), signal })
-  assert.deepEqual(whole, { content: DEMO_REPLIES.hello, model: 'demo-1', finishReason: 'stop', usage: { promptTokens: 3, completionTokens: 18, totalTokens: 21 } })
+  assert.deepEqual(whole, {
+    content: DEMO_REPLIES.hello,
+    model: 'demo-1',
+    finishReason: 'stop',
+    usage: { promptTokens: 3, completionTokens: 18, totalTokens: 21 },
+  })
 
   const chunks = []
   for await (const chunk of provider.stream({ ...request('Who are you?'), signal })) chunks.push(chunk)
-  assert.equal(chunks.slice(0, -1).map((c) => c.content).join(''), DEMO_REPLIES.hello)
-  assert.deepEqual(chunks.at(-1), { finishReason: 'stop', usage: { promptTokens: 3, completionTokens: 18, totalTokens: 21 } })
+  assert.equal(
+    chunks
+      .slice(0, -1)
+      .map((c) => c.content)
+      .join(''),
+    DEMO_REPLIES.hello,
+  )
+  assert.deepEqual(chunks.at(-1), {
+    finishReason: 'stop',
+    usage: { promptTokens: 3, completionTokens: 18, totalTokens: 21 },
+  })
 
   const cut = await provider.complete({ ...request('Count from 1 to 10', { max_tokens: 3 }), signal })
   assert.equal(cut.content, '1 2 3')
@@ -143,15 +169,22 @@ test('demo provider: complete() and stream() give the same answer, with usage, a
 test('demo provider: its AbortSignal stops the stream and is logged with the tokens produced', async () => {
   const lines = []
   const aborts = []
-  const provider = createDemoProvider({ tokenDelayMs: 5, log: (line) => lines.push(line), onAbort: (n) => aborts.push(n) })
+  const provider = createDemoProvider({
+    tokenDelayMs: 5,
+    log: (line) => lines.push(line),
+    onAbort: (n) => aborts.push(n),
+  })
   const controller = new AbortController()
   const got = []
-  await assert.rejects(async () => {
-    for await (const chunk of provider.stream({ ...request('Count from 1 to 1000'), signal: controller.signal })) {
-      got.push(chunk.content)
-      if (got.length === 3) controller.abort()
-    }
-  }, { name: 'AbortError' })
+  await assert.rejects(
+    async () => {
+      for await (const chunk of provider.stream({ ...request('Count from 1 to 1000'), signal: controller.signal })) {
+        got.push(chunk.content)
+        if (got.length === 3) controller.abort()
+      }
+    },
+    { name: 'AbortError' },
+  )
   assert.deepEqual(got, ['1', ' 2', ' 3'])
   assert.deepEqual(lines, ['provider: aborted after 3 tokens'])
   assert.deepEqual(aborts, [3])
@@ -182,10 +215,13 @@ async function fakeUpstream(t, handle) {
     }
   })
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
-  t.after(() => new Promise((resolve) => {
-    server.closeAllConnections()
-    server.close(resolve)
-  }))
+  t.after(
+    () =>
+      new Promise((resolve) => {
+        server.closeAllConnections()
+        server.close(resolve)
+      }),
+  )
   return { url: `http://127.0.0.1:${server.address().port}/v1`, requests, closedEarly }
 }
 
@@ -195,7 +231,14 @@ function sendJson(res, status, body) {
 }
 
 const chunkOf = (delta, finishReason = null, extra = {}) =>
-  JSON.stringify({ id: 'chatcmpl-up', object: 'chat.completion.chunk', created: 1, model: 'up-model', choices: [{ index: 0, delta, finish_reason: finishReason }], ...extra })
+  JSON.stringify({
+    id: 'chatcmpl-up',
+    object: 'chat.completion.chunk',
+    created: 1,
+    model: 'up-model',
+    choices: [{ index: 0, delta, finish_reason: finishReason }],
+    ...extra,
+  })
 
 /** Writes one SSE event per payload, `delayMs` apart, stopping when the client goes away. */
 async function streamPayloads(res, payloads, { delayMs = 0 } = {}) {
@@ -213,21 +256,49 @@ function callOptions(body, signal = new AbortController().signal) {
 }
 
 test('upstream provider: a non-streaming request is forwarded as is (model overridden) and the answer mapped back, tool calls included', async (t) => {
-  const upstream = await fakeUpstream(t, (req, res) => sendJson(res, 200, {
-    id: 'chatcmpl-1',
-    object: 'chat.completion',
-    created: 1,
-    model: 'up-model-2024',
-    choices: [{
-      index: 0,
-      message: { role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Paris"}' } }] },
-      finish_reason: 'tool_calls',
-    }],
-    usage: { prompt_tokens: 12, completion_tokens: 9, total_tokens: 21 },
-  }))
-  const provider = createUpstreamProvider({ baseURL: `${upstream.url}/`, model: 'up-model', apiKey: 'up-key', log: () => {} })
-  const tools = [{ type: 'function', function: { name: 'get_weather', parameters: { type: 'object', properties: { city: { type: 'string' } } } } }]
-  const body = { model: 'upstream-llm', messages: [{ role: 'user', content: 'Weather in Paris?' }], tools, tool_choice: 'auto', temperature: 0.2, max_tokens: 50, stream: false }
+  const upstream = await fakeUpstream(t, (_req, res) =>
+    sendJson(res, 200, {
+      id: 'chatcmpl-1',
+      object: 'chat.completion',
+      created: 1,
+      model: 'up-model-2024',
+      choices: [
+        {
+          index: 0,
+          message: {
+            role: 'assistant',
+            content: null,
+            tool_calls: [
+              { id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Paris"}' } },
+            ],
+          },
+          finish_reason: 'tool_calls',
+        },
+      ],
+      usage: { prompt_tokens: 12, completion_tokens: 9, total_tokens: 21 },
+    }),
+  )
+  const provider = createUpstreamProvider({
+    baseURL: `${upstream.url}/`,
+    model: 'up-model',
+    apiKey: 'up-key',
+    log: () => {},
+  })
+  const tools = [
+    {
+      type: 'function',
+      function: { name: 'get_weather', parameters: { type: 'object', properties: { city: { type: 'string' } } } },
+    },
+  ]
+  const body = {
+    model: 'upstream-llm',
+    messages: [{ role: 'user', content: 'Weather in Paris?' }],
+    tools,
+    tool_choice: 'auto',
+    temperature: 0.2,
+    max_tokens: 50,
+    stream: false,
+  }
 
   const result = await provider.complete(callOptions(body))
 
@@ -252,16 +323,27 @@ test('upstream provider: a stream split at every few bytes maps to content, tool
     chunkOf({ role: 'assistant', content: '' }, null, { usage: null }),
     chunkOf({ content: 'Café ' }, null, { usage: null }),
     chunkOf({ content: '☕ first' }, null, { usage: null }),
-    chunkOf({ tool_calls: [{ index: 0, id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '' } }] }, null, { usage: null }),
+    chunkOf(
+      { tool_calls: [{ index: 0, id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '' } }] },
+      null,
+      { usage: null },
+    ),
     chunkOf({ tool_calls: [{ index: 0, function: { arguments: '{"city":' } }] }, null, { usage: null }),
     chunkOf({ tool_calls: [{ index: 0, function: { arguments: '"Paris"}' } }] }, null, { usage: null }),
     chunkOf({}, 'tool_calls', { usage: null }),
-    JSON.stringify({ id: 'chatcmpl-up', object: 'chat.completion.chunk', created: 1, model: 'up-model', choices: [], usage: { prompt_tokens: 12, completion_tokens: 9, total_tokens: 21 } }),
+    JSON.stringify({
+      id: 'chatcmpl-up',
+      object: 'chat.completion.chunk',
+      created: 1,
+      model: 'up-model',
+      choices: [],
+      usage: { prompt_tokens: 12, completion_tokens: 9, total_tokens: 21 },
+    }),
     '[DONE]',
   ]
   // CRLF line ends, a comment, and 3-byte writes: frames, lines and UTF-8 sequences all split.
   const bytes = Buffer.from(`: keep-alive\r\n\r\n${payloads.map((p) => `data: ${p}\r\n\r\n`).join('')}`)
-  const upstream = await fakeUpstream(t, async (req, res) => {
+  const upstream = await fakeUpstream(t, async (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
     for (let i = 0; i < bytes.length; i += 3) {
       res.write(bytes.subarray(i, i + 3))
@@ -270,7 +352,12 @@ test('upstream provider: a stream split at every few bytes maps to content, tool
     res.end()
   })
   const provider = createUpstreamProvider({ baseURL: upstream.url, model: 'up-model', log: () => {} })
-  const body = { model: 'upstream-llm', messages: [{ role: 'user', content: 'Weather in Paris?' }], temperature: 0, stream: true }
+  const body = {
+    model: 'upstream-llm',
+    messages: [{ role: 'user', content: 'Weather in Paris?' }],
+    temperature: 0,
+    stream: true,
+  }
 
   const chunks = []
   for await (const chunk of provider.stream(callOptions(body))) chunks.push(chunk)
@@ -290,18 +377,28 @@ test('upstream provider: a stream split at every few bytes maps to content, tool
 })
 
 test('upstream provider: the AbortSignal aborts the upstream request, and the abort is logged', async (t) => {
-  const upstream = await fakeUpstream(t, (req, res) =>
-    streamPayloads(res, Array.from({ length: 500 }, (_, i) => chunkOf({ content: ` ${i + 1}` })), { delayMs: 10 }))
+  const upstream = await fakeUpstream(t, (_req, res) =>
+    streamPayloads(
+      res,
+      Array.from({ length: 500 }, (_, i) => chunkOf({ content: ` ${i + 1}` })),
+      { delayMs: 10 },
+    ),
+  )
   const lines = []
   const provider = createUpstreamProvider({ baseURL: upstream.url, model: 'up-model', log: (line) => lines.push(line) })
   const controller = new AbortController()
   const got = []
-  await assert.rejects(async () => {
-    for await (const chunk of provider.stream(callOptions({ model: 'x', messages: [{ role: 'user', content: 'Count' }], stream: true }, controller.signal))) {
-      got.push(chunk.content)
-      if (got.length === 2) controller.abort()
-    }
-  }, { name: 'AbortError' })
+  await assert.rejects(
+    async () => {
+      for await (const chunk of provider.stream(
+        callOptions({ model: 'x', messages: [{ role: 'user', content: 'Count' }], stream: true }, controller.signal),
+      )) {
+        got.push(chunk.content)
+        if (got.length === 2) controller.abort()
+      }
+    },
+    { name: 'AbortError' },
+  )
   assert.deepEqual(got, [' 1', ' 2'])
   assert.deepEqual(lines, ['provider: aborted after 2 tokens'])
   for (let waited = 0; upstream.closedEarly.length === 0 && waited < 2000; waited += 10) await sleep(10)
@@ -309,9 +406,13 @@ test('upstream provider: the AbortSignal aborts the upstream request, and the ab
 })
 
 test('upstream provider: upstream errors become rejections that name the status and message', async (t) => {
-  const upstream = await fakeUpstream(t, (req, res, body) => {
+  const upstream = await fakeUpstream(t, (_req, res, body) => {
     if (!body.stream) return sendJson(res, 401, { error: { message: 'bad api key', type: 'invalid_request_error' } })
-    return streamPayloads(res, [chunkOf({ content: 'partial' }), JSON.stringify({ error: { message: 'model crashed' } }), '[DONE]'])
+    return streamPayloads(res, [
+      chunkOf({ content: 'partial' }),
+      JSON.stringify({ error: { message: 'model crashed' } }),
+      '[DONE]',
+    ])
   })
   const provider = createUpstreamProvider({ baseURL: upstream.url, model: 'up-model', apiKey: 'wrong', log: () => {} })
   const body = { model: 'x', messages: [{ role: 'user', content: 'hi' }] }
@@ -327,23 +428,40 @@ test('demo --upstream: publishes an OpenAI-compatible server end to end (fake up
   const answer = 'I am the upstream model.'
   const streamedWords = ['The', ' request', ' came', ' through', ' mcpd', ' and', ' the', ' registrar.']
   const upstream = await fakeUpstream(t, (req, res, body) => {
-    if (req.method === 'GET' && req.url === '/v1/models') return sendJson(res, 200, { object: 'list', data: [{ id: 'up-model', object: 'model' }] })
+    if (req.method === 'GET' && req.url === '/v1/models')
+      return sendJson(res, 200, { object: 'list', data: [{ id: 'up-model', object: 'model' }] })
     const prompt = body.messages.at(-1).content
     if (!body.stream) {
       return sendJson(res, 200, {
-        id: 'c', object: 'chat.completion', created: 1, model: body.model,
+        id: 'c',
+        object: 'chat.completion',
+        created: 1,
+        model: body.model,
         choices: [{ index: 0, message: { role: 'assistant', content: answer }, finish_reason: 'stop' }],
         usage: { prompt_tokens: 8, completion_tokens: 6, total_tokens: 14 },
       })
     }
-    const words = /^Count/.test(prompt) ? Array.from({ length: 100 }, (_, i) => `${i ? ' ' : ''}${i + 1}`) : streamedWords
-    return streamPayloads(res, [
-      chunkOf({ role: 'assistant', content: '' }),
-      ...words.map((w) => chunkOf({ content: w })),
-      chunkOf({}, 'stop'),
-      JSON.stringify({ id: 'chatcmpl-up', object: 'chat.completion.chunk', created: 1, model: body.model, choices: [], usage: { prompt_tokens: 9, completion_tokens: words.length, total_tokens: 9 + words.length } }),
-      '[DONE]',
-    ], { delayMs: 20 })
+    const words = /^Count/.test(prompt)
+      ? Array.from({ length: 100 }, (_, i) => `${i ? ' ' : ''}${i + 1}`)
+      : streamedWords
+    return streamPayloads(
+      res,
+      [
+        chunkOf({ role: 'assistant', content: '' }),
+        ...words.map((w) => chunkOf({ content: w })),
+        chunkOf({}, 'stop'),
+        JSON.stringify({
+          id: 'chatcmpl-up',
+          object: 'chat.completion.chunk',
+          created: 1,
+          model: body.model,
+          choices: [],
+          usage: { prompt_tokens: 9, completion_tokens: words.length, total_tokens: 9 + words.length },
+        }),
+        '[DONE]',
+      ],
+      { delayMs: 20 },
+    )
   })
 
   const run = await runDemo(t, ['--upstream', upstream.url, '--api-key', 'up-key'])

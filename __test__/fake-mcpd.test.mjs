@@ -1,19 +1,22 @@
 // Tests of the fake mcpd itself, driven by a small hand-written registrar (fetch + a hand-made
 // SSE reader) and the official openai client, since the addon may not be built yet.
-import { test } from 'node:test'
+
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
+import { test } from 'node:test'
 import { fileURLToPath } from 'node:url'
 import OpenAI from 'openai'
 import { FakeMcpd } from '../testing/index.js'
 
 const MODEL = 'local-qwen'
-const PROVIDERS = [{ name: MODEL, type: 'ollama', model: 'qwen2.5:7b', description: 'a test model', contextWindow: 32768 }]
+const PROVIDERS = [
+  { name: MODEL, type: 'ollama', model: 'qwen2.5:7b', description: 'a test model', contextWindow: 32768 },
+]
 
 // --- a registrar small enough to trust ------------------------------------------------------
 
 class TinyRegistrar {
-  constructor (mcpd, { token = 'test-token', providers = PROVIDERS, sessionId = undefined } = {}) {
+  constructor(mcpd, { token = 'test-token', providers = PROVIDERS, sessionId = undefined } = {}) {
     this.mcpd = mcpd
     this.token = token
     this.providers = providers
@@ -21,25 +24,27 @@ class TinyRegistrar {
     this.channels = []
   }
 
-  headers (extra = {}) {
+  headers(extra = {}) {
     const headers = { authorization: `Bearer ${this.token}`, 'content-type': 'application/json', ...extra }
     if (this.sessionId) headers['x-mcpctl-provider-session'] = this.sessionId
     return headers
   }
 
-  async post (path, body, { headers = {}, raw = false } = {}) {
+  async post(path, body, { headers = {}, raw = false } = {}) {
     const res = await fetch(`${this.mcpd.url}${path}`, {
       method: 'POST',
       headers: this.headers(headers),
-      body: raw ? body : JSON.stringify(body)
+      body: raw ? body : JSON.stringify(body),
     })
     const text = await res.text()
     let parsed = text
-    try { parsed = JSON.parse(text) } catch {}
+    try {
+      parsed = JSON.parse(text)
+    } catch {}
     return { status: res.status, headers: res.headers, body: parsed }
   }
 
-  async register () {
+  async register() {
     const body = { client: { name: 'tiny-registrar', version: '0.0.0' }, providers: this.providers }
     if (this.sessionId) body.providerSessionId = this.sessionId
     const answer = await this.post('/api/v1/llms/_provider-register', body)
@@ -47,22 +52,22 @@ class TinyRegistrar {
     return answer
   }
 
-  heartbeat (providers = [{ name: MODEL, inFlight: 0, queued: 0, maxConcurrency: 4, completed: 0, failed: 0 }]) {
+  heartbeat(providers = [{ name: MODEL, inFlight: 0, queued: 0, maxConcurrency: 4, completed: 0, failed: 0 }]) {
     return this.post('/api/v1/llms/_provider-heartbeat', { providerSessionId: this.sessionId, providers })
   }
 
-  result (taskId, status, body) {
+  result(taskId, status, body) {
     return this.post(`/api/v1/llms/_provider-tasks/${taskId}/result`, { status, body })
   }
 
-  chunks (taskId, seq, chunks) {
+  chunks(taskId, seq, chunks) {
     return this.post(`/api/v1/llms/_provider-tasks/${taskId}/chunks`, { seq, chunks })
   }
 
-  async connect (headers = {}) {
+  async connect(headers = {}) {
     const channel = await openSse(
       `${this.mcpd.url}/api/v1/llms/_provider-stream?providerSessionId=${encodeURIComponent(this.sessionId)}`,
-      { accept: 'text/event-stream', ...this.headers(), ...headers }
+      { accept: 'text/event-stream', ...this.headers(), ...headers },
     )
     this.channels.push(channel)
     this.channel = channel
@@ -70,23 +75,23 @@ class TinyRegistrar {
   }
 
   /** The next event of that name not taken yet, from the newest channel. */
-  async next (name, { timeoutMs = 5000 } = {}) {
+  async next(name, { timeoutMs = 5000 } = {}) {
     const channel = this.channel
     const event = await this.mcpd.waitFor(() => channel.events.find((e) => e.event === name && !e.taken), { timeoutMs })
     event.taken = true
     return event
   }
 
-  async nextTask () {
+  async nextTask() {
     return JSON.parse((await this.next('task')).data)
   }
 
-  close () {
+  close() {
     for (const channel of this.channels) channel.close()
   }
 }
 
-async function openSse (url, headers) {
+async function openSse(url, headers) {
   const abort = new AbortController()
   const res = await fetch(url, { headers, signal: abort.signal })
   const channel = {
@@ -95,7 +100,7 @@ async function openSse (url, headers) {
     events: [],
     comments: [],
     ended: false,
-    close: () => abort.abort()
+    close: () => abort.abort(),
   }
   if (res.status !== 200) {
     channel.body = await res.text()
@@ -139,14 +144,14 @@ async function openSse (url, headers) {
 
 // --- fixtures -----------------------------------------------------------------------------
 
-async function startMcpd (t, options = {}) {
+async function startMcpd(t, options = {}) {
   const mcpd = new FakeMcpd({ keepAliveMs: 0, ...options })
   await mcpd.listen()
   t.after(() => mcpd.close())
   return mcpd
 }
 
-async function connectedRegistrar (t, mcpd, options) {
+async function connectedRegistrar(t, mcpd, options) {
   const registrar = new TinyRegistrar(mcpd, options)
   t.after(() => registrar.close())
   const answer = await registrar.register()
@@ -156,32 +161,38 @@ async function connectedRegistrar (t, mcpd, options) {
   return registrar
 }
 
-function openai (mcpd, apiKey = 'test-token') {
+function openai(mcpd, apiKey = 'test-token') {
   // No retries: a 5xx must reach the test as it was answered, once.
   return new OpenAI({ baseURL: `${mcpd.url}/v1`, apiKey, maxRetries: 0, timeout: 10000 })
 }
 
-function completion (content, model = MODEL) {
+function completion(content, model = MODEL) {
   return {
     id: 'chatcmpl-1',
     object: 'chat.completion',
     created: 1700000000,
     model,
     choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }],
-    usage: { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 }
+    usage: { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 },
   }
 }
 
-function chunk (delta, finishReason = null, { id = 'chatcmpl-s', created = 1700000000, model = MODEL } = {}) {
-  return JSON.stringify({ id, object: 'chat.completion.chunk', created, model, choices: [{ index: 0, delta, finish_reason: finishReason }] })
+function chunk(delta, finishReason = null, { id = 'chatcmpl-s', created = 1700000000, model = MODEL } = {}) {
+  return JSON.stringify({
+    id,
+    object: 'chat.completion.chunk',
+    created,
+    model,
+    choices: [{ index: 0, delta, finish_reason: finishReason }],
+  })
 }
 
-function streamPayloads (pieces) {
+function streamPayloads(pieces) {
   return [
     chunk({ role: 'assistant', content: '' }),
     ...pieces.map((content) => chunk({ content })),
     chunk({}, 'stop'),
-    '[DONE]'
+    '[DONE]',
   ]
 }
 
@@ -212,7 +223,9 @@ test('a chat request on the OpenAI front becomes a task, answered by a result PO
   assert.deepEqual(mcpd.sessions.get(registrar.sessionId), { providers: PROVIDERS, connected: true, inFlight: 0 })
   const stream = mcpd.requests.find((r) => r.path === '/api/v1/llms/_provider-stream')
   assert.deepEqual(stream.query, { providerSessionId: registrar.sessionId })
-  assert.ok(mcpd.requests.some((r) => r.method === 'POST' && r.path === '/v1/chat/completions' && r.body.model === MODEL))
+  assert.ok(
+    mcpd.requests.some((r) => r.method === 'POST' && r.path === '/v1/chat/completions' && r.body.model === MODEL),
+  )
   assert.deepEqual(mcpd.violations, [])
 })
 
@@ -220,8 +233,8 @@ test('a streamed answer relayed through chunk POSTs satisfies stream().finalChat
   const mcpd = await startMcpd(t)
   const registrar = await connectedRegistrar(t, mcpd)
 
-  const final = openai(mcpd).chat.completions
-    .stream({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] })
+  const final = openai(mcpd)
+    .chat.completions.stream({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] })
     .finalChatCompletion()
   const task = await registrar.nextTask()
   assert.equal(task.stream, true)
@@ -233,7 +246,10 @@ test('a streamed answer relayed through chunk POSTs satisfies stream().finalChat
   assert.equal(message.message.content, 'Hello world')
   assert.equal(message.finish_reason, 'stop')
   assert.deepEqual(await mcpd.outcome(task.taskId), { kind: 'stream', payloads, posts: 2 })
-  assert.deepEqual(mcpd.chunkPosts(task.taskId).map((p) => p.seq), [0, 2])
+  assert.deepEqual(
+    mcpd.chunkPosts(task.taskId).map((p) => p.seq),
+    [0, 2],
+  )
   assert.equal(mcpd.sessions.get(registrar.sessionId).inFlight, 0)
   assert.deepEqual(mcpd.violations, [])
 })
@@ -243,7 +259,11 @@ test('create({ stream: true }) iteration sees each chunk as it is posted', async
   const registrar = await connectedRegistrar(t, mcpd)
 
   const stream = await (async () => {
-    const pending = openai(mcpd).chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'hi' }], stream: true })
+    const pending = openai(mcpd).chat.completions.create({
+      model: MODEL,
+      messages: [{ role: 'user', content: 'hi' }],
+      stream: true,
+    })
     const task = await registrar.nextTask()
     // The client only gets its response headers with the first chunk, so post it before awaiting.
     const payloads = streamPayloads(['a', 'b', 'c'])
@@ -273,7 +293,7 @@ test('an error before the first chunk reaches a streaming client as a JSON error
 
   const refused = assert.rejects(
     openai(mcpd).chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'hi' }], stream: true }),
-    (error) => error.status === 502 && /ollama is down/.test(error.message)
+    (error) => error.status === 502 && /ollama is down/.test(error.message),
   )
   const task = await registrar.nextTask()
   await registrar.result(task.taskId, 502, { error: { message: 'ollama is down', type: 'provider_error', code: null } })
@@ -288,7 +308,7 @@ test('a client that goes away becomes a cancel event; a result after it is a vio
   const abort = new AbortController()
   const pending = openai(mcpd).chat.completions.create(
     { model: MODEL, messages: [{ role: 'user', content: 'hi' }] },
-    { signal: abort.signal }
+    { signal: abort.signal },
   )
   const task = await registrar.nextTask()
   abort.abort()
@@ -311,14 +331,21 @@ test('a wrong or missing token is a 401 with an OpenAI error body on every route
   const refused = await wrong.register()
   assert.equal(refused.status, 401)
   assert.deepEqual(
-    { type: refused.body.error.type, code: refused.body.error.code, hasMessage: typeof refused.body.error.message === 'string' },
-    { type: 'authentication_error', code: 'invalid_api_key', hasMessage: true }
+    {
+      type: refused.body.error.type,
+      code: refused.body.error.code,
+      hasMessage: typeof refused.body.error.message === 'string',
+    },
+    { type: 'authentication_error', code: 'invalid_api_key', hasMessage: true },
   )
   const bare = await fetch(`${mcpd.url}/api/v1/llms`)
   assert.equal(bare.status, 401)
   await bare.body.cancel()
 
-  await assert.rejects(openai(mcpd, 'wrong').models.list(), (error) => error.status === 401 && error.code === 'invalid_api_key')
+  await assert.rejects(
+    openai(mcpd, 'wrong').models.list(),
+    (error) => error.status === 401 && error.code === 'invalid_api_key',
+  )
   assert.equal(mcpd.registrations.length, 0)
   assert.equal(mcpd.requests.length, 3)
   assert.equal(mcpd.requests[0].body.client.name, 'tiny-registrar')
@@ -333,11 +360,14 @@ test('a model nobody publishes, or whose registrar is not connected, is 404 mode
   for (const model of ['no-such-model', MODEL]) {
     await assert.rejects(
       client.chat.completions.create({ model, messages: [{ role: 'user', content: 'hi' }] }),
-      (error) => error.status === 404 && error.code === 'model_not_found' && error.type === 'invalid_request_error'
+      (error) => error.status === 404 && error.code === 'model_not_found' && error.type === 'invalid_request_error',
     )
   }
   const { llms } = await (await fetch(`${mcpd.url}/api/v1/llms`, { headers: registrar.headers() })).json()
-  assert.deepEqual(llms.map((l) => [l.name, l.status]), [[MODEL, 'inactive']])
+  assert.deepEqual(
+    llms.map((l) => [l.name, l.status]),
+    [[MODEL, 'inactive']],
+  )
 })
 
 test('chunk POSTs repeated after a lost answer are de-duplicated by seq; a gap is a violation', async (t) => {
@@ -355,7 +385,14 @@ test('chunk POSTs repeated after a lost answer are de-duplicated by seq; a gap i
   await registrar.chunks(taskId, 3, payloads.slice(3))
 
   assert.deepEqual(await mcpd.outcome(taskId), { kind: 'stream', payloads, posts: 3 })
-  assert.deepEqual(mcpd.chunkPosts(taskId).map((p) => [p.seq, p.chunks.length]), [[0, 2], [0, 3], [3, 2]])
+  assert.deepEqual(
+    mcpd.chunkPosts(taskId).map((p) => [p.seq, p.chunks.length]),
+    [
+      [0, 2],
+      [0, 3],
+      [3, 2],
+    ],
+  )
   assert.deepEqual(mcpd.violations, [])
 
   const gapped = mcpd.sendTask({ provider: MODEL, body: { model: MODEL, messages: [], stream: true } })
@@ -375,7 +412,7 @@ test('two chunk POSTs in flight for one task, and payloads after [DONE], are vio
   mcpd.delay('chunks', 150)
   await Promise.all([
     registrar.chunks(overlapping, 0, payloads.slice(0, 2)),
-    registrar.chunks(overlapping, 2, payloads.slice(2))
+    registrar.chunks(overlapping, 2, payloads.slice(2)),
   ])
   mcpd.delay('chunks', 0)
   assert.equal(mcpd.violations.length, 1)
@@ -394,43 +431,79 @@ test('a streamed tool call with include_usage passes the checks and finalChatCom
   const mcpd = await startMcpd(t)
   const registrar = await connectedRegistrar(t, mcpd)
 
-  const final = openai(mcpd).chat.completions.stream({
-    model: MODEL,
-    messages: [{ role: 'user', content: 'weather?' }],
-    tools: [{ type: 'function', function: { name: 'weather', parameters: { type: 'object' } } }],
-    stream_options: { include_usage: true }
-  }).finalChatCompletion()
+  const final = openai(mcpd)
+    .chat.completions.stream({
+      model: MODEL,
+      messages: [{ role: 'user', content: 'weather?' }],
+      tools: [{ type: 'function', function: { name: 'weather', parameters: { type: 'object' } } }],
+      stream_options: { include_usage: true },
+    })
+    .finalChatCompletion()
   const task = await registrar.nextTask()
   assert.deepEqual(task.body.stream_options, { include_usage: true })
   const base = { id: 'chatcmpl-t', object: 'chat.completion.chunk', created: 1700000000, model: MODEL }
   const payloads = [
     { ...base, choices: [{ index: 0, delta: { role: 'assistant', content: null }, finish_reason: null }], usage: null },
-    { ...base, choices: [{ index: 0, delta: { tool_calls: [{ index: 0, id: 'call_1', type: 'function', function: { name: 'weather', arguments: '' } }] }, finish_reason: null }], usage: null },
-    { ...base, choices: [{ index: 0, delta: { tool_calls: [{ index: 0, function: { arguments: '{"city":' } }] }, finish_reason: null }], usage: null },
-    { ...base, choices: [{ index: 0, delta: { tool_calls: [{ index: 0, function: { arguments: '"Oslo"}' } }] }, finish_reason: null }], usage: null },
+    {
+      ...base,
+      choices: [
+        {
+          index: 0,
+          delta: {
+            tool_calls: [{ index: 0, id: 'call_1', type: 'function', function: { name: 'weather', arguments: '' } }],
+          },
+          finish_reason: null,
+        },
+      ],
+      usage: null,
+    },
+    {
+      ...base,
+      choices: [
+        { index: 0, delta: { tool_calls: [{ index: 0, function: { arguments: '{"city":' } }] }, finish_reason: null },
+      ],
+      usage: null,
+    },
+    {
+      ...base,
+      choices: [
+        { index: 0, delta: { tool_calls: [{ index: 0, function: { arguments: '"Oslo"}' } }] }, finish_reason: null },
+      ],
+      usage: null,
+    },
     { ...base, choices: [{ index: 0, delta: {}, finish_reason: 'tool_calls' }], usage: null },
-    { ...base, choices: [], usage: { prompt_tokens: 9, completion_tokens: 4, total_tokens: 13 } }
-  ].map((p) => JSON.stringify(p, null, 1)).concat('[DONE]') // pretty-printed: payloads may span lines
+    { ...base, choices: [], usage: { prompt_tokens: 9, completion_tokens: 4, total_tokens: 13 } },
+  ]
+    .map((p) => JSON.stringify(p, null, 1))
+    .concat('[DONE]') // pretty-printed: payloads may span lines
   await registrar.chunks(task.taskId, 0, payloads)
 
   const done = await final
-  assert.deepEqual(done.choices[0].message.tool_calls, [{ id: 'call_1', type: 'function', function: { name: 'weather', arguments: '{"city":"Oslo"}' } }])
+  assert.deepEqual(done.choices[0].message.tool_calls, [
+    { id: 'call_1', type: 'function', function: { name: 'weather', arguments: '{"city":"Oslo"}' } },
+  ])
   assert.equal(done.choices[0].finish_reason, 'tool_calls')
   assert.deepEqual(done.usage, { prompt_tokens: 9, completion_tokens: 4, total_tokens: 13 })
   assert.deepEqual(mcpd.violations, [])
 
-  const sloppy = mcpd.sendTask({ provider: MODEL, body: { model: MODEL, messages: [], stream: true, stream_options: { include_usage: true } } })
+  const sloppy = mcpd.sendTask({
+    provider: MODEL,
+    body: { model: MODEL, messages: [], stream: true, stream_options: { include_usage: true } },
+  })
   await registrar.chunks(sloppy, 0, [
     chunk({ role: 'assistant', tool_calls: [{ index: 0, function: { name: 'weather', arguments: '' } }] }),
     chunk({ tool_calls: [{ index: 0, id: 'call_1', function: { arguments: '{}' } }] }, 'tool_calls'),
-    '[DONE]'
+    '[DONE]',
   ])
-  assert.deepEqual(mcpd.violations.map((v) => v.replace(/: task .*$/, '')), [
-    "a tool call's first delta lacks id, type 'function' or function.name",
-    'with include_usage, a content chunk must carry "usage": null',
-    'a later tool call delta repeats id, type or function.name',
-    'no usage chunk before [DONE] although include_usage was asked'
-  ])
+  assert.deepEqual(
+    mcpd.violations.map((v) => v.replace(/: task .*$/, '')),
+    [
+      "a tool call's first delta lacks id, type 'function' or function.name",
+      'with include_usage, a content chunk must carry "usage": null',
+      'a later tool call delta repeats id, type or function.name',
+      'no usage chunk before [DONE] although include_usage was asked',
+    ],
+  )
 })
 
 test('malformed chunk payloads are each flagged', async (t) => {
@@ -440,10 +513,16 @@ test('malformed chunk payloads are each flagged', async (t) => {
     [[chunk({ content: 'no role' }), chunk({}, 'stop'), '[DONE]'], /lacks role 'assistant'/],
     [[chunk({ role: 'assistant' }), chunk({}, 'done'), '[DONE]'], /finish_reason "done"/],
     [[chunk({ role: 'assistant' }), chunk({}, 'stop', { id: 'other' }), '[DONE]'], /share id\/created\/model/],
-    [[chunk({ role: 'assistant' }, null, { created: 1.5 }), chunk({}, 'stop', { created: 1.5 }), '[DONE]'], /not integer seconds/],
+    [
+      [chunk({ role: 'assistant' }, null, { created: 1.5 }), chunk({}, 'stop', { created: 1.5 }), '[DONE]'],
+      /not integer seconds/,
+    ],
     [[chunk({ role: 'assistant' }), 'not json', chunk({}, 'stop'), '[DONE]'], /neither "\[DONE\]" nor JSON/],
     [[chunk({ role: 'assistant' }), '[DONE]'], /no finish_reason before \[DONE\]/],
-    [[JSON.stringify({ error: { message: 'boom', type: 'provider_error' } }), '[DONE]'], /error payload before any chunk/]
+    [
+      [JSON.stringify({ error: { message: 'boom', type: 'provider_error' } }), '[DONE]'],
+      /error payload before any chunk/,
+    ],
   ]
   for (const [payloads, expected] of cases) {
     mcpd.violations.length = 0
@@ -458,7 +537,7 @@ test('malformed chunk payloads are each flagged', async (t) => {
   await registrar.chunks(fine, 0, [
     chunk({ role: 'assistant', content: 'partial' }),
     JSON.stringify({ error: { message: 'provider died', type: 'provider_error', code: null } }),
-    '[DONE]'
+    '[DONE]',
   ])
   assert.deepEqual(mcpd.violations, [], 'an in-band error after a chunk is the protocol')
 })
@@ -473,14 +552,17 @@ test('result POSTs: a repeat is tolerated, a different second result and malform
   await registrar.result(twice, 200, completion('one'))
   assert.deepEqual(mcpd.violations, [])
   await registrar.result(twice, 200, completion('two'))
-  assert.deepEqual(mcpd.violations.map((v) => v.split(':')[0]), ['second result for task t-1'])
+  assert.deepEqual(
+    mcpd.violations.map((v) => v.split(':')[0]),
+    ['second result for task t-1'],
+  )
 
   const cases = [
     [700, completion('x'), /not an integer 100-599/],
     [500, { message: 'flat' }, /without an \{ error: \{ message, type \} \} body/],
     [200, { ...completion('x'), object: 'text_completion' }, /chat\.completion/],
     [200, { ...completion('x'), created: '2024' }, /integer created/],
-    [200, { ...completion('x'), choices: [{ message: { role: 'user', content: 'x' } }] }, /role 'assistant'/]
+    [200, { ...completion('x'), choices: [{ message: { role: 'user', content: 'x' } }] }, /role 'assistant'/],
   ]
   for (const [status, body, expected] of cases) {
     mcpd.violations.length = 0
@@ -502,7 +584,10 @@ test('failNext answers scripted failures; a failed result is not recorded so its
   const first = await registrar.register()
   assert.deepEqual([first.status, first.body.error.message], [503, 'warming up'])
   const second = await registrar.register()
-  assert.deepEqual([second.status, second.body, second.headers.get('content-type')], [500, 'plain text oops', 'text/plain; charset=utf-8'])
+  assert.deepEqual(
+    [second.status, second.body, second.headers.get('content-type')],
+    [500, 'plain text oops', 'text/plain; charset=utf-8'],
+  )
   assert.equal((await registrar.register()).status, 201)
   assert.equal(mcpd.registrations.length, 3)
 
@@ -558,7 +643,7 @@ test('register and heartbeat: the answer carries heartbeatIntervalMs, and sloppy
   assert.deepEqual(answer.body, {
     providerSessionId: registrar.sessionId,
     llms: [{ name: MODEL, kind: 'virtual', status: 'active' }],
-    heartbeatIntervalMs: 1234
+    heartbeatIntervalMs: 1234,
   })
   assert.deepEqual(mcpd.violations, [])
 
@@ -568,15 +653,25 @@ test('register and heartbeat: the answer carries heartbeatIntervalMs, and sloppy
 
   mcpd.violations.length = 0
   const sloppy = new TinyRegistrar(mcpd)
-  const text = await sloppy.post('/api/v1/llms/_provider-register', JSON.stringify({ client: { name: 'x' }, providers: PROVIDERS }), {
-    headers: { 'content-type': 'text/plain' },
-    raw: true
-  })
+  const text = await sloppy.post(
+    '/api/v1/llms/_provider-register',
+    JSON.stringify({ client: { name: 'x' }, providers: PROVIDERS }),
+    {
+      headers: { 'content-type': 'text/plain' },
+      raw: true,
+    },
+  )
   assert.equal(text.status, 201)
-  assert.deepEqual(mcpd.violations, ['register POST with content-type text/plain (expected application/json)', 'register without client.version'])
+  assert.deepEqual(mcpd.violations, [
+    'register POST with content-type text/plain (expected application/json)',
+    'register without client.version',
+  ])
 
   mcpd.violations.length = 0
-  const invalid = await sloppy.post('/api/v1/llms/_provider-register', { client: { name: 'x', version: '1' }, providers: [{ name: 'no-type' }] })
+  const invalid = await sloppy.post('/api/v1/llms/_provider-register', {
+    client: { name: 'x', version: '1' },
+    providers: [{ name: 'no-type' }],
+  })
   assert.equal(invalid.status, 400)
   assert.match(mcpd.violations[0], /providers\[0\] lacks a name or type/)
 })
@@ -611,7 +706,12 @@ test('sendEvent, sendRaw, sendTask ids and keep-alive comments all reach the str
   assert.equal(mcpd.sendEvent('ping', 'line one\nline two', { id: '7' }), 1)
   mcpd.sendRaw('event: fut')
   mcpd.sendRaw(Buffer.from('ure\ndata: {"x":1}\n\n'))
-  const taskId = mcpd.sendTask({ provider: MODEL, body: { model: MODEL, messages: [] }, eventId: 'ev-9', taskId: 'custom' })
+  const taskId = mcpd.sendTask({
+    provider: MODEL,
+    body: { model: MODEL, messages: [] },
+    eventId: 'ev-9',
+    taskId: 'custom',
+  })
   assert.equal(taskId, 'custom')
 
   const ping = await registrar.next('ping')
@@ -619,7 +719,12 @@ test('sendEvent, sendRaw, sendTask ids and keep-alive comments all reach the str
   assert.equal((await registrar.next('future')).data, '{"x":1}')
   const task = await registrar.next('task')
   assert.equal(task.id, 'ev-9')
-  assert.deepEqual(JSON.parse(task.data), { taskId: 'custom', provider: MODEL, stream: false, body: { model: MODEL, messages: [] } })
+  assert.deepEqual(JSON.parse(task.data), {
+    taskId: 'custom',
+    provider: MODEL,
+    stream: false,
+    body: { model: MODEL, messages: [] },
+  })
 
   // Re-sending a known task id (a Last-Event-ID replay) does not count it twice.
   mcpd.sendTask({ provider: MODEL, body: { model: MODEL, messages: [] }, taskId: 'custom' })
@@ -638,7 +743,10 @@ test('dropStreams cuts every stream like a crash; sendTask then has nowhere to g
   assert.notEqual(mcpd.connections[0].closedAt, null)
   await registrar.channel.done
   assert.equal(registrar.channel.ended, true)
-  assert.throws(() => mcpd.sendTask({ provider: MODEL, body: { messages: [] } }), /no registrar session has an open stream/)
+  assert.throws(
+    () => mcpd.sendTask({ provider: MODEL, body: { messages: [] } }),
+    /no registrar session has an open stream/,
+  )
 
   await registrar.connect()
   assert.equal(mcpd.sessions.get(registrar.sessionId).connected, true)
@@ -662,13 +770,23 @@ test('with several registrars publishing a model, a request goes to the least lo
 
   const models = []
   for await (const model of client.models.list()) models.push(model)
-  assert.deepEqual(models.map((m) => [m.id, m.object, m.owned_by, Number.isInteger(m.created)]), [
-    [MODEL, 'model', 'mcpctl-virtual', true],
-    ['other', 'model', 'mcpctl-virtual', true]
-  ])
+  assert.deepEqual(
+    models.map((m) => [m.id, m.object, m.owned_by, Number.isInteger(m.created)]),
+    [
+      [MODEL, 'model', 'mcpctl-virtual', true],
+      ['other', 'model', 'mcpctl-virtual', true],
+    ],
+  )
   const { llms } = await (await fetch(`${mcpd.url}/api/v1/llms`, { headers: a.headers() })).json()
   assert.deepEqual(llms[0], {
-    name: MODEL, kind: 'virtual', status: 'active', type: 'ollama', model: 'qwen2.5:7b', description: 'a test model', contextWindow: 32768, created: llms[0].created
+    name: MODEL,
+    kind: 'virtual',
+    status: 'active',
+    type: 'ollama',
+    model: 'qwen2.5:7b',
+    description: 'a test model',
+    contextWindow: 32768,
+    created: llms[0].created,
   })
   assert.deepEqual(mcpd.violations, [])
 })
@@ -680,19 +798,26 @@ test('a registrar that stays silent makes the request time out (504, or in-band 
 
   const plain = assert.rejects(
     client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] }),
-    (error) => error.status === 504 && error.type === 'timeout'
+    (error) => error.status === 504 && error.type === 'timeout',
   )
   const task = await registrar.nextTask()
   await plain
   assert.deepEqual(JSON.parse((await registrar.next('cancel')).data), { taskId: task.taskId })
 
-  const streaming = client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'hi' }], stream: true })
+  const streaming = client.chat.completions.create({
+    model: MODEL,
+    messages: [{ role: 'user', content: 'hi' }],
+    stream: true,
+  })
   const streamTask = await registrar.nextTask()
   await registrar.chunks(streamTask.taskId, 0, [chunk({ role: 'assistant', content: 'half' })])
   const seen = []
-  await assert.rejects(async () => {
-    for await (const part of await streaming) seen.push(part.choices[0].delta.content)
-  }, (error) => error.type === 'timeout')
+  await assert.rejects(
+    async () => {
+      for await (const part of await streaming) seen.push(part.choices[0].delta.content)
+    },
+    (error) => error.type === 'timeout',
+  )
   assert.deepEqual(seen, ['half'])
   assert.deepEqual(JSON.parse((await registrar.next('cancel')).data), { taskId: streamTask.taskId })
   assert.equal(mcpd.sessions.get(registrar.sessionId).inFlight, 0)
@@ -704,15 +829,21 @@ test('waitFor and outcome time out with clear messages; close ends streams and i
   await mcpd.listen()
   const registrar = await connectedRegistrar(t, mcpd)
 
-  await assert.rejects(mcpd.waitFor(() => false, { timeoutMs: 50 }), /waitFor: condition not met within 50 ms/)
+  await assert.rejects(
+    mcpd.waitFor(() => false, { timeoutMs: 50 }),
+    /waitFor: condition not met within 50 ms/,
+  )
   assert.equal(await mcpd.waitFor(() => 'value'), 'value')
   const taskId = mcpd.sendTask({ provider: MODEL, body: { messages: [] } })
-  await assert.rejects(mcpd.outcome(taskId, { timeoutMs: 50 }), /outcome\(t-1\): the task did not end within 50 ms \(sent, nothing received for it\)/)
+  await assert.rejects(
+    mcpd.outcome(taskId, { timeoutMs: 50 }),
+    /outcome\(t-1\): the task did not end within 50 ms \(sent, nothing received for it\)/,
+  )
 
   const pending = assert.rejects(mcpd.outcome(taskId), /closed before task t-1 ended/)
   const pendingRequest = assert.rejects(
     openai(mcpd).chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] }),
-    (error) => error.status === 503 && error.type === 'unavailable'
+    (error) => error.status === 503 && error.type === 'unavailable',
   )
   assert.equal((await registrar.nextTask()).taskId, taskId)
   assert.equal((await registrar.nextTask()).provider, MODEL)
@@ -728,8 +859,12 @@ test('waitFor and outcome time out with clear messages; close ends streams and i
 
 test('the dev mcpd command prints its URL, serves the OpenAI front behind its token and stops on SIGTERM', async (t) => {
   const bin = fileURLToPath(new URL('../bin/dev-mcpd.js', import.meta.url))
-  const child = spawn(process.execPath, [bin, '--port', '0', '--token', 'demo', '--prefix', '/mcpd', '--quiet'], { stdio: ['ignore', 'pipe', 'inherit'] })
-  t.after(() => { if (child.exitCode === null) child.kill('SIGKILL') })
+  const child = spawn(process.execPath, [bin, '--port', '0', '--token', 'demo', '--prefix', '/mcpd', '--quiet'], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  })
+  t.after(() => {
+    if (child.exitCode === null) child.kill('SIGKILL')
+  })
   const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })))
 
   let out = ''
@@ -737,7 +872,10 @@ test('the dev mcpd command prints its URL, serves the OpenAI front behind its to
     const timer = setTimeout(() => reject(new Error(`no listening line in 5 s: ${out}`)), 5000)
     child.stdout.on('data', (bytes) => {
       out += bytes
-      if (out.includes('\n')) { clearTimeout(timer); resolve(out.split('\n')[0]) }
+      if (out.includes('\n')) {
+        clearTimeout(timer)
+        resolve(out.split('\n')[0])
+      }
     })
   })
   const match = /^dev mcpd listening on (http:\/\/127\.0\.0\.1:\d+\/mcpd) \(token: demo\)$/.exec(line)
@@ -752,7 +890,9 @@ test('the dev mcpd command prints its URL, serves the OpenAI front behind its to
 
   child.kill('SIGTERM')
   let timer
-  const timeout = new Promise((resolve) => { timer = setTimeout(resolve, 5000, 'still running 5 s after SIGTERM') })
+  const timeout = new Promise((resolve) => {
+    timer = setTimeout(resolve, 5000, 'still running 5 s after SIGTERM')
+  })
   assert.deepEqual(await Promise.race([exited, timeout]), { code: 0, signal: null })
   clearTimeout(timer)
 })
@@ -761,7 +901,7 @@ test('the dev mcpd command prints its URL, serves the OpenAI front behind its to
 
 const SECOND = { name: 'local-llama', type: 'llamacpp', model: 'llama-3.1-8b' }
 
-async function llmStates (mcpd, registrar) {
+async function llmStates(mcpd, registrar) {
   const { llms } = await (await fetch(`${mcpd.url}/api/v1/llms`, { headers: registrar.headers() })).json()
   return Object.fromEntries(llms.map((l) => [l.name, l.status]))
 }
@@ -771,7 +911,10 @@ test('a register under the same session id replaces its set: a new name is activ
   const registrar = await connectedRegistrar(t, mcpd)
   const id = registrar.sessionId
   const client = openai(mcpd)
-  assert.deepEqual((await client.models.list()).data.map((m) => m.id), [MODEL])
+  assert.deepEqual(
+    (await client.models.list()).data.map((m) => m.id),
+    [MODEL],
+  )
 
   registrar.providers = [...PROVIDERS, SECOND]
   const answer = await registrar.register()
@@ -779,11 +922,17 @@ test('a register under the same session id replaces its set: a new name is activ
   assert.equal(answer.body.providerSessionId, id)
   assert.deepEqual(answer.body.llms, [
     { name: MODEL, kind: 'virtual', status: 'active' },
-    { name: SECOND.name, kind: 'virtual', status: 'active' }
+    { name: SECOND.name, kind: 'virtual', status: 'active' },
   ])
-  assert.deepEqual(mcpd.sessions.get(id).providers.map((p) => p.name), [MODEL, SECOND.name])
+  assert.deepEqual(
+    mcpd.sessions.get(id).providers.map((p) => p.name),
+    [MODEL, SECOND.name],
+  )
   // The dev mcpd's model list shows the change, with no reconnect.
-  assert.deepEqual((await client.models.list()).data.map((m) => m.id), [MODEL, SECOND.name])
+  assert.deepEqual(
+    (await client.models.list()).data.map((m) => m.id),
+    [MODEL, SECOND.name],
+  )
   assert.deepEqual(await llmStates(mcpd, registrar), { [MODEL]: 'active', [SECOND.name]: 'active' })
 
   const pending = client.chat.completions.create({ model: SECOND.name, messages: [{ role: 'user', content: 'hi' }] })
@@ -803,19 +952,25 @@ test('a name that leaves the set is inactive: no task is sent for it, a request 
 
   registrar.providers = [SECOND]
   assert.equal((await registrar.register()).status, 200)
-  assert.deepEqual(mcpd.sessions.get(id).providers.map((p) => p.name), [SECOND.name])
+  assert.deepEqual(
+    mcpd.sessions.get(id).providers.map((p) => p.name),
+    [SECOND.name],
+  )
   assert.deepEqual(await llmStates(mcpd, registrar), { [SECOND.name]: 'active', [MODEL]: 'inactive' })
   assert.deepEqual((await client.models.list()).data.map((m) => m.id).sort(), [MODEL, SECOND.name].sort())
   await assert.rejects(
     client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] }),
-    (error) => error.status === 404 && error.code === 'model_not_found'
+    (error) => error.status === 404 && error.code === 'model_not_found',
   )
   assert.equal(registrar.channel.events.filter((e) => e.event === 'task').length, 0)
 
   // Back in the set, it is active again and no longer listed as inactive.
   registrar.providers = [SECOND, ...PROVIDERS]
   assert.equal((await registrar.register()).status, 200)
-  assert.deepEqual(mcpd.sessions.get(id).providers.map((p) => p.name), [SECOND.name, MODEL])
+  assert.deepEqual(
+    mcpd.sessions.get(id).providers.map((p) => p.name),
+    [SECOND.name, MODEL],
+  )
   assert.deepEqual(await llmStates(mcpd, registrar), { [SECOND.name]: 'active', [MODEL]: 'active' })
   assert.deepEqual(mcpd.violations, [])
 })

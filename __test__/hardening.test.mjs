@@ -2,20 +2,26 @@
 // answers register with a redirect (to another origin, or in a loop within its
 // own) whose Location holds the token. start() must reject naming the origin,
 // and no message, status or log line may carry the token in any form.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
-import http from 'node:http'
 import { mkdtemp, rm } from 'node:fs/promises'
+import http from 'node:http'
+import { createRequire } from 'node:module'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createRequire } from 'node:module'
+import test from 'node:test'
 
 const require = createRequire(import.meta.url)
 const addon = require('../index.js')
 
 const TOKEN = 'sk-hardening/token+0123456789'
 /** Every way the token may be written into a URL. */
-const TOKEN_FORMS = [TOKEN, encodeURIComponent(TOKEN), encodeURIComponent(TOKEN).toLowerCase(), encodeURIComponent(encodeURIComponent(TOKEN))]
+const TOKEN_FORMS = [
+  TOKEN,
+  encodeURIComponent(TOKEN),
+  encodeURIComponent(TOKEN).toLowerCase(),
+  encodeURIComponent(encodeURIComponent(TOKEN)),
+]
 
 /** A raw server on 127.0.0.1; `handle(req, res, origin)` answers every request. */
 async function rawServer(t, handle) {
@@ -40,7 +46,10 @@ async function configDir(t) {
 /** A logger that keeps every argument of every call, whatever their order. */
 function captureLogger() {
   const lines = []
-  const record = (level) => (...args) => lines.push(`${level} ${JSON.stringify(args)}`)
+  const record =
+    (level) =>
+    (...args) =>
+      lines.push(`${level} ${JSON.stringify(args)}`)
   return { lines, debug: record('debug'), info: record('info'), warn: record('warn'), error: record('error') }
 }
 
@@ -72,8 +81,8 @@ async function startAgainst(t, mcpdUrl) {
 
 for (const encode of [(token) => token, encodeURIComponent, (token) => encodeURIComponent(encodeURIComponent(token))]) {
   test(`a redirect to another origin is refused, naming the origin only (token as ${encode(TOKEN)})`, async (t) => {
-    const elsewhere = await rawServer(t, (req, res) => res.end('{}'))
-    const mcpd = await rawServer(t, (req, res) => {
+    const elsewhere = await rawServer(t, (_req, res) => res.end('{}'))
+    const mcpd = await rawServer(t, (_req, res) => {
       res.writeHead(302, { location: `${elsewhere.origin}/steal?token=${encode(TOKEN)}#${encode(TOKEN)}` })
       res.end(`moved to ${elsewhere.origin}/steal?token=${encode(TOKEN)}`)
     })
@@ -89,9 +98,11 @@ for (const encode of [(token) => token, encodeURIComponent, (token) => encodeURI
   })
 }
 
-test('a redirect loop within mcpd\'s origin is refused at its first hop, without the token', async (t) => {
-  const mcpd = await rawServer(t, (req, res, origin) => {
-    res.writeHead(307, { location: `${origin}/mcpd/api/v1/llms/_provider-register?token=${encodeURIComponent(TOKEN)}&hop=${Date.now()}` })
+test("a redirect loop within mcpd's origin is refused at its first hop, without the token", async (t) => {
+  const mcpd = await rawServer(t, (_req, res, origin) => {
+    res.writeHead(307, {
+      location: `${origin}/mcpd/api/v1/llms/_provider-register?token=${encodeURIComponent(TOKEN)}&hop=${Date.now()}`,
+    })
     res.end()
   })
   const { error, registrar, logger } = await startAgainst(t, `${mcpd.origin}/mcpd`)
@@ -105,7 +116,7 @@ test('a redirect loop within mcpd\'s origin is refused at its first hop, without
 
 test('an endless register answer is cut at 1 MiB and start() rejects', async (t) => {
   let closed = 0
-  const mcpd = await rawServer(t, (req, res) => {
+  const mcpd = await rawServer(t, (_req, res) => {
     res.writeHead(200, { 'content-type': 'application/json' })
     res.write('{"providerSessionId":"ps-1","pad":"')
     const block = 'x'.repeat(64 * 1024)

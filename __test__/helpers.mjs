@@ -2,9 +2,9 @@
 // config dir (never the real ~/.mcpctl), providers that record their calls,
 // and a logger that captures every line.
 import { mkdtemp, rm } from 'node:fs/promises'
+import { createRequire } from 'node:module'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createRequire } from 'node:module'
 
 const require = createRequire(import.meta.url)
 export const addon = require('../index.js')
@@ -34,7 +34,13 @@ export function captureLogger() {
 }
 
 /** A provider that answers `reply(options)` and records the options it got. */
-export function recordingProvider(reply = () => ({ content: 'hello from the provider', finishReason: 'stop', usage: { promptTokens: 3, completionTokens: 4 } })) {
+export function recordingProvider(
+  reply = () => ({
+    content: 'hello from the provider',
+    finishReason: 'stop',
+    usage: { promptTokens: 3, completionTokens: 4 },
+  }),
+) {
   const calls = []
   return {
     calls,
@@ -56,16 +62,28 @@ export async function startRegistrar(t, mcpd, providers, options = {}) {
     logger,
     backoff: { initialMs: 50, maxMs: 200 },
     heartbeatIntervalMs: 60_000,
-    providers: Object.entries(providers).map(([name, provider]) => ({ name, type: 'test', model: `${name}-model`, publish: true, provider })),
+    providers: Object.entries(providers).map(([name, provider]) => ({
+      name,
+      type: 'test',
+      model: `${name}-model`,
+      publish: true,
+      provider,
+    })),
     ...options,
     ...(options.logger ? {} : { logger }),
   })
   t.after(() => registrar.stop())
   await registrar.start()
-  await mcpd.waitFor(() => registrar.status().state === 'connected' && mcpd.connections.some((c) => c.closedAt === null))
+  await mcpd.waitFor(
+    () => registrar.status().state === 'connected' && mcpd.connections.some((c) => c.closedAt === null),
+  )
   return { registrar, configDir, logger }
 }
 
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
-export const chatBody = (extra = {}) => ({ model: 'local', messages: [{ role: 'user', content: 'Say hello' }], ...extra })
+export const chatBody = (extra = {}) => ({
+  model: 'local',
+  messages: [{ role: 'user', content: 'Say hello' }],
+  ...extra,
+})

@@ -1,10 +1,21 @@
 // stop() and the Node process, option checking, and the per-provider limits:
 // concurrency, the FIFO queue, 429, timeouts and cancellation.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
+import test from 'node:test'
 import { fileURLToPath } from 'node:url'
-import { addon, startMcpd, startRegistrar, tempConfigDir, captureLogger, recordingProvider, chatBody, sleep, TOKEN } from './helpers.mjs'
+import {
+  addon,
+  captureLogger,
+  chatBody,
+  recordingProvider,
+  sleep,
+  startMcpd,
+  startRegistrar,
+  TOKEN,
+  tempConfigDir,
+} from './helpers.mjs'
 
 const { VirtualLlmRegistrar } = addon
 const child = fileURLToPath(new URL('./fixtures/child-registrar.mjs', import.meta.url))
@@ -23,7 +34,9 @@ function runChild(t, env) {
     for (const line of lines) if (line) events.push(JSON.parse(line))
   })
   let stderr = ''
-  proc.stderr.on('data', (data) => { stderr += data })
+  proc.stderr.on('data', (data) => {
+    stderr += data
+  })
   return { proc, events, exit, stderr: () => stderr }
 }
 
@@ -36,9 +49,12 @@ test('after stop() the Node process exits by itself within 2 s; a running regist
   await mcpd.waitFor(() => stopping.events.some((e) => e.event === 'stopped'), { timeoutMs: 10_000 })
   const stopped = stopping.events.find((e) => e.event === 'stopped')
   assert.equal(stopped.status.state, 'stopped')
-  const { code, at } = await Promise.race([stopping.exit, sleep(5000).then(() => {
-    throw new Error(`the child did not exit after stop(): ${JSON.stringify(stopping.events.at(-1))}`)
-  })])
+  const { code, at } = await Promise.race([
+    stopping.exit,
+    sleep(5000).then(() => {
+      throw new Error(`the child did not exit after stop(): ${JSON.stringify(stopping.events.at(-1))}`)
+    }),
+  ])
   assert.equal(code, 0, stopping.stderr())
   const lag = at - stopped.at
   assert.ok(lag < 2000, `exited ${lag} ms after stop()`)
@@ -57,9 +73,19 @@ test('after stop() the Node process exits by itself within 2 s; a running regist
 test('stop() answers in-flight and queued tasks 503, is idempotent, and later calls say it is stopped', async (t) => {
   const mcpd = await startMcpd(t)
   let signal
-  const hanging = { complete: (options) => { signal = options.signal; return new Promise(() => {}) } }
+  const hanging = {
+    complete: (options) => {
+      signal = options.signal
+      return new Promise(() => {})
+    },
+  }
   const states = []
-  const { registrar } = await startRegistrar(t, mcpd, { hanging }, { maxConcurrency: 1, onStateChange: (s) => states.push(s.state) })
+  const { registrar } = await startRegistrar(
+    t,
+    mcpd,
+    { hanging },
+    { maxConcurrency: 1, onStateChange: (s) => states.push(s.state) },
+  )
   const running = mcpd.sendTask({ provider: 'hanging', body: chatBody() })
   const queued = mcpd.sendTask({ provider: 'hanging', body: chatBody() })
   await mcpd.waitFor(() => registrar.status().inFlight === 1 && registrar.status().queued === 1)
@@ -73,7 +99,11 @@ test('stop() answers in-flight and queued tasks 503, is idempotent, and later ca
   assert.equal(signal.reason.name, 'AbortError')
   assert.equal(registrar.status().state, 'stopped')
   await registrar.stop()
-  await assert.rejects(registrar.start(), { name: 'RegistrarError', code: 'ERR_STOPPED', message: /registrar is stopped/ })
+  await assert.rejects(registrar.start(), {
+    name: 'RegistrarError',
+    code: 'ERR_STOPPED',
+    message: /registrar is stopped/,
+  })
   await mcpd.waitFor(() => states.at(-1) === 'stopped')
   await mcpd.waitFor(() => mcpd.connections.every((c) => c.closedAt !== null))
 })
@@ -88,7 +118,12 @@ test('maxConcurrency and maxQueue: FIFO queue, then 429; the heartbeat reports t
       return new Promise((resolve) => gates.push(() => resolve({ content: options.messages[0].content })))
     },
   }
-  const { registrar } = await startRegistrar(t, mcpd, { local: provider }, { maxConcurrency: 2, maxQueue: 2, heartbeatIntervalMs: 50 })
+  const { registrar } = await startRegistrar(
+    t,
+    mcpd,
+    { local: provider },
+    { maxConcurrency: 2, maxQueue: 2, heartbeatIntervalMs: 50 },
+  )
   const ask = (content) => mcpd.sendTask({ provider: 'local', body: { messages: [{ role: 'user', content }] } })
   const ids = ['a', 'b', 'c', 'd', 'e'].map(ask)
   const rejected = await mcpd.outcome(ids[4])
@@ -96,7 +131,9 @@ test('maxConcurrency and maxQueue: FIFO queue, then 429; the heartbeat reports t
   assert.equal(rejected.body.error.type, 'rate_limit_exceeded')
   assert.deepEqual(registrar.status().inFlight, 2)
   assert.deepEqual(registrar.status().queued, 2)
-  await mcpd.waitFor(() => mcpd.heartbeats.some((b) => b.body.providers[0].inFlight === 2 && b.body.providers[0].queued === 2))
+  await mcpd.waitFor(() =>
+    mcpd.heartbeats.some((b) => b.body.providers[0].inFlight === 2 && b.body.providers[0].queued === 2),
+  )
   // a and b got slots at once and run side by side, in either order.
   assert.deepEqual([...order].sort(), ['a', 'b'])
   gates.shift()()
@@ -115,7 +152,10 @@ test('taskTimeoutMs: a never-settling provider is aborted, answered 504, and its
   let signal
   const provider = {
     complete: (options) => {
-      if (options.messages[0].content === 'hang') { signal = options.signal; return new Promise(() => {}) }
+      if (options.messages[0].content === 'hang') {
+        signal = options.signal
+        return new Promise(() => {})
+      }
       return Promise.resolve({ content: 'quick' })
     },
   }
@@ -158,13 +198,21 @@ test('cancel: a running task is aborted and nothing is posted; a queued one neve
   assert.deepEqual((await mcpd.outcome(running)).kind, 'cancelled')
   assert.deepEqual(mcpd.violations, [], 'nothing was posted for cancelled tasks')
   assert.equal(registrar.status().inFlight, 0)
-  assert.deepEqual(mcpd.requests.filter((r) => r.path.includes('_provider-tasks')), [])
+  assert.deepEqual(
+    mcpd.requests.filter((r) => r.path.includes('_provider-tasks')),
+    [],
+  )
 })
 
 test('bad options are refused with a clear error', async (t) => {
   const configDir = await tempConfigDir(t)
   const provider = recordingProvider()
-  const base = { mcpdUrl: 'http://127.0.0.1:9', token: TOKEN, configDir, providers: [{ name: 'a', type: 't', provider }] }
+  const base = {
+    mcpdUrl: 'http://127.0.0.1:9',
+    token: TOKEN,
+    configDir,
+    providers: [{ name: 'a', type: 't', provider }],
+  }
   const cases = [
     [{ mcpdUrl: undefined }, /mcpdUrl/],
     [{ token: '' }, /token/],
@@ -173,28 +221,53 @@ test('bad options are refused with a clear error', async (t) => {
     [{ providers: [] }, /providers/],
     [{ providers: [{ name: 'a', type: 't' }] }, /provider/],
     [{ providers: [{ name: 'a', type: 't', provider: {} }] }, /complete/],
-    [{ providers: [{ name: 'a', type: 't', provider }, { name: 'a', type: 't', provider }] }, /twice/],
+    [
+      {
+        providers: [
+          { name: 'a', type: 't', provider },
+          { name: 'a', type: 't', provider },
+        ],
+      },
+      /twice/,
+    ],
     [{ heartbeatIntervalMs: 0 }, /heartbeatIntervalMs/],
     [{ idleTimeoutMs: -1 }, /idleTimeoutMs/],
     [{ maxConcurrency: 0 }, /maxConcurrency/],
     [{ maxQueue: 1.5 }, /maxQueue/],
     [{ backoff: { initialMs: 500, maxMs: 100 } }, /backoff/],
     [{ taskTimeoutMs: 'soon' }, /taskTimeoutMs must be a number/],
-    [{ logger: { info () {} } }, /logger\.debug/],
+    [{ logger: { info() {} } }, /logger\.debug/],
     [{ onStateChange: 'no' }, /onStateChange/],
   ]
   for (const [patch, pattern] of cases) {
-    assert.throws(() => new VirtualLlmRegistrar({ ...base, ...patch }), (error) => {
-      assert.match(error.message, pattern, JSON.stringify(patch))
-      assert.ok(error instanceof addon.RegistrarError, JSON.stringify(patch))
-      assert.equal(error.code, 'ERR_INVALID_OPTION', JSON.stringify(patch))
-      return true
-    })
+    assert.throws(
+      () => new VirtualLlmRegistrar({ ...base, ...patch }),
+      (error) => {
+        assert.match(error.message, pattern, JSON.stringify(patch))
+        assert.ok(error instanceof addon.RegistrarError, JSON.stringify(patch))
+        assert.equal(error.code, 'ERR_INVALID_OPTION', JSON.stringify(patch))
+        return true
+      },
+    )
   }
   // Plain http to another host is allowed when asked for explicitly.
-  const insecure = new VirtualLlmRegistrar({ ...base, mcpdUrl: 'http://mcpd.example.com', allowInsecureHttp: true, logger: captureLogger() })
+  const insecure = new VirtualLlmRegistrar({
+    ...base,
+    mcpdUrl: 'http://mcpd.example.com',
+    allowInsecureHttp: true,
+    logger: captureLogger(),
+  })
   assert.equal(insecure.status().state, 'idle')
   assert.deepEqual(insecure.status(), {
-    state: 'idle', providerSessionId: null, providers: ['a'], inFlight: 0, queued: 0, completed: 0, failed: 0, cancelled: 0, reconnects: 0, lastError: null,
+    state: 'idle',
+    providerSessionId: null,
+    providers: ['a'],
+    inFlight: 0,
+    queued: 0,
+    completed: 0,
+    failed: 0,
+    cancelled: 0,
+    reconnects: 0,
+    lastError: null,
   })
 })

@@ -1,13 +1,15 @@
 // The official `openai` client against the fake mcpd's OpenAI front, with a registrar
 // serving JS providers behind it: what an mcpd user sees of a published provider.
-import test from 'node:test'
-import assert from 'node:assert/strict'
-import { startMcpd, startRegistrar, recordingProvider, sleep } from './helpers.mjs'
-import {
-  OpenAI, openAiClient, streamingProvider, tokenChunks, parkedProvider, abortedAt, answeredTaskIds,
-} from './providers.mjs'
 
-const messages = [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: 'Say hello' }]
+import assert from 'node:assert/strict'
+import test from 'node:test'
+import { recordingProvider, sleep, startMcpd, startRegistrar } from './helpers.mjs'
+import { answeredTaskIds, OpenAI, openAiClient, parkedProvider, streamingProvider, tokenChunks } from './providers.mjs'
+
+const messages = [
+  { role: 'system', content: 'Be brief.' },
+  { role: 'user', content: 'Say hello' },
+]
 const weatherTool = {
   type: 'function',
   function: {
@@ -22,7 +24,11 @@ const choicesOf = (chunks) => chunks.flatMap((chunk) => chunk.choices)
 
 test('create() non-streaming: content, snake_case usage, integer created; the provider gets camelCase options', async (t) => {
   const mcpd = await startMcpd(t)
-  const provider = recordingProvider(() => ({ content: 'Hello there!', finishReason: 'stop', usage: { promptTokens: 11, completionTokens: 3 } }))
+  const provider = recordingProvider(() => ({
+    content: 'Hello there!',
+    finishReason: 'stop',
+    usage: { promptTokens: 11, completionTokens: 3 },
+  }))
   const { registrar } = await startRegistrar(t, mcpd, { local: provider })
   const client = openAiClient(mcpd)
 
@@ -71,7 +77,14 @@ test('create() non-streaming: content, snake_case usage, integer created; the pr
   }
 
   // max_completion_tokens (the newer name) also becomes maxTokens; an array stop stays an array.
-  const second = { model: 'local', messages, max_completion_tokens: 33, stop: ['a', 'b'], tools: [weatherTool], tool_choice: 'required' }
+  const second = {
+    model: 'local',
+    messages,
+    max_completion_tokens: 33,
+    stop: ['a', 'b'],
+    tools: [weatherTool],
+    tool_choice: 'required',
+  }
   await client.chat.completions.create(second)
   assert.equal(provider.calls[1].maxTokens, 33)
   assert.deepEqual(provider.calls[1].stop, ['a', 'b'])
@@ -98,7 +111,10 @@ test('create({ stream: true }) iterated: role first, text deltas in order, exact
   assert.equal(choices.filter((choice) => 'role' in choice.delta).length, 1, 'only the first delta carries the role')
   assert.deepEqual(choices.map((choice) => choice.delta.content).filter(Boolean), tokens)
   const finishes = choices.filter((choice) => choice.finish_reason !== null && choice.finish_reason !== undefined)
-  assert.deepEqual(finishes.map((choice) => choice.finish_reason), ['stop'])
+  assert.deepEqual(
+    finishes.map((choice) => choice.finish_reason),
+    ['stop'],
+  )
   assert.equal(chunks.at(-1).choices[0].finish_reason, 'stop', 'the finish_reason comes last')
   for (const chunk of chunks) {
     assert.equal(chunk.object, 'chat.completion.chunk')
@@ -125,7 +141,11 @@ test('chat.completions.stream(...).finalChatCompletion() accepts every kind of r
     { finishReason: 'tool_calls' },
   ]
   const providers = {
-    v1: recordingProvider(() => ({ content: 'The whole answer at once.', finishReason: 'stop', usage: { promptTokens: 2, completionTokens: 6 } })),
+    v1: recordingProvider(() => ({
+      content: 'The whole answer at once.',
+      finishReason: 'stop',
+      usage: { promptTokens: 2, completionTokens: 6 },
+    })),
     tokens: streamingProvider(tokenChunks(['One', ' two', ' three.'])),
     tools: streamingProvider(toolChunks),
     usage: streamingProvider(tokenChunks(['Count', 'ed'], { usage: { promptTokens: 5, completionTokens: 2 } })),
@@ -167,20 +187,28 @@ test('chat.completions.stream(...).finalChatCompletion() accepts every kind of r
     const { final, chunks } = await run({ model: 'tools', tools: [weatherTool] })
     const calls = choicesOf(chunks).flatMap((choice) => choice.delta.tool_calls ?? [])
     // The wire: each call introduced once (index, id, type, name), then only index + argument pieces.
-    assert.deepEqual(calls.filter((call) => call.id !== undefined).map(({ index, id, type, function: f }) => ({ index, id, type, name: f.name })), [
-      { index: 0, id: 'call_weather', type: 'function', name: 'get_weather' },
-      { index: 1, id: 'call_time', type: 'function', name: 'get_time' },
-    ])
+    assert.deepEqual(
+      calls
+        .filter((call) => call.id !== undefined)
+        .map(({ index, id, type, function: f }) => ({ index, id, type, name: f.name })),
+      [
+        { index: 0, id: 'call_weather', type: 'function', name: 'get_weather' },
+        { index: 1, id: 'call_time', type: 'function', name: 'get_time' },
+      ],
+    )
     for (const later of calls.filter((call) => call.id === undefined)) {
       assert.deepEqual(Object.keys(later).sort(), ['function', 'index'])
       assert.deepEqual(Object.keys(later.function), ['arguments'])
     }
     const message = final.choices[0].message
     assert.equal(message.content, null)
-    assert.deepEqual(message.tool_calls.map(({ id, type, function: { name, arguments: args } }) => ({ id, type, name, args })), [
-      { id: 'call_weather', type: 'function', name: 'get_weather', args: '{"city":"Paris"}' },
-      { id: 'call_time', type: 'function', name: 'get_time', args: '{"tz":"CET"}' },
-    ])
+    assert.deepEqual(
+      message.tool_calls.map(({ id, type, function: { name, arguments: args } }) => ({ id, type, name, args })),
+      [
+        { id: 'call_weather', type: 'function', name: 'get_weather', args: '{"city":"Paris"}' },
+        { id: 'call_time', type: 'function', name: 'get_time', args: '{"tz":"CET"}' },
+      ],
+    )
     assert.equal(final.choices[0].finish_reason, 'tool_calls')
   })
 
@@ -199,10 +227,17 @@ test('chat.completions.stream(...).finalChatCompletion() accepts every kind of r
 test('a provider that throws: 502 APIError, non-streaming and streaming before the first chunk', async (t) => {
   const mcpd = await startMcpd(t)
   const providers = {
-    rejects: { complete: async () => { throw new Error('ollama is not running') } },
+    rejects: {
+      complete: async () => {
+        throw new Error('ollama is not running')
+      },
+    },
     throwsFirst: {
       complete: async () => ({ content: 'unused' }),
-      async *stream() { throw new Error('model failed to load') },
+      // biome-ignore lint/correctness/useYield: a stream that fails before its first chunk
+      async *stream() {
+        throw new Error('model failed to load')
+      },
     },
   }
   const { registrar } = await startRegistrar(t, mcpd, providers)
@@ -216,9 +251,18 @@ test('a provider that throws: 502 APIError, non-streaming and streaming before t
     return true
   }
   await assert.rejects(client.chat.completions.create({ model: 'rejects', messages }), is502(/ollama is not running/))
-  await assert.rejects(client.chat.completions.create({ model: 'rejects', messages, stream: true }), is502(/ollama is not running/))
-  await assert.rejects(client.chat.completions.create({ model: 'throwsFirst', messages, stream: true }), is502(/model failed to load/))
-  await assert.rejects(client.chat.completions.stream({ model: 'throwsFirst', messages }).finalChatCompletion(), is502(/model failed to load/))
+  await assert.rejects(
+    client.chat.completions.create({ model: 'rejects', messages, stream: true }),
+    is502(/ollama is not running/),
+  )
+  await assert.rejects(
+    client.chat.completions.create({ model: 'throwsFirst', messages, stream: true }),
+    is502(/model failed to load/),
+  )
+  await assert.rejects(
+    client.chat.completions.stream({ model: 'throwsFirst', messages }).finalChatCompletion(),
+    is502(/model failed to load/),
+  )
   await mcpd.waitFor(() => registrar.status().failed === 4)
   assert.deepEqual(mcpd.violations, [])
 })
@@ -240,15 +284,28 @@ test('an iterator that throws after chunks: the client gets the in-band error; t
   // APIError without a status (openai's Stream turns a `{"error":…}` data line into one).
   const stream = await client.chat.completions.create({ model: 'breaksLate', messages, stream: true })
   const chunks = []
-  await assert.rejects(async () => { for await (const chunk of stream) chunks.push(chunk) }, (error) => {
-    assert.ok(error instanceof OpenAI.APIError, `${error?.constructor?.name}: ${error?.message}`)
-    assert.equal(error.status, undefined)
-    assert.equal(error.type, 'provider_error')
-    assert.match(error.message, /the GPU fell over/)
-    return true
-  })
-  assert.deepEqual(choicesOf(chunks).map((choice) => choice.delta.content).filter(Boolean), ['partial ', 'answer'])
-  assert.ok(choicesOf(chunks).every((choice) => choice.finish_reason === null), 'no finish_reason before the error')
+  await assert.rejects(
+    async () => {
+      for await (const chunk of stream) chunks.push(chunk)
+    },
+    (error) => {
+      assert.ok(error instanceof OpenAI.APIError, `${error?.constructor?.name}: ${error?.message}`)
+      assert.equal(error.status, undefined)
+      assert.equal(error.type, 'provider_error')
+      assert.match(error.message, /the GPU fell over/)
+      return true
+    },
+  )
+  assert.deepEqual(
+    choicesOf(chunks)
+      .map((choice) => choice.delta.content)
+      .filter(Boolean),
+    ['partial ', 'answer'],
+  )
+  assert.ok(
+    choicesOf(chunks).every((choice) => choice.finish_reason === null),
+    'no finish_reason before the error',
+  )
 
   const [taskId] = answeredTaskIds(mcpd)
   const outcome = await mcpd.outcome(taskId)
@@ -290,7 +347,10 @@ test('a client-side abort reaches the provider signal within 100 ms, streaming a
 
   // Streaming: the stream has begun (a content delta arrived), then the client aborts.
   const streaming = new AbortController()
-  const stream = await client.chat.completions.create({ model: 'parked', messages, stream: true }, { signal: streaming.signal })
+  const stream = await client.chat.completions.create(
+    { model: 'parked', messages, stream: true },
+    { signal: streaming.signal },
+  )
   const seen = []
   let abortedFrom = 0
   const iteration = (async () => {
@@ -334,14 +394,26 @@ test('a client-side abort reaches the provider signal within 100 ms, streaming a
 test('over maxConcurrency + maxQueue: one of two concurrent requests is 429 RateLimitError', async (t) => {
   const mcpd = await startMcpd(t)
   let release
-  const gate = new Promise((resolve) => { release = resolve })
-  const provider = recordingProvider(async () => { await gate; return { content: 'slow answer' } })
+  const gate = new Promise((resolve) => {
+    release = resolve
+  })
+  const provider = recordingProvider(async () => {
+    await gate
+    return { content: 'slow answer' }
+  })
   await startRegistrar(t, mcpd, { slow: provider }, { maxConcurrency: 1, maxQueue: 0 })
   const client = openAiClient(mcpd)
 
   const requests = [0, 1].map(() => client.chat.completions.create({ model: 'slow', messages }))
   // The refused one settles while the other is still held at the gate.
-  const first = await Promise.race(requests.map((request, index) => request.then(() => index, () => index)))
+  const first = await Promise.race(
+    requests.map((request, index) =>
+      request.then(
+        () => index,
+        () => index,
+      ),
+    ),
+  )
   await assert.rejects(requests[first], (error) => {
     assert.ok(error instanceof OpenAI.RateLimitError, `${error?.constructor?.name}: ${error?.message}`)
     assert.equal(error.status, 429)

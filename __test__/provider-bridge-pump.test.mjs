@@ -1,9 +1,10 @@
 // The JavaScript half of a stream's hand-over (provider_bridge.js `pump`), driven
 // directly with a scripted `native` in place of the addon's: batching per tick, the
 // credit window, a wake-up that comes before the loop waits, and abort while waiting.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
 import { readFileSync } from 'node:fs'
+import test from 'node:test'
 import vm from 'node:vm'
 
 const source = readFileSync(new URL('../src/binding/provider_bridge.js', import.meta.url), 'utf8')
@@ -46,11 +47,15 @@ const open = (bridge, provider, { taskId = 't-1', streamId = 7, credit = 512 } =
 
 test('chunks produced in one tick go to Rust in one push', async () => {
   const { bridge, calls, pushesReach } = bridgeWith(() => 10_000)
-  open(bridge, {
-    async *stream() {
-      for (let i = 0; i < 1000; i++) yield { content: `${i}` }
+  open(
+    bridge,
+    {
+      async *stream() {
+        for (let i = 0; i < 1000; i++) yield { content: `${i}` }
+      },
     },
-  }, { credit: 10_000 })
+    { credit: 10_000 },
+  )
   await within(pushesReach(1), 2000, 'the push')
   await within(new Promise((resolve) => setImmediate(resolve)), 100, 'a tick')
   assert.equal(calls.pushes.length, 1)
@@ -63,19 +68,30 @@ test('chunks produced in one tick go to Rust in one push', async () => {
 test('the loop never pushes more than its credit, and waits for the wake-up', async () => {
   let credit = 100
   const { bridge, calls, pushesReach } = bridgeWith((_, count) => (credit -= count))
-  open(bridge, {
-    async *stream() {
-      for (let i = 0; i < 250; i++) yield { content: `${i}` }
+  open(
+    bridge,
+    {
+      async *stream() {
+        for (let i = 0; i < 250; i++) yield { content: `${i}` }
+      },
     },
-  }, { credit: 100 })
+    { credit: 100 },
+  )
   await within(pushesReach(1), 2000, 'the first push')
   await new Promise((resolve) => setTimeout(resolve, 20))
-  assert.deepEqual(calls.pushes.map((push) => push.count), [100], 'a full window: one push, then a wait')
+  assert.deepEqual(
+    calls.pushes.map((push) => push.count),
+    [100],
+    'a full window: one push, then a wait',
+  )
   credit = 200
   bridge.credit(7, 200)
   await within(pushesReach(2), 2000, 'the push after the wake-up')
   await new Promise((resolve) => setTimeout(resolve, 20))
-  assert.deepEqual(calls.pushes.map((push) => push.count), [100, 150])
+  assert.deepEqual(
+    calls.pushes.map((push) => push.count),
+    [100, 150],
+  )
   assert.deepEqual(calls.ends, [7])
 })
 
@@ -85,18 +101,25 @@ test('credit given back before the loop waits is not lost', async () => {
   let release
   const gate = new Promise((resolve) => (release = resolve))
   const { bridge, calls, pushesReach } = bridgeWith((pushes) => (pushes === 1 ? 0 : 100))
-  open(bridge, {
-    async *stream() {
-      yield { content: 'a' }
-      await gate
-      yield { content: 'b' }
+  open(
+    bridge,
+    {
+      async *stream() {
+        yield { content: 'a' }
+        await gate
+        yield { content: 'b' }
+      },
     },
-  }, { credit: 1 })
+    { credit: 1 },
+  )
   await within(pushesReach(1), 2000, 'the first push')
   bridge.credit(7, 512)
   release()
   await within(pushesReach(2), 2000, 'the second chunk after the early wake-up')
-  assert.deepEqual(calls.pushes.map((push) => push.texts), [['{"content":"a"}'], ['{"content":"b"}']])
+  assert.deepEqual(
+    calls.pushes.map((push) => push.texts),
+    [['{"content":"a"}'], ['{"content":"b"}']],
+  )
   await within(new Promise((resolve) => setImmediate(resolve)), 100, 'a tick')
   assert.deepEqual(calls.ends, [7])
 })
@@ -105,16 +128,20 @@ test('an abort while the loop waits for credit ends it at once and closes the it
   let closed = false
   let signal
   const { bridge, calls, pushesReach } = bridgeWith(() => 0)
-  open(bridge, {
-    async *stream(options) {
-      signal = options.signal
-      try {
-        for (let i = 0; ; i++) yield { content: `${i}` }
-      } finally {
-        closed = true
-      }
+  open(
+    bridge,
+    {
+      async *stream(options) {
+        signal = options.signal
+        try {
+          for (let i = 0; ; i++) yield { content: `${i}` }
+        } finally {
+          closed = true
+        }
+      },
     },
-  }, { credit: 8 })
+    { credit: 8 },
+  )
   await within(pushesReach(1), 2000, 'the push that fills the window')
   bridge.abort('t-1', 'the task was cancelled by mcpd', false)
   await within(
@@ -153,5 +180,8 @@ test('a chunk that is not a CompletionChunk fails the stream and closes the iter
   )
   assert.equal(closed, true)
   assert.match(calls.fails[0].message, /invalid CompletionChunk/)
-  assert.deepEqual(calls.pushes.flatMap((push) => push.texts), ['{"content":"fine"}'])
+  assert.deepEqual(
+    calls.pushes.flatMap((push) => push.texts),
+    ['{"content":"fine"}'],
+  )
 })

@@ -16,7 +16,9 @@ export function streamingProvider(chunks) {
   const calls = []
   return {
     calls,
-    complete: async () => { throw new Error('complete() must not be called for a streaming task') },
+    complete: async () => {
+      throw new Error('complete() must not be called for a streaming task')
+    },
     async *stream(options) {
       calls.push(options)
       for (const chunk of chunks) yield chunk

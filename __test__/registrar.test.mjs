@@ -1,11 +1,20 @@
 // The registrar against the fake mcpd: register and the sticky session id,
 // the heartbeat, tasks and their error answers, reconnects, and the token's secrecy.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
 import { readFile, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import test from 'node:test'
 import {
-  addon, startMcpd, startRegistrar, tempConfigDir, captureLogger, recordingProvider, chatBody, sleep, TOKEN,
+  addon,
+  captureLogger,
+  chatBody,
+  recordingProvider,
+  sleep,
+  startMcpd,
+  startRegistrar,
+  TOKEN,
+  tempConfigDir,
 } from './helpers.mjs'
 
 const { VirtualLlmRegistrar } = addon
@@ -55,7 +64,9 @@ test('a plain-text session file from an older version is read; a new id from mcp
   // The fake does not know that id, so it answers a new one: adopted and persisted.
   const adopted = registrar.status().providerSessionId
   assert.notEqual(adopted, 'legacy-session-7')
-  assert.deepEqual(JSON.parse(await readFile(join(configDir, 'provider-session'), 'utf8')), { providerSessionId: adopted })
+  assert.deepEqual(JSON.parse(await readFile(join(configDir, 'provider-session'), 'utf8')), {
+    providerSessionId: adopted,
+  })
 })
 
 test('the heartbeat fires at the configured interval with per-provider load figures', async (t) => {
@@ -71,7 +82,9 @@ test('the heartbeat fires at the configured interval with per-provider load figu
   for (const gap of gaps) assert.ok(gap >= 70 && gap <= 400, `gap ${gap} ms`)
   const { body, headers } = mcpd.heartbeats[0]
   assert.equal(headers['x-mcpctl-provider-session'], body.providerSessionId)
-  assert.deepEqual(body.providers, [{ name: 'local', inFlight: 0, queued: 0, maxConcurrency: 4, completed: 0, failed: 0 }])
+  assert.deepEqual(body.providers, [
+    { name: 'local', inFlight: 0, queued: 0, maxConcurrency: 4, completed: 0, failed: 0 },
+  ])
 })
 
 test('heartbeatIntervalMs from the register answer overrides the option', async (t) => {
@@ -85,7 +98,10 @@ test('a failed first register rejects start() with the HTTP status and the body 
   mcpd.failNext('register', { status: 503, body: { error: { message: 'mcpd is in maintenance' } } })
   const configDir = await tempConfigDir(t)
   const registrar = new VirtualLlmRegistrar({
-    mcpdUrl: mcpd.url, token: TOKEN, configDir, logger: captureLogger(),
+    mcpdUrl: mcpd.url,
+    token: TOKEN,
+    configDir,
+    logger: captureLogger(),
     providers: [{ name: 'local', type: 'test', provider: recordingProvider() }],
   })
   t.after(() => registrar.stop())
@@ -99,7 +115,10 @@ test('a failed first register rejects start() with the HTTP status and the body 
   assert.match(registrar.status().lastError, /503/)
   // A plain-text error body is quoted (its first 500 bytes).
   mcpd.failNext('register', { status: 500, body: 'x'.repeat(2000) })
-  await assert.rejects(registrar.start(), (error) => error.message.includes('HTTP 500') && !error.message.includes('x'.repeat(501)))
+  await assert.rejects(
+    registrar.start(),
+    (error) => error.message.includes('HTTP 500') && !error.message.includes('x'.repeat(501)),
+  )
   // And it can still start afterwards.
   await registrar.start()
   assert.equal(mcpd.registrations.length, 3)
@@ -108,7 +127,10 @@ test('a failed first register rejects start() with the HTTP status and the body 
 test('401 on register: start() rejects and the state is unauthorized', async (t) => {
   const mcpd = await startMcpd(t)
   const registrar = new VirtualLlmRegistrar({
-    mcpdUrl: mcpd.url, token: 'wrong-token', configDir: await tempConfigDir(t), logger: captureLogger(),
+    mcpdUrl: mcpd.url,
+    token: 'wrong-token',
+    configDir: await tempConfigDir(t),
+    logger: captureLogger(),
     providers: [{ name: 'local', type: 'test', provider: recordingProvider() }],
   })
   t.after(() => registrar.stop())
@@ -129,7 +151,11 @@ test('a non-streaming task runs on the JS provider and returns a chat.completion
   assert.equal(completion.object, 'chat.completion')
   assert.ok(Number.isInteger(completion.created))
   assert.equal(completion.model, 'local')
-  assert.deepEqual(completion.choices[0].message, { role: 'assistant', content: 'hello from the provider', refusal: null })
+  assert.deepEqual(completion.choices[0].message, {
+    role: 'assistant',
+    content: 'hello from the provider',
+    refusal: null,
+  })
   assert.equal(completion.choices[0].finish_reason, 'stop')
   assert.deepEqual(completion.usage, { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 })
   const [options] = provider.calls
@@ -150,18 +176,19 @@ test('a non-streaming task runs on the JS provider and returns a chat.completion
 test('a streaming task on a provider without stream() is answered v1-style', async (t) => {
   const mcpd = await startMcpd(t)
   await startRegistrar(t, mcpd, { local: recordingProvider() })
-  const taskId = mcpd.sendTask({ provider: 'local', body: chatBody({ stream: true, stream_options: { include_usage: true } }) })
+  const taskId = mcpd.sendTask({
+    provider: 'local',
+    body: chatBody({ stream: true, stream_options: { include_usage: true } }),
+  })
   const outcome = await mcpd.outcome(taskId)
   assert.equal(outcome.kind, 'stream')
   const payloads = outcome.payloads
   assert.equal(payloads.at(-1), '[DONE]')
   const chunks = payloads.slice(0, -1).map((payload) => JSON.parse(payload))
-  assert.deepEqual(chunks.map((chunk) => chunk.choices[0]?.delta ?? null), [
-    { role: 'assistant', content: '' },
-    { content: 'hello from the provider' },
-    {},
-    null,
-  ])
+  assert.deepEqual(
+    chunks.map((chunk) => chunk.choices[0]?.delta ?? null),
+    [{ role: 'assistant', content: '' }, { content: 'hello from the provider' }, {}, null],
+  )
   assert.equal(chunks[2].choices[0].finish_reason, 'stop')
   assert.deepEqual(chunks[3].usage, { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 })
   for (const chunk of chunks.slice(0, 3)) assert.equal(chunk.usage, null)
@@ -173,7 +200,11 @@ test('a streaming task on a provider without stream() is answered v1-style', asy
 
 test('unknown provider → 404 model_not_found; invalid body → 400; provider rejection → 502', async (t) => {
   const mcpd = await startMcpd(t)
-  const failing = { complete: async () => { throw new Error('ollama is not running') } }
+  const failing = {
+    complete: async () => {
+      throw new Error('ollama is not running')
+    },
+  }
   const { registrar } = await startRegistrar(t, mcpd, { local: recordingProvider(), failing })
   const unknown = await mcpd.outcome(mcpd.sendTask({ provider: 'nope', body: chatBody() }))
   assert.equal(unknown.status, 404)
@@ -200,11 +231,21 @@ test('unknown provider → 404 model_not_found; invalid body → 400; provider r
 test('providers that misbehave get a 502, never a crash', async (t) => {
   const mcpd = await startMcpd(t)
   const providers = {
-    throwsSync: { complete () { throw new TypeError('sync boom') } },
+    throwsSync: {
+      complete() {
+        throw new TypeError('sync boom')
+      },
+    },
     notAPromise: { complete: () => 'just a string' },
     undefinedResult: { complete: async () => undefined },
     badContent: { complete: async () => ({ content: 42 }) },
-    circular: { complete: async () => { const result = { content: 'x' }; result.self = result; return result } },
+    circular: {
+      complete: async () => {
+        const result = { content: 'x' }
+        result.self = result
+        return result
+      },
+    },
     rejectsNonError: { complete: () => Promise.reject({ code: 7 }) },
   }
   await startRegistrar(t, mcpd, providers)
@@ -221,8 +262,13 @@ test('providers that misbehave get a 502, never a crash', async (t) => {
 test('a replayed taskId runs once, while running and after it was answered', async (t) => {
   const mcpd = await startMcpd(t)
   let release
-  const gate = new Promise((resolve) => { release = resolve })
-  const provider = recordingProvider(async () => { await gate; return { content: 'once' } })
+  const gate = new Promise((resolve) => {
+    release = resolve
+  })
+  const provider = recordingProvider(async () => {
+    await gate
+    return { content: 'once' }
+  })
   await startRegistrar(t, mcpd, { local: provider })
   mcpd.sendTask({ provider: 'local', body: chatBody(), taskId: 't-replayed' })
   mcpd.sendTask({ provider: 'local', body: chatBody(), taskId: 't-replayed' })
@@ -239,13 +285,20 @@ test('a replayed taskId runs once, while running and after it was answered', asy
 test('when mcpd drops the stream the registrar reconnects with the same id and Last-Event-ID', async (t) => {
   const mcpd = await startMcpd(t)
   const states = []
-  const { registrar } = await startRegistrar(t, mcpd, { local: recordingProvider() }, { onStateChange: (status) => states.push(status.state) })
+  const { registrar } = await startRegistrar(
+    t,
+    mcpd,
+    { local: recordingProvider() },
+    { onStateChange: (status) => states.push(status.state) },
+  )
   const id = registrar.status().providerSessionId
   mcpd.sendEvent('ping', {}, { id: 'ev-41' })
   mcpd.sendTask({ provider: 'local', body: chatBody(), eventId: 'ev-42' })
   await mcpd.waitFor(() => registrar.status().completed === 1)
   mcpd.dropStreams()
-  await mcpd.waitFor(() => mcpd.connections.length === 2 && registrar.status().state === 'connected', { timeoutMs: 5000 })
+  await mcpd.waitFor(() => mcpd.connections.length === 2 && registrar.status().state === 'connected', {
+    timeoutMs: 5000,
+  })
   const again = mcpd.connections[1]
   assert.equal(again.sessionId, id)
   assert.equal(again.lastEventId, 'ev-42')
@@ -262,7 +315,12 @@ test('when mcpd drops the stream the registrar reconnects with the same id and L
 test('404 on the stream or the heartbeat registers again, then reconnects', async (t) => {
   const mcpd = await startMcpd(t)
   const configDir = await tempConfigDir(t)
-  const { registrar } = await startRegistrar(t, mcpd, { local: recordingProvider() }, { heartbeatIntervalMs: 100, configDir })
+  const { registrar } = await startRegistrar(
+    t,
+    mcpd,
+    { local: recordingProvider() },
+    { heartbeatIntervalMs: 100, configDir },
+  )
   const first = registrar.status().providerSessionId
   mcpd.forgetSession(first)
   // The open stream stays open: only the heartbeat notices.
@@ -270,7 +328,9 @@ test('404 on the stream or the heartbeat registers again, then reconnects', asyn
   assert.equal(mcpd.registrations[1].body.providerSessionId, first)
   await mcpd.waitFor(() => registrar.status().state === 'connected' && registrar.status().providerSessionId !== first)
   const second = registrar.status().providerSessionId
-  assert.deepEqual(JSON.parse(await readFile(join(configDir, 'provider-session'), 'utf8')), { providerSessionId: second })
+  assert.deepEqual(JSON.parse(await readFile(join(configDir, 'provider-session'), 'utf8')), {
+    providerSessionId: second,
+  })
   await mcpd.waitFor(() => mcpd.connections.some((c) => c.sessionId === second && c.closedAt === null))
   // Now the stream: forget the session and drop the connection.
   mcpd.forgetSession(second)
@@ -282,7 +342,12 @@ test('404 on the stream or the heartbeat registers again, then reconnects', asyn
 
 test('401 on the stream: state unauthorized, retried at the maximum backoff only', async (t) => {
   const mcpd = await startMcpd(t)
-  const { registrar } = await startRegistrar(t, mcpd, { local: recordingProvider() }, { backoff: { initialMs: 20, maxMs: 400 } })
+  const { registrar } = await startRegistrar(
+    t,
+    mcpd,
+    { local: recordingProvider() },
+    { backoff: { initialMs: 20, maxMs: 400 } },
+  )
   mcpd.failNext('stream', { status: 401, body: { error: { message: 'token revoked' } }, times: 2 })
   mcpd.dropStreams()
   await mcpd.waitFor(() => registrar.status().state === 'unauthorized')
@@ -298,13 +363,17 @@ test('invalid UTF-8 or an over-limit frame on the stream causes a reconnect, not
   const mcpd = await startMcpd(t)
   const { registrar } = await startRegistrar(t, mcpd, { local: recordingProvider() })
   mcpd.sendRaw(Buffer.from([0x65, 0x76, 0x65, 0x6e, 0x74, 0x3a, 0x20, 0xff, 0xfe, 0x0a, 0x0a]))
-  await mcpd.waitFor(() => mcpd.connections.length === 2 && registrar.status().state === 'connected', { timeoutMs: 3000 })
+  await mcpd.waitFor(() => mcpd.connections.length === 2 && registrar.status().state === 'connected', {
+    timeoutMs: 3000,
+  })
   assert.match(registrar.status().lastError, /UTF-8/i)
   // 17 MiB of data without a line end: over the 16 MiB frame limit.
   const piece = 'x'.repeat(1024 * 1024)
   mcpd.sendRaw('data: ')
   for (let i = 0; i < 17; i++) mcpd.sendRaw(piece)
-  await mcpd.waitFor(() => mcpd.connections.length === 3 && registrar.status().state === 'connected', { timeoutMs: 5000 })
+  await mcpd.waitFor(() => mcpd.connections.length === 3 && registrar.status().state === 'connected', {
+    timeoutMs: 5000,
+  })
   assert.match(registrar.status().lastError, /limit|large/i)
   const outcome = await mcpd.outcome(mcpd.sendTask({ provider: 'local', body: chatBody() }))
   assert.equal(outcome.status, 200)
@@ -334,7 +403,11 @@ test('a path prefix on mcpdUrl is kept for every request', async (t) => {
 test('the token never appears in logs, errors or status()', async (t) => {
   const mcpd = await startMcpd(t)
   const logger = captureLogger()
-  const failing = { complete: async () => { throw new Error(`upstream said ${TOKEN}`) } }
+  const failing = {
+    complete: async () => {
+      throw new Error(`upstream said ${TOKEN}`)
+    },
+  }
   const { registrar } = await startRegistrar(t, mcpd, { failing }, { logger, heartbeatIntervalMs: 50 })
   mcpd.failNext('heartbeat', { status: 500, body: `proxy echo: Bearer ${TOKEN}` })
   await mcpd.outcome(mcpd.sendTask({ provider: 'failing', body: chatBody() }))
@@ -349,12 +422,17 @@ test('the token never appears in logs, errors or status()', async (t) => {
 
 test('MCPCTL_LOG sets the level: debug adds detail, off mutes', async (t) => {
   const previous = process.env.MCPCTL_LOG
-  t.after(() => { if (previous === undefined) delete process.env.MCPCTL_LOG; else process.env.MCPCTL_LOG = previous })
+  t.after(() => {
+    if (previous === undefined) delete process.env.MCPCTL_LOG
+    else process.env.MCPCTL_LOG = previous
+  })
   const mcpd = await startMcpd(t)
   process.env.MCPCTL_LOG = 'debug'
   const verbose = captureLogger()
   await startRegistrar(t, mcpd, { local: recordingProvider() }, { logger: verbose })
-  await mcpd.waitFor(() => verbose.lines.some((line) => line.level === 'debug' && /control channel open/.test(line.msg)))
+  await mcpd.waitFor(() =>
+    verbose.lines.some((line) => line.level === 'debug' && /control channel open/.test(line.msg)),
+  )
   process.env.MCPCTL_LOG = 'off'
   const muted = captureLogger()
   const { registrar } = await startRegistrar(t, mcpd, { local: recordingProvider() }, { logger: muted })

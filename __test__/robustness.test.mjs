@@ -1,12 +1,21 @@
 // What a careful second reading found: hangs, leaks and lost warnings that bad
 // input from mcpd, a provider or the options could cause. Each stays fixed here.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import test from 'node:test'
 import {
-  addon, startMcpd, startRegistrar, tempConfigDir, captureLogger, recordingProvider, chatBody, sleep, TOKEN,
+  addon,
+  captureLogger,
+  chatBody,
+  recordingProvider,
+  sleep,
+  startMcpd,
+  startRegistrar,
+  TOKEN,
+  tempConfigDir,
 } from './helpers.mjs'
 
 const { VirtualLlmRegistrar, maybeStartVirtualLlmRegistrar } = addon
@@ -28,7 +37,7 @@ test('a streaming provider that yields garbage is answered, and its iterator clo
   let closed = false
   const provider = {
     complete: async () => ({ content: 'unused' }),
-    async * stream (options) {
+    async *stream(options) {
       signal = options.signal
       try {
         yield { content: 'fine' }
@@ -52,7 +61,7 @@ test('a chunk POST answered 404 aborts the provider at once, not when it next yi
   let signal
   const provider = {
     complete: async () => ({ content: 'unused' }),
-    async * stream (options) {
+    async *stream(options) {
       signal = options.signal
       yield { content: 'first' }
       await new Promise((resolve) => options.signal.addEventListener('abort', resolve))
@@ -98,12 +107,18 @@ test('a heartbeatIntervalMs that is not a number is ignored, not fatal', async (
   assert.equal(registrar.status().state, 'connected')
 })
 
-test('a token that cannot go in a header is refused up front', async (t) => {
+test('a token that cannot go in a header is refused up front', async (_t) => {
   const provider = recordingProvider()
-  assert.throws(() => new VirtualLlmRegistrar({
-    mcpdUrl: 'http://127.0.0.1:9', token: `${TOKEN}\n`, configDir: '/nonexistent',
-    providers: [{ name: 'a', type: 't', provider }],
-  }), /token must be visible ASCII/)
+  assert.throws(
+    () =>
+      new VirtualLlmRegistrar({
+        mcpdUrl: 'http://127.0.0.1:9',
+        token: `${TOKEN}\n`,
+        configDir: '/nonexistent',
+        providers: [{ name: 'a', type: 't', provider }],
+      }),
+    /token must be visible ASCII/,
+  )
 })
 
 test('maybeStart: a refused token on the first register means unauthorized, retried at the maximum backoff', async (t) => {
@@ -111,7 +126,10 @@ test('maybeStart: a refused token on the first register means unauthorized, retr
   const registrar = await maybeStartVirtualLlmRegistrar({
     providers: [{ name: 'local', type: 'test', publish: true }],
     registry: new Map([['local', recordingProvider()]]),
-    mcpdUrl: mcpd.url, token: 'not-the-token', configDir: await tempConfigDir(t), logger: captureLogger(),
+    mcpdUrl: mcpd.url,
+    token: 'not-the-token',
+    configDir: await tempConfigDir(t),
+    logger: captureLogger(),
     backoff: { initialMs: 50, maxMs: 1000 },
   })
   t.after(() => registrar.stop())
@@ -129,10 +147,14 @@ test('maybeStart: a bad mcpdUrl in the credentials file is a logger.warn, not a 
   const registrar = await maybeStartVirtualLlmRegistrar({
     providers: [{ name: 'local', type: 'test', publish: true }],
     registry: new Map([['local', recordingProvider()]]),
-    configDir, logger,
+    configDir,
+    logger,
   })
   assert.equal(registrar, null)
-  assert.ok(logger.lines.some((line) => line.level === 'warn' && /allowInsecureHttp/.test(JSON.stringify(line))), JSON.stringify(logger.lines))
+  assert.ok(
+    logger.lines.some((line) => line.level === 'warn' && /allowInsecureHttp/.test(JSON.stringify(line))),
+    JSON.stringify(logger.lines),
+  )
 })
 
 test('a started registrar keeps Node alive even when its JS object is garbage-collected', async (t) => {
@@ -150,10 +172,14 @@ test('a started registrar keeps Node alive even when its JS object is garbage-co
     stdio: ['ignore', 'pipe', 'pipe'],
   })
   let exited = false
-  child.on('exit', () => { exited = true })
+  child.on('exit', () => {
+    exited = true
+  })
   t.after(() => child.kill('SIGKILL'))
   let out = ''
-  child.stdout.on('data', (data) => { out += data })
+  child.stdout.on('data', (data) => {
+    out += data
+  })
   await mcpd.waitFor(() => out.includes('collected'), { timeoutMs: 10_000 })
   await sleep(1000)
   assert.equal(exited, false, 'the process exited while its registrar was running')

@@ -1,8 +1,9 @@
 // The streaming relay itself, seen from mcpd: chunk batching and seq, backpressure
 // toward a provider faster than mcpd, cancel and stop() mid-stream, broken stream()s.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
-import { startMcpd, startRegistrar, chatBody, sleep } from './helpers.mjs'
+import test from 'node:test'
+import { chatBody, sleep, startMcpd, startRegistrar } from './helpers.mjs'
 import { abortedAt } from './providers.mjs'
 
 /** The payloads of every accepted chunk POST of the task, in order. */
@@ -16,13 +17,16 @@ function assertSeqConsistent(posts) {
   }
 }
 
-const contentOf = (payloads) => payloads
-  .filter((payload) => payload !== '[DONE]')
-  .map((payload) => JSON.parse(payload))
-  .map((chunk) => chunk.choices?.[0]?.delta?.content ?? '')
-  .join('')
+const contentOf = (payloads) =>
+  payloads
+    .filter((payload) => payload !== '[DONE]')
+    .map((payload) => JSON.parse(payload))
+    .map((chunk) => chunk.choices?.[0]?.delta?.content ?? '')
+    .join('')
 
-const noComplete = async () => { throw new Error('complete() must not be called for a streaming task') }
+const noComplete = async () => {
+  throw new Error('complete() must not be called for a streaming task')
+}
 
 test('10,000 small chunks as fast as the provider can: all relayed in order, in far fewer POSTs', async (t) => {
   const mcpd = await startMcpd(t)
@@ -39,7 +43,9 @@ test('10,000 small chunks as fast as the provider can: all relayed in order, in 
   const outcome = await mcpd.outcome(taskId, { timeoutMs: 30_000 })
   const elapsed = performance.now() - started
   const posts = mcpd.chunkPosts(taskId)
-  t.diagnostic(`${count} chunks in ${posts.length} POSTs (largest ${Math.max(...posts.map((p) => p.chunks.length))} payloads) in ${elapsed.toFixed(0)} ms`)
+  t.diagnostic(
+    `${count} chunks in ${posts.length} POSTs (largest ${Math.max(...posts.map((p) => p.chunks.length))} payloads) in ${elapsed.toFixed(0)} ms`,
+  )
 
   await t.test('every chunk arrives once, in order, with consistent seq and one POST in flight at a time', () => {
     assert.equal(outcome.kind, 'stream')
@@ -94,7 +100,9 @@ test('backpressure: a provider faster than mcpd is held a bounded number of chun
   received = () => Math.max(0, postedPayloads(mcpd, taskId).length - 1)
   const outcome = await mcpd.outcome(taskId, { timeoutMs: 60_000 })
   const rssGrowthMb = (process.memoryUsage().rss - rssBefore) / 2 ** 20
-  t.diagnostic(`max lead ${maxLead} chunks (${((maxLead * chunkBytes) / 2 ** 20).toFixed(1)} MiB); RSS growth ${rssGrowthMb.toFixed(0)} MB`)
+  t.diagnostic(
+    `max lead ${maxLead} chunks (${((maxLead * chunkBytes) / 2 ** 20).toFixed(1)} MiB); RSS growth ${rssGrowthMb.toFixed(0)} MB`,
+  )
   assert.equal(produced, count)
   assert.ok(maxLead <= 600, `the provider ran ${maxLead} chunks ahead of mcpd`)
   assert.ok(rssGrowthMb < 300, `RSS grew ${rssGrowthMb.toFixed(0)} MB`)
@@ -104,7 +112,8 @@ test('backpressure: a provider faster than mcpd is held a bounded number of chun
   const contents = outcome.payloads.slice(1, -2).map((payload) => JSON.parse(payload).choices[0].delta.content)
   assert.equal(contents.length, count)
   contents.forEach((content, i) => {
-    if (content.length !== chunkBytes || parseInt(content.slice(0, 8), 36) !== i) assert.fail(`chunk ${i} is out of order or damaged`)
+    if (content.length !== chunkBytes || parseInt(content.slice(0, 8), 36) !== i)
+      assert.fail(`chunk ${i} is out of order or damaged`)
   })
   assertSeqConsistent(mcpd.chunkPosts(taskId))
   assert.deepEqual(mcpd.violations, [])
@@ -197,13 +206,27 @@ test('stop() mid-stream: an in-band unavailable error then [DONE]; stop() resolv
 test('a stream() that throws or returns no async iterable: 502 before any chunk', async (t) => {
   const mcpd = await startMcpd(t)
   let completeCalls = 0
-  const broken = (stream) => ({ complete: async () => { completeCalls++; return { content: 'fallback' } }, stream })
+  const broken = (stream) => ({
+    complete: async () => {
+      completeCalls++
+      return { content: 'fallback' }
+    },
+    stream,
+  })
   const providers = {
-    throwsSync: broken(() => { throw new TypeError('stream() exploded') }),
+    throwsSync: broken(() => {
+      throw new TypeError('stream() exploded')
+    }),
     returnsNull: broken(() => null),
     returnsPlainObject: broken(() => ({ chunks: ['not', 'iterable'] })),
     returnsPromise: broken(async () => [{ content: 'x' }]),
-    nextThrowsSync: broken(() => ({ [Symbol.asyncIterator]: () => ({ next() { throw new Error('next() exploded') } }) })),
+    nextThrowsSync: broken(() => ({
+      [Symbol.asyncIterator]: () => ({
+        next() {
+          throw new Error('next() exploded')
+        },
+      }),
+    })),
   }
   const { registrar } = await startRegistrar(t, mcpd, providers)
   for (const [name, pattern] of [

@@ -1,10 +1,20 @@
 // update(providers): a new set published without a restart (API.md; PROTOCOL.md
 // section 1, "Changing the set"), through the public API against the fake mcpd.
-import test from 'node:test'
+
 import assert from 'node:assert/strict'
+import test from 'node:test'
 import OpenAI from 'openai'
 import pino from 'pino'
-import { addon, startMcpd, startRegistrar, tempConfigDir, captureLogger, recordingProvider, chatBody, TOKEN } from './helpers.mjs'
+import {
+  addon,
+  captureLogger,
+  chatBody,
+  recordingProvider,
+  startMcpd,
+  startRegistrar,
+  TOKEN,
+  tempConfigDir,
+} from './helpers.mjs'
 
 const { VirtualLlmRegistrar, RegistrarError, maybeStartVirtualLlmRegistrar } = addon
 const skip = false
@@ -12,12 +22,16 @@ const skip = false
 const entry = (name, provider, extra = {}) => ({ name, type: 'test', model: `${name}-model`, provider, ...extra })
 const openai = (mcpd) => new OpenAI({ baseURL: `${mcpd.url}/v1`, apiKey: TOKEN, maxRetries: 0, timeout: 10000 })
 const modelIds = async (mcpd) => (await openai(mcpd).models.list()).data.map((m) => m.id).sort()
-async function llmStates (mcpd) {
-  const { llms } = await (await fetch(`${mcpd.url}/api/v1/llms`, { headers: { authorization: `Bearer ${TOKEN}` } })).json()
+async function llmStates(mcpd) {
+  const { llms } = await (
+    await fetch(`${mcpd.url}/api/v1/llms`, { headers: { authorization: `Bearer ${TOKEN}` } })
+  ).json()
   return Object.fromEntries(llms.map((l) => [l.name, l.status]))
 }
 
-test('update() adds a provider: same session id, the whole set registered, /v1/models shows it, tasks reach it', { skip }, async (t) => {
+test('update() adds a provider: same session id, the whole set registered, /v1/models shows it, tasks reach it', {
+  skip,
+}, async (t) => {
   const mcpd = await startMcpd(t)
   const first = recordingProvider(() => ({ content: 'from first' }))
   const { registrar } = await startRegistrar(t, mcpd, { first }, { heartbeatIntervalMs: 100 })
@@ -28,25 +42,44 @@ test('update() adds a provider: same session id, the whole set registered, /v1/m
   await registrar.update([entry('first', first), entry('second', second)])
   const last = mcpd.registrations.at(-1).body
   assert.equal(last.providerSessionId, id)
-  assert.deepEqual(last.providers.map((p) => p.name), ['first', 'second'])
+  assert.deepEqual(
+    last.providers.map((p) => p.name),
+    ['first', 'second'],
+  )
   assert.equal(registrar.status().providerSessionId, id)
   assert.deepEqual(registrar.status().providers, ['first', 'second'])
   assert.deepEqual(await modelIds(mcpd), ['first', 'second'])
 
-  const answer = await openai(mcpd).chat.completions.create({ model: 'second', messages: [{ role: 'user', content: 'hi' }] })
+  const answer = await openai(mcpd).chat.completions.create({
+    model: 'second',
+    messages: [{ role: 'user', content: 'hi' }],
+  })
   assert.equal(answer.choices[0].message.content, 'from second')
   assert.equal(second.calls[0].model, 'second-model')
   // The heartbeat reports the new set from then on.
-  await mcpd.waitFor(() => mcpd.heartbeats.some((h) => h.at > mcpd.registrations.at(-1).at && h.body.providers.length === 2))
+  await mcpd.waitFor(() =>
+    mcpd.heartbeats.some((h) => h.at > mcpd.registrations.at(-1).at && h.body.providers.length === 2),
+  )
   assert.equal(mcpd.connections.length, 1, 'the channel stayed open')
   assert.deepEqual(mcpd.violations, [])
 })
 
-test('update() removes a provider: its task in flight runs to its end; a later one is 404 model_not_found', { skip }, async (t) => {
+test('update() removes a provider: its task in flight runs to its end; a later one is 404 model_not_found', {
+  skip,
+}, async (t) => {
   const mcpd = await startMcpd(t)
   let release
-  const gate = new Promise((resolve) => { release = resolve })
-  const leaving = { calls: 0, async complete () { this.calls++; await gate; return { content: 'finished anyway' } } }
+  const gate = new Promise((resolve) => {
+    release = resolve
+  })
+  const leaving = {
+    calls: 0,
+    async complete() {
+      this.calls++
+      await gate
+      return { content: 'finished anyway' }
+    },
+  }
   const staying = recordingProvider(() => ({ content: 'still here' }))
   const { registrar } = await startRegistrar(t, mcpd, { leaving, staying }, { heartbeatIntervalMs: 100 })
   const id = registrar.status().providerSessionId
@@ -66,16 +99,27 @@ test('update() removes a provider: its task in flight runs to its end; a later o
   assert.equal(refused.status, 404)
   assert.equal(refused.body.error.code, 'model_not_found')
   assert.equal(leaving.calls, 1)
-  await assert.rejects(openai(mcpd).chat.completions.create({ model: 'leaving', messages: [{ role: 'user', content: 'hi' }] }), (error) => error.status === 404)
+  await assert.rejects(
+    openai(mcpd).chat.completions.create({ model: 'leaving', messages: [{ role: 'user', content: 'hi' }] }),
+    (error) => error.status === 404,
+  )
   assert.deepEqual(registrar.status().providers, ['staying'])
   // The heartbeat reports the new set: the name that left is gone from it.
-  await mcpd.waitFor(() => mcpd.heartbeats.at(-1)?.body.providers.map((p) => p.name).join() === 'staying')
+  await mcpd.waitFor(
+    () =>
+      mcpd.heartbeats
+        .at(-1)
+        ?.body.providers.map((p) => p.name)
+        .join() === 'staying',
+  )
   const status = registrar.status()
   assert.deepEqual([status.completed, status.failed, status.inFlight], [1, 1, 0])
   assert.deepEqual(mcpd.violations, [])
 })
 
-test('a failed update register is retried with backoff; the old set stays published until one succeeds', { skip }, async (t) => {
+test('a failed update register is retried with backoff; the old set stays published until one succeeds', {
+  skip,
+}, async (t) => {
   const mcpd = await startMcpd(t)
   const first = recordingProvider()
   const { registrar } = await startRegistrar(t, mcpd, { first })
@@ -84,7 +128,9 @@ test('a failed update register is retried with backoff; the old set stays publis
   mcpd.failNext('register', { status: 503, times: 2 })
   let settled = false
   const updating = registrar.update([entry('first', first), entry('second', recordingProvider())])
-  updating.finally(() => { settled = true })
+  updating.finally(() => {
+    settled = true
+  })
   await mcpd.waitFor(() => mcpd.registrations.length >= before + 2)
   // Meanwhile: the old set published and served, the failure reported, update() waiting.
   assert.deepEqual(await llmStates(mcpd), { first: 'active' })
@@ -92,13 +138,19 @@ test('a failed update register is retried with backoff; the old set stays publis
   assert.equal(registrar.status().state, 'connected')
   assert.match(registrar.status().lastError, /503/)
   assert.equal(settled, false)
-  const answer = await openai(mcpd).chat.completions.create({ model: 'first', messages: [{ role: 'user', content: 'hi' }] })
+  const answer = await openai(mcpd).chat.completions.create({
+    model: 'first',
+    messages: [{ role: 'user', content: 'hi' }],
+  })
   assert.equal(answer.choices[0].message.content, 'hello from the provider')
   await updating
   assert.equal(mcpd.registrations.length, before + 3)
   for (const { body } of mcpd.registrations.slice(before)) {
     assert.equal(body.providerSessionId, id)
-    assert.deepEqual(body.providers.map((p) => p.name), ['first', 'second'])
+    assert.deepEqual(
+      body.providers.map((p) => p.name),
+      ['first', 'second'],
+    )
   }
   assert.deepEqual(await llmStates(mcpd), { first: 'active', second: 'active' })
   assert.deepEqual(registrar.status().providers, ['first', 'second'])
@@ -144,7 +196,13 @@ test('update() before start() replaces the set that start() registers, and resol
   const configDir = await tempConfigDir(t)
   const replaced = recordingProvider(() => ({ content: 'replaced' }))
   const wanted = recordingProvider(() => ({ content: 'wanted' }))
-  const registrar = new VirtualLlmRegistrar({ mcpdUrl: mcpd.url, token: TOKEN, configDir, logger: captureLogger(), providers: [entry('replaced', replaced)] })
+  const registrar = new VirtualLlmRegistrar({
+    mcpdUrl: mcpd.url,
+    token: TOKEN,
+    configDir,
+    logger: captureLogger(),
+    providers: [entry('replaced', replaced)],
+  })
   t.after(() => registrar.stop())
   await registrar.update([entry('wanted', wanted)])
   assert.equal(mcpd.registrations.length, 0, 'nothing is sent before start()')
@@ -152,7 +210,10 @@ test('update() before start() replaces the set that start() registers, and resol
   assert.equal(registrar.status().state, 'idle')
   await registrar.start()
   assert.equal(mcpd.registrations.length, 1)
-  assert.deepEqual(mcpd.registrations[0].body.providers.map((p) => p.name), ['wanted'])
+  assert.deepEqual(
+    mcpd.registrations[0].body.providers.map((p) => p.name),
+    ['wanted'],
+  )
   const done = await mcpd.outcome(mcpd.sendTask({ provider: 'wanted', body: chatBody({ model: 'wanted' }) }))
   assert.equal(done.body.choices[0].message.content, 'wanted')
   assert.equal(replaced.calls.length, 0)
@@ -167,7 +228,10 @@ test('concurrent updates: the last set wins and every caller resolves', { skip }
   const second = registrar.update([entry('a', a), entry('c', recordingProvider())])
   await Promise.all([first, second])
   assert.deepEqual(registrar.status().providers, ['a', 'c'])
-  assert.deepEqual(mcpd.registrations.at(-1).body.providers.map((p) => p.name), ['a', 'c'])
+  assert.deepEqual(
+    mcpd.registrations.at(-1).body.providers.map((p) => p.name),
+    ['a', 'c'],
+  )
   const states = await llmStates(mcpd)
   assert.equal(states.a, 'active')
   assert.equal(states.c, 'active')
@@ -197,10 +261,20 @@ test('the boot hook returns the registrar, and update() on it publishes a new se
   const configDir = await tempConfigDir(t)
   const local = recordingProvider(() => ({ content: 'local' }))
   const extra = recordingProvider(() => ({ content: 'extra' }))
-  const registry = new Map([['local', local], ['extra', extra]])
+  const registry = new Map([
+    ['local', local],
+    ['extra', extra],
+  ])
   const registrar = await maybeStartVirtualLlmRegistrar({
-    providers: [{ name: 'local', type: 'ollama', publish: true }, { name: 'extra', type: 'ollama' }],
-    registry, mcpdUrl: mcpd.url, token: TOKEN, configDir, logger: captureLogger(),
+    providers: [
+      { name: 'local', type: 'ollama', publish: true },
+      { name: 'extra', type: 'ollama' },
+    ],
+    registry,
+    mcpdUrl: mcpd.url,
+    token: TOKEN,
+    configDir,
+    logger: captureLogger(),
   })
   assert.ok(registrar instanceof VirtualLlmRegistrar)
   t.after(() => registrar.stop())
@@ -210,11 +284,16 @@ test('the boot hook returns the registrar, and update() on it publishes a new se
     { name: 'extra', type: 'ollama', publish: true, provider: registry.get('extra') },
   ])
   assert.deepEqual(await modelIds(mcpd), ['extra', 'local'])
-  const answer = await openai(mcpd).chat.completions.create({ model: 'extra', messages: [{ role: 'user', content: 'hi' }] })
+  const answer = await openai(mcpd).chat.completions.create({
+    model: 'extra',
+    messages: [{ role: 'user', content: 'hi' }],
+  })
   assert.equal(answer.choices[0].message.content, 'extra')
 })
 
-test('a pino logger at info sees the state changes, the set change, and each task with provider, status and durationMs', { skip }, async (t) => {
+test('a pino logger at info sees the state changes, the set change, and each task with provider, status and durationMs', {
+  skip,
+}, async (t) => {
   const mcpd = await startMcpd(t)
   const lines = []
   let buffer = ''
@@ -229,11 +308,21 @@ test('a pino logger at info sees the state changes, the set change, and each tas
   }
   const previous = process.env.MCPCTL_LOG
   delete process.env.MCPCTL_LOG
-  t.after(() => { if (previous !== undefined) process.env.MCPCTL_LOG = previous })
+  t.after(() => {
+    if (previous !== undefined) process.env.MCPCTL_LOG = previous
+  })
   const logger = pino({ level: 'info' }, stream)
   const first = recordingProvider()
   const { registrar } = await startRegistrar(t, mcpd, { first }, { logger })
-  await registrar.update([entry('first', first), entry('second', recordingProvider(() => { throw new Error('backend down') }))])
+  await registrar.update([
+    entry('first', first),
+    entry(
+      'second',
+      recordingProvider(() => {
+        throw new Error('backend down')
+      }),
+    ),
+  ])
   const ok = mcpd.sendTask({ provider: 'first', body: chatBody({ model: 'first' }) })
   const failed = mcpd.sendTask({ provider: 'second', body: chatBody({ model: 'second' }) })
   assert.equal((await mcpd.outcome(ok)).status, 200)
@@ -248,7 +337,10 @@ test('a pino logger at info sees the state changes, the set change, and each tas
   assert.equal(stopped?.level, 30)
   const changed = lines.find((line) => line.msg === 'published set changed')
   assert.equal(changed?.providers, 'first, second')
-  for (const [taskId, provider, status] of [[ok, 'first', 200], [failed, 'second', 502]]) {
+  for (const [taskId, provider, status] of [
+    [ok, 'first', 200],
+    [failed, 'second', 502],
+  ]) {
     const answered = lines.find((line) => line.msg === 'task answered' && line.taskId === taskId)
     assert.ok(answered, `no 'task answered' line for ${taskId}`)
     assert.equal(answered.level, 30)

@@ -21,10 +21,10 @@ const USAGE = `usage: mcpctl-registrar-dev-mcpd [options]
 Point a registrar at the printed URL with the printed token, then use any OpenAI client
 with baseURL <url>/v1 and apiKey <token>.`
 
-function main () {
+function main() {
   let values
   try {
-    ({ values } = parseArgs({
+    ;({ values } = parseArgs({
       options: {
         host: { type: 'string', default: '127.0.0.1' },
         port: { type: 'string', default: '0' },
@@ -33,9 +33,9 @@ function main () {
         'heartbeat-interval': { type: 'string' },
         'task-timeout': { type: 'string', default: '120000' },
         quiet: { type: 'boolean', default: false },
-        help: { type: 'boolean', short: 'h', default: false }
+        help: { type: 'boolean', short: 'h', default: false },
       },
-      strict: true
+      strict: true,
     }))
   } catch (error) {
     process.stderr.write(`${error.message}\n\n${USAGE}\n`)
@@ -49,7 +49,10 @@ function main () {
 
   const port = wholeNumber(values.port, '--port')
   const taskTimeoutMs = wholeNumber(values['task-timeout'], '--task-timeout')
-  const heartbeatIntervalMs = values['heartbeat-interval'] === undefined ? undefined : wholeNumber(values['heartbeat-interval'], '--heartbeat-interval')
+  const heartbeatIntervalMs =
+    values['heartbeat-interval'] === undefined
+      ? undefined
+      : wholeNumber(values['heartbeat-interval'], '--heartbeat-interval')
   if ([port, taskTimeoutMs, heartbeatIntervalMs].includes(null)) {
     process.exitCode = 2
     return
@@ -64,7 +67,7 @@ function main () {
     pathPrefix: values.prefix,
     heartbeatIntervalMs,
     taskTimeoutMs,
-    log: values.quiet ? undefined : (line) => process.stderr.write(`[dev mcpd] ${line}\n`)
+    log: values.quiet ? undefined : (line) => process.stderr.write(`[dev mcpd] ${line}\n`),
   })
 
   let stopping = false
@@ -75,28 +78,34 @@ function main () {
     }
     stopping = true
     if (!values.quiet) process.stderr.write(`[dev mcpd] ${signal}: shutting down\n`)
-    mcpd.close().then(() => {
-      process.off('SIGINT', stop)
-      process.off('SIGTERM', stop)
-    }, (error) => {
-      process.stderr.write(`[dev mcpd] close failed: ${error.message}\n`)
-      process.exit(1)
-    })
+    mcpd.close().then(
+      () => {
+        process.off('SIGINT', stop)
+        process.off('SIGTERM', stop)
+      },
+      (error) => {
+        process.stderr.write(`[dev mcpd] close failed: ${error.message}\n`)
+        process.exit(1)
+      },
+    )
   }
   process.on('SIGINT', stop)
   process.on('SIGTERM', stop)
 
-  mcpd.listen().then((url) => {
-    process.stdout.write(`dev mcpd listening on ${url} (token: ${token})\n`)
-  }, (error) => {
-    process.stderr.write(`dev mcpd: cannot listen on ${values.host}:${port}: ${error.message}\n`)
-    process.off('SIGINT', stop)
-    process.off('SIGTERM', stop)
-    process.exitCode = 1
-  })
+  mcpd.listen().then(
+    (url) => {
+      process.stdout.write(`dev mcpd listening on ${url} (token: ${token})\n`)
+    },
+    (error) => {
+      process.stderr.write(`dev mcpd: cannot listen on ${values.host}:${port}: ${error.message}\n`)
+      process.off('SIGINT', stop)
+      process.off('SIGTERM', stop)
+      process.exitCode = 1
+    },
+  )
 }
 
-function wholeNumber (text, flag) {
+function wholeNumber(text, flag) {
   const n = Number(text)
   if (!Number.isInteger(n) || n < 0) {
     process.stderr.write(`${flag} must be a whole number, got ${text}\n`)

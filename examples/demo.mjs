@@ -1,12 +1,12 @@
 #!/usr/bin/env node
+import { randomBytes } from 'node:crypto'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { createRequire } from 'node:module'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 // `npm run demo`: a dev mcpd, a registrar booted the way mcplocal boots it, and the official
 // openai client talking to the published model through mcpd, end to end, on loopback only.
 import { parseArgs } from 'node:util'
-import { createRequire } from 'node:module'
-import { randomBytes } from 'node:crypto'
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import OpenAI from 'openai'
 import { createDemoProvider, createUpstreamProvider, firstUpstreamModel } from './providers.mjs'
 
@@ -44,7 +44,8 @@ async function main() {
     strict: true,
   }).values
   if (args.help) return say(USAGE)
-  if ((args.model || args['api-key']) && !args.upstream) throw new DemoError('--model and --api-key go with --upstream <url>')
+  if ((args.model || args['api-key']) && !args.upstream)
+    throw new DemoError('--model and --api-key go with --upstream <url>')
 
   const { maybeStartVirtualLlmRegistrar } = require('../index.js')
   const { FakeMcpd } = require('../testing/index.js')
@@ -89,9 +90,20 @@ async function main() {
     let provider
     if (args.upstream) {
       const upstream = args.upstream.replace(/\/+$/, '')
-      const model = args.model ?? (await firstUpstreamModel(upstream, { apiKey: args['api-key'], signal: interrupt.signal })
-        .catch((error) => { throw new DemoError(`cannot list the models of ${upstream} (${describe(error)}); is it running? pass --model to skip this`) }))
-      entry = { name: 'upstream-llm', type: 'openai-compatible', model, publish: true, description: `${model} at ${upstream}` }
+      const model =
+        args.model ??
+        (await firstUpstreamModel(upstream, { apiKey: args['api-key'], signal: interrupt.signal }).catch((error) => {
+          throw new DemoError(
+            `cannot list the models of ${upstream} (${describe(error)}); is it running? pass --model to skip this`,
+          )
+        }))
+      entry = {
+        name: 'upstream-llm',
+        type: 'openai-compatible',
+        model,
+        publish: true,
+        description: `${model} at ${upstream}`,
+      }
       provider = createUpstreamProvider({ baseURL: upstream, model, apiKey: args['api-key'], ...providerHooks })
       say(`  upstream     ${upstream}, model ${model}`)
     } else {
@@ -119,12 +131,21 @@ async function main() {
     }
     await mcpd.waitFor(bothConnected, { timeoutMs: 10_000 }).catch(() => {
       const status = registrar.status()
-      throw new DemoError(`the registrar did not connect within 10 s (state ${status.state}, last error: ${status.lastError ?? 'none'})`)
+      throw new DemoError(
+        `the registrar did not connect within 10 s (state ${status.state}, last error: ${status.lastError ?? 'none'})`,
+      )
     })
     const status = registrar.status()
-    say(`  registrar    ${status.state}, session ${status.providerSessionId}, publishing ${entry.name} (type ${entry.type}, model ${entry.model})`)
+    say(
+      `  registrar    ${status.state}, session ${status.providerSessionId}, publishing ${entry.name} (type ${entry.type}, model ${entry.model})`,
+    )
 
-    const client = new OpenAI({ baseURL: `${mcpdUrl}/v1`, apiKey: token, maxRetries: 0, timeout: taskTimeoutMs + 5_000 })
+    const client = new OpenAI({
+      baseURL: `${mcpdUrl}/v1`,
+      apiKey: token,
+      maxRetries: 0,
+      timeout: taskTimeoutMs + 5_000,
+    })
     say(`  openai       new OpenAI({ baseURL: '${mcpdUrl}/v1', apiKey: <token> })`)
     const model = entry.name
     const requestOptions = { signal: interrupt.signal }
@@ -138,7 +159,7 @@ async function main() {
     // Step 2: one answer, all at once.
     header(2, 'client.chat.completions.create(...), non-streaming')
     say(`  you: ${PROMPTS.ask}`)
-    let started = performance.now()
+    const started = performance.now()
     const completion = await client.chat.completions.create(
       { model, messages: [{ role: 'user', content: PROMPTS.ask }], max_tokens: 200 },
       requestOptions,
@@ -147,14 +168,22 @@ async function main() {
     if (!answer) throw new DemoError('the non-streaming answer is empty')
     say(`  ${model}: ${answer}`)
     const usage = completion.usage
-    say(`  (finish_reason ${completion.choices[0].finish_reason}, usage ${usage?.prompt_tokens} prompt + ${usage?.completion_tokens} completion = ${usage?.total_tokens} tokens, ${seconds(started)})`)
+    say(
+      `  (finish_reason ${completion.choices[0].finish_reason}, usage ${usage?.prompt_tokens} prompt + ${usage?.completion_tokens} completion = ${usage?.total_tokens} tokens, ${seconds(started)})`,
+    )
 
     // Step 3: the same path, token by token. Nothing but the tokens is printed while they arrive.
     header(3, 'client.chat.completions.create({ stream: true }), tokens printed as they arrive')
     say(`  you: ${PROMPTS.stream}`)
     process.stdout.write(`  ${model}: `)
     const stream = await client.chat.completions.create(
-      { model, messages: [{ role: 'user', content: PROMPTS.stream }], max_tokens: 200, stream: true, stream_options: { include_usage: true } },
+      {
+        model,
+        messages: [{ role: 'user', content: PROMPTS.stream }],
+        max_tokens: 200,
+        stream: true,
+        stream_options: { include_usage: true },
+      },
       requestOptions,
     )
     let streamed = ''
@@ -177,7 +206,9 @@ async function main() {
     // Step 4: abort a long stream from the client; mcpd cancels the task and the provider's signal fires.
     header(4, `cancelling a long stream after ${CANCEL_AFTER_TOKENS} tokens`)
     say(`  you: ${PROMPTS.count}`)
-    const sawAbort = new Promise((resolve) => { providerAborted = resolve })
+    const sawAbort = new Promise((resolve) => {
+      providerAborted = resolve
+    })
     const long = await client.chat.completions.create(
       { model, messages: [{ role: 'user', content: PROMPTS.count }], stream: true },
       requestOptions,
@@ -200,24 +231,36 @@ async function main() {
 
     // Step 5: a second provider, published without a restart, as mcplocal does when its config
     // file gains a `publish: true` entry: the whole new set goes to update().
-    const second = { name: 'demo-llm-2', type: 'demo', model: 'demo-2', publish: true, description: 'published by update()' }
+    const second = {
+      name: 'demo-llm-2',
+      type: 'demo',
+      model: 'demo-2',
+      publish: true,
+      description: 'published by update()',
+    }
     header(5, `registrar.update([...]): publishing ${second.name} too, no restart`)
     registry.set(second.name, createDemoProvider({ tokenDelayMs: 40, ...providerHooks }))
     config.push(second)
     const sessionBefore = registrar.status().providerSessionId
-    await registrar.update(config.filter((e) => e.publish && registry.has(e.name)).map((e) => ({ ...e, provider: registry.get(e.name) })))
+    await registrar.update(
+      config.filter((e) => e.publish && registry.has(e.name)).map((e) => ({ ...e, provider: registry.get(e.name) })),
+    )
     const updated = registrar.status()
     if (updated.providerSessionId !== sessionBefore) throw new DemoError('update() changed the session id')
-    say(`  registrar    ${updated.state}, same session ${updated.providerSessionId}, publishing ${updated.providers.join(', ')}`)
+    say(
+      `  registrar    ${updated.state}, same session ${updated.providerSessionId}, publishing ${updated.providers.join(', ')}`,
+    )
     say('  client.models.list():')
     const after = (await client.models.list(requestOptions)).data
     for (const m of after) say(`  ${m.id}  (owned by ${m.owned_by})`)
-    if (!after.some((m) => m.id === second.name)) throw new DemoError(`${second.name} is not in the model list after update()`)
+    if (!after.some((m) => m.id === second.name))
+      throw new DemoError(`${second.name} is not in the model list after update()`)
 
     // Step 6: everything down, and the dev mcpd saw no protocol violation on the way.
     header(6, 'shutting down')
     await runCleanup(cleanup, { verbose: true, registrar })
-    if (mcpd.violations.length > 0) throw new DemoError(`the dev mcpd recorded protocol violations:\n  ${mcpd.violations.join('\n  ')}`)
+    if (mcpd.violations.length > 0)
+      throw new DemoError(`the dev mcpd recorded protocol violations:\n  ${mcpd.violations.join('\n  ')}`)
     say('\ndemo finished: all steps passed')
   } catch (error) {
     await runCleanup(cleanup, { verbose: false })
@@ -250,7 +293,12 @@ function registrarLogger(verbose) {
     process.stderr.write(`[registrar ${level}] ${msg}${extra}\n`)
   }
   const quiet = () => {}
-  return { debug: verbose ? line('debug') : quiet, info: verbose ? line('info') : quiet, warn: line('warn'), error: line('error') }
+  return {
+    debug: verbose ? line('debug') : quiet,
+    info: verbose ? line('info') : quiet,
+    warn: line('warn'),
+    error: line('error'),
+  }
 }
 
 class DemoError extends Error {
@@ -262,7 +310,9 @@ class DemoError extends Error {
 
 function withTimeout(promise, ms, message) {
   let timer
-  const timeout = new Promise((_, reject) => { timer = setTimeout(() => reject(new DemoError(message)), ms) })
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new DemoError(message)), ms)
+  })
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
 }
 
@@ -276,7 +326,8 @@ function describe(error) {
 
 main().catch((error) => {
   process.stderr.write(`\ndemo failed: ${describe(error)}\n`)
-  const expected = error instanceof DemoError || error instanceof OpenAI.APIError || String(error?.code).startsWith('ERR_PARSE_ARGS')
+  const expected =
+    error instanceof DemoError || error instanceof OpenAI.APIError || String(error?.code).startsWith('ERR_PARSE_ARGS')
   // A bug in the demo itself deserves its stack; a refused request or a bad flag does not.
   if (!expected) process.stderr.write(`${error?.stack ?? ''}\n`)
   if (String(error?.code).startsWith('ERR_PARSE_ARGS')) process.stderr.write(`\n${USAGE}\n`)

@@ -3,8 +3,10 @@
 
 /** The demo model's canned answers, so a reader (and the demo's test) knows what to expect. */
 export const DEMO_REPLIES = Object.freeze({
-  hello: 'Hello! I am demo-llm, a deterministic demo model running inside this process, published to mcpd by the registrar.',
-  relay: 'Your request went to the dev mcpd, which sent it to the registrar over an SSE channel; the registrar called my stream() and posted each token back, and mcpd streamed it to you.',
+  hello:
+    'Hello! I am demo-llm, a deterministic demo model running inside this process, published to mcpd by the registrar.',
+  relay:
+    'Your request went to the dev mcpd, which sent it to the registrar over an SSE channel; the registrar called my stream() and posted each token back, and mcpd streamed it to you.',
 })
 
 /** `'1 2 3 … n'`, the answer to "count from 1 to n". */
@@ -72,7 +74,14 @@ export function createDemoProvider({ tokenDelayMs = 40, log = console.log, onAbo
  * are set here), `options.signal` aborts the upstream call, and the answer is mapped back
  * to a CompletionResult or CompletionChunks.
  */
-export function createUpstreamProvider({ baseURL, model, apiKey, log = console.log, onAbort, fetch = globalThis.fetch } = {}) {
+export function createUpstreamProvider({
+  baseURL,
+  model,
+  apiKey,
+  log = console.log,
+  onAbort,
+  fetch = globalThis.fetch,
+} = {}) {
   if (!baseURL) throw new TypeError('createUpstreamProvider: baseURL is required')
   if (!model) throw new TypeError('createUpstreamProvider: model is required')
   const endpoint = `${baseURL.replace(/\/+$/, '')}/chat/completions`
@@ -272,7 +281,11 @@ function usageOf(promptTokens, completionTokens, totalTokens = promptTokens + co
 
 function textOf(content) {
   if (typeof content === 'string') return content
-  if (Array.isArray(content)) return content.filter((part) => part?.type === 'text').map((part) => part.text).join('')
+  if (Array.isArray(content))
+    return content
+      .filter((part) => part?.type === 'text')
+      .map((part) => part.text)
+      .join('')
   return ''
 }
 

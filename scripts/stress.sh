@@ -16,9 +16,10 @@ stop_hogs() {
 trap stop_hogs EXIT
 trap 'exit 130' INT TERM
 
-echo "building (Rust tests and the debug addon) before loading the cores"
-cargo test --no-run --quiet || exit 1
-npm run --silent build:debug >/dev/null || exit 1
+# The same --target as npm test (scripts/test.mjs), so nothing is compiled twice.
+host="$(rustc -vV | sed -n 's/^host: //p')"
+echo "building (the debug addon and the Rust tests) before loading the cores"
+node scripts/test.mjs rust >"$logs/build.log" 2>&1 || { echo "build or first Rust run failed: $logs/build.log"; exit 1; }
 
 cores="$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc 2>/dev/null || echo 2)"
 for _ in $(seq "$cores"); do
@@ -31,7 +32,7 @@ passed=0
 failed=0
 for round in $(seq "$rounds"); do
   ok=1
-  if ! cargo test --quiet >"$logs/rust-$round.log" 2>&1; then
+  if ! cargo test --quiet --target "$host" >"$logs/rust-$round.log" 2>&1; then
     ok=0
     echo "round $round: Rust suite FAILED (see $logs/rust-$round.log)"
   fi

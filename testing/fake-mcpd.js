@@ -48,7 +48,7 @@ class FakeMcpd {
   #sleeps = new Set()
   #outcomeWaiters = new Set()
 
-  constructor (options = {}) {
+  constructor(options = {}) {
     const {
       token = 'test-token',
       pathPrefix = '',
@@ -58,7 +58,7 @@ class FakeMcpd {
       host = '127.0.0.1',
       port = 0,
       sessionIdFactory = undefined,
-      log = undefined
+      log = undefined,
     } = options
     this.#token = token
     this.#prefix = normalizePrefix(pathPrefix)
@@ -68,22 +68,26 @@ class FakeMcpd {
     this.#port = port
     this.#newSessionId = sessionIdFactory ?? (() => `ps-${randomUUID()}`)
     this.#log = typeof log === 'function' ? log : () => {}
-    this.#front = new OpenAiFront({
-      listLlms: () => this.#listLlms(),
-      pickSession: (model) => this.#pickSession(model),
-      sendTask: (task) => this.sendTask(task),
-      cancel: (taskId) => this.cancel(taskId),
-      watchTask: (taskId, observer) => this.#watchTask(taskId, observer)
-    }, { taskTimeoutMs })
+    this.#front = new OpenAiFront(
+      {
+        listLlms: () => this.#listLlms(),
+        pickSession: (model) => this.#pickSession(model),
+        sendTask: (task) => this.sendTask(task),
+        cancel: (taskId) => this.cancel(taskId),
+        watchTask: (taskId, observer) => this.#watchTask(taskId, observer),
+      },
+      { taskTimeoutMs },
+    )
   }
 
-  listen () {
+  listen() {
     if (this.#closed) return Promise.reject(new Error('FakeMcpd: listen() after close()'))
     if (this.#listenPromise) return this.#listenPromise
     this.#server = http.createServer((req, res) => {
       this.#handle(req, res).catch((error) => {
         this.#log(`internal error: ${error.stack}`)
-        if (!res.headersSent) sendJson(res, 500, { error: { message: `fake mcpd bug: ${error.message}`, type: 'server_error' } })
+        if (!res.headersSent)
+          sendJson(res, 500, { error: { message: `fake mcpd bug: ${error.message}`, type: 'server_error' } })
         else res.destroy()
       })
     })
@@ -104,7 +108,7 @@ class FakeMcpd {
     return this.#listenPromise
   }
 
-  close () {
+  close() {
     if (this.#closePromise) return this.#closePromise
     this.#closed = true
     this.#closePromise = (async () => {
@@ -135,26 +139,28 @@ class FakeMcpd {
 
   // --- scripting -----------------------------------------------------------
 
-  failNext (route, { status, body, times = 1, delayMs = 0, destroy = false, handle = false } = {}) {
+  failNext(route, { status, body, times = 1, delayMs = 0, destroy = false, handle = false } = {}) {
     checkRoute(route)
     if (!destroy && !(Number.isInteger(status) && status >= 100 && status <= 599)) {
       throw new TypeError(`failNext: status must be an HTTP status, got ${status}`)
     }
     if (!(Number.isInteger(times) && times >= 1)) throw new TypeError('failNext: times must be a positive integer')
-    this.#failures.get(route).push({ status, body, left: times, delayMs, destroy, handle: handle && route !== 'stream' })
+    this.#failures
+      .get(route)
+      .push({ status, body, left: times, delayMs, destroy, handle: handle && route !== 'stream' })
   }
 
-  delay (route, ms) {
+  delay(route, ms) {
     checkRoute(route)
     this.#delays.set(route, Math.max(0, Number(ms) || 0))
   }
 
-  forgetSession (id) {
+  forgetSession(id) {
     this.sessions.delete(id)
     this.#retired.delete(id)
   }
 
-  dropStreams () {
+  dropStreams() {
     for (const stream of [...this.#streams]) {
       this.#closeStream(stream)
       stream.res.destroy()
@@ -162,22 +168,24 @@ class FakeMcpd {
   }
 
   /** Writes one event to every open registrar stream; returns how many got it. */
-  sendEvent (event, data, { id } = {}) {
+  sendEvent(event, data, { id } = {}) {
     return this.#broadcast(sseFrame(event, data, id))
   }
 
-  sendRaw (bytes) {
+  sendRaw(bytes) {
     return this.#broadcast(bytes)
   }
 
-  sendTask ({ provider, body, stream, taskId, eventId, sessionId } = {}) {
+  sendTask({ provider, body, stream, taskId, eventId, sessionId } = {}) {
     if (typeof provider !== 'string') throw new TypeError('sendTask: provider must be a string')
     if (!isObject(body)) throw new TypeError('sendTask: body must be an object')
     const target = this.#streamFor(sessionId, provider)
     if (!target) {
-      throw new Error(sessionId === undefined
-        ? 'sendTask: no registrar session has an open stream'
-        : `sendTask: session ${sessionId} has no open stream`)
+      throw new Error(
+        sessionId === undefined
+          ? 'sendTask: no registrar session has an open stream'
+          : `sendTask: session ${sessionId} has no open stream`,
+      )
     }
     const id = taskId ?? this.#nextTaskId()
     const isStream = stream ?? body.stream === true
@@ -192,7 +200,7 @@ class FakeMcpd {
     return id
   }
 
-  cancel (taskId) {
+  cancel(taskId) {
     const task = this.#tasks.get(taskId)
     if (task && !task.outcome) {
       task.cancelled = true
@@ -206,7 +214,7 @@ class FakeMcpd {
     this.#log(`task ${taskId} cancelled`)
   }
 
-  outcome (taskId, { timeoutMs = 10000 } = {}) {
+  outcome(taskId, { timeoutMs = 10000 } = {}) {
     const task = this.#tasks.get(taskId)
     if (task?.outcome) return Promise.resolve(task.outcome)
     if (this.#closed) return Promise.reject(new Error(`outcome(${taskId}): FakeMcpd is closed`))
@@ -214,12 +222,22 @@ class FakeMcpd {
     const promise = new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#outcomeWaiters.delete(waiter)
-        reject(new Error(`outcome(${taskId}): the task did not end within ${timeoutMs} ms (${this.#describeTask(taskId)})`))
+        reject(
+          new Error(`outcome(${taskId}): the task did not end within ${timeoutMs} ms (${this.#describeTask(taskId)})`),
+        )
       }, timeoutMs)
       waiter = {
         taskId,
-        done: (outcome) => { clearTimeout(timer); this.#outcomeWaiters.delete(waiter); resolve(outcome) },
-        fail: (error) => { clearTimeout(timer); this.#outcomeWaiters.delete(waiter); reject(error) }
+        done: (outcome) => {
+          clearTimeout(timer)
+          this.#outcomeWaiters.delete(waiter)
+          resolve(outcome)
+        },
+        fail: (error) => {
+          clearTimeout(timer)
+          this.#outcomeWaiters.delete(waiter)
+          reject(error)
+        },
       }
       this.#outcomeWaiters.add(waiter)
     })
@@ -228,11 +246,11 @@ class FakeMcpd {
     return promise
   }
 
-  chunkPosts (taskId) {
+  chunkPosts(taskId) {
     return (this.#tasks.get(taskId)?.chunkPosts ?? []).map((post) => ({ ...post, chunks: [...post.chunks] }))
   }
 
-  async waitFor (predicate, { timeoutMs = 5000, intervalMs = 10 } = {}) {
+  async waitFor(predicate, { timeoutMs = 5000, intervalMs = 10 } = {}) {
     const deadline = Date.now() + timeoutMs
     let lastError = null
     for (;;) {
@@ -254,7 +272,7 @@ class FakeMcpd {
 
   // --- request dispatch ----------------------------------------------------
 
-  async #handle (req, res) {
+  async #handle(req, res) {
     // A client that vanished mid-answer is its business, not an uncaught error here.
     res.on('error', () => {})
     const url = new URL(req.url, 'http://fake-mcpd.invalid')
@@ -265,14 +283,19 @@ class FakeMcpd {
       query: Object.fromEntries(url.searchParams),
       headers: { ...req.headers },
       body: '',
-      at: Date.now()
+      at: Date.now(),
     }
     this.requests.push(record)
 
     if (!this.#authorized(req)) {
       record.body = parseMaybeJson((await readBody(req).catch(() => Buffer.alloc(0))).toString('utf8'))
       return sendJson(res, 401, {
-        error: { message: 'Incorrect or missing bearer token', type: 'authentication_error', param: null, code: 'invalid_api_key' }
+        error: {
+          message: 'Incorrect or missing bearer token',
+          type: 'authentication_error',
+          param: null,
+          code: 'invalid_api_key',
+        },
       })
     }
     if (path === null) {
@@ -284,7 +307,9 @@ class FakeMcpd {
     if (route && req.method !== route.method) {
       await drain(req)
       res.setHeader('allow', route.method)
-      return sendJson(res, 405, { error: { message: `use ${route.method}`, type: 'invalid_request_error', code: 'method_not_allowed' } })
+      return sendJson(res, 405, {
+        error: { message: `use ${route.method}`, type: 'invalid_request_error', code: 'method_not_allowed' },
+      })
     }
 
     // Marked on arrival, before the body is read, so an overlapping POST is seen however slow the first is.
@@ -297,7 +322,12 @@ class FakeMcpd {
         }
         chunkTask.chunkPostsInFlight++
         let answered = false
-        const settle = () => { if (!answered) { answered = true; chunkTask.chunkPostsInFlight-- } }
+        const settle = () => {
+          if (!answered) {
+            answered = true
+            chunkTask.chunkPostsInFlight--
+          }
+        }
         res.once('finish', settle)
         res.once('close', settle)
       }
@@ -320,16 +350,21 @@ class FakeMcpd {
     const ctx = { req, res, route, record, raw, body: record.body, failure: this.#takeFailure(route.name) }
     if (req.method === 'POST') this.#checkJsonBody(ctx)
     switch (route.name) {
-      case 'register': return this.#register(ctx)
-      case 'stream': return this.#openStream(ctx)
-      case 'heartbeat': return this.#heartbeat(ctx)
-      case 'result': return this.#result(ctx)
-      case 'chunks': return this.#chunks(ctx, chunkTask)
+      case 'register':
+        return this.#register(ctx)
+      case 'stream':
+        return this.#openStream(ctx)
+      case 'heartbeat':
+        return this.#heartbeat(ctx)
+      case 'result':
+        return this.#result(ctx)
+      case 'chunks':
+        return this.#chunks(ctx, chunkTask)
     }
   }
 
   /** Answers after the route's latency; a scripted failure replaces `answer`. */
-  async #reply (ctx, status, body) {
+  async #reply(ctx, status, body) {
     const { res, route, failure } = ctx
     const ms = (this.#delays.get(route.name) ?? 0) + (failure?.delayMs ?? 0)
     if (ms > 0) await this.#sleep(ms)
@@ -339,7 +374,7 @@ class FakeMcpd {
     sendJson(res, status, body)
   }
 
-  #register (ctx) {
+  #register(ctx) {
     const { body, req } = ctx
     this.registrations.push({ headers: ctx.record.headers, body, at: ctx.record.at })
     const problem = registerProblem(body)
@@ -352,7 +387,9 @@ class FakeMcpd {
     }
     const header = req.headers['x-mcpctl-provider-session']
     if (header !== undefined && body.providerSessionId !== undefined && header !== body.providerSessionId) {
-      this.#violate(`register: x-mcpctl-provider-session ${header} differs from providerSessionId ${body.providerSessionId}`)
+      this.#violate(
+        `register: x-mcpctl-provider-session ${header} differs from providerSessionId ${body.providerSessionId}`,
+      )
     }
     if (ctx.failure && !ctx.failure.handle) return this.#reply(ctx)
 
@@ -365,10 +402,14 @@ class FakeMcpd {
     const names = new Set(body.providers.map((p) => p.name))
     const leaving = session.providers.filter((p) => !names.has(p.name))
     const joining = body.providers.filter((p) => !session.providers.some((old) => old.name === p.name))
-    const retired = (this.#retired.get(id) ?? []).filter((p) => !names.has(p.name) && !leaving.some((left) => left.name === p.name))
+    const retired = (this.#retired.get(id) ?? []).filter(
+      (p) => !names.has(p.name) && !leaving.some((left) => left.name === p.name),
+    )
     this.#retired.set(id, [...retired, ...leaving])
     if (kept && (leaving.length > 0 || joining.length > 0)) {
-      this.#log(`session ${id} changed its set: ${[...joining.map((p) => `+${p.name}`), ...leaving.map((p) => `-${p.name}`)].join(' ')}`)
+      this.#log(
+        `session ${id} changed its set: ${[...joining.map((p) => `+${p.name}`), ...leaving.map((p) => `-${p.name}`)].join(' ')}`,
+      )
     }
     session.providers = body.providers
     session.connected = this.#openStreamsOf(id).length > 0
@@ -377,16 +418,18 @@ class FakeMcpd {
     for (const provider of body.providers) {
       if (!this.#firstPublished.has(provider.name)) this.#firstPublished.set(provider.name, now)
     }
-    this.#log(`register ${body.client.name}@${body.client.version}: session ${id} (${kept ? 'kept' : 'new'}), providers ${body.providers.map((p) => p.name).join(', ')}`)
+    this.#log(
+      `register ${body.client.name}@${body.client.version}: session ${id} (${kept ? 'kept' : 'new'}), providers ${body.providers.map((p) => p.name).join(', ')}`,
+    )
     const answer = {
       providerSessionId: id,
-      llms: body.providers.map((p) => ({ name: p.name, kind: 'virtual', status: 'active' }))
+      llms: body.providers.map((p) => ({ name: p.name, kind: 'virtual', status: 'active' })),
     }
     if (this.#heartbeatIntervalMs !== undefined) answer.heartbeatIntervalMs = this.#heartbeatIntervalMs
     return this.#reply(ctx, kept ? 200 : 201, answer)
   }
 
-  async #openStream (ctx) {
+  async #openStream(ctx) {
     const { req, res, failure } = ctx
     const id = ctx.record.query.providerSessionId ?? null
     const connection = {
@@ -395,7 +438,7 @@ class FakeMcpd {
       lastEventId: req.headers['last-event-id'] ?? null,
       status: 0,
       openedAt: ctx.record.at,
-      closedAt: null
+      closedAt: null,
     }
     this.connections.push(connection)
     if (!/\btext\/event-stream\b/i.test(req.headers.accept ?? '')) {
@@ -403,7 +446,8 @@ class FakeMcpd {
     }
     const header = req.headers['x-mcpctl-provider-session']
     if (header === undefined) this.#violate('stream connect without x-mcpctl-provider-session header')
-    else if (header !== id) this.#violate(`stream connect: x-mcpctl-provider-session ${header} differs from the query's ${id}`)
+    else if (header !== id)
+      this.#violate(`stream connect: x-mcpctl-provider-session ${header} differs from the query's ${id}`)
 
     const ms = (this.#delays.get('stream') ?? 0) + (failure?.delayMs ?? 0)
     if (ms > 0) await this.#sleep(ms)
@@ -424,7 +468,7 @@ class FakeMcpd {
     res.writeHead(200, {
       'content-type': 'text/event-stream',
       'cache-control': 'no-cache',
-      connection: 'keep-alive'
+      connection: 'keep-alive',
     })
     res.flushHeaders()
     req.socket.setNoDelay(true)
@@ -439,7 +483,7 @@ class FakeMcpd {
     this.#log(`session ${id} connected${connection.lastEventId ? ` (Last-Event-ID ${connection.lastEventId})` : ''}`)
   }
 
-  #heartbeat (ctx) {
+  #heartbeat(ctx) {
     const { body, req } = ctx
     this.heartbeats.push({ headers: ctx.record.headers, body, at: ctx.record.at })
     const header = req.headers['x-mcpctl-provider-session']
@@ -453,7 +497,9 @@ class FakeMcpd {
       this.#violate('heartbeat without a providers array')
     } else {
       for (const entry of body.providers) {
-        const missing = isObject(entry) ? LOAD_FIELDS.filter((f) => typeof entry[f] !== 'number' || !Number.isFinite(entry[f])) : LOAD_FIELDS
+        const missing = isObject(entry)
+          ? LOAD_FIELDS.filter((f) => typeof entry[f] !== 'number' || !Number.isFinite(entry[f]))
+          : LOAD_FIELDS
         if (!isObject(entry) || typeof entry.name !== 'string') this.#violate('heartbeat provider entry without a name')
         if (missing.length > 0) this.#violate(`heartbeat provider ${entry?.name} lacks numeric ${missing.join(', ')}`)
       }
@@ -466,7 +512,7 @@ class FakeMcpd {
     return this.#reply(ctx, 204)
   }
 
-  #result (ctx) {
+  #result(ctx) {
     const { body, route } = ctx
     const task = this.#tasks.get(route.taskId)
     this.#checkTaskHeader(ctx)
@@ -485,8 +531,10 @@ class FakeMcpd {
     } else if (task.done) {
       this.#violate(`result after [DONE] for task ${task.taskId}`)
     } else {
-      if (task.payloads.length > 0) this.#violate(`result after chunks for task ${task.taskId} (errors after the first chunk go in-band)`)
-      if (task.stream && status >= 200 && status < 300) this.#violate(`result ${status} for streaming task ${task.taskId} (success is streamed as chunks)`)
+      if (task.payloads.length > 0)
+        this.#violate(`result after chunks for task ${task.taskId} (errors after the first chunk go in-band)`)
+      if (task.stream && status >= 200 && status < 300)
+        this.#violate(`result ${status} for streaming task ${task.taskId} (success is streamed as chunks)`)
       task.result = { status, body: answer }
       this.#endTask(task, { kind: 'result', status, body: answer })
       this.#log(`task ${task.taskId} result ${status}`)
@@ -494,14 +542,16 @@ class FakeMcpd {
     return this.#reply(ctx, 200, { ok: true })
   }
 
-  #chunks (ctx, task) {
+  #chunks(ctx, task) {
     const { body, route } = ctx
     this.#checkTaskHeader(ctx)
     if (!task) return this.#reply(ctx, 404, notFound(`unknown task ${route.taskId}`, 'task_not_found'))
     let shape = null
     if (!isObject(body)) shape = 'body is not an object'
-    else if (!Number.isInteger(body.seq) || body.seq < 0) shape = `seq ${JSON.stringify(body.seq)} is not a non-negative integer`
-    else if (!Array.isArray(body.chunks) || !body.chunks.every((c) => typeof c === 'string')) shape = 'chunks is not an array of strings'
+    else if (!Number.isInteger(body.seq) || body.seq < 0)
+      shape = `seq ${JSON.stringify(body.seq)} is not a non-negative integer`
+    else if (!Array.isArray(body.chunks) || !body.chunks.every((c) => typeof c === 'string'))
+      shape = 'chunks is not an array of strings'
     if (shape) this.#violate(`chunks for task ${task.taskId}: ${shape}`)
     if (ctx.failure && !ctx.failure.handle) return this.#reply(ctx)
     if (shape) return this.#reply(ctx, 400, { error: { message: shape, type: 'invalid_request_error' } })
@@ -528,20 +578,23 @@ class FakeMcpd {
     return this.#reply(ctx, 200, { ok: true })
   }
 
-  #acceptPayload (task, payload) {
+  #acceptPayload(task, payload) {
     const index = task.payloads.length
     const where = `task ${task.taskId} payload ${index}`
     task.payloads.push(payload)
     if (task.done) return this.#violate(`payload after [DONE]: ${where}`)
     const relayable = !task.cancelled && !task.result
-    const relay = () => { if (relayable) for (const o of task.observers) o.onPayload(payload, index) }
+    const relay = () => {
+      if (relayable) for (const o of task.observers) o.onPayload(payload, index)
+    }
 
     if (payload === '[DONE]') {
       task.done = true
       if (!task.sawError) {
         if (!task.sawChunk) this.#violate(`[DONE] before any chunk: task ${task.taskId}`)
         else if (!task.finishReason) this.#violate(`no finish_reason before [DONE]: task ${task.taskId}`)
-        if (task.includeUsage && !task.sawUsage) this.#violate(`no usage chunk before [DONE] although include_usage was asked: task ${task.taskId}`)
+        if (task.includeUsage && !task.sawUsage)
+          this.#violate(`no usage chunk before [DONE] although include_usage was asked: task ${task.taskId}`)
       }
       relay()
       if (relayable) {
@@ -576,29 +629,36 @@ class FakeMcpd {
     relay()
   }
 
-  #chunkProblems (task, chunk) {
+  #chunkProblems(task, chunk) {
     const problems = []
     if (!isObject(chunk) || chunk.object !== 'chat.completion.chunk') {
       return ['payload is not a chat.completion.chunk']
     }
     if (task.sawError) problems.push('chunk after an error payload')
     if (task.sawUsage) problems.push('chunk after the usage chunk')
-    if (!Number.isInteger(chunk.created)) problems.push(`created ${JSON.stringify(chunk.created)} is not integer seconds`)
-    if (typeof chunk.id !== 'string' || typeof chunk.model !== 'string') problems.push('chunk without a string id and model')
+    if (!Number.isInteger(chunk.created))
+      problems.push(`created ${JSON.stringify(chunk.created)} is not integer seconds`)
+    if (typeof chunk.id !== 'string' || typeof chunk.model !== 'string')
+      problems.push('chunk without a string id and model')
     const choices = Array.isArray(chunk.choices) ? chunk.choices : null
     if (!choices) problems.push('chunk without a choices array')
 
     if (!task.identity) {
       task.identity = { id: chunk.id, created: chunk.created, model: chunk.model }
       if (choices?.[0]?.delta?.role !== 'assistant') problems.push("the first chunk's delta lacks role 'assistant'")
-    } else if (chunk.id !== task.identity.id || chunk.created !== task.identity.created || chunk.model !== task.identity.model) {
+    } else if (
+      chunk.id !== task.identity.id ||
+      chunk.created !== task.identity.created ||
+      chunk.model !== task.identity.model
+    ) {
       problems.push('chunks do not share id/created/model')
     }
 
     for (const choice of choices ?? []) {
       const reason = choice?.finish_reason
       if (reason !== null && reason !== undefined) {
-        if (!FINISH_REASONS.has(reason)) problems.push(`finish_reason ${JSON.stringify(reason)} is not stop/length/tool_calls/content_filter`)
+        if (!FINISH_REASONS.has(reason))
+          problems.push(`finish_reason ${JSON.stringify(reason)} is not stop/length/tool_calls/content_filter`)
         task.finishReason = reason
       }
       for (const call of choice?.delta?.tool_calls ?? []) {
@@ -620,7 +680,10 @@ class FakeMcpd {
         if (chunk.usage !== null) problems.push('with include_usage, a content chunk must carry "usage": null')
       } else {
         const u = chunk.usage
-        if (!isObject(u) || !['prompt_tokens', 'completion_tokens', 'total_tokens'].every((k) => Number.isInteger(u[k]))) {
+        if (
+          !isObject(u) ||
+          !['prompt_tokens', 'completion_tokens', 'total_tokens'].every((k) => Number.isInteger(u[k]))
+        ) {
           problems.push('the usage chunk lacks prompt_tokens, completion_tokens and total_tokens')
         }
         task.sawUsage = true
@@ -631,12 +694,12 @@ class FakeMcpd {
 
   // --- helpers ---------------------------------------------------------------
 
-  #authorized (req) {
+  #authorized(req) {
     const match = /^bearer\s+(.+)$/i.exec(req.headers.authorization ?? '')
     return match !== null && match[1].trim() === this.#token
   }
 
-  #checkJsonBody (ctx) {
+  #checkJsonBody(ctx) {
     const type = ctx.req.headers['content-type'] ?? ''
     if (!/^application\/json\s*(;|$)/i.test(type)) {
       this.#violate(`${ctx.route.name} POST with content-type ${type || 'none'} (expected application/json)`)
@@ -649,18 +712,18 @@ class FakeMcpd {
     if (typeof ctx.body === 'string') this.#violate(`${ctx.route.name} POST body is not JSON`)
   }
 
-  #checkTaskHeader (ctx) {
+  #checkTaskHeader(ctx) {
     if (ctx.req.headers['x-mcpctl-provider-session'] === undefined) {
       this.#violate(`${ctx.route.name} POST for task ${ctx.route.taskId} without x-mcpctl-provider-session header`)
     }
   }
 
-  #violate (text) {
+  #violate(text) {
     this.violations.push(text)
     this.#log(`protocol violation: ${text}`)
   }
 
-  #takeFailure (route) {
+  #takeFailure(route) {
     const queue = this.#failures.get(route)
     const failure = queue[0]
     if (!failure) return null
@@ -668,17 +731,21 @@ class FakeMcpd {
     return failure
   }
 
-  #sleep (ms) {
+  #sleep(ms) {
     return new Promise((resolve) => {
       const sleep = {
-        wake: () => { clearTimeout(timer); this.#sleeps.delete(sleep); resolve() }
+        wake: () => {
+          clearTimeout(timer)
+          this.#sleeps.delete(sleep)
+          resolve()
+        },
       }
       const timer = setTimeout(sleep.wake, ms)
       this.#sleeps.add(sleep)
     })
   }
 
-  #broadcast (bytes) {
+  #broadcast(bytes) {
     let count = 0
     for (const stream of this.#streams) {
       if (writeTo(stream.res, bytes)) count++
@@ -686,11 +753,11 @@ class FakeMcpd {
     return count
   }
 
-  #openStreamsOf (sessionId) {
+  #openStreamsOf(sessionId) {
     return [...this.#streams].filter((s) => s.sessionId === sessionId)
   }
 
-  #closeStream (stream) {
+  #closeStream(stream) {
     if (!this.#streams.delete(stream)) return
     clearInterval(stream.timer)
     stream.connection.closedAt = Date.now()
@@ -700,14 +767,14 @@ class FakeMcpd {
   }
 
   /** The newest open stream of the chosen session. */
-  #streamFor (sessionId, provider) {
+  #streamFor(sessionId, provider) {
     const id = sessionId === undefined ? (this.#pickSession(provider) ?? this.#pickSession(null)) : sessionId
     if (id === null) return null
     return this.#openStreamsOf(id).at(-1) ?? null
   }
 
   /** Connected sessions publishing `model` (any when null): fewest tasks in flight, first on ties. */
-  #pickSession (model) {
+  #pickSession(model) {
     let best = null
     for (const [id, session] of this.sessions) {
       if (!session.connected) continue
@@ -717,14 +784,16 @@ class FakeMcpd {
     return best?.id ?? null
   }
 
-  #listLlms () {
+  #listLlms() {
     const byName = new Map()
     // A session's current set first, then the names that left a set (inactive, unless
     // another connected session publishes them).
     const published = [...this.sessions.values()].flatMap((session) =>
-      session.providers.map((provider) => ({ provider, active: session.connected })))
+      session.providers.map((provider) => ({ provider, active: session.connected })),
+    )
     const retired = [...this.sessions.keys()].flatMap((id) =>
-      (this.#retired.get(id) ?? []).map((provider) => ({ provider, active: false })))
+      (this.#retired.get(id) ?? []).map((provider) => ({ provider, active: false })),
+    )
     for (const { provider, active } of [...published, ...retired]) {
       const entry = byName.get(provider.name)
       if (entry) {
@@ -739,16 +808,16 @@ class FakeMcpd {
         model: provider.model ?? null,
         description: provider.description ?? null,
         contextWindow: provider.contextWindow ?? null,
-        created: this.#firstPublished.get(provider.name) ?? Math.floor(Date.now() / 1000)
+        created: this.#firstPublished.get(provider.name) ?? Math.floor(Date.now() / 1000),
       })
     }
     return [...byName.values()]
   }
 
-  #watchTask (taskId, observer) {
+  #watchTask(taskId, observer) {
     const task = this.#tasks.get(taskId)
     if (!task) throw new Error(`watchTask: unknown task ${taskId}`)
-    task.payloads.forEach((payload, index) => observer.onPayload(payload, index))
+    for (const [index, payload] of task.payloads.entries()) observer.onPayload(payload, index)
     if (task.outcome) {
       observer.onEnd(task.outcome)
       return () => {}
@@ -757,7 +826,7 @@ class FakeMcpd {
     return () => task.observers.delete(observer)
   }
 
-  #endTask (task, outcome) {
+  #endTask(task, outcome) {
     if (task.outcome) return
     task.outcome = outcome
     const session = this.sessions.get(task.sessionId)
@@ -769,14 +838,15 @@ class FakeMcpd {
     }
   }
 
-  #describeTask (taskId) {
+  #describeTask(taskId) {
     const task = this.#tasks.get(taskId)
     if (!task) return 'no such task was sent'
-    if (task.payloads.length > 0) return `${task.payloads.length} payloads in ${task.chunkPosts.length} chunk POSTs, no [DONE]`
+    if (task.payloads.length > 0)
+      return `${task.payloads.length} payloads in ${task.chunkPosts.length} chunk POSTs, no [DONE]`
     return 'sent, nothing received for it'
   }
 
-  #nextTaskId () {
+  #nextTaskId() {
     let id
     do id = `t-${++this.#taskCounter}`
     while (this.#tasks.has(id))
@@ -784,7 +854,7 @@ class FakeMcpd {
   }
 }
 
-function newTask (taskId, provider, stream, body, sessionId) {
+function newTask(taskId, provider, stream, body, sessionId) {
   return {
     taskId,
     provider,
@@ -807,24 +877,28 @@ function newTask (taskId, provider, stream, body, sessionId) {
     finishReason: null,
     toolCalls: new Set(),
     reported: new Set(),
-    observers: new Set()
+    observers: new Set(),
   }
 }
 
-function matchRoute (path) {
+function matchRoute(path) {
   switch (path) {
-    case '/api/v1/llms/_provider-register': return { name: 'register', method: 'POST' }
-    case '/api/v1/llms/_provider-stream': return { name: 'stream', method: 'GET' }
-    case '/api/v1/llms/_provider-heartbeat': return { name: 'heartbeat', method: 'POST' }
+    case '/api/v1/llms/_provider-register':
+      return { name: 'register', method: 'POST' }
+    case '/api/v1/llms/_provider-stream':
+      return { name: 'stream', method: 'GET' }
+    case '/api/v1/llms/_provider-heartbeat':
+      return { name: 'heartbeat', method: 'POST' }
   }
   const task = /^\/api\/v1\/llms\/_provider-tasks\/([^/]+)\/(result|chunks)$/.exec(path)
   if (task) return { name: task[2], method: 'POST', taskId: safeDecode(task[1]) }
   return null
 }
 
-function registerProblem (body) {
+function registerProblem(body) {
   if (!isObject(body)) return 'body is not a JSON object'
-  if (body.providerSessionId !== undefined && typeof body.providerSessionId !== 'string') return 'providerSessionId is not a string'
+  if (body.providerSessionId !== undefined && typeof body.providerSessionId !== 'string')
+    return 'providerSessionId is not a string'
   if (!isObject(body.client) || typeof body.client.name !== 'string') return 'client.name is missing'
   if (!Array.isArray(body.providers)) return 'providers is not an array'
   for (const [i, p] of body.providers.entries()) {
@@ -835,16 +909,23 @@ function registerProblem (body) {
   return null
 }
 
-function resultProblem (body) {
+function resultProblem(body) {
   if (!isObject(body)) return 'body is not an object'
   const { status, body: answer } = body
-  if (!Number.isInteger(status) || status < 100 || status > 599) return `status ${JSON.stringify(status)} is not an integer 100-599`
+  if (!Number.isInteger(status) || status < 100 || status > 599)
+    return `status ${JSON.stringify(status)} is not an integer 100-599`
   if (status >= 400) {
-    if (!isObject(answer) || !isObject(answer.error) || typeof answer.error.message !== 'string' || typeof answer.error.type !== 'string') {
+    if (
+      !isObject(answer) ||
+      !isObject(answer.error) ||
+      typeof answer.error.message !== 'string' ||
+      typeof answer.error.type !== 'string'
+    ) {
       return `status ${status} without an { error: { message, type } } body`
     }
   } else if (status === 200) {
-    if (!isObject(answer) || answer.object !== 'chat.completion') return "status 200 body is not an object with object: 'chat.completion'"
+    if (!isObject(answer) || answer.object !== 'chat.completion')
+      return "status 200 body is not an object with object: 'chat.completion'"
     if (!Number.isInteger(answer.created)) return 'status 200 body has no integer created'
     if (!Array.isArray(answer.choices) || answer.choices[0]?.message?.role !== 'assistant') {
       return "status 200 body lacks choices[0].message.role 'assistant'"
@@ -853,37 +934,38 @@ function resultProblem (body) {
   return null
 }
 
-function sseFrame (event, data, id) {
+function sseFrame(event, data, id) {
   const text = typeof data === 'string' ? data : (JSON.stringify(data) ?? '')
   let frame = event ? `event: ${event}\n` : ''
   if (id !== undefined && id !== null) frame += `id: ${id}\n`
   for (const line of text.split(/\r\n|\r|\n/)) frame += `data: ${line}\n`
-  return frame + '\n'
+  return `${frame}\n`
 }
 
-function sendScripted (res, status, body) {
+function sendScripted(res, status, body) {
   if (res.destroyed || res.headersSent) return
   if (typeof body === 'string') {
     res.writeHead(status, { 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(body) })
     return res.end(body)
   }
-  const answer = body === undefined && status >= 400
-    ? { error: { message: `scripted failure (status ${status})`, type: 'server_error' } }
-    : body
+  const answer =
+    body === undefined && status >= 400
+      ? { error: { message: `scripted failure (status ${status})`, type: 'server_error' } }
+      : body
   sendJson(res, status, status === 204 || status === 304 ? undefined : answer)
 }
 
-function writeTo (res, bytes) {
+function writeTo(res, bytes) {
   if (res.destroyed || res.writableEnded) return false
   res.write(bytes)
   return true
 }
 
-function notFound (message, code = 'not_found') {
+function notFound(message, code = 'not_found') {
   return { error: { message, type: 'not_found', code } }
 }
 
-function normalizePrefix (prefix) {
+function normalizePrefix(prefix) {
   if (typeof prefix !== 'string') throw new TypeError('pathPrefix must be a string')
   const trimmed = prefix.replace(/\/+$/, '')
   if (trimmed === '') return ''
@@ -891,17 +973,17 @@ function normalizePrefix (prefix) {
 }
 
 /** The path below the prefix, or null when the request is outside it. */
-function stripPrefix (pathname, prefix) {
+function stripPrefix(pathname, prefix) {
   if (prefix === '') return pathname
   if (pathname === prefix) return '/'
   return pathname.startsWith(`${prefix}/`) ? pathname.slice(prefix.length) : null
 }
 
-function checkRoute (route) {
+function checkRoute(route) {
   if (!ROUTES.includes(route)) throw new TypeError(`route must be one of ${ROUTES.join(', ')}, got ${route}`)
 }
 
-function parseMaybeJson (text) {
+function parseMaybeJson(text) {
   if (text === '') return ''
   try {
     return JSON.parse(text)
@@ -910,11 +992,11 @@ function parseMaybeJson (text) {
   }
 }
 
-function sameJson (a, b) {
+function sameJson(a, b) {
   return JSON.stringify(a) === JSON.stringify(b)
 }
 
-function readBody (req) {
+function readBody(req) {
   return new Promise((resolve, reject) => {
     const parts = []
     let size = 0
@@ -932,7 +1014,7 @@ function readBody (req) {
   })
 }
 
-function drain (req) {
+function drain(req) {
   return readBody(req).catch(() => {})
 }
 

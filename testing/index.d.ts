@@ -93,26 +93,27 @@ interface FailureTiming {
  * A scripted answer. By default the request is answered with it instead of being handled
  * (a failed result or chunk POST is not recorded as received, so its retry can deliver it).
  */
-export type FailureScript = FailureTiming & (
-  | {
-      status: number
-      /** An object is sent as JSON, a string as text/plain. Default: an OpenAI error body. */
-      body?: unknown
-      destroy?: false
-      /**
-       * Extension: handle the request normally (record it, apply it) but answer with this
-       * instead, as when the real answer is lost; not for 'stream'.
-       */
-      handle?: boolean
-    }
-  | {
-      /** Extension: destroy the socket instead of answering (a connection error for the client). */
-      destroy: true
-      status?: number
-      body?: unknown
-      handle?: boolean
-    }
-)
+export type FailureScript = FailureTiming &
+  (
+    | {
+        status: number
+        /** An object is sent as JSON, a string as text/plain. Default: an OpenAI error body. */
+        body?: unknown
+        destroy?: false
+        /**
+         * Extension: handle the request normally (record it, apply it) but answer with this
+         * instead, as when the real answer is lost; not for 'stream'.
+         */
+        handle?: boolean
+      }
+    | {
+        /** Extension: destroy the socket instead of answering (a connection error for the client). */
+        destroy: true
+        status?: number
+        body?: unknown
+        handle?: boolean
+      }
+  )
 
 export interface SendTaskOptions {
   provider: string

@@ -14,13 +14,13 @@ class OpenAiFront {
   #taskTimeoutMs
   #exchanges = new Set()
 
-  constructor (core, { taskTimeoutMs }) {
+  constructor(core, { taskTimeoutMs }) {
     this.#core = core
     this.#taskTimeoutMs = taskTimeoutMs
   }
 
   /** Answers `path` when it is a front route; false otherwise. */
-  handle (req, res, path, body) {
+  handle(req, res, path, body) {
     if (path === '/api/v1/llms') {
       if (req.method !== 'GET') return methodNotAllowed(res, 'GET')
       sendJson(res, 200, { llms: this.#core.listLlms() })
@@ -49,13 +49,13 @@ class OpenAiFront {
   }
 
   /** Ends every pending OpenAI answer; mcpd is going away. */
-  close () {
+  close() {
     for (const exchange of [...this.#exchanges]) {
       this.#fail(exchange, 503, { message: 'mcpd is shutting down', type: 'unavailable' })
     }
   }
 
-  #chat (res, body) {
+  #chat(res, body) {
     if (!isObject(body)) {
       return sendJson(res, 400, invalidRequest('the request body must be a JSON object'))
     }
@@ -68,7 +68,16 @@ class OpenAiFront {
 
     const streaming = body.stream === true
     const taskId = this.#core.sendTask({ provider: model, body, stream: streaming, sessionId })
-    const exchange = { res, taskId, streaming, sseStarted: false, cancelReason: null, timer: null, unwatch: null, [FINISHED]: false }
+    const exchange = {
+      res,
+      taskId,
+      streaming,
+      sseStarted: false,
+      cancelReason: null,
+      timer: null,
+      unwatch: null,
+      [FINISHED]: false,
+    }
     this.#exchanges.add(exchange)
 
     exchange.timer = setTimeout(() => {
@@ -87,11 +96,11 @@ class OpenAiFront {
 
     exchange.unwatch = this.#core.watchTask(taskId, {
       onPayload: (payload) => this.#relay(exchange, payload),
-      onEnd: (outcome) => this.#conclude(exchange, outcome)
+      onEnd: (outcome) => this.#conclude(exchange, outcome),
     })
   }
 
-  #relay (exchange, payload) {
+  #relay(exchange, payload) {
     if (exchange[FINISHED] || !exchange.streaming) return
     const { res } = exchange
     if (!exchange.sseStarted) {
@@ -99,7 +108,7 @@ class OpenAiFront {
       res.writeHead(200, {
         'content-type': 'text/event-stream',
         'cache-control': 'no-cache',
-        connection: 'keep-alive'
+        connection: 'keep-alive',
       })
     }
     writeData(res, payload)
@@ -112,14 +121,15 @@ class OpenAiFront {
     }
   }
 
-  #conclude (exchange, outcome) {
+  #conclude(exchange, outcome) {
     if (exchange[FINISHED]) return
     if (outcome.kind === 'result') {
       if (exchange.sseStarted) {
         // Headers are gone already: the only way left to report is in-band.
-        const error = isObject(outcome.body) && isObject(outcome.body.error)
-          ? outcome.body.error
-          : { message: `registrar answered status ${outcome.status} after streaming began`, type: 'provider_error' }
+        const error =
+          isObject(outcome.body) && isObject(outcome.body.error)
+            ? outcome.body.error
+            : { message: `registrar answered status ${outcome.status} after streaming began`, type: 'provider_error' }
         return this.#fail(exchange, outcome.status, error)
       }
       this.#finish(exchange)
@@ -127,16 +137,22 @@ class OpenAiFront {
     }
     if (outcome.kind === 'stream') {
       if (exchange.streaming) return // #relay ended it at [DONE]
-      return this.#fail(exchange, 502, { message: 'the registrar streamed an answer to a non-streaming task', type: 'provider_error' })
+      return this.#fail(exchange, 502, {
+        message: 'the registrar streamed an answer to a non-streaming task',
+        type: 'provider_error',
+      })
     }
     if (exchange.cancelReason === 'timeout') {
-      return this.#fail(exchange, 504, { message: `no answer from the registrar within ${this.#taskTimeoutMs} ms`, type: 'timeout' })
+      return this.#fail(exchange, 504, {
+        message: `no answer from the registrar within ${this.#taskTimeoutMs} ms`,
+        type: 'timeout',
+      })
     }
     this.#fail(exchange, 499, { message: `task ${exchange.taskId} was cancelled by mcpd`, type: 'cancelled' })
   }
 
   /** Reports an error whichever way is still open: a JSON answer, or in-band on a started stream. */
-  #fail (exchange, status, error) {
+  #fail(exchange, status, error) {
     if (exchange[FINISHED]) return
     this.#finish(exchange)
     const { res } = exchange
@@ -150,7 +166,7 @@ class OpenAiFront {
     }
   }
 
-  #finish (exchange) {
+  #finish(exchange) {
     exchange[FINISHED] = true
     clearTimeout(exchange.timer)
     if (exchange.unwatch) exchange.unwatch()
@@ -158,49 +174,54 @@ class OpenAiFront {
   }
 }
 
-function modelObject (llm) {
+function modelObject(llm) {
   return { id: llm.name, object: 'model', created: llm.created, owned_by: 'mcpctl-virtual' }
 }
 
-function modelNotFound (model) {
+function modelNotFound(model) {
   return {
     error: {
       message: `The model '${model}' does not exist or no registrar publishing it is connected`,
       type: 'invalid_request_error',
       param: 'model',
-      code: 'model_not_found'
-    }
+      code: 'model_not_found',
+    },
   }
 }
 
-function invalidRequest (message, param = null) {
+function invalidRequest(message, param = null) {
   return { error: { message, type: 'invalid_request_error', param, code: null } }
 }
 
-function methodNotAllowed (res, allow) {
+function methodNotAllowed(res, allow) {
   res.setHeader('allow', allow)
   sendJson(res, 405, { error: { message: `use ${allow}`, type: 'invalid_request_error', code: 'method_not_allowed' } })
   return true
 }
 
 /** A payload may hold newlines; SSE rejoins several data lines with "\n", so it survives. */
-function writeData (res, payload) {
+function writeData(res, payload) {
   if (res.destroyed || res.writableEnded) return
-  res.write(payload.split(/\r\n|\r|\n/).map((line) => `data: ${line}\n`).join('') + '\n')
+  res.write(
+    `${payload
+      .split(/\r\n|\r|\n/)
+      .map((line) => `data: ${line}\n`)
+      .join('')}\n`,
+  )
 }
 
-function sendJson (res, status, body) {
+function sendJson(res, status, body) {
   if (res.destroyed || res.writableEnded || res.headersSent) return
   const text = body === undefined ? '' : JSON.stringify(body)
   res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) })
   res.end(text)
 }
 
-function isObject (value) {
+function isObject(value) {
   return typeof value === 'object' && value !== null && !Array.isArray(value)
 }
 
-function safeDecode (text) {
+function safeDecode(text) {
   try {
     return decodeURIComponent(text)
   } catch {

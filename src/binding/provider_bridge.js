@@ -7,7 +7,7 @@
 // loop runs here too (pump below): it hands chunks to Rust in batches through
 // `native`, plain synchronous calls into the addon (stream_window.rs), never one
 // threadsafe-function round trip per chunk.
-(function createProviderBridge(logger, onStateChange, native) {
+;(function createProviderBridge(logger, onStateChange, native) {
   'use strict'
   const providers = new Map()
   const tasks = new Map()
@@ -87,16 +87,31 @@
   const isObject = (value) => value !== null && typeof value === 'object' && !Array.isArray(value)
   function checkChunk(chunk) {
     if (!isObject(chunk)) {
-      throw new Error('the provider\'s stream() yielded something that is not a CompletionChunk object')
+      throw new Error("the provider's stream() yielded something that is not a CompletionChunk object")
     }
     const valid =
       optional(chunk.content, isText) &&
       optional(chunk.finishReason, isText) &&
-      optional(chunk.usage, (usage) => isObject(usage) && isCount(usage.promptTokens) &&
-        isCount(usage.completionTokens) && optional(usage.totalTokens, isCount)) &&
-      optional(chunk.toolCalls, (calls) => Array.isArray(calls) && calls.every((call) =>
-        isObject(call) && isCount(call.index) && optional(call.id, isText) &&
-        optional(call.function, (fn) => isObject(fn) && optional(fn.name, isText))))
+      optional(
+        chunk.usage,
+        (usage) =>
+          isObject(usage) &&
+          isCount(usage.promptTokens) &&
+          isCount(usage.completionTokens) &&
+          optional(usage.totalTokens, isCount),
+      ) &&
+      optional(
+        chunk.toolCalls,
+        (calls) =>
+          Array.isArray(calls) &&
+          calls.every(
+            (call) =>
+              isObject(call) &&
+              isCount(call.index) &&
+              optional(call.id, isText) &&
+              optional(call.function, (fn) => isObject(fn) && optional(fn.name, isText)),
+          ),
+      )
     if (!valid) throw new Error('the provider yielded an invalid CompletionChunk')
   }
 
@@ -216,9 +231,9 @@
         const provider = providers.get(name)
         const { task, options } = begin(taskId, optionsJson)
         const iterable = provider.stream(options)
-        const open = iterable && iterable[Symbol.asyncIterator]
+        const open = iterable?.[Symbol.asyncIterator]
         if (typeof open !== 'function') {
-          throw new Error('the provider\'s stream() did not return an async iterable')
+          throw new Error("the provider's stream() did not return an async iterable")
         }
         task.iterator = open.call(iterable)
         pump(taskId, task, streamId, credit)
