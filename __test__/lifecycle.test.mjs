@@ -271,3 +271,28 @@ test('bad options are refused with a clear error', async (t) => {
     lastError: null,
   })
 })
+
+test('start() resolves once the channel is open: a task sent that instant is answered, 20 times in a row', async (t) => {
+  const mcpd = await startMcpd(t)
+  for (let round = 0; round < 20; round++) {
+    const provider = recordingProvider()
+    const registrar = new VirtualLlmRegistrar({
+      mcpdUrl: mcpd.url,
+      token: TOKEN,
+      configDir: await tempConfigDir(t),
+      logger: captureLogger(),
+      providers: [{ name: `instant-${round}`, type: 'test', provider }],
+    })
+    t.after(() => registrar.stop())
+    await registrar.start()
+    // No wait of any kind: mcpd must already hold the open stream.
+    const status = registrar.status()
+    assert.equal(status.state, 'connected')
+    const taskId = mcpd.sendTask({ provider: `instant-${round}`, body: chatBody(), sessionId: status.providerSessionId })
+    const outcome = await mcpd.outcome(taskId)
+    assert.equal(outcome.status, 200, `round ${round}: ${JSON.stringify(outcome)}`)
+    assert.equal(provider.calls.length, 1)
+    await registrar.stop()
+  }
+  assert.deepEqual(mcpd.violations, [])
+})
