@@ -7,9 +7,6 @@
 # from Debian's cross toolchain; qemu-user runs the test binaries. With rustup's target
 # installed instead (`rustup target add aarch64-unknown-linux-gnu`), that one is used.
 #
-# On the project's own VM the tests build but qemu-user hangs at the first pthread_create
-# of any guest program (qemu 7.2 and 10.0 alike), so nothing runs there; see the README.
-#
 # One-time setup (root):
 #   dpkg --add-architecture arm64 && apt-get update
 #   apt-get install rustc-web cargo-web libstd-rust-web-dev:arm64 \
@@ -36,9 +33,17 @@ done
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
-# qemu-user finds the arm64 dynamic loader and libc in Debian's cross sysroot; a test
-# binary that qemu cannot run (see above) is stopped after 10 minutes instead of hanging.
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="timeout 600 qemu-aarch64 -L /usr/aarch64-linux-gnu"
+# qemu-user takes the arm64 dynamic loader from Debian's cross sysroot (-L), and the
+# guest's LD_LIBRARY_PATH (-E) makes that loader take libc.so.6 from the same sysroot.
+# Without it the loader searches /lib/aarch64-linux-gnu, which qemu, finding no such
+# directory under the sysroot, reads from the host, where libstd-rust-web-dev:arm64 has
+# installed libc6:arm64: a libc of another build (2.36-9+deb12u14) than the cross loader
+# (2.36-8), whose private `_rtld_global` layout differs. That mix hangs in the first
+# pthread_create (an endless walk of the loader's stack-cache list), so every test binary
+# hangs as the library starts tokio's threads. A test binary that hangs anyway is stopped
+# after 10 minutes.
+sysroot=/usr/aarch64-linux-gnu
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="timeout 600 qemu-aarch64 -L $sysroot -E LD_LIBRARY_PATH=$sysroot/lib"
 
 echo "test:arm64: $("${RUSTC:-rustc}" --version), $(qemu-aarch64 --version | head -1)"
 nice -n 10 "$cargo" test --target "$triple" "$@"
