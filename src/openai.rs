@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::wire::write_json_str;
+
 /// An OpenAI error answer: the HTTP status plus `{ "error": { message, type, code } }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorReply {
@@ -560,6 +562,13 @@ pub fn chat_completion(identity: &AnswerIdentity, result: &CompletionResult) -> 
 /// Turns provider chunks into the payloads of an OpenAI stream, keeping the
 /// rules real clients check: the role first, each tool call introduced once
 /// with its id and name, exactly one finish_reason, usage last, then `[DONE]`.
+///
+/// A payload is written straight as JSON text, keys in the order serde_json's
+/// `Value` prints them (sorted), so the bytes are those of the
+/// `json!`-built object: `{"choices":[{"delta":…,"finish_reason":…,"index":0,
+/// "logprobs":null}],` then a tail shared by every chunk of the task (`created`,
+/// `id`, `model`, `object`, `usage: null` with include_usage), made once. No
+/// `Value` is built for a content chunk (this runs once per streamed token).
 pub struct StreamEncoder {
   identity: AnswerIdentity,
   include_usage: bool,
@@ -567,12 +576,29 @@ pub struct StreamEncoder {
   tool_indices: BTreeSet<u32>,
   finish_reason: Option<&'static str>,
   usage: Option<Usage>,
+  /// `"created":…,"id":…,"model":…,"object":…[,"usage":null]}`.
+  tail: String,
 }
 
 pub const DONE: &str = "[DONE]";
 
+/// What every chunk payload starts with, up to its delta.
+const CHUNK_HEAD: &str = r#"{"choices":[{"delta":"#;
+
 impl StreamEncoder {
   pub fn new(identity: AnswerIdentity, include_usage: bool) -> Self {
+    let mut tail = String::with_capacity(96 + identity.id.len() + identity.model.len());
+    tail.push_str(r#"],"created":"#);
+    tail.push_str(&identity.created.to_string());
+    tail.push_str(r#","id":"#);
+    write_json_str(&mut tail, &identity.id);
+    tail.push_str(r#","model":"#);
+    write_json_str(&mut tail, &identity.model);
+    tail.push_str(r#","object":"chat.completion.chunk""#);
+    if include_usage {
+      tail.push_str(r#","usage":null"#);
+    }
+    tail.push('}');
     Self {
       identity,
       include_usage,
@@ -580,6 +606,7 @@ impl StreamEncoder {
       tool_indices: BTreeSet::new(),
       finish_reason: None,
       usage: None,
+      tail,
     }
   }
 
@@ -588,24 +615,25 @@ impl StreamEncoder {
     self.started
   }
 
-  fn payload(&self, delta: Value, finish_reason: Option<&str>) -> String {
-    let mut chunk = json!({
-      "id": self.identity.id,
-      "object": "chat.completion.chunk",
-      "created": self.identity.created,
-      "model": self.identity.model,
-      "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
-    });
-    if self.include_usage {
-      chunk["usage"] = Value::Null;
+  /// One chunk payload: `delta` (JSON text of an object) and the finish reason.
+  fn payload(&self, delta: &str, finish_reason: Option<&str>) -> String {
+    let mut payload = String::with_capacity(CHUNK_HEAD.len() + delta.len() + 56 + self.tail.len());
+    payload.push_str(CHUNK_HEAD);
+    payload.push_str(delta);
+    payload.push_str(r#","finish_reason":"#);
+    match finish_reason {
+      Some(reason) => write_json_str(&mut payload, reason),
+      None => payload.push_str("null"),
     }
-    chunk.to_string()
+    payload.push_str(r#","index":0,"logprobs":null}"#);
+    payload.push_str(&self.tail);
+    payload
   }
 
   fn start(&mut self, out: &mut Vec<String>) {
     if !self.started {
       self.started = true;
-      out.push(self.payload(json!({ "role": "assistant", "content": "" }), None));
+      out.push(self.payload(r#"{"content":"","role":"assistant"}"#, None));
     }
   }
 
@@ -617,22 +645,33 @@ impl StreamEncoder {
     if chunk.usage.is_some() {
       self.usage = chunk.usage;
     }
-    let mut delta = Map::new();
-    if let Some(content) = chunk.content.filter(|content| !content.is_empty()) {
-      delta.insert("content".into(), json!(content));
+    let content = chunk.content.filter(|content| !content.is_empty());
+    let calls: Vec<Value> = match chunk.tool_calls {
+      Some(calls) => calls
+        .into_iter()
+        .filter_map(|call| self.tool_call_delta(call))
+        .collect(),
+      None => Vec::new(),
+    };
+    if content.is_none() && calls.is_empty() {
+      return;
     }
-    let calls: Vec<Value> = chunk
-      .tool_calls
-      .unwrap_or_default()
-      .into_iter()
-      .filter_map(|call| self.tool_call_delta(call))
-      .collect();
+    // The delta's keys in sorted order: content, tool_calls.
+    let mut delta = String::with_capacity(16 + content.as_ref().map_or(0, String::len));
+    delta.push('{');
+    if let Some(content) = &content {
+      delta.push_str(r#""content":"#);
+      write_json_str(&mut delta, content);
+    }
     if !calls.is_empty() {
-      delta.insert("tool_calls".into(), Value::Array(calls));
+      if content.is_some() {
+        delta.push(',');
+      }
+      delta.push_str(r#""tool_calls":"#);
+      delta.push_str(&Value::Array(calls).to_string());
     }
-    if !delta.is_empty() {
-      out.push(self.payload(Value::Object(delta), None));
-    }
+    delta.push('}');
+    out.push(self.payload(&delta, None));
   }
 
   fn tool_call_delta(&mut self, call: ToolCallDelta) -> Option<Value> {
@@ -693,7 +732,7 @@ impl StreamEncoder {
       } else {
         "tool_calls"
       });
-    out.push(self.payload(json!({}), Some(reason)));
+    out.push(self.payload("{}", Some(reason)));
     if self.include_usage {
       let usage = self.usage.unwrap_or(Usage {
         prompt_tokens: 0,
@@ -940,6 +979,103 @@ mod tests {
     let last: Value = serde_json::from_str(&out[2]).unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], json!("length"));
     assert!(last.get("usage").is_none());
+  }
+
+  /// The payload as it was built before the direct writer: a `json!` object.
+  fn json_built_payload(
+    identity: &AnswerIdentity,
+    include_usage: bool,
+    delta: Value,
+    finish_reason: Option<&str>,
+  ) -> String {
+    let mut chunk = json!({
+      "id": identity.id,
+      "object": "chat.completion.chunk",
+      "created": identity.created,
+      "model": identity.model,
+      "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
+    });
+    if include_usage {
+      chunk["usage"] = Value::Null;
+    }
+    chunk.to_string()
+  }
+
+  #[test]
+  fn stream_payloads_are_these_exact_bytes() {
+    let mut encoder = StreamEncoder::new(identity(), true);
+    let mut out = Vec::new();
+    encoder.push(
+      parse_chunk(json!({ "content": "tok \"q\"\n" })).unwrap(),
+      &mut out,
+    );
+    encoder.push(parse_chunk(json!({ "content": "x", "toolCalls": [{ "index": 1, "id": "c9", "function": { "name": "f", "arguments": { "a": 1 } } }] })).unwrap(), &mut out);
+    encoder.push(parse_chunk(json!({ "toolCalls": [{ "index": 1, "function": { "arguments": "}" } }], "usage": { "promptTokens": 2, "completionTokens": 5 } })).unwrap(), &mut out);
+    encoder.finish(&mut out);
+    let tail = r#""created":1700000000,"id":"chatcmpl-t-1","model":"qwen","object":"chat.completion.chunk","usage":null}"#;
+    let expected = [
+      format!(r#"{{"choices":[{{"delta":{{"content":"","role":"assistant"}},"finish_reason":null,"index":0,"logprobs":null}}],{tail}"#),
+      format!(r#"{{"choices":[{{"delta":{{"content":"tok \"q\"\n"}},"finish_reason":null,"index":0,"logprobs":null}}],{tail}"#),
+      format!(r#"{{"choices":[{{"delta":{{"content":"x","tool_calls":[{{"function":{{"arguments":"{{\"a\":1}}","name":"f"}},"id":"c9","index":1,"type":"function"}}]}},"finish_reason":null,"index":0,"logprobs":null}}],{tail}"#),
+      format!(r#"{{"choices":[{{"delta":{{"tool_calls":[{{"function":{{"arguments":"}}"}},"index":1}}]}},"finish_reason":null,"index":0,"logprobs":null}}],{tail}"#),
+      format!(r#"{{"choices":[{{"delta":{{}},"finish_reason":"tool_calls","index":0,"logprobs":null}}],{tail}"#),
+      r#"{"choices":[],"created":1700000000,"id":"chatcmpl-t-1","model":"qwen","object":"chat.completion.chunk","usage":{"completion_tokens":5,"prompt_tokens":2,"total_tokens":7}}"#.to_owned(),
+      DONE.to_owned(),
+    ];
+    assert_eq!(out, expected);
+  }
+
+  #[test]
+  fn direct_payloads_are_the_bytes_of_the_json_built_object() {
+    let awkward = AnswerIdentity {
+      id: "chatcmpl-t \"1\"\\é".into(),
+      created: 0,
+      model: "m\u{1}\t雪".into(),
+    };
+    let mut every_ascii = String::new();
+    for byte in 1u8..0x80 {
+      every_ascii.push(char::from(byte));
+    }
+    for include_usage in [false, true] {
+      let mut encoder = StreamEncoder::new(awkward.clone(), include_usage);
+      let mut out = Vec::new();
+      for content in ["tok ", every_ascii.as_str(), "🦀 \u{2028}", "\u{0}"] {
+        encoder.push(
+          parse_chunk(json!({ "content": content })).unwrap(),
+          &mut out,
+        );
+      }
+      encoder.push(
+        parse_chunk(json!({ "finishReason": "length" })).unwrap(),
+        &mut out,
+      );
+      encoder.finish(&mut out);
+      let mut expected = vec![json_built_payload(
+        &awkward,
+        include_usage,
+        json!({ "role": "assistant", "content": "" }),
+        None,
+      )];
+      for content in ["tok ", every_ascii.as_str(), "🦀 \u{2028}", "\u{0}"] {
+        expected.push(json_built_payload(
+          &awkward,
+          include_usage,
+          json!({ "content": content }),
+          None,
+        ));
+      }
+      expected.push(json_built_payload(
+        &awkward,
+        include_usage,
+        json!({}),
+        Some("length"),
+      ));
+      assert_eq!(
+        out[..expected.len()],
+        expected[..],
+        "include_usage {include_usage}"
+      );
+    }
   }
 
   #[test]

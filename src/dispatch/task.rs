@@ -340,13 +340,16 @@ async fn produce(
       .stream(call)
       .await
       .map_err(|failure| provider_failed(failure.0))?;
-    while let Some(value) = source
-      .next_chunk()
+    // Chunks come typed and several at a time (one await per run, not per token).
+    let mut chunks = Vec::new();
+    while source
+      .next_chunks(&mut chunks)
       .await
       .map_err(|failure| provider_failed(failure.0))?
     {
-      let chunk = openai::parse_chunk(value).map_err(provider_failed)?;
-      encoder.push(chunk, &mut out);
+      for chunk in chunks.drain(..) {
+        encoder.push(chunk, &mut out);
+      }
       send_all(sender, &mut out).await?;
     }
   } else {
