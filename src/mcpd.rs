@@ -279,6 +279,12 @@ impl McpdClient {
       .await
   }
 
+  /// One attempt of a chunk POST whose body ([`ChunkPost`]'s JSON) is built.
+  pub async fn post_chunk_body(&self, task_id: &str, body: bytes::Bytes) -> PostOutcome {
+    let path = task_path(task_id, "chunks");
+    self.post_once_encoded("chunk POST", &path, body).await
+  }
+
   /// A single attempt; a failure carries mcpd's `Retry-After` when it sent one.
   async fn post_once<T: Serialize>(
     &self,
@@ -303,7 +309,7 @@ impl McpdClient {
     &self,
     operation: &'static str,
     path: &str,
-    body: Vec<u8>,
+    body: impl Into<reqwest::Body>,
   ) -> PostOutcome {
     let fail = |error: Error| PostFailure {
       error,

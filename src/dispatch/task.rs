@@ -23,12 +23,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::admission::{Admission, Lane, Slot};
 use super::delivery::{deliver, Delivery, DeliverySignals};
-use super::relay::{relay_chunks, Relayed, RELAY_BUFFER};
+use super::relay::{relay_chunks, Outbox, Relayed};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
 use crate::openai::{self, AnswerIdentity, ErrorReply, StreamEncoder};
@@ -233,12 +232,13 @@ impl TaskContext<'_> {
   ) -> Outcome {
     let task_id = call.task_id.clone();
     let deadline = Instant::now() + self.task_timeout;
-    let (sender, receiver) = mpsc::channel::<String>(RELAY_BUFFER);
-    let relay = relay_chunks(self.client, &task_id, receiver, &self.signals);
+    let outbox = Outbox::new();
+    let relay = relay_chunks(self.client, &task_id, &outbox, &self.signals);
     let produce = async {
-      let sender = sender;
-      let produced = produce(provider.as_ref(), call, &mut encoder, &sender);
-      let ending = self.decide(deadline, produced, sender.closed()).await;
+      // However this block ends, the relay then posts what is left and ends.
+      let producer = Producer(&outbox);
+      let produced = produce(provider.as_ref(), call, &mut encoder, &outbox);
+      let ending = self.decide(deadline, produced, outbox.relay_gone()).await;
       let reply = match ending {
         Ending::Settled(Ok(())) => return Outcome::Completed,
         Ending::Settled(Err(Produced::RelayClosed)) | Ending::RelayGone => {
@@ -262,10 +262,10 @@ impl TaskContext<'_> {
         // Payloads went out: the error goes in-band, then [DONE].
         let mut out = Vec::new();
         encoder.fail(&reply, &mut out);
-        let _ = send_all(&sender, &mut out).await;
+        let _ = outbox.push(&mut out).await;
         Outcome::Failed
       } else {
-        drop(sender);
+        drop(producer);
         self.fail(&task_id, &reply).await
       }
     };
@@ -315,6 +315,15 @@ impl TaskContext<'_> {
   }
 }
 
+/// The producer's hold on a task's outbox: dropped, it lets the relay finish.
+struct Producer<'a>(&'a Outbox);
+
+impl Drop for Producer<'_> {
+  fn drop(&mut self) {
+    self.0.close_producer();
+  }
+}
+
 /// Why producing a stream stopped early.
 enum Produced {
   Failed(ErrorReply),
@@ -328,7 +337,7 @@ async fn produce(
   provider: &dyn Provider,
   call: ProviderCall,
   encoder: &mut StreamEncoder,
-  sender: &mpsc::Sender<String>,
+  outbox: &Outbox,
 ) -> Result<(), Produced> {
   let provider_failed = |message: String| {
     tracing::warn!(error = %message, "provider failed");
@@ -350,7 +359,7 @@ async fn produce(
       for chunk in chunks.drain(..) {
         encoder.push(chunk, &mut out);
       }
-      send_all(sender, &mut out).await?;
+      send_all(outbox, &mut out).await?;
     }
   } else {
     let value = provider
@@ -361,17 +370,11 @@ async fn produce(
     encoder.push_result(result, &mut out);
   }
   encoder.finish(&mut out);
-  send_all(sender, &mut out).await
+  send_all(outbox, &mut out).await
 }
 
-async fn send_all(sender: &mpsc::Sender<String>, out: &mut Vec<String>) -> Result<(), Produced> {
-  for payload in out.drain(..) {
-    sender
-      .send(payload)
-      .await
-      .map_err(|_| Produced::RelayClosed)?;
-  }
-  Ok(())
+async fn send_all(outbox: &Outbox, out: &mut Vec<String>) -> Result<(), Produced> {
+  outbox.push(out).await.map_err(|_| Produced::RelayClosed)
 }
 
 #[cfg(test)]
