@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::wire::write_json_str;
+use crate::wire::{write_json_str, write_json_str_content};
 
 /// An OpenAI error answer: the HTTP status plus `{ "error": { message, type, code } }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -576,17 +576,41 @@ pub struct StreamEncoder {
   tool_indices: BTreeSet<u32>,
   finish_reason: Option<&'static str>,
   usage: Option<Usage>,
+  form: PayloadForm,
   /// `"created":…,"id":…,"model":…,"object":…[,"usage":null]}`.
   tail: String,
+  /// A content chunk's payload up to the content's JSON string, in `form`.
+  content_head: String,
+  /// A content chunk's payload after the content's JSON string, in `form`.
+  content_end: String,
+  /// The content as a JSON string, before it is escaped again (reused).
+  scratch: String,
+}
+
+/// How a [`StreamEncoder`] writes its payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadForm {
+  /// JSON text, exactly what follows `data: ` in an OpenAI stream.
+  Json,
+  /// That JSON text already escaped as the inside of a JSON string (no
+  /// quotes): what a chunk POST's `chunks` array holds, so the relay copies
+  /// the payload instead of escaping it. `[DONE]` is the same in both forms.
+  JsonStringContent,
 }
 
 pub const DONE: &str = "[DONE]";
 
 /// What every chunk payload starts with, up to its delta.
 const CHUNK_HEAD: &str = r#"{"choices":[{"delta":"#;
+/// A chunk's end after its delta, when it has no finish reason.
+const CHUNK_OPEN_END: &str = r#","finish_reason":null,"index":0,"logprobs":null}"#;
 
 impl StreamEncoder {
   pub fn new(identity: AnswerIdentity, include_usage: bool) -> Self {
+    Self::with_form(identity, include_usage, PayloadForm::Json)
+  }
+
+  pub fn with_form(identity: AnswerIdentity, include_usage: bool, form: PayloadForm) -> Self {
     let mut tail = String::with_capacity(96 + identity.id.len() + identity.model.len());
     tail.push_str(r#"],"created":"#);
     tail.push_str(&identity.created.to_string());
@@ -599,6 +623,16 @@ impl StreamEncoder {
       tail.push_str(r#","usage":null"#);
     }
     tail.push('}');
+    let in_form = |json: &str| {
+      let mut text = String::with_capacity(json.len() + json.len() / 4);
+      match form {
+        PayloadForm::Json => text.push_str(json),
+        PayloadForm::JsonStringContent => write_json_str_content(&mut text, json),
+      }
+      text
+    };
+    let content_head = in_form(&format!(r#"{CHUNK_HEAD}{{"content":"#));
+    let content_end = in_form(&format!("}}{CHUNK_OPEN_END}{tail}"));
     Self {
       identity,
       include_usage,
@@ -606,8 +640,18 @@ impl StreamEncoder {
       tool_indices: BTreeSet::new(),
       finish_reason: None,
       usage: None,
+      form,
       tail,
+      content_head,
+      content_end,
+      scratch: String::new(),
     }
+  }
+
+  /// This encoder writing `form` instead, before it has written anything.
+  pub fn into_form(self, form: PayloadForm) -> Self {
+    debug_assert!(!self.started, "the form is chosen before the first payload");
+    Self::with_form(self.identity, self.include_usage, form)
   }
 
   /// Whether any payload has been produced (errors then go in-band).
@@ -630,10 +674,41 @@ impl StreamEncoder {
     payload
   }
 
+  /// A payload built as JSON text, in the encoder's form.
+  fn emit(&self, json: String) -> String {
+    match self.form {
+      PayloadForm::Json => json,
+      PayloadForm::JsonStringContent => {
+        let mut text = String::with_capacity(json.len() + json.len() / 4);
+        write_json_str_content(&mut text, &json);
+        text
+      }
+    }
+  }
+
+  /// The payload of a chunk with only content: the one made per token, from
+  /// the parts made once, without building the JSON text first.
+  fn content_payload(&mut self, content: &str) -> String {
+    let mut payload = String::with_capacity(
+      self.content_head.len() + content.len() + content.len() / 4 + 8 + self.content_end.len(),
+    );
+    payload.push_str(&self.content_head);
+    match self.form {
+      PayloadForm::Json => write_json_str(&mut payload, content),
+      PayloadForm::JsonStringContent => {
+        self.scratch.clear();
+        write_json_str(&mut self.scratch, content);
+        write_json_str_content(&mut payload, &self.scratch);
+      }
+    }
+    payload.push_str(&self.content_end);
+    payload
+  }
+
   fn start(&mut self, out: &mut Vec<String>) {
     if !self.started {
       self.started = true;
-      out.push(self.payload(r#"{"content":"","role":"assistant"}"#, None));
+      out.push(self.emit(self.payload(r#"{"content":"","role":"assistant"}"#, None)));
     }
   }
 
@@ -653,7 +728,11 @@ impl StreamEncoder {
         .collect(),
       None => Vec::new(),
     };
-    if content.is_none() && calls.is_empty() {
+    if calls.is_empty() {
+      if let Some(content) = content {
+        let payload = self.content_payload(&content);
+        out.push(payload);
+      }
       return;
     }
     // The delta's keys in sorted order: content, tool_calls.
@@ -671,7 +750,7 @@ impl StreamEncoder {
       delta.push_str(&Value::Array(calls).to_string());
     }
     delta.push('}');
-    out.push(self.payload(&delta, None));
+    out.push(self.emit(self.payload(&delta, None)));
   }
 
   fn tool_call_delta(&mut self, call: ToolCallDelta) -> Option<Value> {
@@ -732,7 +811,7 @@ impl StreamEncoder {
       } else {
         "tool_calls"
       });
-    out.push(self.payload("{}", Some(reason)));
+    out.push(self.emit(self.payload("{}", Some(reason))));
     if self.include_usage {
       let usage = self.usage.unwrap_or(Usage {
         prompt_tokens: 0,
@@ -747,14 +826,14 @@ impl StreamEncoder {
         "choices": [],
         "usage": usage.wire(),
       });
-      out.push(chunk.to_string());
+      out.push(self.emit(chunk.to_string()));
     }
     out.push(DONE.to_owned());
   }
 
   /// An error after payloads went out: `{"error":{…}}` in-band, then `[DONE]`.
   pub fn fail(&mut self, error: &ErrorReply, out: &mut Vec<String>) {
-    out.push(error.body().to_string());
+    out.push(self.emit(error.body().to_string()));
     out.push(DONE.to_owned());
   }
 }
@@ -1075,6 +1154,42 @@ mod tests {
         expected[..],
         "include_usage {include_usage}"
       );
+    }
+  }
+
+  #[test]
+  fn the_chunk_post_form_is_the_json_form_escaped() {
+    let awkward = AnswerIdentity {
+      id: "chatcmpl-t \"1\"\\".into(),
+      created: 7,
+      model: "m\u{1}\t雪".into(),
+    };
+    for include_usage in [false, true] {
+      let mut json = StreamEncoder::new(awkward.clone(), include_usage);
+      let mut escaped = StreamEncoder::with_form(
+        awkward.clone(),
+        include_usage,
+        PayloadForm::JsonStringContent,
+      );
+      let (mut plain, mut inside) = (Vec::new(), Vec::new());
+      for encoder_out in [(&mut json, &mut plain), (&mut escaped, &mut inside)] {
+        let (encoder, out) = encoder_out;
+        for chunk in [
+          json!({ "content": "tok \"q\" \\ \n 🦀 \u{1f}" }),
+          json!({ "content": "x", "toolCalls": [{ "index": 0, "function": { "name": "f", "arguments": "{\"a\"" } }] }),
+          json!({ "content": "" }),
+          json!({ "finishReason": "length", "usage": { "promptTokens": 1, "completionTokens": 2 } }),
+        ] {
+          encoder.push(parse_chunk(chunk).unwrap(), out);
+        }
+        encoder.finish(out);
+        encoder.fail(&ErrorReply::provider_error("b\"oom"), out);
+      }
+      assert_eq!(plain.len(), inside.len());
+      for (plain, inside) in plain.iter().zip(&inside) {
+        let quoted = serde_json::to_string(plain).unwrap();
+        assert_eq!(&quoted[1..quoted.len() - 1], inside);
+      }
     }
   }
 

@@ -21,11 +21,11 @@ use tokio_util::sync::CancellationToken;
 use super::delivery::{deliver, Delivery, DeliverySignals};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
-use crate::openai::DONE;
+use crate::openai::{PayloadForm, DONE};
 use crate::wire::write_json_str;
 
-/// The most payloads and bytes (of payload JSON) one chunk POST carries; the
-/// producer waits while the next POST's body holds this much.
+/// The most payloads and bytes (of payloads as the body holds them) one chunk
+/// POST carries; the producer waits while the next POST's body holds this much.
 const MAX_BATCH_PAYLOADS: usize = 1024;
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// How long a chunk POST after the first waits for more payloads to join it.
@@ -62,7 +62,7 @@ struct Building {
   /// `{"seq":N,"chunks":[` then the payloads so far, each as a JSON string.
   body: String,
   payloads: usize,
-  /// The payloads' own length (unescaped), for the byte limit.
+  /// The payloads' length as pushed, for the byte limit.
   bytes: usize,
   done: bool,
   producer_gone: bool,
@@ -122,9 +122,20 @@ impl Outbox {
     }
   }
 
-  /// Adds the payloads in order (emptying `payloads`), waiting while the next
-  /// POST's body is full.
+  /// Adds the payloads (JSON text) in order, emptying `payloads`, waiting
+  /// while the next POST's body is full. (The registrar pushes escaped ones.)
+  #[cfg(test)]
   pub async fn push(&self, payloads: &mut Vec<String>) -> Result<(), RelayGone> {
+    self.push_in(payloads, PayloadForm::Json).await
+  }
+
+  /// [`Outbox::push`] for payloads already escaped as the inside of a JSON
+  /// string (`PayloadForm::JsonStringContent`): they are copied, not escaped.
+  pub async fn push_escaped(&self, payloads: &mut Vec<String>) -> Result<(), RelayGone> {
+    self.push_in(payloads, PayloadForm::JsonStringContent).await
+  }
+
+  async fn push_in(&self, payloads: &mut Vec<String>, form: PayloadForm) -> Result<(), RelayGone> {
     let mut at = 0;
     while at < payloads.len() {
       let wake_relay = {
@@ -139,7 +150,14 @@ impl Outbox {
           if state.payloads > 0 {
             state.body.push(',');
           }
-          write_json_str(&mut state.body, payload);
+          match form {
+            PayloadForm::Json => write_json_str(&mut state.body, payload),
+            PayloadForm::JsonStringContent => {
+              state.body.push('"');
+              state.body.push_str(payload);
+              state.body.push('"');
+            }
+          }
           state.payloads += 1;
           state.bytes += payload.len();
           state.done |= payload == DONE;
@@ -343,6 +361,29 @@ mod tests {
     assert_eq!((second.payloads, second.done), (3, true));
     outbox.close_producer();
     assert!(outbox.take(6, false).await.is_none());
+  }
+
+  #[tokio::test]
+  async fn escaped_payloads_are_copied_into_the_same_body() {
+    let plain = Outbox::new();
+    let escaped = Outbox::new();
+    let mut payloads = payloads(0, 3);
+    payloads.push(DONE.to_owned());
+    let mut inside: Vec<String> = payloads
+      .iter()
+      .map(|payload| {
+        let quoted = serde_json::to_string(payload).unwrap();
+        quoted[1..quoted.len() - 1].to_owned()
+      })
+      .collect();
+    plain.push(&mut payloads.clone()).await.unwrap();
+    escaped.push_escaped(&mut inside).await.unwrap();
+    let (plain, escaped) = (
+      plain.take(0, false).await.unwrap(),
+      escaped.take(0, false).await.unwrap(),
+    );
+    assert_eq!(text(&plain), text(&escaped));
+    assert!(escaped.done);
   }
 
   #[tokio::test]

@@ -30,7 +30,7 @@ use super::delivery::{deliver, Delivery, DeliverySignals};
 use super::relay::{relay_chunks, Outbox, Relayed};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
-use crate::openai::{self, AnswerIdentity, ErrorReply, StreamEncoder};
+use crate::openai::{self, AnswerIdentity, ErrorReply, PayloadForm, StreamEncoder};
 use crate::provider::{AbortReason, Provider, ProviderCall};
 
 /// A task's tokens: mcpd's cancel (its own), the stop (a child of the
@@ -228,10 +228,12 @@ impl TaskContext<'_> {
     &self,
     provider: &Arc<dyn Provider>,
     call: ProviderCall,
-    mut encoder: StreamEncoder,
+    encoder: StreamEncoder,
   ) -> Outcome {
     let task_id = call.task_id.clone();
     let deadline = Instant::now() + self.task_timeout;
+    // Payloads are made ready-escaped for the chunk POST's body.
+    let mut encoder = encoder.into_form(PayloadForm::JsonStringContent);
     let outbox = Outbox::new();
     let relay = relay_chunks(self.client, &task_id, &outbox, &self.signals);
     let produce = async {
@@ -262,7 +264,7 @@ impl TaskContext<'_> {
         // Payloads went out: the error goes in-band, then [DONE].
         let mut out = Vec::new();
         encoder.fail(&reply, &mut out);
-        let _ = outbox.push(&mut out).await;
+        let _ = outbox.push_escaped(&mut out).await;
         Outcome::Failed
       } else {
         drop(producer);
@@ -374,7 +376,10 @@ async fn produce(
 }
 
 async fn send_all(outbox: &Outbox, out: &mut Vec<String>) -> Result<(), Produced> {
-  outbox.push(out).await.map_err(|_| Produced::RelayClosed)
+  outbox
+    .push_escaped(out)
+    .await
+    .map_err(|_| Produced::RelayClosed)
 }
 
 #[cfg(test)]
