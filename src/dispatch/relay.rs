@@ -231,7 +231,8 @@ impl Outbox {
         let lingering = deadline.is_some_and(|at| tokio::time::Instant::now() < at);
         if state.payloads > 0 && (state.ready() || !lingering) {
           let next_seq = seq + state.payloads as u64;
-          let capacity = state.body.capacity();
+          // The next body starts as large as this one; after [DONE] there is none.
+          let capacity = if state.done { 0 } else { state.body.capacity() };
           let mut body = std::mem::replace(&mut state.body, body_head(next_seq, capacity));
           body.push_str("]}");
           let batch = Batch {
