@@ -272,9 +272,17 @@ impl McpdClient {
   /// One chunk POST; the retries are the caller's (`dispatch::delivery`).
   pub async fn post_chunks(&self, task_id: &str, seq: u64, chunks: &[String]) -> PostOutcome {
     let path = task_path(task_id, "chunks");
+    // Built by hand, not by serde: the payloads are escaped in one pass.
+    let body = ChunkPost { seq, chunks }.to_json();
     self
-      .post_once("chunk POST", &path, &ChunkPost { seq, chunks })
+      .post_once_encoded("chunk POST", &path, body.into_bytes())
       .await
+  }
+
+  /// One attempt of a chunk POST whose body ([`ChunkPost`]'s JSON) is built.
+  pub async fn post_chunk_body(&self, task_id: &str, body: bytes::Bytes) -> PostOutcome {
+    let path = task_path(task_id, "chunks");
+    self.post_once_encoded("chunk POST", &path, body).await
   }
 
   /// A single attempt; a failure carries mcpd's `Retry-After` when it sent one.
@@ -288,12 +296,26 @@ impl McpdClient {
       error,
       retry_after: None,
     };
-    let url = self.endpoint_url(path).map_err(fail)?;
     let body = serde_json::to_vec(body).map_err(|error| {
       fail(Error::Protocol(format!(
         "{operation}: cannot encode the body: {error}"
       )))
     })?;
+    self.post_once_encoded(operation, path, body).await
+  }
+
+  /// [`Self::post_once`] with the body already encoded as JSON.
+  async fn post_once_encoded(
+    &self,
+    operation: &'static str,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+  ) -> PostOutcome {
+    let fail = |error: Error| PostFailure {
+      error,
+      retry_after: None,
+    };
+    let url = self.endpoint_url(path).map_err(fail)?;
     let response = self
       .http
       .post(url)

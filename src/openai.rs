@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::wire::{write_json_str, write_json_str_content};
+
 /// An OpenAI error answer: the HTTP status plus `{ "error": { message, type, code } }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorReply {
@@ -560,6 +562,13 @@ pub fn chat_completion(identity: &AnswerIdentity, result: &CompletionResult) -> 
 /// Turns provider chunks into the payloads of an OpenAI stream, keeping the
 /// rules real clients check: the role first, each tool call introduced once
 /// with its id and name, exactly one finish_reason, usage last, then `[DONE]`.
+///
+/// A payload is written straight as JSON text, keys in the order serde_json's
+/// `Value` prints them (sorted), so the bytes are those of the
+/// `json!`-built object: `{"choices":[{"delta":…,"finish_reason":…,"index":0,
+/// "logprobs":null}],` then a tail shared by every chunk of the task (`created`,
+/// `id`, `model`, `object`, `usage: null` with include_usage), made once. No
+/// `Value` is built for a content chunk (this runs once per streamed token).
 pub struct StreamEncoder {
   identity: AnswerIdentity,
   include_usage: bool,
@@ -567,12 +576,63 @@ pub struct StreamEncoder {
   tool_indices: BTreeSet<u32>,
   finish_reason: Option<&'static str>,
   usage: Option<Usage>,
+  form: PayloadForm,
+  /// `"created":…,"id":…,"model":…,"object":…[,"usage":null]}`.
+  tail: String,
+  /// A content chunk's payload up to the content's JSON string, in `form`.
+  content_head: String,
+  /// A content chunk's payload after the content's JSON string, in `form`.
+  content_end: String,
+  /// The content as a JSON string, before it is escaped again (reused).
+  scratch: String,
+}
+
+/// How a [`StreamEncoder`] writes its payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadForm {
+  /// JSON text, exactly what follows `data: ` in an OpenAI stream.
+  Json,
+  /// That JSON text already escaped as the inside of a JSON string (no
+  /// quotes): what a chunk POST's `chunks` array holds, so the relay copies
+  /// the payload instead of escaping it. `[DONE]` is the same in both forms.
+  JsonStringContent,
 }
 
 pub const DONE: &str = "[DONE]";
 
+/// What every chunk payload starts with, up to its delta.
+const CHUNK_HEAD: &str = r#"{"choices":[{"delta":"#;
+/// A chunk's end after its delta, when it has no finish reason.
+const CHUNK_OPEN_END: &str = r#","finish_reason":null,"index":0,"logprobs":null}"#;
+
 impl StreamEncoder {
   pub fn new(identity: AnswerIdentity, include_usage: bool) -> Self {
+    Self::with_form(identity, include_usage, PayloadForm::Json)
+  }
+
+  pub fn with_form(identity: AnswerIdentity, include_usage: bool, form: PayloadForm) -> Self {
+    let mut tail = String::with_capacity(96 + identity.id.len() + identity.model.len());
+    tail.push_str(r#"],"created":"#);
+    tail.push_str(&identity.created.to_string());
+    tail.push_str(r#","id":"#);
+    write_json_str(&mut tail, &identity.id);
+    tail.push_str(r#","model":"#);
+    write_json_str(&mut tail, &identity.model);
+    tail.push_str(r#","object":"chat.completion.chunk""#);
+    if include_usage {
+      tail.push_str(r#","usage":null"#);
+    }
+    tail.push('}');
+    let in_form = |json: &str| {
+      let mut text = String::with_capacity(json.len() + json.len() / 4);
+      match form {
+        PayloadForm::Json => text.push_str(json),
+        PayloadForm::JsonStringContent => write_json_str_content(&mut text, json),
+      }
+      text
+    };
+    let content_head = in_form(&format!(r#"{CHUNK_HEAD}{{"content":"#));
+    let content_end = in_form(&format!("}}{CHUNK_OPEN_END}{tail}"));
     Self {
       identity,
       include_usage,
@@ -580,7 +640,18 @@ impl StreamEncoder {
       tool_indices: BTreeSet::new(),
       finish_reason: None,
       usage: None,
+      form,
+      tail,
+      content_head,
+      content_end,
+      scratch: String::new(),
     }
+  }
+
+  /// This encoder writing `form` instead, before it has written anything.
+  pub fn into_form(self, form: PayloadForm) -> Self {
+    debug_assert!(!self.started, "the form is chosen before the first payload");
+    Self::with_form(self.identity, self.include_usage, form)
   }
 
   /// Whether any payload has been produced (errors then go in-band).
@@ -588,24 +659,56 @@ impl StreamEncoder {
     self.started
   }
 
-  fn payload(&self, delta: Value, finish_reason: Option<&str>) -> String {
-    let mut chunk = json!({
-      "id": self.identity.id,
-      "object": "chat.completion.chunk",
-      "created": self.identity.created,
-      "model": self.identity.model,
-      "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
-    });
-    if self.include_usage {
-      chunk["usage"] = Value::Null;
+  /// One chunk payload: `delta` (JSON text of an object) and the finish reason.
+  fn payload(&self, delta: &str, finish_reason: Option<&str>) -> String {
+    let mut payload = String::with_capacity(CHUNK_HEAD.len() + delta.len() + 56 + self.tail.len());
+    payload.push_str(CHUNK_HEAD);
+    payload.push_str(delta);
+    payload.push_str(r#","finish_reason":"#);
+    match finish_reason {
+      Some(reason) => write_json_str(&mut payload, reason),
+      None => payload.push_str("null"),
     }
-    chunk.to_string()
+    payload.push_str(r#","index":0,"logprobs":null}"#);
+    payload.push_str(&self.tail);
+    payload
+  }
+
+  /// A payload built as JSON text, in the encoder's form.
+  fn emit(&self, json: String) -> String {
+    match self.form {
+      PayloadForm::Json => json,
+      PayloadForm::JsonStringContent => {
+        let mut text = String::with_capacity(json.len() + json.len() / 4);
+        write_json_str_content(&mut text, &json);
+        text
+      }
+    }
+  }
+
+  /// The payload of a chunk with only content: the one made per token, from
+  /// the parts made once, without building the JSON text first.
+  fn content_payload(&mut self, content: &str) -> String {
+    let mut payload = String::with_capacity(
+      self.content_head.len() + content.len() + content.len() / 4 + 8 + self.content_end.len(),
+    );
+    payload.push_str(&self.content_head);
+    match self.form {
+      PayloadForm::Json => write_json_str(&mut payload, content),
+      PayloadForm::JsonStringContent => {
+        self.scratch.clear();
+        write_json_str(&mut self.scratch, content);
+        write_json_str_content(&mut payload, &self.scratch);
+      }
+    }
+    payload.push_str(&self.content_end);
+    payload
   }
 
   fn start(&mut self, out: &mut Vec<String>) {
     if !self.started {
       self.started = true;
-      out.push(self.payload(json!({ "role": "assistant", "content": "" }), None));
+      out.push(self.emit(self.payload(r#"{"content":"","role":"assistant"}"#, None)));
     }
   }
 
@@ -617,22 +720,37 @@ impl StreamEncoder {
     if chunk.usage.is_some() {
       self.usage = chunk.usage;
     }
-    let mut delta = Map::new();
-    if let Some(content) = chunk.content.filter(|content| !content.is_empty()) {
-      delta.insert("content".into(), json!(content));
+    let content = chunk.content.filter(|content| !content.is_empty());
+    let calls: Vec<Value> = match chunk.tool_calls {
+      Some(calls) => calls
+        .into_iter()
+        .filter_map(|call| self.tool_call_delta(call))
+        .collect(),
+      None => Vec::new(),
+    };
+    if calls.is_empty() {
+      if let Some(content) = content {
+        let payload = self.content_payload(&content);
+        out.push(payload);
+      }
+      return;
     }
-    let calls: Vec<Value> = chunk
-      .tool_calls
-      .unwrap_or_default()
-      .into_iter()
-      .filter_map(|call| self.tool_call_delta(call))
-      .collect();
+    // The delta's keys in sorted order: content, tool_calls.
+    let mut delta = String::with_capacity(16 + content.as_ref().map_or(0, String::len));
+    delta.push('{');
+    if let Some(content) = &content {
+      delta.push_str(r#""content":"#);
+      write_json_str(&mut delta, content);
+    }
     if !calls.is_empty() {
-      delta.insert("tool_calls".into(), Value::Array(calls));
+      if content.is_some() {
+        delta.push(',');
+      }
+      delta.push_str(r#""tool_calls":"#);
+      delta.push_str(&Value::Array(calls).to_string());
     }
-    if !delta.is_empty() {
-      out.push(self.payload(Value::Object(delta), None));
-    }
+    delta.push('}');
+    out.push(self.emit(self.payload(&delta, None)));
   }
 
   fn tool_call_delta(&mut self, call: ToolCallDelta) -> Option<Value> {
@@ -693,7 +811,7 @@ impl StreamEncoder {
       } else {
         "tool_calls"
       });
-    out.push(self.payload(json!({}), Some(reason)));
+    out.push(self.emit(self.payload("{}", Some(reason))));
     if self.include_usage {
       let usage = self.usage.unwrap_or(Usage {
         prompt_tokens: 0,
@@ -708,14 +826,14 @@ impl StreamEncoder {
         "choices": [],
         "usage": usage.wire(),
       });
-      out.push(chunk.to_string());
+      out.push(self.emit(chunk.to_string()));
     }
     out.push(DONE.to_owned());
   }
 
   /// An error after payloads went out: `{"error":{…}}` in-band, then `[DONE]`.
   pub fn fail(&mut self, error: &ErrorReply, out: &mut Vec<String>) {
-    out.push(error.body().to_string());
+    out.push(self.emit(error.body().to_string()));
     out.push(DONE.to_owned());
   }
 }
@@ -940,6 +1058,139 @@ mod tests {
     let last: Value = serde_json::from_str(&out[2]).unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], json!("length"));
     assert!(last.get("usage").is_none());
+  }
+
+  /// The payload as it was built before the direct writer: a `json!` object.
+  fn json_built_payload(
+    identity: &AnswerIdentity,
+    include_usage: bool,
+    delta: Value,
+    finish_reason: Option<&str>,
+  ) -> String {
+    let mut chunk = json!({
+      "id": identity.id,
+      "object": "chat.completion.chunk",
+      "created": identity.created,
+      "model": identity.model,
+      "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
+    });
+    if include_usage {
+      chunk["usage"] = Value::Null;
+    }
+    chunk.to_string()
+  }
+
+  #[test]
+  fn stream_payloads_are_these_exact_bytes() {
+    let mut encoder = StreamEncoder::new(identity(), true);
+    let mut out = Vec::new();
+    encoder.push(
+      parse_chunk(json!({ "content": "tok \"q\"\n" })).unwrap(),
+      &mut out,
+    );
+    encoder.push(parse_chunk(json!({ "content": "x", "toolCalls": [{ "index": 1, "id": "c9", "function": { "name": "f", "arguments": { "a": 1 } } }] })).unwrap(), &mut out);
+    encoder.push(parse_chunk(json!({ "toolCalls": [{ "index": 1, "function": { "arguments": "}" } }], "usage": { "promptTokens": 2, "completionTokens": 5 } })).unwrap(), &mut out);
+    encoder.finish(&mut out);
+    let tail = r#""created":1700000000,"id":"chatcmpl-t-1","model":"qwen","object":"chat.completion.chunk","usage":null}"#;
+    let expected = [
+      format!(r#"{{"choices":[{{"delta":{{"content":"","role":"assistant"}},"finish_reason":null,"index":0,"logprobs":null}}],{tail}"#),
+      format!(r#"{{"choices":[{{"delta":{{"content":"tok \"q\"\n"}},"finish_reason":null,"index":0,"logprobs":null}}],{tail}"#),
+      format!(r#"{{"choices":[{{"delta":{{"content":"x","tool_calls":[{{"function":{{"arguments":"{{\"a\":1}}","name":"f"}},"id":"c9","index":1,"type":"function"}}]}},"finish_reason":null,"index":0,"logprobs":null}}],{tail}"#),
+      format!(r#"{{"choices":[{{"delta":{{"tool_calls":[{{"function":{{"arguments":"}}"}},"index":1}}]}},"finish_reason":null,"index":0,"logprobs":null}}],{tail}"#),
+      format!(r#"{{"choices":[{{"delta":{{}},"finish_reason":"tool_calls","index":0,"logprobs":null}}],{tail}"#),
+      r#"{"choices":[],"created":1700000000,"id":"chatcmpl-t-1","model":"qwen","object":"chat.completion.chunk","usage":{"completion_tokens":5,"prompt_tokens":2,"total_tokens":7}}"#.to_owned(),
+      DONE.to_owned(),
+    ];
+    assert_eq!(out, expected);
+  }
+
+  #[test]
+  fn direct_payloads_are_the_bytes_of_the_json_built_object() {
+    let awkward = AnswerIdentity {
+      id: "chatcmpl-t \"1\"\\é".into(),
+      created: 0,
+      model: "m\u{1}\t雪".into(),
+    };
+    let mut every_ascii = String::new();
+    for byte in 1u8..0x80 {
+      every_ascii.push(char::from(byte));
+    }
+    for include_usage in [false, true] {
+      let mut encoder = StreamEncoder::new(awkward.clone(), include_usage);
+      let mut out = Vec::new();
+      for content in ["tok ", every_ascii.as_str(), "🦀 \u{2028}", "\u{0}"] {
+        encoder.push(
+          parse_chunk(json!({ "content": content })).unwrap(),
+          &mut out,
+        );
+      }
+      encoder.push(
+        parse_chunk(json!({ "finishReason": "length" })).unwrap(),
+        &mut out,
+      );
+      encoder.finish(&mut out);
+      let mut expected = vec![json_built_payload(
+        &awkward,
+        include_usage,
+        json!({ "role": "assistant", "content": "" }),
+        None,
+      )];
+      for content in ["tok ", every_ascii.as_str(), "🦀 \u{2028}", "\u{0}"] {
+        expected.push(json_built_payload(
+          &awkward,
+          include_usage,
+          json!({ "content": content }),
+          None,
+        ));
+      }
+      expected.push(json_built_payload(
+        &awkward,
+        include_usage,
+        json!({}),
+        Some("length"),
+      ));
+      assert_eq!(
+        out[..expected.len()],
+        expected[..],
+        "include_usage {include_usage}"
+      );
+    }
+  }
+
+  #[test]
+  fn the_chunk_post_form_is_the_json_form_escaped() {
+    let awkward = AnswerIdentity {
+      id: "chatcmpl-t \"1\"\\".into(),
+      created: 7,
+      model: "m\u{1}\t雪".into(),
+    };
+    for include_usage in [false, true] {
+      let mut json = StreamEncoder::new(awkward.clone(), include_usage);
+      let mut escaped = StreamEncoder::with_form(
+        awkward.clone(),
+        include_usage,
+        PayloadForm::JsonStringContent,
+      );
+      let (mut plain, mut inside) = (Vec::new(), Vec::new());
+      for encoder_out in [(&mut json, &mut plain), (&mut escaped, &mut inside)] {
+        let (encoder, out) = encoder_out;
+        for chunk in [
+          json!({ "content": "tok \"q\" \\ \n 🦀 \u{1f}" }),
+          json!({ "content": "x", "toolCalls": [{ "index": 0, "function": { "name": "f", "arguments": "{\"a\"" } }] }),
+          json!({ "content": "" }),
+          json!({ "finishReason": "length", "usage": { "promptTokens": 1, "completionTokens": 2 } }),
+        ] {
+          encoder.push(parse_chunk(chunk).unwrap(), out);
+        }
+        encoder.finish(out);
+        encoder.fail(&ErrorReply::provider_error("b\"oom"), out);
+      }
+      assert_eq!(plain.len(), inside.len());
+      for (plain, inside) in plain.iter().zip(&inside) {
+        let quoted = serde_json::to_string(plain).unwrap();
+        assert_eq!(&quoted[1..quoted.len() - 1], inside);
+      }
+    }
   }
 
   #[test]

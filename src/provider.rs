@@ -7,6 +7,8 @@ use std::pin::Pin;
 
 use serde_json::Value;
 
+use crate::openai::{parse_chunk, CompletionChunk};
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// One provider call: the task it serves and its `CompletionOptions` as JSON
@@ -53,6 +55,27 @@ impl AbortReason {
 pub trait ChunkSource: Send {
   /// The next chunk as JSON, or `None` at the end.
   fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>>;
+
+  /// The next chunks, already typed: waits for one, then appends it and as
+  /// many more as are ready at once to `out`; `false` at the end. A chunk
+  /// that is not a valid `CompletionChunk` is a failure, reported after the
+  /// valid chunks before it. The default takes one chunk through
+  /// [`ChunkSource::next_chunk`]; a source holding chunk JSON text parses it
+  /// straight into the typed chunk, with no `Value` in between.
+  fn next_chunks<'a>(
+    &'a mut self,
+    out: &'a mut Vec<CompletionChunk>,
+  ) -> BoxFuture<'a, Result<bool, ProviderFailure>> {
+    Box::pin(async move {
+      match self.next_chunk().await? {
+        Some(value) => {
+          out.push(parse_chunk(value).map_err(ProviderFailure)?);
+          Ok(true)
+        }
+        None => Ok(false),
+      }
+    })
+  }
 }
 
 pub trait Provider: Send + Sync + 'static {

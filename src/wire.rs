@@ -139,9 +139,102 @@ pub struct ChunkPost<'a> {
   pub chunks: &'a [String],
 }
 
+impl ChunkPost<'_> {
+  /// The body as JSON text, the bytes serde_json writes for it, built in one
+  /// pass into one buffer (each payload is JSON text escaped as a JSON string).
+  pub fn to_json(&self) -> String {
+    let escaped: usize = self.chunks.iter().map(|chunk| chunk.len() + 2).sum();
+    let mut body = String::with_capacity(32 + escaped + escaped / 4);
+    body.push_str(r#"{"seq":"#);
+    body.push_str(&self.seq.to_string());
+    body.push_str(r#","chunks":["#);
+    for (index, chunk) in self.chunks.iter().enumerate() {
+      if index > 0 {
+        body.push(',');
+      }
+      write_json_str(&mut body, chunk);
+    }
+    body.push_str("]}");
+    body
+  }
+}
+
+/// Appends `text` as a JSON string, quotes included, escaped exactly as
+/// serde_json escapes it (`\"`, `\\`, the short forms `\b \t \n \f \r`, other
+/// control characters as `\u00xx`; everything else as it is).
+pub fn write_json_str(out: &mut String, text: &str) {
+  out.push('"');
+  write_json_str_content(out, text);
+  out.push('"');
+}
+
+/// What [`write_json_str`] writes between the quotes.
+pub fn write_json_str_content(out: &mut String, text: &str) {
+  const HEX: &[u8; 16] = b"0123456789abcdef";
+  let bytes = text.as_bytes();
+  let mut run = 0;
+  for (at, &byte) in bytes.iter().enumerate() {
+    let short = match byte {
+      b'"' => "\\\"",
+      b'\\' => "\\\\",
+      b'\n' => "\\n",
+      b'\r' => "\\r",
+      b'\t' => "\\t",
+      0x08 => "\\b",
+      0x0c => "\\f",
+      0x00..=0x1f => "",
+      _ => continue,
+    };
+    // Every byte escaped is ASCII, so `run..at` lies on char boundaries.
+    out.push_str(&text[run..at]);
+    if short.is_empty() {
+      out.push_str("\\u00");
+      out.push(char::from(HEX[usize::from(byte >> 4)]));
+      out.push(char::from(HEX[usize::from(byte & 0xf)]));
+    } else {
+      out.push_str(short);
+    }
+    run = at + 1;
+  }
+  out.push_str(&text[run..]);
+}
+
 #[cfg(test)]
 mod tests {
   use super::*;
+
+  #[test]
+  fn json_strings_are_escaped_as_serde_json_escapes_them() {
+    let mut every_ascii = String::new();
+    for byte in 0u8..0x80 {
+      every_ascii.push(char::from(byte));
+    }
+    for text in [
+      "",
+      "tok ",
+      every_ascii.as_str(),
+      "é ü 雪 🦀 \u{2028}\u{2029}",
+      "\"\\\"\\",
+      "end\u{1f}",
+      "\u{7f}\u{0}x",
+    ] {
+      let mut ours = String::new();
+      write_json_str(&mut ours, text);
+      assert_eq!(ours, serde_json::to_string(text).unwrap(), "{text:?}");
+    }
+  }
+
+  #[test]
+  fn chunk_post_body_is_byte_for_byte_serde_json() {
+    let chunks: Vec<String> = vec![
+      r#"{"choices":[{"delta":{"content":"a \"q\" \\ \n é"},"finish_reason":null}]}"#.into(),
+      "[DONE]".into(),
+    ];
+    for (seq, chunks) in [(0, &chunks[..]), (u64::MAX, &chunks[..1]), (7, &[][..])] {
+      let post = ChunkPost { seq, chunks };
+      assert_eq!(post.to_json(), serde_json::to_string(&post).unwrap());
+    }
+  }
 
   #[test]
   fn register_request_matches_the_protocol() {

@@ -20,6 +20,7 @@ use super::stream_window::{
   Credit, End, StreamWindow, WakeProducer, WindowReader, CLOSED, FLUSH_BYTES, WINDOW,
 };
 use crate::logging::LogSink;
+use crate::openai::{parse_chunk, CompletionChunk};
 use crate::provider::{
   AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
 };
@@ -394,6 +395,29 @@ struct JsChunkSource {
   initial_credit: Credit,
   reader: WindowReader,
   streams: Arc<StreamTable>,
+  /// A bad chunk met in a run, reported once the chunks before it went out.
+  failure: Option<ProviderFailure>,
+}
+
+/// The most chunks one `next_chunks` hands over: the relay gets payloads in
+/// runs of this many at most, however large the JavaScript push was.
+const CHUNKS_PER_RUN: usize = 128;
+
+/// A chunk's JSON text straight into the typed chunk. Anything the typed
+/// parse refuses goes the `Value` way, so errors read as they always did
+/// (`parse_chunk`'s messages), and a non-object is never read as a sequence.
+fn parse_chunk_text(text: &str) -> Result<CompletionChunk, ProviderFailure> {
+  if text.starts_with('{') {
+    if let Ok(chunk) = serde_json::from_str::<CompletionChunk>(text) {
+      return Ok(chunk);
+    }
+  }
+  match serde_json::from_str::<Value>(text) {
+    Ok(value) => parse_chunk(value).map_err(ProviderFailure),
+    Err(error) => Err(ProviderFailure(format!(
+      "provider.stream: unreadable chunk: {error}"
+    ))),
+  }
 }
 
 impl JsChunkSource {
@@ -417,6 +441,7 @@ impl JsChunkSource {
       initial_credit,
       reader: WindowReader::new(window),
       streams: Arc::clone(&bridge.streams),
+      failure: None,
     }
   }
 }
@@ -429,6 +454,46 @@ impl Drop for JsChunkSource {
 }
 
 impl ChunkSource for JsChunkSource {
+  fn next_chunks<'a>(
+    &'a mut self,
+    out: &'a mut Vec<CompletionChunk>,
+  ) -> BoxFuture<'a, Result<bool, ProviderFailure>> {
+    Box::pin(async move {
+      if let Some(failure) = self.failure.take() {
+        return Err(failure);
+      }
+      let mut failure = None;
+      let mut parsed = 0;
+      let run = self
+        .reader
+        .next_run(CHUNKS_PER_RUN, |text| match parse_chunk_text(text) {
+          Ok(chunk) => {
+            out.push(chunk);
+            parsed += 1;
+            true
+          }
+          Err(error) => {
+            failure = Some(error);
+            false
+          }
+        })
+        .await;
+      match run {
+        Ok(_) => match failure {
+          // The chunks before the bad one go out first.
+          Some(failure) if parsed == 0 => Err(failure),
+          Some(failure) => {
+            self.failure = Some(failure);
+            Ok(true)
+          }
+          None => Ok(true),
+        },
+        Err(End::Done) => Ok(false),
+        Err(End::Failed(message)) => Err(ProviderFailure(message)),
+      }
+    })
+  }
+
   fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>> {
     Box::pin(async move {
       match self
@@ -444,5 +509,34 @@ impl ChunkSource for JsChunkSource {
         Err(End::Failed(message)) => Err(ProviderFailure(message)),
       }
     })
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn chunk_text_parses_typed_and_bad_chunks_read_as_before() {
+    let chunk = parse_chunk_text(r#"{"content":"tok \"q\"","finishReason":"stop","usage":{"promptTokens":1,"completionTokens":2}}"#).unwrap();
+    assert_eq!(chunk.content.as_deref(), Some("tok \"q\""));
+    assert_eq!(chunk.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(chunk.usage.map(|usage| usage.completion_tokens), Some(2));
+    // A duplicate key (which the typed parse refuses) reads as a Value does: last wins.
+    let chunk = parse_chunk_text(r#"{"content":"a","content":"b"}"#).unwrap();
+    assert_eq!(chunk.content.as_deref(), Some("b"));
+    // A sequence is not read as the struct's fields.
+    assert_eq!(
+      parse_chunk_text(r#"["x"]"#).unwrap_err().0,
+      parse_chunk(serde_json::json!(["x"])).unwrap_err()
+    );
+    assert_eq!(
+      parse_chunk_text(r#"{"content":5}"#).unwrap_err().0,
+      parse_chunk(serde_json::json!({ "content": 5 })).unwrap_err()
+    );
+    assert!(parse_chunk_text("{")
+      .unwrap_err()
+      .0
+      .starts_with("provider.stream: unreadable chunk: "));
   }
 }

@@ -248,6 +248,48 @@ impl WindowReader {
     }
   }
 
+  /// Up to `max` chunk texts of the batch in hand (waiting for a batch when
+  /// there is none), each handed to `each`, which answers `false` to stop
+  /// after it; or how the stream ended once every batch was taken. Answers how
+  /// many texts were handed over (at least one). One await for many chunks.
+  pub async fn next_run(
+    &mut self,
+    max: usize,
+    mut each: impl FnMut(&str) -> bool,
+  ) -> Result<usize, End> {
+    loop {
+      if let Some(batch) = self.current.as_mut() {
+        let mut handed = 0;
+        while handed < max {
+          let Some(text) = batch.next_text() else {
+            break;
+          };
+          handed += 1;
+          self.taken_chunks += 1;
+          self.taken_bytes += text.len() + 1;
+          let more = each(text);
+          if self.taken_chunks >= GIVE_BACK_EVERY {
+            self.window.give_back(self.taken_chunks, self.taken_bytes);
+            self.taken_chunks = 0;
+            self.taken_bytes = 0;
+          }
+          if !more {
+            break;
+          }
+        }
+        if handed > 0 {
+          return Ok(handed);
+        }
+        self.current = None;
+      }
+      self.give_back();
+      match self.window.take().await {
+        Taken::Batch(batch) => self.current = Some(batch),
+        Taken::End(end) => return Err(end),
+      }
+    }
+  }
+
   fn give_back(&mut self) {
     if self.taken_chunks > 0 {
       self.window.give_back(self.taken_chunks, self.taken_bytes);
@@ -302,6 +344,57 @@ mod tests {
     };
     assert_eq!(seen.join("\n"), texts(0, 5));
     assert_eq!(end, End::Done);
+  }
+
+  #[tokio::test]
+  async fn runs_hand_over_a_batch_at_a_time_in_order() {
+    let (window, woken) = window(128, 1 << 20);
+    assert_eq!(window.push(texts(0, 100), 100), 28);
+    assert_eq!(window.push(texts(100, 28), 28), 0, "the window is full");
+    window.finish(End::Done);
+    let mut reader = WindowReader::new(Arc::clone(&window));
+    let mut seen = Vec::new();
+    let mut runs = Vec::new();
+    let end = loop {
+      match reader
+        .next_run(30, |text| {
+          seen.push(text.to_owned());
+          true
+        })
+        .await
+      {
+        Ok(count) => runs.push(count),
+        Err(end) => break end,
+      }
+    };
+    assert_eq!(
+      runs,
+      vec![30, 30, 30, 10, 28],
+      "at most 30, never across batches"
+    );
+    assert_eq!(seen.join("\n"), texts(0, 128));
+    assert_eq!(end, End::Done);
+    assert_eq!(
+      *woken.lock(),
+      vec![64],
+      "credit went back while the runs were read"
+    );
+  }
+
+  #[tokio::test]
+  async fn a_run_stops_where_its_reader_says() {
+    let (window, _) = window(16, 1 << 20);
+    window.push(texts(0, 3), 3);
+    let mut reader = WindowReader::new(Arc::clone(&window));
+    let mut seen = Vec::new();
+    let count = reader
+      .next_run(10, |text| {
+        seen.push(text.to_owned());
+        seen.len() < 2
+      })
+      .await;
+    assert_eq!(count, Ok(2));
+    assert_eq!(reader.next(str::to_owned).await, Ok(texts(2, 1)));
   }
 
   #[tokio::test]

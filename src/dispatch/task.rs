@@ -24,15 +24,14 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::admission::{Admission, Lane, Slot};
 use super::delivery::{deliver, Delivery, DeliverySignals};
-use super::relay::{relay_chunks, Relayed, RELAY_BUFFER};
+use super::relay::{relay_chunks, Outbox, Relayed};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
-use crate::openai::{self, AnswerIdentity, ErrorReply, StreamEncoder};
+use crate::openai::{self, AnswerIdentity, ErrorReply, PayloadForm, StreamEncoder};
 use crate::provider::{AbortReason, Provider, ProviderCall};
 
 /// A task's tokens: mcpd's cancel (its own), the stop (a child of the
@@ -244,16 +243,19 @@ impl TaskContext<'_> {
     &self,
     provider: &Arc<dyn Provider>,
     call: ProviderCall,
-    mut encoder: StreamEncoder,
+    encoder: StreamEncoder,
   ) -> Outcome {
     let task_id = call.task_id.clone();
     let deadline = Instant::now() + self.task_timeout;
-    let (sender, receiver) = mpsc::channel::<String>(RELAY_BUFFER);
-    let relay = relay_chunks(self.client, &task_id, receiver, &self.signals);
+    // Payloads are made ready-escaped for the chunk POST's body.
+    let mut encoder = encoder.into_form(PayloadForm::JsonStringContent);
+    let outbox = Outbox::new();
+    let relay = relay_chunks(self.client, &task_id, &outbox, &self.signals);
     let produce = async {
-      let sender = sender;
-      let produced = produce(provider.as_ref(), call, &mut encoder, &sender);
-      let ending = self.decide(deadline, produced, sender.closed()).await;
+      // However this block ends, the relay then posts what is left and ends.
+      let producer = Producer(&outbox);
+      let produced = produce(provider.as_ref(), call, &mut encoder, &outbox);
+      let ending = self.decide(deadline, produced, outbox.relay_gone()).await;
       let reply = match ending {
         Ending::Settled(Ok(())) => return Outcome::Completed,
         Ending::Settled(Err(Produced::RelayClosed)) | Ending::RelayGone => {
@@ -277,10 +279,10 @@ impl TaskContext<'_> {
         // Payloads went out: the error goes in-band, then [DONE].
         let mut out = Vec::new();
         encoder.fail(&reply, &mut out);
-        let _ = send_all(&sender, &mut out).await;
+        let _ = outbox.push_escaped(&mut out).await;
         Outcome::Failed
       } else {
-        drop(sender);
+        drop(producer);
         self.fail(&task_id, &reply).await
       }
     };
@@ -336,6 +338,15 @@ impl TaskContext<'_> {
   }
 }
 
+/// The producer's hold on a task's outbox: dropped, it lets the relay finish.
+struct Producer<'a>(&'a Outbox);
+
+impl Drop for Producer<'_> {
+  fn drop(&mut self) {
+    self.0.close_producer();
+  }
+}
+
 /// Why producing a stream stopped early.
 enum Produced {
   Failed(ErrorReply),
@@ -349,7 +360,7 @@ async fn produce(
   provider: &dyn Provider,
   call: ProviderCall,
   encoder: &mut StreamEncoder,
-  sender: &mpsc::Sender<String>,
+  outbox: &Outbox,
 ) -> Result<(), Produced> {
   let provider_failed = |message: String| {
     tracing::warn!(error = %message, "provider failed");
@@ -361,14 +372,17 @@ async fn produce(
       .stream(call)
       .await
       .map_err(|failure| provider_failed(failure.0))?;
-    while let Some(value) = source
-      .next_chunk()
+    // Chunks come typed and several at a time (one await per run, not per token).
+    let mut chunks = Vec::new();
+    while source
+      .next_chunks(&mut chunks)
       .await
       .map_err(|failure| provider_failed(failure.0))?
     {
-      let chunk = openai::parse_chunk(value).map_err(provider_failed)?;
-      encoder.push(chunk, &mut out);
-      send_all(sender, &mut out).await?;
+      for chunk in chunks.drain(..) {
+        encoder.push(chunk, &mut out);
+      }
+      send_all(outbox, &mut out).await?;
     }
   } else {
     let value = provider
@@ -379,17 +393,14 @@ async fn produce(
     encoder.push_result(result, &mut out);
   }
   encoder.finish(&mut out);
-  send_all(sender, &mut out).await
+  send_all(outbox, &mut out).await
 }
 
-async fn send_all(sender: &mpsc::Sender<String>, out: &mut Vec<String>) -> Result<(), Produced> {
-  for payload in out.drain(..) {
-    sender
-      .send(payload)
-      .await
-      .map_err(|_| Produced::RelayClosed)?;
-  }
-  Ok(())
+async fn send_all(outbox: &Outbox, out: &mut Vec<String>) -> Result<(), Produced> {
+  outbox
+    .push_escaped(out)
+    .await
+    .map_err(|_| Produced::RelayClosed)
 }
 
 #[cfg(test)]

@@ -1,0 +1,128 @@
+//! The core's per-token work for a streamed chunk, without the network or
+//! JavaScript: `cargo bench --bench stream`. "before" is the path as it was
+//! (a `Value` for the chunk, a `json!` object per payload, serde escaping the
+//! payloads into the chunk POST); "now" is the path the registrar takes
+//! (the chunk parsed typed from its text in runs, the payload written ready
+//! escaped from parts made once per task, copied into the POST body as it
+//! grows). Each prints ns per token (best of 5) and the body bytes it made.
+
+use std::time::{Duration, Instant};
+
+use mcpctl_registrar::openai::{
+  parse_chunk, AnswerIdentity, CompletionChunk, PayloadForm, StreamEncoder, DONE,
+};
+use mcpctl_registrar::wire::ChunkPost;
+use serde_json::{json, Value};
+
+const TOKENS: usize = 200_000;
+const BATCH: usize = 1024;
+
+fn identity() -> AnswerIdentity {
+  AnswerIdentity::new("b1-0", "bench".into())
+}
+
+fn texts() -> Vec<String> {
+  (0..TOKENS)
+    .map(|_| r#"{"content":"tok "}"#.to_owned())
+    .collect()
+}
+
+fn before(texts: &[String]) -> usize {
+  let identity = identity();
+  let mut batch = Vec::new();
+  let mut bytes = 0;
+  let flush = |batch: &mut Vec<String>, bytes: &mut usize| {
+    let body = serde_json::to_vec(&ChunkPost {
+      seq: 0,
+      chunks: batch,
+    })
+    .unwrap();
+    *bytes += body.len();
+    batch.clear();
+  };
+  for text in texts {
+    let value: Value = serde_json::from_str(text).unwrap();
+    let chunk = parse_chunk(value).unwrap();
+    let mut delta = serde_json::Map::new();
+    if let Some(content) = chunk.content {
+      delta.insert("content".into(), json!(content));
+    }
+    let payload = json!({
+      "id": identity.id,
+      "object": "chat.completion.chunk",
+      "created": identity.created,
+      "model": identity.model,
+      "choices": [{ "index": 0, "delta": Value::Object(delta), "logprobs": null, "finish_reason": null }],
+    })
+    .to_string();
+    batch.push(payload);
+    if batch.len() == BATCH {
+      flush(&mut batch, &mut bytes);
+    }
+  }
+  batch.push(DONE.to_owned());
+  flush(&mut batch, &mut bytes);
+  bytes
+}
+
+fn now(texts: &[String]) -> usize {
+  let mut encoder = StreamEncoder::with_form(identity(), false, PayloadForm::JsonStringContent);
+  let mut out = Vec::new();
+  let mut chunks: Vec<CompletionChunk> = Vec::new();
+  // The outbox's work: the ready-escaped payloads copied into the body.
+  let mut body = String::new();
+  let mut in_body = 0;
+  let mut bytes = 0;
+  let mut append = |body: &mut String, out: &mut Vec<String>, bytes: &mut usize| {
+    for payload in out.drain(..) {
+      if in_body == 0 {
+        body.clear();
+        body.push_str(r#"{"seq":0,"chunks":["#);
+      } else {
+        body.push(',');
+      }
+      body.push('"');
+      body.push_str(&payload);
+      body.push('"');
+      in_body += 1;
+      if in_body == BATCH || payload == DONE {
+        body.push_str("]}");
+        *bytes += body.len();
+        in_body = 0;
+      }
+    }
+  };
+  for run in texts.chunks(128) {
+    for text in run {
+      chunks.push(serde_json::from_str(text).unwrap());
+    }
+    for chunk in chunks.drain(..) {
+      encoder.push(chunk, &mut out);
+    }
+    append(&mut body, &mut out, &mut bytes);
+  }
+  encoder.finish(&mut out);
+  append(&mut body, &mut out, &mut bytes);
+  bytes
+}
+
+fn report(name: &str, run: fn(&[String]) -> usize, texts: &[String]) {
+  let mut best = Duration::MAX;
+  let mut bytes = 0;
+  for _ in 0..5 {
+    let started = Instant::now();
+    bytes = run(texts);
+    best = best.min(started.elapsed());
+  }
+  println!(
+    "{name}: {:.0} ns per token ({} body bytes)",
+    best.as_nanos() as f64 / TOKENS as f64,
+    bytes
+  );
+}
+
+fn main() {
+  let texts = texts();
+  report("before", before, &texts);
+  report("now", now, &texts);
+}
