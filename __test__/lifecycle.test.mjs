@@ -288,7 +288,11 @@ test('start() resolves once the channel is open: a task sent that instant is ans
     // No wait of any kind: mcpd must already hold the open stream.
     const status = registrar.status()
     assert.equal(status.state, 'connected')
-    const taskId = mcpd.sendTask({ provider: `instant-${round}`, body: chatBody(), sessionId: status.providerSessionId })
+    const taskId = mcpd.sendTask({
+      provider: `instant-${round}`,
+      body: chatBody(),
+      sessionId: status.providerSessionId,
+    })
     const outcome = await mcpd.outcome(taskId)
     assert.equal(outcome.status, 200, `round ${round}: ${JSON.stringify(outcome)}`)
     assert.equal(provider.calls.length, 1)
