@@ -120,6 +120,25 @@ impl McpdClient {
     headers
   }
 
+  /// Sends one JSON POST to `path` and hands back mcpd's answer, whatever its status.
+  async fn send_json(
+    &self,
+    operation: &'static str,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+  ) -> Result<Response> {
+    self
+      .http
+      .post(self.endpoint_url(path)?)
+      .headers(self.headers())
+      .header(CONTENT_TYPE, "application/json")
+      .timeout(REQUEST_TIMEOUT)
+      .body(body)
+      .send()
+      .await
+      .map_err(|source| Error::Transport { operation, source })
+  }
+
   /// POSTs `body` as JSON; a 2xx answer's body is read up to
   /// [`ANSWER_BODY_LIMIT`] (so the connection can be reused) and otherwise ignored.
   async fn post_json<T: Serialize>(
@@ -142,19 +161,9 @@ impl McpdClient {
     body: &T,
     limit: usize,
   ) -> Result<BoundedBody> {
-    let url = self.endpoint_url(path)?;
-    let body = serde_json::to_vec(body)
-      .map_err(|error| Error::Protocol(format!("{operation}: cannot encode the body: {error}")))?;
     let response = self
-      .http
-      .post(url)
-      .headers(self.headers())
-      .header(CONTENT_TYPE, "application/json")
-      .timeout(REQUEST_TIMEOUT)
-      .body(body)
-      .send()
-      .await
-      .map_err(|source| Error::Transport { operation, source })?;
+      .send_json(operation, path, encode(operation, body)?)
+      .await?;
     if response.status().is_success() {
       Ok(read_bounded(response, limit).await)
     } else {
@@ -296,11 +305,7 @@ impl McpdClient {
       error,
       retry_after: None,
     };
-    let body = serde_json::to_vec(body).map_err(|error| {
-      fail(Error::Protocol(format!(
-        "{operation}: cannot encode the body: {error}"
-      )))
-    })?;
+    let body = encode(operation, body).map_err(fail)?;
     self.post_once_encoded(operation, path, body).await
   }
 
@@ -315,20 +320,7 @@ impl McpdClient {
       error,
       retry_after: None,
     };
-    let url = self.endpoint_url(path).map_err(fail)?;
-    let response = self
-      .http
-      .post(url)
-      .headers(self.headers())
-      .header(CONTENT_TYPE, "application/json")
-      .timeout(REQUEST_TIMEOUT)
-      .body(body)
-      .send()
-      .await
-      .map_err(|source| PostFailure {
-        error: Error::Transport { operation, source },
-        retry_after: None,
-      })?;
+    let response = self.send_json(operation, path, body).await.map_err(fail)?;
     if response.status().is_success() {
       // Read (bounded) so the connection can be reused; the status decides.
       read_bounded(response, ANSWER_BODY_LIMIT).await;
@@ -340,6 +332,12 @@ impl McpdClient {
       retry_after,
     })
   }
+}
+
+/// A request body as JSON; an unencodable one is a protocol error naming `operation`.
+fn encode<T: Serialize>(operation: &'static str, body: &T) -> Result<Vec<u8>> {
+  serde_json::to_vec(body)
+    .map_err(|error| Error::Protocol(format!("{operation}: cannot encode the body: {error}")))
 }
 
 /// What one result or chunk POST attempt gave.
