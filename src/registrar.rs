@@ -268,6 +268,12 @@ impl Registrar {
       self.release_hold();
       return Err(error);
     }
+    self.channel_opened().await
+  }
+
+  /// Waits until the control channel has been open once; `Stopped` when stop()
+  /// comes first.
+  async fn channel_opened(&self) -> Result<()> {
     let mut life = self.core.life.subscribe();
     let opened = life
       .wait_for(|life| life.connections > 0 || life.state == RegistrarState::Stopped)
@@ -339,9 +345,11 @@ impl Registrar {
   }
 
   /// Like `start`, but a failed first register is retried in the background
-  /// with backoff; returns after the first register, with its error for logging.
+  /// with backoff; returns its error (for logging) at once, or, after a good
+  /// register, once the channel is open, as `start()` does.
   pub async fn start_in_background(&self) -> Result<()> {
-    self.launch(StartMode::Background).await
+    self.launch(StartMode::Background).await?;
+    self.channel_opened().await
   }
 
   /// Claims the start, spawns the supervisor and waits for the first register.

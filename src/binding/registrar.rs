@@ -326,6 +326,9 @@ impl VirtualLlmRegistrar {
   }
 
   /// Registers, persists the session id, opens the channel, starts the heartbeat.
+  /// Resolves once the channel is open (state `connected`), so a task that mcpd
+  /// sends from then on is run; a stream connect that fails after a good register
+  /// is retried with backoff while it waits.
   /// Rejects with a `RegistrarError` when the first register fails (`code`
   /// 'ERR_REGISTER_FAILED' or 'ERR_UNAUTHORIZED', with `status` when mcpd
   /// answered an HTTP error), after stop() ('ERR_STOPPED'), or when already
@@ -489,8 +492,9 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
   let span = registrar.span.clone();
   env.spawn_future_with_callback(
     async move {
-      // The first register runs on its own task: the boot waits for it only so
-      // long, and a slow mcpd finishes registering in the background.
+      // The first register and the channel's opening run on their own task:
+      // the boot waits for them only so long, and a slow mcpd finishes
+      // registering in the background.
       let first = tokio::spawn(
         async move { core.start_in_background().await }.instrument(tracing::Span::current()),
       );
