@@ -206,6 +206,9 @@ export declare class VirtualLlmRegistrar {
   constructor(options: RegistrarOptions)
   /**
    * Registers, persists the session id, opens the channel, starts the heartbeat.
+   * Resolves once the channel is open (state `connected`), so a task that mcpd
+   * sends from then on is run; a stream connect that fails after a good register
+   * is retried with backoff while it waits.
    * Rejects with a `RegistrarError` when the first register fails (`code`
    * 'ERR_REGISTER_FAILED' or 'ERR_UNAUTHORIZED', with `status` when mcpd
    * answered an HTTP error), after stop() ('ERR_STOPPED'), or when already
