@@ -304,7 +304,36 @@ impl Registrar {
   ///
   /// Fails with `InvalidInput` for an empty set or a name listed twice, and
   /// with `Stopped` after stop(), or when stop() comes while it waits.
-  pub async fn update(&self, providers: Vec<PublishedProvider>) -> Result<()> {
+  ///
+  /// Everything up to the wait for mcpd happens when `update` is called, not
+  /// when the future is first polled: two updates called one after the other
+  /// reach the supervisor in that order, whichever future runs first.
+  pub fn update(
+    &self,
+    providers: Vec<PublishedProvider>,
+  ) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+    let sent = self.send_update(providers);
+    async move {
+      let (answer, root) = match sent {
+        Ok(Some(waiting)) => waiting,
+        Ok(None) => return Ok(()),
+        Err(error) => return Err(error),
+      };
+      tokio::select! {
+        // mcpd's acceptance first: an update accepted as stop() comes did happen.
+        biased;
+        answer = answer => answer.unwrap_or(Err(Error::Stopped)),
+        _ = root.cancelled() => Err(Error::Stopped),
+      }
+    }
+  }
+
+  /// The synchronous half of `update`: settles it at once (`None`) before a
+  /// start, or hands the set to the supervisor and returns what to wait on.
+  fn send_update(
+    &self,
+    providers: Vec<PublishedProvider>,
+  ) -> Result<Option<(oneshot::Receiver<Result<()>>, CancellationToken)>> {
     check_set(&providers)?;
     let core = &self.core;
     let root = core.owners.root.clone();
@@ -329,19 +358,14 @@ impl Registrar {
           tracing::info!(providers = %names(&providers), "published set replaced; start() registers it")
         });
       }
-      return settled;
+      return settled.map(|()| None);
     }
     let (done, answer) = oneshot::channel();
     core
       .commands
       .send(Command::Update { providers, done })
       .map_err(|_| Error::Stopped)?;
-    tokio::select! {
-      // mcpd's acceptance first: an update accepted as stop() comes did happen.
-      biased;
-      answer = answer => answer.unwrap_or(Err(Error::Stopped)),
-      _ = root.cancelled() => Err(Error::Stopped),
-    }
+    Ok(Some((answer, root)))
   }
 
   /// Like `start`, but a failed first register is retried in the background

@@ -446,16 +446,19 @@ impl VirtualLlmRegistrar {
     } else {
       self.span.in_scope(|| self.publisher.set(env, providers))
     };
-    let core = Arc::clone(&self.core);
+    // The set goes to the supervisor now, in the order of the JavaScript calls.
+    let updating = set.map(|providers| {
+      let _entered = self.span.enter();
+      self.core.update(providers)
+    });
     let span = self.span.clone();
     let token = self.token.clone();
     env.spawn_future_with_callback(
       async move {
-        let providers = match set {
-          Ok(providers) => providers,
-          Err(error) => return Ok(Err(error)),
-        };
-        Ok(core.update(providers).instrument(span).await)
+        Ok(match updating {
+          Ok(updating) => updating.instrument(span).await,
+          Err(error) => Err(error),
+        })
       },
       move |env, updated| updated.map_err(error::js(env, Some(&token))),
     )
