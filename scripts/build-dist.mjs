@@ -4,10 +4,13 @@
 //
 //   x86_64-unknown-linux-gnu   napi build --use-napi-cross (gcc toolchain with a glibc 2.17 sysroot)
 //   aarch64-unknown-linux-gnu  the same toolchain for aarch64; needs a Rust std for aarch64
-//   x86_64-unknown-linux-musl  napi build -x (cargo-zigbuild); needs a Rust std for musl
+//   x86_64-unknown-linux-musl  napi build -x (cargo-zigbuild, zig from the `ziglang` PyPI
+//                              package); with no musl std installed, std is built from
+//                              Debian's rust-web-src (see muslFromSource below)
 //
 // A target whose Rust std is not installed is skipped with the reason and the run fails,
-// unless it is left out on the command line. Builds run one at a time.
+// unless it is left out on the command line. Builds run one at a time. After the builds:
+// the glibc check on the gnu binaries, the musl check (scripts/check-musl.mjs) on the musl one.
 //
 // Usage: node scripts/build-dist.mjs [triple...]   (default: all three)
 import { spawnSync } from 'node:child_process'
@@ -16,6 +19,9 @@ import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ensureToolchain } from './napi-cross-toolchain.mjs'
+
+// cargo-zigbuild (for `napi build -x`) and zig, both from PyPI; the versions build:dist was verified with.
+const ZIG_TOOLS = 'python3 -m pip install ziglang==0.17.1 cargo-zigbuild==0.24.1'
 
 const root = fileURLToPath(new URL('..', import.meta.url))
 const TARGETS = {
@@ -56,7 +62,49 @@ function rustFor(triple) {
       label: `Debian ${version}`,
     }
   }
+  if (triple.endsWith('-musl')) return muslFromSource(triple)
   return null
+}
+
+/**
+ * A musl std built from source, for machines with no musl std to install: rustup's is not
+ * reachable here, and Debian packages a Rust std only for its own (glibc) architectures.
+ * Debian's rustc-web builds one with `-Zbuild-std` (RUSTC_BOOTSTRAP=1 lets a stable cargo
+ * take the flag) from Debian's rust-web-src, the library source of the very same compiler
+ * (/usr/src/rustc-<version>/library; std must come from the compiler's own version).
+ * rust-web-src does not install the lib/rustlib/src/rust link that build-std looks for in
+ * the sysroot, so the source is named with cargo's __CARGO_TESTS_ONLY_SRC_ROOT.
+ *
+ * The link goes through zig (`napi build -x`, cargo-zigbuild), not musl-gcc: std for a
+ * dynamically linked musl target (`-C target-feature=-crt-static`, which a cdylib that
+ * Node loads needs) links the unwinder as `-lgcc_s`. Debian has only glibc's libgcc_s, so
+ * musl-gcc made a binary that musl's loader cannot load. cargo-zigbuild links zig's own
+ * musl libc stub and puts zig's libunwind in place of gcc_s, statically, so the .node
+ * needs nothing but musl's libc.so. panic_unwind is built too: napi-rs turns a Rust panic
+ * into a JS exception, as on the other targets.
+ */
+function muslFromSource(triple) {
+  if (!existsSync('/usr/bin/cargo')) return null
+  const release = /^release: (\S+)$/m.exec(spawnSync('/usr/bin/rustc', ['-vV'], { encoding: 'utf8' }).stdout ?? '')?.[1]
+  const library = `/usr/src/rustc-${release}/library`
+  if (!release || !existsSync(join(library, 'Cargo.lock'))) return null
+  const zig =
+    spawnSync('zig', ['version']).status === 0 || spawnSync('python3', ['-m', 'ziglang', 'version']).status === 0
+  const zigbuild = spawnSync('cargo-zigbuild', ['--version']).status === 0
+  if (!zig || !zigbuild) return { missing: `zig or cargo-zigbuild is not installed (${ZIG_TOOLS})` }
+  return {
+    // napi warns that CARGO replaces the `cargo` that -x relies on: harmless, Debian's cargo
+    // runs the `cargo zigbuild` subcommand (cargo-zigbuild on PATH) like any other.
+    env: {
+      CARGO: '/usr/bin/cargo',
+      RUSTC: '/usr/bin/rustc',
+      RUSTC_BOOTSTRAP: '1',
+      CARGO_UNSTABLE_BUILD_STD: 'std,panic_unwind',
+      __CARGO_TESTS_ONLY_SRC_ROOT: library,
+      CARGO_TARGET_DIR: join(root, 'target', 'debian-rustc-musl'),
+    },
+    label: `Debian rustc ${release}, std for ${triple} built from ${library}, linked by zig`,
+  }
 }
 
 const results = []
@@ -67,8 +115,12 @@ for (const triple of triples) {
     process.exit(2)
   }
   const rust = rustFor(triple)
-  if (!rust) {
-    const reason = `no Rust std for ${triple} (rustup target add ${triple}; on Debian without rustup targets: apt-get install rustc-web cargo-web and the target's libstd-rust-web-dev)`
+  if (!rust || rust.missing) {
+    const reason =
+      rust?.missing ??
+      (triple.endsWith('-musl')
+        ? `no Rust std for ${triple} (rustup target add ${triple}; on Debian without rustup targets: apt-get install rustc-web cargo-web rust-web-src, and ${ZIG_TOOLS})`
+        : `no Rust std for ${triple} (rustup target add ${triple}; on Debian without rustup targets: apt-get install rustc-web cargo-web and the target's libstd-rust-web-dev)`)
     console.error(`\nbuild:dist: SKIPPED ${triple}: ${reason}`)
     results.push([triple, `SKIPPED: ${reason}`])
     continue
@@ -99,8 +151,19 @@ if (gnu.length > 0) {
     spawnSync(process.execPath, [join(root, 'scripts', 'check-glibc.mjs'), ...gnu], { cwd: root, stdio: 'inherit' })
       .status === 0
 }
+const musl = results
+  .filter(([triple, outcome]) => triple.endsWith('-musl') && outcome.startsWith('built'))
+  .map(([triple]) => join('npm', TARGETS[triple].dir, `${binaryName}.${TARGETS[triple].dir}.node`))
+let muslOk = true
+if (musl.length > 0) {
+  console.log()
+  muslOk =
+    spawnSync(process.execPath, [join(root, 'scripts', 'check-musl.mjs'), ...musl], { cwd: root, stdio: 'inherit' })
+      .status === 0
+}
 
 console.log('\nbuild:dist:')
 for (const [triple, outcome] of results) console.log(`  ${triple}: ${outcome}`)
 if (gnu.length > 0) console.log(`  glibc check: ${glibcOk ? 'ok' : 'FAILED'}`)
-process.exit(glibcOk && results.every(([, outcome]) => outcome.startsWith('built')) ? 0 : 1)
+if (musl.length > 0) console.log(`  musl check: ${muslOk ? 'ok' : 'FAILED'}`)
+process.exit(glibcOk && muslOk && results.every(([, outcome]) => outcome.startsWith('built')) ? 0 : 1)
