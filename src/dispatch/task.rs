@@ -20,7 +20,7 @@
 //! when the call reaches the provider after the ending (the bridge records an
 //! abort for a task it does not know yet).
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -251,24 +251,32 @@ impl TaskContext<'_> {
     let mut encoder = encoder.into_form(PayloadForm::JsonStringContent);
     let outbox = Outbox::new();
     let relay = relay_chunks(self.client, &task_id, &outbox, &self.signals);
+    // `produce` calls the provider on its first poll: an ending that wins
+    // before that has no call to abort.
+    let called = AtomicBool::new(false);
+    let abort = |reason| {
+      if called.load(Ordering::Relaxed) {
+        provider.abort(&task_id, reason);
+      }
+    };
     let produce = async {
       // However this block ends, the relay then posts what is left and ends.
       let producer = Producer(&outbox);
-      let produced = produce(provider.as_ref(), call, &mut encoder, &outbox);
+      let produced = produce(provider.as_ref(), call, &called, &mut encoder, &outbox);
       let ending = self.decide(deadline, produced, outbox.relay_gone()).await;
       let reply = match ending {
         Ending::Settled(Ok(())) => return Outcome::Completed,
         Ending::Settled(Err(Produced::RelayClosed)) | Ending::RelayGone => {
-          provider.abort(&task_id, AbortReason::Abandoned);
+          abort(AbortReason::Abandoned);
           return Outcome::Failed;
         }
         Ending::Settled(Err(Produced::Failed(reply))) => {
           // Let go of the provider's iterator whatever went wrong.
-          provider.abort(&task_id, AbortReason::Failed);
+          abort(AbortReason::Failed);
           reply
         }
         Ending::Aborted(reason) => {
-          provider.abort(&task_id, reason);
+          abort(reason);
           match self.reply_for(reason) {
             Some(reply) => reply,
             None => return Outcome::Cancelled,
@@ -359,6 +367,7 @@ enum Produced {
 async fn produce(
   provider: &dyn Provider,
   call: ProviderCall,
+  called: &AtomicBool,
   encoder: &mut StreamEncoder,
   outbox: &Outbox,
 ) -> Result<(), Produced> {
@@ -367,6 +376,7 @@ async fn produce(
     Produced::Failed(ErrorReply::provider_error(message))
   };
   let mut out = Vec::new();
+  called.store(true, Ordering::Relaxed);
   if provider.can_stream() {
     let mut source = provider
       .stream(call)
