@@ -126,6 +126,16 @@ impl Rig {
     }
   }
 
+  /// Built, not started, publishing `provider` as [`PROVIDER`].
+  async fn idle_one(name: &str, provider: &Arc<MockProvider>) -> Self {
+    Self::idle(
+      name,
+      vec![published(PROVIDER, Arc::clone(provider))],
+      roomy(),
+    )
+    .await
+  }
+
   async fn one(name: &str, provider: &Arc<MockProvider>, settings: DispatchSettings) -> Self {
     Self::connected(
       name,
@@ -948,7 +958,7 @@ fn routes_without_heartbeats(fake: &FakeMcpd) -> Vec<(Route, u16)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_404_registers_again_then_reconnects() {
   let provider = MockProvider::answering(hello());
-  let rig = Rig::idle("stream404", vec![published(PROVIDER, provider)], roomy()).await;
+  let rig = Rig::idle_one("stream404", &provider).await;
   rig.fake.script(Route::Stream, [Answer::Status(404)]);
   rig.registrar.start().await.expect("start");
   rig.fake.wait_stream(1).await;
@@ -972,7 +982,7 @@ async fn stream_404_registers_again_then_reconnects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_404_registers_again() {
   let provider = MockProvider::answering(hello());
-  let rig = Rig::idle("beat404", vec![published(PROVIDER, provider)], roomy()).await;
+  let rig = Rig::idle_one("beat404", &provider).await;
   rig.fake.script(Route::Heartbeat, [Answer::Status(404)]);
   rig.registrar.start().await.expect("start");
   wait_for("a second register", WAIT, || {
@@ -1069,12 +1079,7 @@ async fn reconnect_sends_the_whatwg_last_event_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_token_means_unauthorized() {
   let provider = MockProvider::answering(hello());
-  let rig = Rig::idle(
-    "unauthorized",
-    vec![published(PROVIDER, Arc::clone(&provider))],
-    roomy(),
-  )
-  .await;
+  let rig = Rig::idle_one("unauthorized", &provider).await;
   rig.fake.script(Route::Stream, [Answer::Status(401)]);
   rig.registrar.start().await.expect("start");
   wait_for("unauthorized", WAIT, || {
@@ -1518,12 +1523,7 @@ async fn the_provider_gets_the_configured_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_resolves_once_the_channel_is_open() {
   let provider = MockProvider::answering(hello());
-  let rig = Rig::idle(
-    "startopen",
-    vec![published(PROVIDER, Arc::clone(&provider))],
-    roomy(),
-  )
-  .await;
+  let rig = Rig::idle_one("startopen", &provider).await;
   rig.fake.script(Route::Stream, [Answer::Status(503)]);
   rig.registrar.start().await.expect("start");
   assert_eq!(rig.registrar.status().state, RegistrarState::Connected);

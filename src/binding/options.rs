@@ -44,23 +44,6 @@ pub const REGISTRAR_OPTIONS: &[&str] = &[
   "logger",
   "onStateChange",
 ];
-/// The boot hook's names: the registrar's, and `registry`.
-pub const BOOT_OPTIONS: &[&str] = &[
-  "mcpdUrl",
-  "token",
-  "providers",
-  "registry",
-  "configDir",
-  "heartbeatIntervalMs",
-  "idleTimeoutMs",
-  "backoff",
-  "taskTimeoutMs",
-  "maxConcurrency",
-  "maxQueue",
-  "allowInsecureHttp",
-  "logger",
-  "onStateChange",
-];
 const BACKOFF_OPTIONS: &[&str] = &["initialMs", "maxMs"];
 /// The fields of a provider entry the registrar reads (`LlmProviderFileEntry`
 /// and `provider`).

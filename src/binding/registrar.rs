@@ -533,7 +533,9 @@ fn boot<'env>(
   options: &Object<'env>,
   setup: Setup<'env>,
 ) -> Result<Option<VirtualLlmRegistrar>> {
-  options::check_names(options, options::BOOT_OPTIONS, "")?;
+  // The registrar's names, and `registry`.
+  let known = [options::REGISTRAR_OPTIONS, &["registry"]].concat();
+  options::check_names(options, &known, "")?;
   let settings = options::settings(options)?;
   let registry = options::object(options, "registry", "")?.ok_or_else(|| {
     Error::InvalidInput("registry must be a Map or an object with get(name)".to_owned())
