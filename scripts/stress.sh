@@ -36,7 +36,7 @@ for round in $(seq "$rounds"); do
     ok=0
     echo "round $round: Rust suite FAILED (see $logs/rust-$round.log)"
   fi
-  if ! node --test --test-concurrency=2 --test-timeout=120000 __test__/ >"$logs/node-$round.log" 2>&1; then
+  if ! node scripts/node-suite.mjs >"$logs/node-$round.log" 2>&1; then
     ok=0
     echo "round $round: Node suite FAILED (see $logs/node-$round.log)"
   fi

@@ -9,15 +9,21 @@
 // tests (`--test '*'`), which turns on the same features, and `cargo test` gets the same
 // `--target`: the second step reuses every dependency the first one built.
 //
-// Usage: node scripts/test.mjs [rust] [node]   (no argument: both)
+// The Node suite runs on the Node that runs this script (scripts/node-suite.mjs names its
+// files, which every Node from 20 on accepts): `PATH=/path/to/node24/bin:$PATH npm test`
+// tests on Node 24. `--no-build` runs the suites against the addon already built.
+//
+// Usage: node scripts/test.mjs [rust] [node] [--no-build]   (no suite named: both)
 import { spawnSync } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { runNodeSuite } from './node-suite.mjs'
 
 const root = fileURLToPath(new URL('..', import.meta.url))
-const wanted = process.argv.slice(2)
+const noBuild = process.argv.includes('--no-build')
+const wanted = process.argv.slice(2).filter((arg) => arg !== '--no-build')
 const suites = wanted.length > 0 ? wanted : ['rust', 'node']
 for (const suite of suites) {
   if (suite !== 'rust' && suite !== 'node') {
@@ -44,24 +50,15 @@ const cliPackage = require.resolve('@napi-rs/cli/package.json')
 const napiBin = join(dirname(cliPackage), JSON.parse(readFileSync(cliPackage, 'utf8')).bin.napi)
 
 const outcome = {}
-const built = run(process.execPath, [
-  napiBin,
-  'build',
-  '--platform',
-  '--target',
-  hostTriple,
-  '--',
-  '--lib',
-  '--test',
-  '*',
-])
+const built =
+  noBuild ||
+  run(process.execPath, [napiBin, 'build', '--platform', '--target', hostTriple, '--', '--lib', '--test', '*'])
 if (suites.includes('rust')) outcome.rust = run('cargo', ['test', '--target', hostTriple])
 if (suites.includes('node')) {
-  outcome.node =
-    built && run(process.execPath, ['--test', '--test-concurrency=2', '--test-timeout=120000', '__test__/'])
+  outcome.node = built && runNodeSuite()
   if (!built) console.error('\nnode tests not run: the addon did not build')
 }
 
 const summary = Object.entries(outcome).map(([suite, ok]) => `${suite} ${ok ? 'ok' : 'FAILED'}`)
-console.log(`\nnpm test: addon build ${built ? 'ok' : 'FAILED'}, ${summary.join(', ')}`)
+console.log(`\nnpm test (node ${process.version}): addon build ${built ? 'ok' : 'FAILED'}, ${summary.join(', ')}`)
 process.exit(built && Object.values(outcome).every(Boolean) ? 0 : 1)
