@@ -81,39 +81,12 @@
     }
   }
 
-  // A yielded chunk is checked as it comes, against the shape Rust traced from its
+  // A yielded chunk is checked as it comes, by a function Rust generated from its
   // own CompletionChunk type (src/shape.rs), so a bad one ends the loop while the
   // provider still waits at its `yield` and its iterator can be closed. Rust reads
   // every chunk again, typed: this check only makes the failure come early.
   const isObject = (value) => value !== null && typeof value === 'object' && !Array.isArray(value)
-  function checkerFor(shape) {
-    switch (shape.kind) {
-      case 'text':
-        return (value) => typeof value === 'string'
-      case 'count':
-        return (value) => Number.isInteger(value) && value >= 0 && value <= shape.max
-      case 'optional': {
-        const inner = checkerFor(shape.of)
-        return (value) => value === undefined || value === null || inner(value)
-      }
-      case 'list': {
-        const item = checkerFor(shape.of)
-        return (value) => Array.isArray(value) && value.every(item)
-      }
-      case 'object': {
-        const names = shape.fields.map(([name]) => name)
-        const checks = shape.fields.map(([, field]) => checkerFor(field))
-        return (value) => {
-          if (!isObject(value)) return false
-          for (let i = 0; i < names.length; i++) if (!checks[i](value[names[i]])) return false
-          return true
-        }
-      }
-      default:
-        return () => true
-    }
-  }
-  const chunkIsValid = checkerFor(JSON.parse(native.chunkShape))
+  const chunkIsValid = native.chunkIsValid
   function checkChunk(chunk) {
     if (!isObject(chunk)) {
       throw new Error("the provider's stream() yielded something that is not a CompletionChunk object")
@@ -201,12 +174,13 @@
       pumps.delete(streamId)
       task.iterator = null
     }
-    // After a failure the task stays known until Rust aborts it (reason: failed).
-    if (ending === null && tasks.get(taskId) === task) tasks.delete(taskId)
     if (signal.aborted || stopped) {
+      // The task stays known until Rust's abort for it comes, so its signal fires.
       native.end(streamId, 'the stream was stopped')
       return
     }
+    // After a failure the task stays known until Rust aborts it (reason: failed).
+    if (ending === null && tasks.get(taskId) === task) tasks.delete(taskId)
     flush()
     native.end(streamId, ending)
   }

@@ -55,8 +55,8 @@ js_object! {
     /// The provider's published name.
     provider: String = "provider",
     task_id: String = "taskId",
-    /// `CompletionOptions` as JSON text: `JSON.parse` builds the object faster
-    /// than property-by-property calls through napi would.
+    /// `CompletionOptions` as JSON text: `JSON.parse` builds the whole request,
+    /// however deep, in one call, where napi would take one call per property.
     options_json: String = "optionsJson",
     /// What `native.settle` names when it answers.
     call_id: u32 = "callId",
@@ -196,7 +196,8 @@ impl StreamTable {
   /// `native`: `push(streamId, text, count)` answers the credit left,
   /// `end(streamId, failure)` says the loop stopped (once, however it
   /// stopped), and `settle({ callId, value, error })` answers a provider call;
-  /// `chunkShape` is `CompletionChunk`'s shape (src/shape.rs) as JSON text.
+  /// `chunkIsValid(chunk)` is the check generated from `CompletionChunk`
+  /// (src/shape.rs).
   /// Plain synchronous calls on the JavaScript thread: a lock and a copy, no
   /// wake-up of their own. `push` takes positional arguments: it is the one
   /// call per batch of chunks, and an object would cost a lookup per field.
@@ -243,11 +244,11 @@ impl StreamTable {
     )?;
     native.set_named_property("end", end)?;
     native.set_named_property("flushBytes", FLUSH_BYTES as u32)?;
-    // What provider_bridge.js checks each yielded chunk against.
+    // What provider_bridge.js checks each yielded chunk with, compiled once.
     let shape = Shape::of::<CompletionChunk>()
-      .and_then(|shape| serde_json::to_string(&shape).map_err(|error| error.to_string()))
       .map_err(|error| napi::Error::from_reason(format!("CompletionChunk's shape: {error}")))?;
-    native.set_named_property("chunkShape", shape)?;
+    let check: Unknown = env.run_script(shape.js_check())?;
+    native.set_named_property("chunkIsValid", check)?;
     Ok(native)
   }
 }
@@ -416,7 +417,8 @@ pub struct ProviderBridge {
 }
 
 impl ProviderBridge {
-  fn call(&self, call: ProviderCall) -> Call {
+  /// What provider_bridge.js gets for `call`; the call id is set when it is made.
+  fn js_call(&self, call: ProviderCall) -> Call {
     Call {
       provider: self.name.clone(),
       task_id: call.task_id,
@@ -435,7 +437,7 @@ impl Provider for ProviderBridge {
 
   fn complete(&self, call: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
     let bridge = Arc::clone(&self.bridge);
-    let call = self.call(call);
+    let call = self.js_call(call);
     Box::pin(async move {
       let text = bridge
         .call_provider(&bridge.complete, "complete", call)
@@ -448,7 +450,7 @@ impl Provider for ProviderBridge {
 
   fn stream(&self, call: ProviderCall) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>> {
     let bridge = Arc::clone(&self.bridge);
-    let mut call = self.call(call);
+    let mut call = self.js_call(call);
     Box::pin(async move {
       let (stream_id, window) = bridge.open_window();
       call.stream_id = Some(stream_id);
