@@ -198,34 +198,11 @@ mod tests {
   use tokio::time::Instant;
 
   use super::*;
-  use crate::backoff::BackoffPolicy;
-  use crate::dispatch::DispatchSettings;
   use crate::logging::LogRoute;
-  use crate::provider::{
-    AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
-  };
-  use crate::registrar::{RegistrarConfig, RegistrarState};
+  use crate::registrar::tests::{config, unused};
+  use crate::registrar::RegistrarState;
 
   const TOKEN: &str = "sk-boot-secret";
-
-  /// A provider the boot publishes; never called in these tests.
-  struct Unused;
-
-  impl Provider for Unused {
-    fn can_stream(&self) -> bool {
-      false
-    }
-    fn complete(&self, _: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
-      Box::pin(async { Err(ProviderFailure("unused".to_owned())) })
-    }
-    fn stream(
-      &self,
-      _: ProviderCall,
-    ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
-      Box::pin(async { Err(ProviderFailure("unused".to_owned())) })
-    }
-    fn abort(&self, _: &str, _: AbortReason) {}
-  }
 
   fn descriptor(name: &str) -> ProviderDescriptor {
     ProviderDescriptor {
@@ -245,10 +222,7 @@ mod tests {
   }
 
   fn published(entry: FileEntry) -> PublishedProvider {
-    PublishedProvider {
-      descriptor: entry.descriptor,
-      provider: Arc::new(Unused),
-    }
+    unused(entry.descriptor)
   }
 
   /// A registry holding `names`; records which names were looked up.
@@ -465,20 +439,10 @@ mod tests {
   async fn a_silent_mcpd_holds_the_boot_three_seconds_and_no_longer() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = RegistrarConfig {
-      mcpd_url: format!("http://{}", silent.local_addr().unwrap()),
-      token: Secret::new(TOKEN),
-      providers: vec![published(entry("local", true).unwrap())],
-      config_dir: dir.path().to_owned(),
-      heartbeat_interval: Duration::from_secs(30),
-      idle_timeout: None,
-      backoff: BackoffPolicy {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(100),
-      },
-      dispatch: DispatchSettings::default(),
-      allow_insecure_http: false,
-    };
+    let config = config(
+      format!("http://{}", silent.local_addr().unwrap()),
+      dir.path(),
+    );
     let registrar = Registrar::new(config, None, tracing::Span::none()).unwrap();
     let held = Arc::new(());
     let started = Instant::now();

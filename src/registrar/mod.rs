@@ -18,6 +18,8 @@
 
 mod state;
 mod supervisor;
+#[cfg(test)]
+pub(crate) mod tests;
 mod updates;
 
 use std::future::Future;
