@@ -100,7 +100,6 @@ impl Next {
 pub(super) struct Supervisor {
   core: Arc<Core>,
   inbox: mpsc::UnboundedReceiver<Command>,
-  policy: BackoffPolicy,
   /// Between failed registers and connects.
   backoff: Backoff,
   updates: Updates,
@@ -128,7 +127,6 @@ impl Supervisor {
     Self {
       core,
       inbox,
-      policy,
       backoff: Backoff::new(policy),
       updates: Updates::new(policy),
       channel,
@@ -163,10 +161,7 @@ impl Supervisor {
         Command::Update { providers, done } => {
           Updates::replace_unstarted(&self.core, providers, done)
         }
-        Command::Start { mode, first } => {
-          self.backoff = Backoff::new(self.policy);
-          return Some(Start { mode, first });
-        }
+        Command::Start { mode, first } => return Some(Start { mode, first }),
       }
     }
   }
@@ -190,24 +185,17 @@ impl Supervisor {
         let Some(registered) = self.register().await else {
           return Ended::Stopped;
         };
-        match (registered, start.take()) {
-          (Ok(()), start) => {
-            if let Some(start) = start {
-              let _ = start.first.send(Ok(()));
-            }
-          }
-          (Err(error), Some(start)) if start.mode == StartMode::Foreground => {
+        if let Err(error) = registered {
+          // A start()'s first register failing is its caller's to handle.
+          if let Some(start) = start.take_if(|start| start.mode == StartMode::Foreground) {
             self.give_back(start, error);
             return Ended::StartFailed;
           }
-          (Err(error), start) => {
-            next = self.after_failed_register(&error);
-            if let Some(start) = start {
-              let _ = start.first.send(Err(error));
-            }
-            continue;
-          }
+          next = self.after_failed_register(&error);
+          answer(&mut start, Err(error));
+          continue;
         }
+        answer(&mut start, Ok(()));
       }
       let Some(left) = self.run_channel().await else {
         return Ended::Stopped;
@@ -392,6 +380,13 @@ impl Supervisor {
       .owners
       .tracker
       .spawn(heartbeat.run().instrument(core.span.clone()));
+  }
+}
+
+/// Tells the start being answered, if any, how its first register went.
+fn answer(start: &mut Option<Start>, registered: Result<()>) {
+  if let Some(start) = start.take() {
+    let _ = start.first.send(registered);
   }
 }
 
