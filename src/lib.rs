@@ -7,6 +7,7 @@
 extern crate napi_derive;
 
 pub mod backoff;
+pub mod boot;
 // napi-derive registers the exports only outside test builds.
 #[cfg_attr(test, allow(dead_code))]
 mod binding;
