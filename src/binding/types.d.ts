@@ -62,28 +62,6 @@ export interface CompletionChunk {
   usage?: Usage
 }
 
-/** One entry of ~/.mcpctl/config.json's provider list, as mcplocal reads it.
- *  Fields of mcplocal's own (`url`, `apiKey`...) may be present and are ignored;
- *  a near miss of a field below (`modle`, `Publish`) is refused with ERR_INVALID_OPTION. */
-export interface LlmProviderFileEntry {
-  /** The virtual LLM's name in mcpd: what OpenAI clients send as `model`. Unique. */
-  name: string
-  /** The provider's kind (`ollama`, `llamacpp`...), shown by mcpd. */
-  type: string
-  /** The model the provider runs; handed to it as `CompletionOptions.model`.
-   *  @default undefined (the provider chooses) */
-  model?: string
-  /** Whether to publish this provider to mcpd. The boot hook publishes only
-   *  entries with `publish: true`; `new VirtualLlmRegistrar()` publishes every
-   *  entry except those with `publish: false`.
-   *  @default false (boot hook) */
-  publish?: boolean
-  /** Shown by mcpd next to the name. @default undefined */
-  description?: string
-  /** The model's context window in tokens, shown by mcpd. @default undefined */
-  contextWindow?: number
-}
-
 /** pino's argument order, fields first: a pino or Fastify logger is passed as is,
  *  and its JSON lines carry every field; `console` prints both. Fields are
  *  camelCase: `state`, `providerSessionId`, `taskId`, `provider`, `status`,
@@ -93,66 +71,6 @@ export interface Logger {
   info(fields: Record<string, unknown>, msg: string): void
   warn(fields: Record<string, unknown>, msg: string): void
   error(fields: Record<string, unknown>, msg: string): void
-}
-
-export interface RegistrarOptions {
-  /** mcpd's base URL (`https://mcpd.example.com`). Plain `http` is refused for a
-   *  non-loopback host unless `allowInsecureHttp`. Required. */
-  mcpdUrl: string
-  /** The bearer token mcpd gave mcplocal. Never logged nor put in an error. Required. */
-  token: string
-  /** The providers to publish, each with its `LlmProvider`. At least one; names unique. */
-  providers: Array<LlmProviderFileEntry & { provider: LlmProvider }>
-  /** Where the sticky session id is kept (`<configDir>/provider-session`).
-   *  @default $MCPCTL_HOME, else ~/.mcpctl */
-  configDir?: string
-  /** How often to tell mcpd the registrar is alive, in ms; mcpd's answer to
-   *  register may set another. @default 30000 */
-  heartbeatIntervalMs?: number
-  /** How long the control channel may stay silent before it is reopened, in ms;
-   *  0 disables. @default 60000 */
-  idleTimeoutMs?: number
-  /** Retry delays after a failed register or a lost channel (doubling, with jitter).
-   *  @default { initialMs: 5000, maxMs: 60000 } */
-  backoff?: {
-    /** The first delay, in ms. @default 5000 */
-    initialMs?: number
-    /** The longest delay, in ms; not below `initialMs`. @default 60000 */
-    maxMs?: number
-  }
-  /** How long a provider may take over one task before it is aborted (answered 504), in ms.
-   *  @default 600000 */
-  taskTimeoutMs?: number
-  /** Tasks run at once per provider. @default 4 */
-  maxConcurrency?: number
-  /** Tasks waiting per provider beyond `maxConcurrency`; more are answered 429. @default 64 */
-  maxQueue?: number
-  /** Allows plain http to a non-loopback host (the token then travels in clear).
-   *  @default false */
-  allowInsecureHttp?: boolean
-  /** Where log lines go (pino's order, fields first). Without one, warnings and
-   *  errors go to stderr; `MCPCTL_LOG` (`error`...`trace`, `off`) sets the level.
-   *  @default undefined (stderr) */
-  logger?: Logger
-  /** Called with the status on every state change. A throw becomes a process warning.
-   *  @default undefined */
-  onStateChange?: (status: RegistrarStatus) => void
-}
-
-export type RegistrarState =
-  | 'idle' | 'registering' | 'connected' | 'reconnecting' | 'unauthorized' | 'stopped'
-
-export interface RegistrarStatus {
-  state: RegistrarState
-  providerSessionId: string | null
-  providers: string[]
-  inFlight: number
-  queued: number
-  completed: number
-  failed: number
-  cancelled: number             // received = completed + failed + cancelled + inFlight + queued
-  reconnects: number
-  lastError: string | null
 }
 
 /** The stable `code` of a `RegistrarError`. */
