@@ -87,7 +87,8 @@ impl ErrorReply {
 /// `signal`, which the JavaScript side adds) and what the answer needs to know.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
-  pub options: CompletionOptions,
+  /// Boxed: a task's decision moves it around, and it is a few hundred bytes.
+  pub options: Box<CompletionOptions>,
   /// The OpenAI request's `model`: the virtual LLM's name mcpd routed by.
   pub model: Option<String>,
   pub include_usage: bool,
@@ -377,7 +378,7 @@ pub fn to_completion_options(body: &Value) -> Result<ChatRequest, Invalid> {
     }
   };
   Ok(ChatRequest {
-    options: CompletionOptions {
+    options: Box::new(CompletionOptions {
       messages,
       model: model.clone(),
       temperature,
@@ -392,7 +393,7 @@ pub fn to_completion_options(body: &Value) -> Result<ChatRequest, Invalid> {
       frequency_penalty,
       user,
       request: body.clone(),
-    },
+    }),
     model,
     include_usage,
   })
