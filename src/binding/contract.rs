@@ -257,6 +257,8 @@ mod tests {
       doc_of(field);
     }
     assert!(RegistrarOptions::fields().contains(&"onStateChange"));
+    // The boot hook reads `logger` by that name when the other options are mistyped.
+    assert!(RegistrarOptions::fields().contains(&"logger"));
     assert!(LlmProviderFileEntry::fields().contains(&"type"));
   }
 }

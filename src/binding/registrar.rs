@@ -514,7 +514,8 @@ fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistra
   let read = RegistrarOptions::read(&options, "");
   let setup = match &read {
     Ok(read) => Setup::new(env, read.logger, read.on_state_change)?,
-    // A mistyped option is still warned to the logger, when that one is usable.
+    // A mistyped option is still warned to the logger, when that one is usable
+    // (contract.rs's tests keep `logger` among the option names).
     Err(_) => {
       let logger = JsField::from_field(options::field(&options, "logger")?, "logger");
       Setup::new(env, logger.ok().flatten(), None)?
