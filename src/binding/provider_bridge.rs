@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+use super::contract::RegistrarStatus as JsStatus;
 use super::stream_window::{
   Credit, End, StreamWindow, WakeProducer, WindowReader, CLOSED, FLUSH_BYTES, WINDOW,
 };
@@ -45,8 +46,8 @@ type CreditFn = ThreadsafeFunction<CreditArgs, Unknown<'static>, CreditArgs, Sta
 type AbortFn = ThreadsafeFunction<AbortArgs, Unknown<'static>, AbortArgs, Status, false, true>;
 /// `log(level, message, fieldsJson)`.
 type LogFn = ThreadsafeFunction<LogArgs, Unknown<'static>, LogArgs, Status, false, true>;
-/// `stateChange(statusJson)`.
-type StateFn = ThreadsafeFunction<String, Unknown<'static>, String, Status, false, true>;
+/// `stateChange(status)`.
+type StateFn = ThreadsafeFunction<JsStatus, Unknown<'static>, JsStatus, Status, false, true>;
 /// A strong reference that keeps Node's event loop alive while the registrar runs.
 pub type KeepAlive = ThreadsafeFunction<(), Unknown<'static>, (), Status, false, false>;
 pub type KeepAliveSource = FunctionRef<(), Unknown<'static>>;
@@ -260,11 +261,9 @@ impl JsBridge {
         .session_id
         .lock()
         .clone_from(&status.provider_session_id);
-      if let Ok(json) = serde_json::to_string(&status) {
-        bridge
-          .state_change
-          .call(json, ThreadsafeFunctionCallMode::NonBlocking);
-      }
+      bridge
+        .state_change
+        .call(status.into(), ThreadsafeFunctionCallMode::NonBlocking);
     })
   }
 

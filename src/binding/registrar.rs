@@ -9,8 +9,9 @@ use napi::bindgen_prelude::{
 use napi::{Env, ValueType};
 use tracing::Instrument;
 
+use super::contract::{RegistrarOptions, RegistrarStatus, PROVIDER, REGISTRY};
 use super::error;
-use super::options::{self, ProviderEntry, Settings};
+use super::options::{self, JsField, JsObject, ProviderEntry, Settings};
 use super::provider_bridge::{JsBridge, KeepAlive, KeepAliveSource, ProviderBridge};
 use crate::boot::{self, BootOptions, FileEntry, Registry};
 use crate::config::{resolve_config_dir, Credentials};
@@ -143,7 +144,7 @@ impl Publisher {
         tracing::warn!(provider = %parsed.descriptor.name, "not publishing a provider marked publish: false");
         continue;
       }
-      let provider = options::object(&entry, "provider", &path)?
+      let provider = options::object(&entry, PROVIDER, &path)?
         .ok_or_else(|| Error::InvalidInput(format!("{path}provider must be an LlmProvider")))?;
       providers.push(Self::check(parsed, provider, &path)?);
     }
@@ -162,8 +163,11 @@ impl Publisher {
 }
 
 impl<'env> Setup<'env> {
-  fn new(env: &'env Env, options: &Object<'env>) -> Result<Self> {
-    let logger = options::object(options, "logger", "")?;
+  fn new(
+    env: &'env Env,
+    logger: Option<Object<'env>>,
+    on_state_change: Option<Function<'env>>,
+  ) -> Result<Self> {
     if let Some(logger) = &logger {
       for level in ["debug", "info", "warn", "error"] {
         if !options::has_function(logger, level)? {
@@ -173,7 +177,6 @@ impl<'env> Setup<'env> {
         }
       }
     }
-    let on_state_change = options::function(options, "onStateChange", "")?;
     let has_logger = logger.is_some();
     let parts = JsBridge::create(env, logger, on_state_change).map_err(napi_failure)?;
     let sink = has_logger.then(|| parts.bridge.log_sink());
@@ -291,10 +294,10 @@ impl VirtualLlmRegistrar {
 
   fn from_options(env: &Env, options: Option<Unknown>) -> Result<Self> {
     let options = options_object(options, "new VirtualLlmRegistrar(options)")?;
-    let options = &options;
-    options::check_names(options, options::REGISTRAR_OPTIONS, "")?;
-    let setup = Setup::new(env, options)?;
-    let settings = options::settings(options)?;
+    options::check_names(&options, RegistrarOptions::fields(), "")?;
+    let options = RegistrarOptions::read(&options, "")?;
+    let setup = Setup::new(env, options.logger, options.on_state_change)?;
+    let settings = options::settings(&options)?;
     let credentials = Credentials {
       mcpd_url: settings
         .mcpd_url
@@ -308,11 +311,10 @@ impl VirtualLlmRegistrar {
           .ok_or_else(|| Error::InvalidInput("token must be a non-empty string".to_owned()))?,
       ),
     };
-    let entries: Option<Unknown> = options.get("providers").map_err(napi_failure)?;
     let providers = setup
       .log_route
       .span()
-      .in_scope(|| setup.publisher.set(env, entries))?;
+      .in_scope(|| setup.publisher.set(env, options.providers.0))?;
     setup.build(settings, credentials, providers)
   }
 
@@ -350,16 +352,9 @@ impl VirtualLlmRegistrar {
   }
 
   /// A snapshot of the registrar's state and counters.
-  #[napi(ts_return_type = "RegistrarStatus")]
-  pub fn status(&self) -> serde_json::Value {
-    let mut status = serde_json::to_value(self.core.status()).unwrap_or_default();
-    // Until the core counts cancelled tasks, they are reported as 0 (API.md).
-    if let Some(fields) = status.as_object_mut() {
-      fields
-        .entry("cancelled")
-        .or_insert(serde_json::Value::from(0));
-    }
-    status
+  #[napi]
+  pub fn status(&self) -> RegistrarStatus {
+    self.core.status().into()
   }
 
   /// A strong reference on Node's event loop, for the core to hold while the
@@ -471,15 +466,26 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
 /// `Ok(None)` for the cases API.md resolves null, after a warning.
 fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistrar>> {
   let options = options_object(Some(options), "maybeStartVirtualLlmRegistrar(options)")?;
-  let setup = Setup::new(env, &options)?;
+  let read = RegistrarOptions::read(&options, "");
+  let setup = match &read {
+    Ok(read) => Setup::new(env, read.logger, read.on_state_change)?,
+    // A mistyped option is still warned to the logger, when that one is usable
+    // (contract.rs's tests keep `logger` among the option names).
+    Err(_) => {
+      let logger = JsField::from_field(options::field(&options, "logger")?, "logger");
+      Setup::new(env, logger.ok().flatten(), None)?
+    }
+  };
   // From here on, warnings go to the caller's logger: the route outlives `setup`.
   let route = Arc::clone(&setup.log_route);
   let span = route.span();
   let _entered = span.enter();
-  boot(env, &options, setup).or_else(|error| {
-    tracing::warn!(error = %describe(&error), "virtual LLM registrar not started");
-    Ok(None)
-  })
+  read
+    .and_then(|read| boot(env, &options, read, setup))
+    .or_else(|error| {
+      tracing::warn!(error = %describe(&error), "virtual LLM registrar not started");
+      Ok(None)
+    })
 }
 
 /// The part of `prepare_boot` that runs with the caller's logger in place:
@@ -487,13 +493,14 @@ fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistra
 fn boot<'env>(
   env: &Env,
   options: &Object<'env>,
+  read: RegistrarOptions<'env>,
   setup: Setup<'env>,
 ) -> Result<Option<VirtualLlmRegistrar>> {
   // The registrar's names, and `registry`.
-  let known = [options::REGISTRAR_OPTIONS, &["registry"]].concat();
+  let known = [RegistrarOptions::fields(), &[REGISTRY]].concat();
   options::check_names(options, &known, "")?;
-  let settings = options::settings(options)?;
-  let registry = options::object(options, "registry", "")?.ok_or_else(|| {
+  let settings = options::settings(&read)?;
+  let registry = options::object(options, REGISTRY, "")?.ok_or_else(|| {
     Error::InvalidInput("registry must be a Map or an object with get(name)".to_owned())
   })?;
   if !options::has_function(&registry, "get")? {
@@ -501,10 +508,12 @@ fn boot<'env>(
       "registry.get must be a function".to_owned(),
     ));
   }
-  let entries: Array = options
-    .get("providers")
-    .ok()
-    .flatten()
+  let entries: Array = read
+    .providers
+    .0
+    .filter(|value| value.is_array().unwrap_or(false))
+    // SAFETY: checked to be an array just above.
+    .and_then(|value| unsafe { value.cast::<Array>() }.ok())
     .ok_or_else(|| Error::InvalidInput("providers must be an array".to_owned()))?;
   let entries = (0..entries.len())
     .map(|index| {
