@@ -1,5 +1,5 @@
 // examples/config-watcher.mjs, the README's pattern for update(): config.json edits boot,
-// republish and stop the registrar, and a broken file changes nothing.
+// republish and stop the registrar; a broken file, or the same set saved again, changes nothing.
 import assert from 'node:assert/strict'
 import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
@@ -24,7 +24,7 @@ const active = (mcpd) =>
     .sort()
     .join(',')
 
-test('config.json edits publish, republish, stop and boot again; a broken file changes nothing', async (t) => {
+test('config.json edits publish, republish, stop and boot again; a broken file or the same set changes nothing', async (t) => {
   const mcpd = await startMcpd(t)
   const configDir = await tempConfigDir(t)
   await writeFile(join(configDir, 'credentials'), JSON.stringify({ mcpdUrl: mcpd.url, token: TOKEN }), { mode: 0o600 })
@@ -51,8 +51,24 @@ test('config.json edits publish, republish, stop and boot again; a broken file c
   assert.equal(watcher.registrar, first)
   assert.equal(mcpd.sessions.size, 1)
 
-  // A file that does not parse: warned, and the set stays published.
+  // The same entries saved again (another setting changed): nothing is re-registered.
   const registrationsBefore = mcpd.registrations.length
+  const unchanged = () =>
+    logger.lines.filter((line) => line.msg.startsWith('config.json saved; published set unchanged'))
+  await writeFile(
+    join(configDir, 'config.json'),
+    JSON.stringify({
+      theme: 'dark',
+      llmProviders: [
+        { name: 'alpha', type: 'test', publish: true },
+        { name: 'beta', type: 'test', publish: true },
+      ],
+    }),
+  )
+  await mcpd.waitFor(() => unchanged().length === 1, WAIT)
+  assert.equal(mcpd.registrations.length, registrationsBefore)
+
+  // A file that does not parse: warned, and the set stays published.
   await writeFile(join(configDir, 'config.json'), '{ "llmProviders": [')
   await mcpd.waitFor(() => logger.lines.some((line) => line.msg.startsWith('config.json unreadable')), WAIT)
   assert.equal(mcpd.registrations.length, registrationsBefore)

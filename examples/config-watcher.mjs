@@ -38,6 +38,9 @@ export async function readProviderEntries(configDir) {
  */
 export async function watchProviderConfig({ configDir, registryFor, logger = console, debounceMs = 300, ...options }) {
   let registrar = null
+  // The opted-in entries last handed to mcpd, as JSON: a save that leaves them as they
+  // were (another setting changed, the same file written again) re-registers nothing.
+  let published = null
   let closed = false
   // Boot and stop are awaited one after the other, so two bursts never boot two registrars.
   // update() is not awaited here: while mcpd is down it waits, and a later set must not
@@ -57,9 +60,13 @@ export async function watchProviderConfig({ configDir, registryFor, logger = con
     const providers = entries
       .filter((entry) => entry.publish === true && registry.get(entry.name) !== undefined)
       .map((entry) => ({ ...entry, provider: registry.get(entry.name) }))
+    // Every field counts, mcplocal's own too (`url`, `apiKey`): the registry built from
+    // them may hold a different provider.
+    const set = JSON.stringify(providers.map(({ provider, ...entry }) => entry))
     if (registrar === null) {
       // Nothing is published yet: the boot hook checks the entries and reads the credentials.
       registrar = await maybeStartVirtualLlmRegistrar({ ...options, configDir, logger, providers: entries, registry })
+      published = set
       return
     }
     if (providers.length === 0) {
@@ -69,12 +76,19 @@ export async function watchProviderConfig({ configDir, registryFor, logger = con
       await stopping.stop()
       return
     }
+    if (set === published) {
+      logger.debug({}, 'config.json saved; published set unchanged')
+      return
+    }
+    published = set
     registrar.update(providers).then(
       () => logger.info({ providers: providers.map((entry) => entry.name) }, 'provider set published'),
       (error) => {
-        // ERR_STOPPED: close() came while it waited; anything else is a bad entry.
-        if (!(error instanceof RegistrarError && error.code === 'ERR_STOPPED'))
-          logger.warn({ error: String(error) }, 'provider set not published')
+        // ERR_STOPPED: close() came while it waited. Anything else is a bad entry: the old
+        // set stays, and the same file saved again is tried again.
+        if (error instanceof RegistrarError && error.code === 'ERR_STOPPED') return
+        if (published === set) published = null
+        logger.warn({ error: String(error) }, 'provider set not published')
       },
     )
   }
