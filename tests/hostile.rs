@@ -1,17 +1,20 @@
-//! The registrar against a hostile mcpd: a raw HTTP/1.1 server on 127.0.0.1 that
-//! answers one endpoint with an endless body (fast, or trickling), or with a
+//! The registrar against a hostile mcpd: the shared test server (tests/support/mcpd.rs)
+//! answering one endpoint with an endless body (fast, or trickling), or with a
 //! redirect whose `Location` holds the token. Memory must stay flat, the token
 //! must never show, and the registrar must go on working.
 
+mod support;
+
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use support::mcpd::{Endless, McpdServer, Pace, Reply, Request, Response, Route as Endpoint};
 
 use mcpctl_registrar::backoff::BackoffPolicy;
 use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider};
@@ -33,44 +36,6 @@ const WAIT: Duration = Duration::from_secs(20);
 const RSS_BUDGET_KIB: u64 = 10 * 1024;
 
 // ---------------------------------------------------------------- the server
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Endpoint {
-  Register,
-  Stream,
-  Heartbeat,
-  Result,
-  Chunks,
-}
-
-impl Endpoint {
-  fn of(path: &str) -> Option<Self> {
-    let path = path.split('?').next().unwrap_or_default();
-    if path.ends_with("/_provider-register") {
-      Some(Endpoint::Register)
-    } else if path.ends_with("/_provider-stream") {
-      Some(Endpoint::Stream)
-    } else if path.ends_with("/_provider-heartbeat") {
-      Some(Endpoint::Heartbeat)
-    } else if path.ends_with("/result") {
-      Some(Endpoint::Result)
-    } else if path.ends_with("/chunks") {
-      Some(Endpoint::Chunks)
-    } else {
-      None
-    }
-  }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pace {
-  /// 64 KiB writes, as fast as the socket takes them.
-  Fast,
-  /// 2 KiB every 2 ms (about 1 MiB/s): many small reads.
-  Slow,
-  /// One byte every 100 ms: never reaches a bound, only a timeout ends it.
-  Trickle,
-}
 
 #[derive(Debug, Clone)]
 enum Mode {
@@ -102,29 +67,34 @@ struct Hostile {
   origin: String,
   modes: Mutex<HashMap<Endpoint, Mode>>,
   seen: watch::Sender<Seen>,
-  frames: broadcast::Sender<String>,
-  /// Bumped to close every open control channel.
-  channel_generation: watch::Sender<u64>,
+  /// The open control channels.
+  channels: Mutex<Vec<mpsc::UnboundedSender<Vec<u8>>>>,
+  /// Kept for as long as the test holds the server.
+  _server: McpdServer,
 }
 
 impl Hostile {
   async fn start() -> Arc<Self> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
+    // The handler reaches the server once it is built; no request comes before (nobody knows
+    // the port yet). The runtime's end drops the handler, and the cycle with it.
+    let built: Arc<OnceLock<Arc<Self>>> = Arc::default();
+    let answering = Arc::clone(&built);
+    let server = McpdServer::start("/mcpd", move |request| {
+      let server = answering
+        .get()
+        .expect("the server is built before it is known");
+      std::future::ready(server.answer(request))
+    })
+    .await;
     let server = Arc::new(Self {
-      url: format!("{origin}/mcpd"),
-      origin,
+      url: server.url.clone(),
+      origin: server.origin.clone(),
       modes: Mutex::new(HashMap::new()),
       seen: watch::channel(Seen::default()).0,
-      frames: broadcast::channel(64).0,
-      channel_generation: watch::channel(0).0,
+      channels: Mutex::default(),
+      _server: server,
     });
-    let accepting = Arc::clone(&server);
-    tokio::spawn(async move {
-      while let Ok((socket, _)) = listener.accept().await {
-        tokio::spawn(Arc::clone(&accepting).serve(socket));
-      }
-    });
+    let _ = built.set(Arc::clone(&server));
     server
   }
 
@@ -152,185 +122,79 @@ impl Hostile {
       "stream": stream,
       "body": { "model": "m", "messages": [{ "role": "user", "content": "hi" }], "stream": stream },
     });
-    let _ = self.frames.send(format!("event: task\ndata: {task}\n\n"));
-  }
-
-  async fn serve(self: Arc<Self>, mut socket: TcpStream) {
-    let mut buffer = Vec::new();
-    loop {
-      let Some((head, body)) = read_request(&mut socket, &mut buffer).await else {
-        return;
-      };
-      let line = head.lines().next().unwrap_or_default().to_owned();
-      let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
-      let Some(endpoint) = Endpoint::of(&path) else {
-        let _ = socket
-          .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
-          .await;
-        continue;
-      };
-      self
-        .seen
-        .send_modify(|seen| *seen.requests.entry(endpoint).or_default() += 1);
-      let mode = self
-        .modes
-        .lock()
-        .get(&endpoint)
-        .cloned()
-        .unwrap_or(Mode::Normal);
-      match mode {
-        Mode::Endless {
-          status,
-          pace,
-          prefix,
-        } => return self.endless(socket, endpoint, status, pace, prefix).await,
-        Mode::Redirect(location) => {
-          let location = location.replace("{origin}", &self.origin);
-          let answer =
-            format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n");
-          if socket.write_all(answer.as_bytes()).await.is_err() {
-            return;
-          }
-        }
-        Mode::Normal => match endpoint {
-          Endpoint::Stream => return self.stream(socket).await,
-          Endpoint::Register => {
-            let answer = r#"{"providerSessionId":"ps-hostile","heartbeatIntervalMs":100}"#;
-            if write_json(&mut socket, 200, answer).await.is_err() {
-              return;
-            }
-          }
-          Endpoint::Heartbeat => {
-            if socket
-              .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-              .await
-              .is_err()
-            {
-              return;
-            }
-          }
-          Endpoint::Result | Endpoint::Chunks => {
-            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            self
-              .seen
-              .send_modify(|seen| seen.answers.push((path.clone(), body)));
-            if write_json(&mut socket, 200, "{}").await.is_err() {
-              return;
-            }
-          }
-        },
-      }
-    }
+    let frame = format!("event: task\ndata: {task}\n\n");
+    let mut channels = self.channels.lock();
+    channels.retain(|channel| channel.send(frame.clone().into_bytes()).is_ok());
   }
 
   /// Closes every open control channel.
   fn close_channels(&self) {
+    self.channels.lock().clear();
+  }
+
+  /// The endpoint's mode decides; a normal mcpd answers as PROTOCOL.md says.
+  fn answer(self: &Arc<Self>, request: Request) -> Reply {
+    let endpoint = request.route;
+    if endpoint == Endpoint::Other {
+      return Reply::Respond(Response::empty(404));
+    }
     self
-      .channel_generation
-      .send_modify(|generation| *generation += 1);
-  }
-
-  async fn stream(&self, mut socket: TcpStream) {
-    let mut frames = self.frames.subscribe();
-    let mut generation = self.channel_generation.subscribe();
-    generation.mark_unchanged();
-    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\r\n: open\n\n";
-    if socket.write_all(head.as_bytes()).await.is_err() {
-      return;
-    }
-    loop {
-      let frame = tokio::select! {
-        frame = frames.recv() => frame,
-        _ = generation.changed() => return,
-      };
-      let Ok(frame) = frame else { return };
-      if socket.write_all(frame.as_bytes()).await.is_err() {
-        return;
+      .seen
+      .send_modify(|seen| *seen.requests.entry(endpoint).or_default() += 1);
+    let mode = self
+      .modes
+      .lock()
+      .get(&endpoint)
+      .cloned()
+      .unwrap_or(Mode::Normal);
+    match mode {
+      Mode::Endless {
+        status,
+        pace,
+        prefix,
+      } => {
+        let server = Arc::clone(self);
+        Reply::Endless(Endless {
+          status,
+          pace,
+          prefix,
+          gone: Box::new(move |out| {
+            server.seen.send_modify(|seen| {
+              *seen.dropped.entry(endpoint).or_default() += 1;
+              seen.most_bytes_out = seen.most_bytes_out.max(out);
+            })
+          }),
+        })
       }
-    }
-  }
-
-  /// Writes the body until the reader goes away, and records that it did.
-  async fn endless(
-    &self,
-    mut socket: TcpStream,
-    endpoint: Endpoint,
-    status: u16,
-    pace: Pace,
-    prefix: &str,
-  ) {
-    let head = format!(
-      "HTTP/1.1 {status} Hostile\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{prefix}"
-    );
-    if socket.write_all(head.as_bytes()).await.is_err() {
-      return;
-    }
-    let block = vec![
-      b'x';
-      match pace {
-        Pace::Fast => 64 * 1024,
-        Pace::Slow => 2048,
-        Pace::Trickle => 1,
+      Mode::Redirect(location) => {
+        let location = location.replace("{origin}", &self.origin);
+        Reply::Respond(Response::empty(302).header("location", location))
       }
-    ];
-    let mut out = 0u64;
-    loop {
-      if socket.write_all(&block).await.is_err() {
-        break;
-      }
-      out += block.len() as u64;
-      match pace {
-        Pace::Fast => {}
-        Pace::Slow => tokio::time::sleep(Duration::from_millis(2)).await,
-        Pace::Trickle => tokio::time::sleep(Duration::from_millis(100)).await,
-      }
-    }
-    self.seen.send_modify(|seen| {
-      *seen.dropped.entry(endpoint).or_default() += 1;
-      seen.most_bytes_out = seen.most_bytes_out.max(out);
-    });
-  }
-}
-
-/// One request's head and body off a keep-alive connection; `None` at its end.
-async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
-  let mut chunk = [0u8; 16 * 1024];
-  let head_end = loop {
-    if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-      break at;
-    }
-    match socket.read(&mut chunk).await {
-      Ok(0) | Err(_) => return None,
-      Ok(read) => buffer.extend_from_slice(&chunk[..read]),
-    }
-  };
-  let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-  let length: usize = head
-    .lines()
-    .find_map(|line| {
-      let (name, value) = line.split_once(':')?;
-      name
-        .eq_ignore_ascii_case("content-length")
-        .then(|| value.trim().parse().ok())?
-    })
-    .unwrap_or(0);
-  while buffer.len() < head_end + 4 + length {
-    match socket.read(&mut chunk).await {
-      Ok(0) | Err(_) => return None,
-      Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+      Mode::Normal => match endpoint {
+        Endpoint::Stream => {
+          let (channel, frames) = mpsc::unbounded_channel();
+          let _ = channel.send(b": open\n\n".to_vec());
+          self.channels.lock().push(channel);
+          Reply::EventStream {
+            frames,
+            coalesce: false,
+          }
+        }
+        Endpoint::Register => Reply::Respond(Response::json(
+          200,
+          r#"{"providerSessionId":"ps-hostile","heartbeatIntervalMs":100}"#,
+        )),
+        Endpoint::Heartbeat => Reply::Respond(Response::bare(204)),
+        _ => {
+          let body = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+          self
+            .seen
+            .send_modify(|seen| seen.answers.push((request.path, body)));
+          Reply::Respond(Response::json(200, "{}"))
+        }
+      },
     }
   }
-  let body = buffer[head_end + 4..head_end + 4 + length].to_vec();
-  buffer.drain(..head_end + 4 + length);
-  Some((head, body))
-}
-
-async fn write_json(socket: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
-  let answer = format!(
-    "HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-    body.len()
-  );
-  socket.write_all(answer.as_bytes()).await
 }
 
 // ---------------------------------------------------------------- the registrar
@@ -530,7 +394,7 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
         server.close_channels();
         registrar
       }
-      Endpoint::Heartbeat => registrar,
+      Endpoint::Heartbeat | Endpoint::Other => registrar,
       Endpoint::Result | Endpoint::Chunks => {
         for index in 0..DROPS {
           server.send_task(&format!("hostile-{index}"), endpoint == Endpoint::Chunks);
