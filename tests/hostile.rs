@@ -1,20 +1,18 @@
-//! The registrar against a hostile mcpd: the shared test server (tests/support/mcpd.rs)
-//! answering one endpoint with an endless body (fast, or trickling), or with a
-//! redirect whose `Location` holds the token. Memory must stay flat, the token
-//! must never show, and the registrar must go on working.
+//! The registrar against a hostile mcpd: the shared fake (tests/support) answering
+//! one endpoint with an endless body (fast, or trickling), or with a redirect whose
+//! `Location` holds the token. Memory must stay flat, the token must never show,
+//! and the registrar must go on working.
 
 mod support;
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
 
-use support::mcpd::{Endless, McpdServer, Pace, Reply, Request, Response, Route as Endpoint};
+use support::{wait_for, FakeMcpd, Mode, Pace, Route as Endpoint};
 
 use mcpctl_registrar::backoff::BackoffPolicy;
 use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider};
@@ -37,164 +35,18 @@ const RSS_BUDGET_KIB: u64 = 10 * 1024;
 
 // ---------------------------------------------------------------- the server
 
-#[derive(Debug, Clone)]
-enum Mode {
-  Normal,
-  /// This status, then a body that never ends; `prefix` starts it.
-  Endless {
-    status: u16,
-    pace: Pace,
-    prefix: &'static str,
-  },
-  /// 302 to this location (after the request's own origin is put in for `{origin}`).
-  Redirect(String),
+/// The shared fake mcpd under a path prefix, set hostile per endpoint with `set`.
+async fn hostile_mcpd() -> FakeMcpd {
+  let server = FakeMcpd::start_under("/mcpd").await;
+  server.heartbeat_interval_ms(Some(100));
+  server
 }
 
-/// What the server saw, watched by the tests.
-#[derive(Debug, Clone, Default)]
-struct Seen {
-  requests: HashMap<Endpoint, u32>,
-  /// Endless answers whose reader went away (the registrar dropped the connection).
-  dropped: HashMap<Endpoint, u32>,
-  /// The most bytes of body one endless answer got out before it was dropped.
-  most_bytes_out: u64,
-  /// Bodies of the result and chunk POSTs answered normally: (path, body).
-  answers: Vec<(String, Value)>,
-}
-
-struct Hostile {
-  url: String,
-  origin: String,
-  modes: Mutex<HashMap<Endpoint, Mode>>,
-  seen: watch::Sender<Seen>,
-  /// The open control channels.
-  channels: Mutex<Vec<mpsc::UnboundedSender<Vec<u8>>>>,
-  /// Kept for as long as the test holds the server.
-  _server: McpdServer,
-}
-
-impl Hostile {
-  async fn start() -> Arc<Self> {
-    // The handler reaches the server once it is built; no request comes before (nobody knows
-    // the port yet). The runtime's end drops the handler, and the cycle with it.
-    let built: Arc<OnceLock<Arc<Self>>> = Arc::default();
-    let answering = Arc::clone(&built);
-    let server = McpdServer::start("/mcpd", move |request| {
-      let server = answering
-        .get()
-        .expect("the server is built before it is known");
-      std::future::ready(server.answer(request))
-    })
-    .await;
-    let server = Arc::new(Self {
-      url: server.url.clone(),
-      origin: server.origin.clone(),
-      modes: Mutex::new(HashMap::new()),
-      seen: watch::channel(Seen::default()).0,
-      channels: Mutex::default(),
-      _server: server,
-    });
-    let _ = built.set(Arc::clone(&server));
-    server
-  }
-
-  fn set(&self, endpoint: Endpoint, mode: Mode) {
-    self.modes.lock().insert(endpoint, mode);
-  }
-
-  fn seen(&self) -> Seen {
-    self.seen.borrow().clone()
-  }
-
-  async fn wait(&self, what: &str, mut condition: impl FnMut(&Seen) -> bool) -> Seen {
-    let mut seen = self.seen.subscribe();
-    let waited = tokio::time::timeout(WAIT, seen.wait_for(|seen| condition(seen))).await;
-    match waited {
-      Ok(Ok(seen)) => seen.clone(),
-      _ => panic!("timed out waiting for {what}: {:?}", self.seen()),
-    }
-  }
-
-  fn send_task(&self, task_id: &str, stream: bool) {
-    let task = json!({
-      "taskId": task_id,
-      "provider": PROVIDER,
-      "stream": stream,
-      "body": { "model": "m", "messages": [{ "role": "user", "content": "hi" }], "stream": stream },
-    });
-    let frame = format!("event: task\ndata: {task}\n\n");
-    let mut channels = self.channels.lock();
-    channels.retain(|channel| channel.send(frame.clone().into_bytes()).is_ok());
-  }
-
-  /// Closes every open control channel.
-  fn close_channels(&self) {
-    self.channels.lock().clear();
-  }
-
-  /// The endpoint's mode decides; a normal mcpd answers as PROTOCOL.md says.
-  fn answer(self: &Arc<Self>, request: Request) -> Reply {
-    let endpoint = request.route;
-    if endpoint == Endpoint::Other {
-      return Reply::Respond(Response::empty(404));
-    }
-    self
-      .seen
-      .send_modify(|seen| *seen.requests.entry(endpoint).or_default() += 1);
-    let mode = self
-      .modes
-      .lock()
-      .get(&endpoint)
-      .cloned()
-      .unwrap_or(Mode::Normal);
-    match mode {
-      Mode::Endless {
-        status,
-        pace,
-        prefix,
-      } => {
-        let server = Arc::clone(self);
-        Reply::Endless(Endless {
-          status,
-          pace,
-          prefix,
-          gone: Box::new(move |out| {
-            server.seen.send_modify(|seen| {
-              *seen.dropped.entry(endpoint).or_default() += 1;
-              seen.most_bytes_out = seen.most_bytes_out.max(out);
-            })
-          }),
-        })
-      }
-      Mode::Redirect(location) => {
-        let location = location.replace("{origin}", &self.origin);
-        Reply::Respond(Response::empty(302).header("location", location))
-      }
-      Mode::Normal => match endpoint {
-        Endpoint::Stream => {
-          let (channel, frames) = mpsc::unbounded_channel();
-          let _ = channel.send(b": open\n\n".to_vec());
-          self.channels.lock().push(channel);
-          Reply::EventStream {
-            frames,
-            coalesce: false,
-          }
-        }
-        Endpoint::Register => Reply::Respond(Response::json(
-          200,
-          r#"{"providerSessionId":"ps-hostile","heartbeatIntervalMs":100}"#,
-        )),
-        Endpoint::Heartbeat => Reply::Respond(Response::bare(204)),
-        _ => {
-          let body = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
-          self
-            .seen
-            .send_modify(|seen| seen.answers.push((request.path, body)));
-          Reply::Respond(Response::json(200, "{}"))
-        }
-      },
-    }
-  }
+/// Sends a task for the `Hello` provider into the open control channel.
+fn send_task(server: &FakeMcpd, task_id: &str, stream: bool) {
+  let body =
+    json!({ "model": "m", "messages": [{ "role": "user", "content": "hi" }], "stream": stream });
+  server.send_task(task_id, PROVIDER, stream, body);
 }
 
 // ---------------------------------------------------------------- the registrar
@@ -279,20 +131,19 @@ async fn wait_state(registrar: &Registrar, state: RegistrarState) {
 }
 
 /// Sends a task and waits for its answer: a result, or chunks ending in `[DONE]`.
-async fn task_is_answered(server: &Hostile, task_id: &str, stream: bool) {
-  server.send_task(task_id, stream);
-  let path = format!("/_provider-tasks/{task_id}/");
-  server
-    .wait(&format!("the answer to {task_id}"), |seen| {
-      seen.answers.iter().any(|(at, body)| {
-        at.contains(&path)
-          && (!stream
-            || body["chunks"]
-              .as_array()
-              .is_some_and(|chunks| chunks.iter().any(|chunk| chunk == "[DONE]")))
-      })
-    })
-    .await;
+async fn task_is_answered(server: &FakeMcpd, task_id: &str, stream: bool) {
+  send_task(server, task_id, stream);
+  wait_for(&format!("the answer to {task_id}"), WAIT, || match stream {
+    false => server
+      .for_task(Endpoint::Result, task_id)
+      .iter()
+      .any(|post| post.status == 200),
+    true => server
+      .payloads(task_id)
+      .iter()
+      .any(|chunk| chunk == "[DONE]"),
+  })
+  .await;
 }
 
 // ---------------------------------------------------------------- memory
@@ -339,7 +190,7 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
   const DROPS: u32 = 3;
   let _serial = serial();
   runtime().block_on(async move {
-    let server = Hostile::start().await;
+    let server = hostile_mcpd().await;
     let dir = tempfile::tempdir().unwrap();
     let registrar = registrar(&server.url, &dir);
     let prefix = if endpoint == Endpoint::Register && status == 200 {
@@ -358,15 +209,13 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
     wait_state(&registrar, RegistrarState::Connected).await;
     task_is_answered(&server, "warm-1", false).await;
     task_is_answered(&server, "warm-2", true).await;
-    server
-      .wait("a heartbeat", |seen| seen.requests.get(&Endpoint::Heartbeat) >= Some(&2))
-      .await;
+    wait_for("a heartbeat", WAIT, || server.count(Endpoint::Heartbeat) >= 2).await;
     if endpoint == Endpoint::Register {
       registrar.stop().await;
     }
     let baseline = status_kib("VmRSS");
     let exact_peak = reset_peak_rss();
-    let beats_before = server.seen().requests.get(&Endpoint::Heartbeat).copied().unwrap_or(0);
+    let beats_before = server.count(Endpoint::Heartbeat);
 
     server.set(endpoint, hostile);
     let answers_later = (endpoint == Endpoint::Result || endpoint == Endpoint::Chunks) && status != 200;
@@ -391,29 +240,26 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
       }
       Endpoint::Stream => {
         // mcpd ends the channel: every reconnect meets the endless error body.
-        server.close_channels();
+        server.drop_stream();
         registrar
       }
       Endpoint::Heartbeat | Endpoint::Other => registrar,
       Endpoint::Result | Endpoint::Chunks => {
         for index in 0..DROPS {
-          server.send_task(&format!("hostile-{index}"), endpoint == Endpoint::Chunks);
+          send_task(&server, &format!("hostile-{index}"), endpoint == Endpoint::Chunks);
         }
         registrar
       }
     };
-    let seen = server
-      .wait(&format!("{DROPS} dropped {endpoint:?} bodies"), |seen| {
-        seen.dropped.get(&endpoint) >= Some(&DROPS)
-      })
-      .await;
+    let what = format!("{DROPS} dropped {endpoint:?} bodies");
+    wait_for(&what, WAIT, || server.dropped(endpoint) >= DROPS).await;
     let after = status_kib("VmRSS");
     let peak = if exact_peak { status_kib("VmHWM") } else { after };
     eprintln!(
       "RSS {endpoint:?} {status} {pace:?}: baseline {baseline} KiB, peak {peak} KiB (+{} KiB), after {after} KiB; \
        most body bytes the server got out before the drop: {}",
       peak.saturating_sub(baseline),
-      seen.most_bytes_out
+      server.most_bytes_out()
     );
     assert!(
       peak <= baseline + RSS_BUDGET_KIB,
@@ -424,11 +270,10 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
     // The registrar went on working: heartbeats kept coming (unless it is the
     // register that fails), and once the endpoint behaves, tasks are answered.
     if endpoint != Endpoint::Register {
-      server
-        .wait("heartbeats during the hostile phase", |seen| {
-          seen.requests.get(&Endpoint::Heartbeat).copied().unwrap_or(0) >= beats_before + 2
-        })
-        .await;
+      wait_for("heartbeats during the hostile phase", WAIT, || {
+        server.count(Endpoint::Heartbeat) >= beats_before + 2
+      })
+      .await;
     }
     server.set(endpoint, Mode::Normal);
     match endpoint {
@@ -438,12 +283,11 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
       _ if answers_later => {
         // The tasks whose answers met the endless body are answered on a retry.
         for index in 0..DROPS {
-          let path = format!("/_provider-tasks/hostile-{index}/");
-          server
-            .wait(&format!("the retried answer to hostile-{index}"), |seen| {
-              seen.answers.iter().any(|(at, _)| at.contains(&path))
-            })
-            .await;
+          let task = format!("hostile-{index}");
+          wait_for(&format!("the retried answer to {task}"), WAIT, || {
+            server.posts_for(&task).iter().any(|post| post.status == 200)
+          })
+          .await;
         }
       }
       _ => {}
@@ -486,7 +330,7 @@ endless! {
 
 // ---------------------------------------------------------------- timeouts
 
-fn client(server: &Hostile) -> McpdClient {
+fn client(server: &FakeMcpd) -> McpdClient {
   let client = McpdClient::new(&server.url, Secret::new(TOKEN), false).unwrap();
   client.set_session_id(Some("ps-hostile".to_owned()));
   client
@@ -497,7 +341,7 @@ fn client(server: &Hostile) -> McpdClient {
 /// restart the clock). Paused clock: the 30 s pass at once.
 #[tokio::test(start_paused = true)]
 async fn request_timeouts_bound_a_trickling_body() {
-  let server = Hostile::start().await;
+  let server = hostile_mcpd().await;
   let client = client(&server);
   let cases = [
     (Endpoint::Register, 200, REGISTER_PREFIX),
@@ -536,13 +380,12 @@ async fn request_timeouts_bound_a_trickling_body() {
         assert!(error.contains("register failed"), "{error}");
       }
     }
-    server
-      .wait("the trickle dropped", |seen| {
-        seen.dropped.get(&endpoint).copied().unwrap_or(0) >= 1
-      })
-      .await;
+    wait_for("the trickle dropped", WAIT, || {
+      server.dropped(endpoint) >= 1
+    })
+    .await;
     server.set(endpoint, Mode::Normal);
-    server.seen.send_modify(|seen| seen.dropped.clear());
+    server.clear_dropped();
   }
 }
 
@@ -577,7 +420,7 @@ fn token_forms() -> Vec<String> {
 /// message, status or log field carries the token; nothing is sent elsewhere.
 #[tokio::test]
 async fn redirects_are_refused_and_never_leak_the_token() {
-  let server = Hostile::start().await;
+  let server = hostile_mcpd().await;
   let (other, connections) = elsewhere().await;
   let dir = tempfile::tempdir().unwrap();
   for form in token_forms() {
@@ -649,10 +492,9 @@ async fn redirects_are_refused_and_never_leak_the_token() {
     }
   }
   // One request per redirect, none followed, none sent to the other origin.
-  let seen = server.seen();
-  assert_eq!(seen.requests.get(&Endpoint::Register), Some(&16));
-  assert_eq!(seen.requests.get(&Endpoint::Heartbeat), Some(&16));
-  assert_eq!(seen.requests.get(&Endpoint::Stream), Some(&16));
+  assert_eq!(server.count(Endpoint::Register), 16);
+  assert_eq!(server.count(Endpoint::Heartbeat), 16);
+  assert_eq!(server.count(Endpoint::Stream), 16);
   assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 

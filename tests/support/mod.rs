@@ -16,8 +16,9 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+pub use mcpd::Pace;
 pub use mcpd::Route;
-use mcpd::{McpdServer, Reply, Response};
+use mcpd::{Endless, McpdServer, Reply, Response};
 
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -69,6 +70,21 @@ pub enum Answer {
   Drop,
 }
 
+/// How every request of a route is answered, whatever was scripted: as PROTOCOL.md
+/// says, or hostile (tests/hostile.rs).
+#[derive(Debug, Clone)]
+pub enum Mode {
+  Normal,
+  /// This status, then a body that never ends; `prefix` starts it.
+  Endless {
+    status: u16,
+    pace: Pace,
+    prefix: &'static str,
+  },
+  /// 302 to this location, with the fake's origin put in for `{origin}`.
+  Redirect(String),
+}
+
 /// One request as the fake received it.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -82,7 +98,7 @@ pub struct Request {
   pub body: Value,
   /// The task id of a result or chunk POST, percent-decoded.
   pub task_id: Option<String>,
-  /// What the fake answered; 0 when it dropped the connection.
+  /// What the fake answered; 0 when it dropped the connection or never ended the body.
   pub status: u16,
   /// When the fake had read the whole request.
   pub at: std::time::Instant,
@@ -108,10 +124,20 @@ struct State {
   heartbeat_interval_ms: Option<u64>,
   in_flight: HashMap<String, u32>,
   max_in_flight: HashMap<String, u32>,
+  /// The routes not answered normally (never `Mode::Normal`).
+  modes: HashMap<Route, Mode>,
+  /// Endless answers whose reader went away (the client dropped the connection).
+  dropped: HashMap<Route, u32>,
+  /// The most body bytes one endless answer got out before it was dropped.
+  most_bytes_out: u64,
+  origin: String,
 }
 
 pub struct FakeMcpd {
+  /// The origin and the path prefix the endpoints are served under.
   pub url: String,
+  /// `http://127.0.0.1:<port>`.
+  pub origin: String,
   state: Arc<Mutex<State>>,
   /// Dropped with the fake, which ends every connection.
   _server: McpdServer,
@@ -125,18 +151,49 @@ impl Drop for FakeMcpd {
 
 impl FakeMcpd {
   pub async fn start() -> Self {
+    Self::start_under("").await
+  }
+
+  /// A fake whose endpoints are under `prefix` (mcpdUrl's path, e.g. `/mcpd`).
+  pub async fn start_under(prefix: &str) -> Self {
     let state = Arc::new(Mutex::new(State::default()));
     let answering = Arc::clone(&state);
-    let server = McpdServer::start("", move |request| {
+    let server = McpdServer::start(prefix, move |request| {
       let state = Arc::clone(&answering);
       async move { answer(&state, request).await }
     })
     .await;
+    state.lock().origin = server.origin.clone();
     Self {
       url: server.url.clone(),
+      origin: server.origin.clone(),
       state,
       _server: server,
     }
+  }
+
+  /// Every request of `route` is answered so from now on, before any script.
+  pub fn set(&self, route: Route, mode: Mode) {
+    let mut state = self.state.lock();
+    match mode {
+      Mode::Normal => state.modes.remove(&route),
+      mode => state.modes.insert(route, mode),
+    };
+  }
+
+  /// How many endless answers of `route` the client dropped.
+  pub fn dropped(&self, route: Route) -> u32 {
+    self.state.lock().dropped.get(&route).copied().unwrap_or(0)
+  }
+
+  /// Forgets the endless answers dropped so far.
+  pub fn clear_dropped(&self) {
+    self.state.lock().dropped.clear();
+  }
+
+  /// The most body bytes one endless answer got out before it was dropped.
+  pub fn most_bytes_out(&self) -> u64 {
+    self.state.lock().most_bytes_out
   }
 
   /// The next answers of `route`, used up one per request before the defaults resume.
@@ -300,8 +357,11 @@ pub fn chunks_of(post: &Request) -> Vec<String> {
 }
 
 /// Records the request, waits out any delay, and answers it: scripted, or as PROTOCOL.md says.
-async fn answer(state: &Mutex<State>, request: mcpd::Request) -> Reply {
+async fn answer(state: &Arc<Mutex<State>>, request: mcpd::Request) -> Reply {
   let request = Request::from(request);
+  if let Some(reply) = hostile(state, &request) {
+    return reply;
+  }
   let (answer, delay, body) = decide(state, request.clone());
   if let Some(delay) = delay {
     tokio::time::sleep(delay).await;
@@ -330,6 +390,39 @@ async fn answer(state: &Mutex<State>, request: mcpd::Request) -> Reply {
     (204, _) | (_, None) => Response::bare(status),
     (_, Some(body)) => Response::json(status, body.to_string()),
   })
+}
+
+/// The answer of a route set hostile, the request recorded; `None` for a normal one.
+fn hostile(state: &Arc<Mutex<State>>, request: &Request) -> Option<Reply> {
+  let mut locked = state.lock();
+  let mut request = request.clone();
+  let reply = match locked.modes.get(&request.route)?.clone() {
+    Mode::Normal => return None,
+    Mode::Endless {
+      status,
+      pace,
+      prefix,
+    } => {
+      let (state, route) = (Arc::clone(state), request.route);
+      Reply::Endless(Endless {
+        status,
+        pace,
+        prefix,
+        gone: Box::new(move |out| {
+          let mut state = state.lock();
+          *state.dropped.entry(route).or_default() += 1;
+          state.most_bytes_out = state.most_bytes_out.max(out);
+        }),
+      })
+    }
+    Mode::Redirect(location) => {
+      request.status = 302;
+      let location = location.replace("{origin}", &locked.origin);
+      Reply::Respond(Response::empty(302).header("location", location))
+    }
+  };
+  locked.requests.push(request);
+  Some(reply)
 }
 
 impl From<mcpd::Request> for Request {
