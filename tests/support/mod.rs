@@ -1,6 +1,6 @@
-//! A fake mcpd for the integration tests, on the shared server of mcpd.rs: it
-//! records every request, answers as PROTOCOL.md says unless a test scripted
-//! otherwise, and lets a test write raw SSE bytes into the open control channel.
+//! The fake mcpd of the integration tests, on the shared server of mcpd.rs: it records
+//! every request, answers as PROTOCOL.md says unless a test scripted otherwise or set
+//! the endpoint hostile, and lets a test write raw SSE bytes into the control channel.
 #![allow(dead_code)]
 
 pub mod mcpd;
@@ -74,6 +74,7 @@ pub enum Answer {
 /// says, or hostile (tests/hostile.rs).
 #[derive(Debug, Clone)]
 pub enum Mode {
+  /// As PROTOCOL.md says, or as scripted.
   Normal,
   /// This status, then a body that never ends; `prefix` starts it.
   Endless {

@@ -70,7 +70,8 @@ impl Run {
   }
 }
 
-/// Shared by the server's handler and the command loop, all on the one runtime thread.
+/// Shared by the server's handler and the command loop, all on the one runtime thread
+/// (the server is `Send`, so this is an `Arc<Mutex>` where an `Rc<RefCell>` once was).
 #[derive(Clone, Default)]
 struct Shared {
   state: Arc<Mutex<State>>,
@@ -79,12 +80,9 @@ struct Shared {
 }
 
 impl Shared {
-  fn borrow_mut(&self) -> MutexGuard<'_, State> {
+  /// Never held across an await: the runtime has one thread.
+  fn lock(&self) -> MutexGuard<'_, State> {
     self.state.lock().expect("state")
-  }
-
-  fn borrow(&self) -> MutexGuard<'_, State> {
-    self.borrow_mut()
   }
 }
 
@@ -117,7 +115,7 @@ async fn async_main() {
       ["stats"] => format!(
         "{{\"connections\":{},\"requests\":{}}}",
         server.connections(),
-        state.borrow().requests
+        state.lock().requests
       ),
       ["quit"] | [] => break,
       _ => format!("{{\"error\":\"unknown command {line:?}\"}}"),
@@ -130,7 +128,7 @@ async fn async_main() {
 async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) -> String {
   let sender = loop {
     let ready = state.sse_ready.notified();
-    if let Some(sender) = state.borrow().sse.clone() {
+    if let Some(sender) = state.lock().sse.clone() {
       break sender;
     }
     ready.await;
@@ -138,7 +136,7 @@ async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) ->
   let window = Arc::new(Semaphore::new(in_flight));
   let done = Arc::new(Notify::new());
   let number = {
-    let mut state = state.borrow_mut();
+    let mut state = state.lock();
     state.run_number += 1;
     state.run = Some(Run {
       number: state.run_number,
@@ -166,7 +164,7 @@ async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) ->
     let frame = format!(
       "event: task\ndata: {{\"taskId\":\"b{number}-{index}\",\"provider\":\"bench\",\"stream\":{stream},\"body\":{{\"model\":\"bench\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":{stream}{body}}}}}\n\n"
     );
-    if let Some(run) = state.borrow_mut().run.as_mut() {
+    if let Some(run) = state.lock().run.as_mut() {
       run.sent[index] = Some(Instant::now());
     }
     if sender.send(frame.into_bytes()).is_err() {
@@ -178,7 +176,7 @@ async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) ->
   loop {
     let finished = done.notified();
     if state
-      .borrow()
+      .lock()
       .run
       .as_ref()
       .is_some_and(|run| run.finished == run.tasks)
@@ -191,7 +189,7 @@ async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) ->
     }
   }
   let elapsed = started.elapsed();
-  let mut run = state.borrow_mut().run.take().expect("run");
+  let mut run = state.lock().run.take().expect("run");
   run.latencies.sort_unstable();
   let percentile = |p: f64| {
     let latencies = &run.latencies;
@@ -221,12 +219,12 @@ async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) ->
 /// Every request: the SSE channel (the latest one wins), register, the task POSTs; anything
 /// else (the heartbeat, the bench's own `/floor`) is answered `200 {}`.
 fn answer(state: &Shared, request: Request) -> Reply {
-  state.borrow_mut().requests += 1;
+  state.lock().requests += 1;
   match request.route {
     Route::Stream => {
       let (sender, frames) = mpsc::unbounded_channel();
       let _ = sender.send(b": open\n\n".to_vec());
-      state.borrow_mut().sse = Some(sender);
+      state.lock().sse = Some(sender);
       state.sse_ready.notify_waiters();
       Reply::EventStream {
             frames,
@@ -250,7 +248,7 @@ fn answer(state: &Shared, request: Request) -> Reply {
 
 /// A result or chunk POST for task `b<run>-<index>`.
 fn task_post(state: &Shared, task: &str, route: Route, body: &[u8]) {
-  let mut state = state.borrow_mut();
+  let mut state = state.lock();
   let Some(run) = state.run.as_mut() else {
     return;
   };
