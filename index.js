@@ -838,3 +838,4 @@ module.exports = nativeBinding
 module.exports.VirtualLlmRegistrar = nativeBinding.VirtualLlmRegistrar
 module.exports.maybeStartVirtualLlmRegistrar = nativeBinding.maybeStartVirtualLlmRegistrar
 module.exports.RegistrarError = nativeBinding.RegistrarError
+module.exports.RegistrarState = nativeBinding.RegistrarState

@@ -125,13 +125,20 @@ test('a failed update register is retried with backoff; the old set stays publis
   const { registrar } = await startRegistrar(t, mcpd, { first })
   const id = registrar.status().providerSessionId
   const before = mcpd.registrations.length
+  // Two registers refused, then a third one refused too but held unanswered until the
+  // checks below are done: the retries cannot race the checks, however loaded the machine.
+  let release
+  const held = new Promise((resolve) => {
+    release = resolve
+  })
   mcpd.failNext('register', { status: 503, times: 2 })
+  mcpd.failNext('register', { status: 503, until: held })
   let settled = false
   const updating = registrar.update([entry('first', first), entry('second', recordingProvider())])
   updating.finally(() => {
     settled = true
   })
-  await mcpd.waitFor(() => mcpd.registrations.length >= before + 2)
+  await mcpd.waitFor(() => mcpd.registrations.length >= before + 3)
   // Meanwhile: the old set published and served, the failure reported, update() waiting.
   assert.deepEqual(await llmStates(mcpd), { first: 'active' })
   assert.deepEqual(registrar.status().providers, ['first'])
@@ -143,8 +150,9 @@ test('a failed update register is retried with backoff; the old set stays publis
     messages: [{ role: 'user', content: 'hi' }],
   })
   assert.equal(answer.choices[0].message.content, 'hello from the provider')
+  release()
   await updating
-  assert.equal(mcpd.registrations.length, before + 3)
+  assert.equal(mcpd.registrations.length, before + 4)
   for (const { body } of mcpd.registrations.slice(before)) {
     assert.equal(body.providerSessionId, id)
     assert.deepEqual(

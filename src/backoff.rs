@@ -15,11 +15,16 @@ pub struct BackoffPolicy {
   pub max: Duration,
 }
 
+/// The first retry delay unless the `backoff.initialMs` option says otherwise.
+pub const DEFAULT_INITIAL: Duration = Duration::from_secs(5);
+/// The longest retry delay unless the `backoff.maxMs` option says otherwise.
+pub const DEFAULT_MAX: Duration = Duration::from_secs(60);
+
 impl Default for BackoffPolicy {
   fn default() -> Self {
     Self {
-      initial: Duration::from_secs(5),
-      max: Duration::from_secs(60),
+      initial: DEFAULT_INITIAL,
+      max: DEFAULT_MAX,
     }
   }
 }

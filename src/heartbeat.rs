@@ -2,10 +2,12 @@
 //! load figures go to mcpd; a 404/410 answer means mcpd forgot the session.
 //!
 //! Shape: an async loop on the registrar's `TaskTracker`. It reads the interval
-//! from the registrar's one `watch` channel (`Life`), reports to the supervisor
-//! through a channel (`HeartbeatEvent`), and ends on the registrar's root token.
+//! from a `watch` channel (the configured one, or the one mcpd asks for),
+//! reports to the supervisor through a channel (`HeartbeatEvent`), and ends on
+//! the registrar's root token.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -14,7 +16,6 @@ use crate::backoff::jitter;
 use crate::dispatch::TaskDispatcher;
 use crate::error::describe;
 use crate::mcpd::McpdClient;
-use crate::registrar::Life;
 
 /// What the heartbeat tells the supervisor.
 #[derive(Debug)]
@@ -25,11 +26,17 @@ pub enum HeartbeatEvent {
   Failed(String),
 }
 
+/// The heartbeat loop and what it needs.
 pub struct Heartbeat {
+  /// Sends the beats.
   pub client: Arc<McpdClient>,
+  /// Where the load figures come from.
   pub dispatcher: Arc<TaskDispatcher>,
-  pub life: watch::Receiver<Life>,
+  /// The interval between beats; read again before each one.
+  pub interval: watch::Receiver<Duration>,
+  /// To the supervisor.
   pub events: mpsc::UnboundedSender<HeartbeatEvent>,
+  /// The registrar's root token.
   pub stop: CancellationToken,
 }
 
@@ -37,7 +44,7 @@ impl Heartbeat {
   /// Runs until the stop token fires.
   pub async fn run(self) {
     loop {
-      let interval = self.life.borrow().heartbeat_interval;
+      let interval = *self.interval.borrow();
       tokio::select! {
         biased;
         _ = self.stop.cancelled() => return,

@@ -1,12 +1,14 @@
 //! `@mcpctl/registrar`: publishes mcplocal's LLM providers to mcpd as virtual
 //! LLMs and serves the inference mcpd relays back. The core (everything but
-//! `binding`) knows nothing of napi; `binding` is the JavaScript surface.
+//! `binding`) knows nothing of napi at run time (openai.rs's JSON types carry
+//! `#[napi(object)]` only to generate index.d.ts); `binding` is the JavaScript surface.
 #![deny(clippy::all)]
 
 #[macro_use]
 extern crate napi_derive;
 
 pub mod backoff;
+pub mod boot;
 // napi-derive registers the exports only outside test builds.
 #[cfg_attr(test, allow(dead_code))]
 mod binding;

@@ -1,11 +1,14 @@
 //! The OpenAI chat-completions wire format on both sides of a provider call:
 //! a request body becomes `CompletionOptions`; a `CompletionResult` becomes a
 //! `chat.completion`, and `CompletionChunk`s become `chat.completion.chunk` payloads.
+//! The JavaScript side's types are declared here, as serde types (they cross as JSON
+//! text); their `#[napi(object)]` attributes only generate index.d.ts (both
+//! conversions off), so nothing here calls napi.
 
 use std::collections::BTreeSet;
 
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Number, Value};
 
 use crate::wire::{write_json_str, write_json_str_content};
 
@@ -84,7 +87,9 @@ impl ErrorReply {
 /// `signal`, which the JavaScript side adds) and what the answer needs to know.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
-  pub options: Value,
+  /// Boxed: a task's decision moves it around, and it is a few hundred bytes.
+  pub options: Box<CompletionOptions>,
+  /// The OpenAI request's `model`: the virtual LLM's name mcpd routed by.
   pub model: Option<String>,
   pub include_usage: bool,
 }
@@ -92,6 +97,184 @@ pub struct ChatRequest {
 const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
 const TOOL_CHOICES: [&str; 3] = ["auto", "none", "required"];
 pub const FINISH_REASONS: [&str; 4] = ["stop", "length", "tool_calls", "content_filter"];
+
+/// `string | null` in TypeScript: a field that is always there, possibly null.
+/// Not spelled `Option`, which napi declares optional (`?:`).
+pub type Nullable<T> = Option<T>;
+
+/// What `LlmProvider.complete()` and `stream()` are called with (its `signal` is
+/// added by the JavaScript side: src/binding/types.d.ts). It crosses to JavaScript
+/// as JSON text, parsed once there: the fields are camelCase, an absent one is left
+/// out (`content: null` stays).
+#[napi(object, object_from_js = false, object_to_js = false)]
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompletionOptions {
+  pub messages: Vec<ChatMessage>,
+  /// The entry's configured model (`LlmProviderFileEntry.model`), absent when it
+  /// has none: never the virtual LLM's name, which stays in `request.model`.
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub model: Option<String>,
+  #[napi(ts_type = "number")]
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub temperature: Option<Number>,
+  /// `max_completion_tokens`, else `max_tokens`.
+  #[napi(ts_type = "number")]
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub max_tokens: Option<u64>,
+  #[napi(ts_type = "number")]
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub top_p: Option<Number>,
+  /// A single `stop` string comes as a list of one.
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub stop: Option<Vec<String>>,
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub tools: Option<Vec<ToolDefinition>>,
+  #[napi(
+    ts_type = "'auto' | 'none' | 'required' | { type: 'function'; function: { name: string } }"
+  )]
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub tool_choice: Option<ToolChoice>,
+  #[napi(ts_type = "Record<string, unknown>")]
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub response_format: Option<Map<String, Value>>,
+  #[napi(ts_type = "number")]
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub seed: Option<i64>,
+  #[napi(ts_type = "number")]
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub presence_penalty: Option<Number>,
+  #[napi(ts_type = "number")]
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub frequency_penalty: Option<Number>,
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub user: Option<String>,
+  /// The OpenAI request as mcpd sent it, for providers that forward it as is.
+  #[napi(ts_type = "Record<string, unknown>")]
+  pub request: Value,
+}
+
+impl CompletionOptions {
+  /// The options as a JSON value (keys sorted, as `Value` keeps them), moving
+  /// `request` into it rather than copying it a second time.
+  pub fn into_value(mut self) -> Value {
+    let request = std::mem::take(&mut self.request);
+    let mut value = serde_json::to_value(&self).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+      fields.insert("request".into(), request);
+    }
+    value
+  }
+}
+
+/// One message of the conversation.
+#[napi(object, object_from_js = false, object_to_js = false)]
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatMessage {
+  #[napi(ts_type = "'system' | 'user' | 'assistant' | 'tool' | 'developer'")]
+  pub role: String,
+  #[napi(ts_type = "string | ContentPart[] | null")]
+  pub content: Nullable<MessageContent>,
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub name: Option<String>,
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub tool_call_id: Option<String>,
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A message's content: text, or parts (text and images).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+  Text(String),
+  Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content.
+#[napi(
+  discriminant = "type",
+  discriminant_case = "snake_case",
+  object_from_js = false,
+  object_to_js = false
+)]
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+  Text {
+    text: String,
+  },
+  ImageUrl {
+    #[serde(rename = "imageUrl")]
+    image_url: ImageUrl,
+  },
+}
+
+/// An image part's address (a URL or a `data:` URL) and OpenAI's `detail`.
+#[napi(object, object_from_js = false, object_to_js = false)]
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageUrl {
+  pub url: String,
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub detail: Option<String>,
+}
+
+/// `type: 'function'`, the one kind of tool OpenAI has. Written as "function";
+/// whatever a provider sends there is ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FunctionKind;
+
+impl Serialize for FunctionKind {
+  fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str("function")
+  }
+}
+
+impl<'de> Deserialize<'de> for FunctionKind {
+  fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+    serde::de::IgnoredAny::deserialize(deserializer).map(|_| FunctionKind)
+  }
+}
+
+/// A tool the model may call.
+#[napi(object, object_from_js = false, object_to_js = false)]
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolDefinition {
+  #[napi(ts_type = "'function'")]
+  pub r#type: FunctionKind,
+  pub function: FunctionDefinition,
+}
+
+/// A function tool: its name, and what it does and takes.
+#[napi(object, object_from_js = false, object_to_js = false)]
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionDefinition {
+  pub name: String,
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub description: Option<String>,
+  /// A JSON Schema.
+  #[napi(ts_type = "Record<string, unknown>")]
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub parameters: Option<Map<String, Value>>,
+}
+
+/// `tool_choice`: a mode, or one function by name.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+  Mode(String),
+  Function {
+    r#type: FunctionKind,
+    function: FunctionName,
+  },
+}
+
+/// A function named in `tool_choice`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionName {
+  pub name: String,
+}
 
 type Invalid = ErrorReply;
 
@@ -111,82 +294,72 @@ pub fn to_completion_options(body: &Value) -> Result<ChatRequest, Invalid> {
       ))
     }
   };
-  let mut options = Map::new();
   let messages = messages
     .iter()
     .enumerate()
     .map(|(index, message)| convert_message(index, message))
     .collect::<Result<Vec<_>, _>>()?;
-  options.insert("messages".into(), Value::Array(messages));
-
   let model = optional_string(request, "model")?;
-  if let Some(model) = &model {
-    options.insert("model".into(), json!(model));
-  }
-  for (wire, camel) in [
-    ("temperature", "temperature"),
-    ("top_p", "topP"),
-    ("presence_penalty", "presencePenalty"),
-    ("frequency_penalty", "frequencyPenalty"),
-  ] {
-    if let Some(value) = present(request, wire) {
-      if !value.is_number() {
-        return Err(ErrorReply::invalid_request(format!(
-          "'{wire}' must be a number"
-        )));
-      }
-      options.insert(camel.into(), value.clone());
+  let number = |wire: &str| -> Result<Option<Number>, Invalid> {
+    match present(request, wire) {
+      None => Ok(None),
+      Some(Value::Number(number)) => Ok(Some(number.clone())),
+      Some(_) => Err(ErrorReply::invalid_request(format!(
+        "'{wire}' must be a number"
+      ))),
     }
-  }
+  };
+  let temperature = number("temperature")?;
+  let top_p = number("top_p")?;
+  let presence_penalty = number("presence_penalty")?;
+  let frequency_penalty = number("frequency_penalty")?;
   let max_tokens = match present(request, "max_completion_tokens") {
     Some(value) => Some(("max_completion_tokens", value)),
     None => present(request, "max_tokens").map(|value| ("max_tokens", value)),
   };
-  if let Some((wire, value)) = max_tokens {
-    if value.as_u64().is_none() {
-      return Err(ErrorReply::invalid_request(format!(
-        "'{wire}' must be a non-negative integer"
-      )));
-    }
-    options.insert("maxTokens".into(), value.clone());
-  }
-  if let Some(value) = present(request, "seed") {
-    if value.as_i64().is_none() {
-      return Err(ErrorReply::invalid_request("'seed' must be an integer"));
-    }
-    options.insert("seed".into(), value.clone());
-  }
-  match present(request, "stop") {
-    None => {}
-    Some(Value::String(stop)) => {
-      options.insert("stop".into(), json!([stop]));
-    }
-    Some(Value::Array(stops)) if stops.iter().all(Value::is_string) => {
-      options.insert("stop".into(), Value::Array(stops.clone()));
-    }
+  let max_tokens = match max_tokens {
+    None => None,
+    Some((wire, value)) => Some(value.as_u64().ok_or_else(|| {
+      ErrorReply::invalid_request(format!("'{wire}' must be a non-negative integer"))
+    })?),
+  };
+  let seed = match present(request, "seed") {
+    None => None,
+    Some(value) => Some(
+      value
+        .as_i64()
+        .ok_or_else(|| ErrorReply::invalid_request("'seed' must be an integer"))?,
+    ),
+  };
+  let stop = match present(request, "stop") {
+    None => None,
+    Some(Value::String(stop)) => Some(vec![stop.clone()]),
+    Some(Value::Array(stops)) if stops.iter().all(Value::is_string) => Some(
+      stops
+        .iter()
+        .filter_map(|stop| stop.as_str().map(str::to_owned))
+        .collect(),
+    ),
     Some(_) => {
       return Err(ErrorReply::invalid_request(
         "'stop' must be a string or an array of strings",
       ))
     }
-  }
-  if let Some(tools) = present(request, "tools") {
-    options.insert("tools".into(), convert_tools(tools)?);
-  }
-  if let Some(choice) = present(request, "tool_choice") {
-    options.insert("toolChoice".into(), convert_tool_choice(choice)?);
-  }
-  if let Some(format) = present(request, "response_format") {
-    if !format.is_object() {
+  };
+  let tools = present(request, "tools").map(convert_tools).transpose()?;
+  let tool_choice = present(request, "tool_choice")
+    .map(convert_tool_choice)
+    .transpose()?;
+  let response_format = match present(request, "response_format") {
+    None => None,
+    Some(Value::Object(format)) => Some(format.clone()),
+    Some(_) => {
       return Err(ErrorReply::invalid_request(
         "'response_format' must be an object",
-      ));
+      ))
     }
-    options.insert("responseFormat".into(), format.clone());
-  }
-  if let Some(user) = optional_string(request, "user")? {
-    options.insert("user".into(), json!(user));
-  }
+  };
+  let user = optional_string(request, "user")?;
   let include_usage = match present(request, "stream_options") {
     None => false,
     Some(Value::Object(stream_options)) => match present(stream_options, "include_usage") {
@@ -204,9 +377,23 @@ pub fn to_completion_options(body: &Value) -> Result<ChatRequest, Invalid> {
       ))
     }
   };
-  options.insert("request".into(), body.clone());
   Ok(ChatRequest {
-    options: Value::Object(options),
+    options: Box::new(CompletionOptions {
+      messages,
+      model: model.clone(),
+      temperature,
+      max_tokens,
+      top_p,
+      stop,
+      tools,
+      tool_choice,
+      response_format,
+      seed,
+      presence_penalty,
+      frequency_penalty,
+      user,
+      request: body.clone(),
+    }),
     model,
     include_usage,
   })
@@ -227,60 +414,60 @@ fn optional_string(object: &Map<String, Value>, key: &str) -> Result<Option<Stri
   }
 }
 
-fn convert_message(index: usize, message: &Value) -> Result<Value, Invalid> {
+fn convert_message(index: usize, message: &Value) -> Result<ChatMessage, Invalid> {
   let at = |what: &str| ErrorReply::invalid_request(format!("messages[{index}]: {what}"));
   let message = message.as_object().ok_or_else(|| at("must be an object"))?;
   let role = match present(message, "role") {
-    Some(Value::String(role)) if ROLES.contains(&role.as_str()) => role,
+    Some(Value::String(role)) if ROLES.contains(&role.as_str()) => role.clone(),
     Some(Value::String(role)) => return Err(at(&format!("unsupported role '{role}'"))),
     _ => return Err(at("'role' must be a string")),
   };
-  let mut out = Map::new();
-  out.insert("role".into(), json!(role));
   let content = match present(message, "content") {
-    None => Value::Null,
-    Some(Value::String(text)) => json!(text),
-    Some(Value::Array(parts)) => Value::Array(
+    None => None,
+    Some(Value::String(text)) => Some(MessageContent::Text(text.clone())),
+    Some(Value::Array(parts)) => Some(MessageContent::Parts(
       parts
         .iter()
         .enumerate()
         .map(|(part_index, part)| convert_part(index, part_index, part))
         .collect::<Result<_, _>>()?,
-    ),
+    )),
     Some(_) => return Err(at("'content' must be a string, an array of parts or null")),
   };
-  out.insert("content".into(), content);
-  if let Some(name) = optional_string(message, "name").map_err(|e| at(&e.message))? {
-    out.insert("name".into(), json!(name));
-  }
-  if let Some(id) = optional_string(message, "tool_call_id").map_err(|e| at(&e.message))? {
-    out.insert("toolCallId".into(), json!(id));
-  }
-  if let Some(calls) = present(message, "tool_calls") {
-    let calls = calls
-      .as_array()
-      .ok_or_else(|| at("'tool_calls' must be an array"))?;
-    let calls = calls
-      .iter()
-      .map(|call| {
-        convert_tool_call(call).ok_or_else(|| {
-          at("each tool call needs an id and a function with a name and string arguments")
+  let name = optional_string(message, "name").map_err(|e| at(&e.message))?;
+  let tool_call_id = optional_string(message, "tool_call_id").map_err(|e| at(&e.message))?;
+  let tool_calls = match present(message, "tool_calls") {
+    None => None,
+    Some(calls) => Some(
+      calls
+        .as_array()
+        .ok_or_else(|| at("'tool_calls' must be an array"))?
+        .iter()
+        .map(|call| {
+          convert_tool_call(call).ok_or_else(|| {
+            at("each tool call needs an id and a function with a name and string arguments")
+          })
         })
-      })
-      .collect::<Result<Vec<_>, _>>()?;
-    out.insert("toolCalls".into(), Value::Array(calls));
-  }
-  Ok(Value::Object(out))
+        .collect::<Result<Vec<_>, _>>()?,
+    ),
+  };
+  Ok(ChatMessage {
+    role,
+    content,
+    name,
+    tool_call_id,
+    tool_calls,
+  })
 }
 
-fn convert_part(index: usize, part_index: usize, part: &Value) -> Result<Value, Invalid> {
+fn convert_part(index: usize, part_index: usize, part: &Value) -> Result<ContentPart, Invalid> {
   let at = |what: &str| {
     ErrorReply::invalid_request(format!("messages[{index}].content[{part_index}]: {what}"))
   };
   let part = part.as_object().ok_or_else(|| at("must be an object"))?;
   match present(part, "type").and_then(Value::as_str) {
     Some("text") => match present(part, "text") {
-      Some(Value::String(text)) => Ok(json!({ "type": "text", "text": text })),
+      Some(Value::String(text)) => Ok(ContentPart::Text { text: text.clone() }),
       _ => Err(at("a text part needs a string 'text'")),
     },
     Some("image_url") => {
@@ -289,36 +476,40 @@ fn convert_part(index: usize, part_index: usize, part: &Value) -> Result<Value, 
         Some(Value::Object(image)) => match present(image, "url") {
           Some(Value::String(url)) => (
             url.clone(),
-            present(image, "detail").and_then(Value::as_str),
+            present(image, "detail")
+              .and_then(Value::as_str)
+              .map(str::to_owned),
           ),
           _ => return Err(at("an image_url part needs 'image_url.url'")),
         },
         _ => return Err(at("an image_url part needs 'image_url.url'")),
       };
-      let mut image = Map::new();
-      image.insert("url".into(), json!(url));
-      if let Some(detail) = detail {
-        image.insert("detail".into(), json!(detail));
-      }
-      Ok(json!({ "type": "image_url", "imageUrl": image }))
+      Ok(ContentPart::ImageUrl {
+        image_url: ImageUrl { url, detail },
+      })
     }
     Some(other) => Err(at(&format!("unsupported content part type '{other}'"))),
     None => Err(at("a content part needs a 'type'")),
   }
 }
 
-fn convert_tool_call(call: &Value) -> Option<Value> {
+fn convert_tool_call(call: &Value) -> Option<ToolCall> {
   let call = call.as_object()?;
   let id = present(call, "id")?.as_str()?;
   let function = present(call, "function")?.as_object()?;
   let name = present(function, "name")?.as_str()?;
   let arguments = present(function, "arguments").map_or(Some(""), Value::as_str)?;
-  Some(
-    json!({ "id": id, "type": "function", "function": { "name": name, "arguments": arguments } }),
-  )
+  Some(ToolCall {
+    id: id.to_owned(),
+    r#type: FunctionKind,
+    function: FunctionCall {
+      name: name.to_owned(),
+      arguments: arguments.to_owned(),
+    },
+  })
 }
 
-fn convert_tools(tools: &Value) -> Result<Value, Invalid> {
+fn convert_tools(tools: &Value) -> Result<Vec<ToolDefinition>, Invalid> {
   let invalid = || {
     ErrorReply::invalid_request("'tools' must be an array of { type: 'function', function: { name, description?, parameters? } }")
   };
@@ -336,29 +527,32 @@ fn convert_tools(tools: &Value) -> Result<Value, Invalid> {
       let name = present(function, "name")
         .and_then(Value::as_str)
         .ok_or_else(invalid)?;
-      let mut out = Map::new();
-      out.insert("name".into(), json!(name));
-      if let Some(description) = present(function, "description") {
-        out.insert(
-          "description".into(),
-          json!(description.as_str().ok_or_else(invalid)?),
-        );
-      }
-      if let Some(parameters) = present(function, "parameters") {
-        if !parameters.is_object() {
-          return Err(invalid());
-        }
-        out.insert("parameters".into(), parameters.clone());
-      }
-      Ok(json!({ "type": "function", "function": out }))
+      let description = match present(function, "description") {
+        None => None,
+        Some(description) => Some(description.as_str().ok_or_else(invalid)?.to_owned()),
+      };
+      let parameters = match present(function, "parameters") {
+        None => None,
+        Some(Value::Object(parameters)) => Some(parameters.clone()),
+        Some(_) => return Err(invalid()),
+      };
+      Ok(ToolDefinition {
+        r#type: FunctionKind,
+        function: FunctionDefinition {
+          name: name.to_owned(),
+          description,
+          parameters,
+        },
+      })
     })
-    .collect::<Result<Vec<_>, _>>()
-    .map(Value::Array)
+    .collect()
 }
 
-fn convert_tool_choice(choice: &Value) -> Result<Value, Invalid> {
+fn convert_tool_choice(choice: &Value) -> Result<ToolChoice, Invalid> {
   match choice {
-    Value::String(mode) if TOOL_CHOICES.contains(&mode.as_str()) => Ok(json!(mode)),
+    Value::String(mode) if TOOL_CHOICES.contains(&mode.as_str()) => {
+      Ok(ToolChoice::Mode(mode.clone()))
+    }
     Value::Object(choice) => {
       let name = (present(choice, "type").and_then(Value::as_str) == Some("function"))
         .then(|| present(choice, "function").and_then(Value::as_object))
@@ -366,7 +560,12 @@ fn convert_tool_choice(choice: &Value) -> Result<Value, Invalid> {
         .and_then(|function| present(function, "name"))
         .and_then(Value::as_str);
       match name {
-        Some(name) => Ok(json!({ "type": "function", "function": { "name": name } })),
+        Some(name) => Ok(ToolChoice::Function {
+          r#type: FunctionKind,
+          function: FunctionName {
+            name: name.to_owned(),
+          },
+        }),
         None => Err(ErrorReply::invalid_request(
           "'tool_choice' object must be { type: 'function', function: { name } }",
         )),
@@ -378,12 +577,17 @@ fn convert_tool_choice(choice: &Value) -> Result<Value, Invalid> {
   }
 }
 
-/// Token counts as providers report them (camelCase).
+/// Token counts as providers report them.
+#[napi(object, object_from_js = false, object_to_js = false)]
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
+  #[napi(ts_type = "number")]
   pub prompt_tokens: u64,
+  #[napi(ts_type = "number")]
   pub completion_tokens: u64,
+  /// `promptTokens + completionTokens` when absent.
+  #[napi(ts_type = "number")]
   #[serde(default)]
   pub total_tokens: Option<u64>,
 }
@@ -398,35 +602,50 @@ impl Usage {
   }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The function a tool call calls, and its arguments as JSON text.
+#[napi(object, object_from_js = false, object_to_js = false)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FunctionCall {
   pub name: String,
+  /// JSON text (an object from a provider is written as text).
   #[serde(default, deserialize_with = "arguments_text")]
   pub arguments: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A call of a tool, by the model.
+#[napi(object, object_from_js = false, object_to_js = false)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ToolCall {
   pub id: String,
+  #[napi(ts_type = "'function'")]
+  #[serde(default)]
+  pub r#type: FunctionKind,
   pub function: FunctionCall,
 }
 
 /// What `LlmProvider.complete()` resolves to.
+#[napi(object, object_from_js = false, object_to_js = false)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CompletionResult {
+  #[napi(ts_type = "string | null")]
   #[serde(default)]
-  pub content: Option<String>,
+  pub content: Nullable<String>,
   #[serde(default)]
   pub tool_calls: Option<Vec<ToolCall>>,
+  /// Other names a backend uses (`end_turn`, `max_tokens`...) are mapped onto these.
+  #[napi(ts_type = "'stop' | 'length' | 'tool_calls' | 'content_filter'")]
   #[serde(default)]
   pub finish_reason: Option<String>,
   #[serde(default)]
   pub usage: Option<Usage>,
+  /// The model that answered; the answer's `model` is the request's otherwise.
   #[serde(default)]
   pub model: Option<String>,
 }
 
+/// A streamed tool call's function: its name once, then pieces of its arguments.
+#[napi(object, object_from_js = false, object_to_js = false)]
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct FunctionDelta {
   #[serde(default)]
@@ -435,6 +654,8 @@ pub struct FunctionDelta {
   pub arguments: Option<String>,
 }
 
+/// A piece of a streamed tool call; `index` says which call it continues.
+#[napi(object, object_from_js = false, object_to_js = false)]
 #[derive(Debug, Clone, Deserialize)]
 pub struct ToolCallDelta {
   pub index: u32,
@@ -445,6 +666,7 @@ pub struct ToolCallDelta {
 }
 
 /// One item of `LlmProvider.stream()`.
+#[napi(object, object_from_js = false, object_to_js = false)]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CompletionChunk {
@@ -452,6 +674,7 @@ pub struct CompletionChunk {
   pub content: Option<String>,
   #[serde(default)]
   pub tool_calls: Option<Vec<ToolCallDelta>>,
+  #[napi(ts_type = "'stop' | 'length' | 'tool_calls' | 'content_filter'")]
   #[serde(default)]
   pub finish_reason: Option<String>,
   #[serde(default)]
@@ -869,7 +1092,7 @@ mod tests {
     let request = to_completion_options(&body).unwrap();
     assert!(request.include_usage);
     assert_eq!(request.model.as_deref(), Some("local-qwen"));
-    let options = &request.options;
+    let options = &request.options.into_value();
     assert_eq!(options["maxTokens"], json!(64));
     assert_eq!(options["stop"], json!(["END"]));
     assert_eq!(options["topP"], json!(0.9));
@@ -897,9 +1120,56 @@ mod tests {
   #[test]
   fn max_tokens_alone_is_used() {
     let request = to_completion_options(&json!({ "messages": [{ "role": "user", "content": "x" }], "max_tokens": 5, "temperature": null })).unwrap();
-    assert_eq!(request.options["maxTokens"], json!(5));
-    assert!(request.options.get("temperature").is_none());
     assert!(!request.include_usage);
+    let options = request.options.into_value();
+    assert_eq!(options["maxTokens"], json!(5));
+    assert!(options.get("temperature").is_none());
+  }
+
+  /// The text a provider's options are parsed from: the fields in the order a JSON
+  /// object's keys are printed (sorted), absent ones left out, numbers as sent
+  /// (`1` stays `1`, `0.50` is `0.5`), `content: null` kept, `model` the request's
+  /// here (the task sets the entry's).
+  #[test]
+  fn options_text_is_these_exact_bytes() {
+    let body = json!({
+      "model": "m",
+      "messages": [
+        { "role": "system", "content": "be brief", "name": "sys" },
+        { "role": "user", "content": [ { "type": "text", "text": "hi" }, { "type": "image_url", "image_url": "data:x" }, { "type": "image_url", "image_url": { "url": "u", "detail": 3 } } ] },
+        { "role": "assistant", "content": null, "tool_calls": [ { "id": "c1", "type": "function", "function": { "name": "f" } } ] },
+        { "role": "tool", "tool_call_id": "c1", "content": "42" }
+      ],
+      "temperature": 1, "top_p": 0.50, "max_tokens": 7, "seed": -3, "stop": ["a", "b"],
+      "presence_penalty": 0, "frequency_penalty": 1e2,
+      "tools": [ { "type": "function", "function": { "name": "f", "description": "d", "parameters": { "type": "object" } } }, { "type": "function", "function": { "name": "g" } } ],
+      "tool_choice": "auto", "response_format": { "type": "text" }, "user": "u1"
+    });
+    let options = to_completion_options(&body).unwrap().options;
+    let text = options.clone().into_value().to_string();
+    let request = body.to_string();
+    assert_eq!(
+      text,
+      format!(
+        concat!(
+          r#"{{"frequencyPenalty":100.0,"maxTokens":7,"messages":["#,
+          r#"{{"content":"be brief","name":"sys","role":"system"}},"#,
+          r#"{{"content":[{{"text":"hi","type":"text"}},{{"imageUrl":{{"url":"data:x"}},"type":"image_url"}},{{"imageUrl":{{"url":"u"}},"type":"image_url"}}],"role":"user"}},"#,
+          r#"{{"content":null,"role":"assistant","toolCalls":[{{"function":{{"arguments":"","name":"f"}},"id":"c1","type":"function"}}]}},"#,
+          r#"{{"content":"42","role":"tool","toolCallId":"c1"}}],"#,
+          r#""model":"m","presencePenalty":0,"request":{request},"responseFormat":{{"type":"text"}},"seed":-3,"stop":["a","b"],"temperature":1,"toolChoice":"auto","#,
+          r#""tools":[{{"function":{{"description":"d","name":"f","parameters":{{"type":"object"}}}},"type":"function"}},{{"function":{{"name":"g"}},"type":"function"}}],"#,
+          r#""topP":0.5,"user":"u1"}}"#
+        ),
+        request = request
+      )
+    );
+    let choice = to_completion_options(&json!({ "messages": [{ "role": "user", "content": "x" }], "tool_choice": { "type": "function", "function": { "name": "f" } } })).unwrap();
+    let text = choice.options.into_value().to_string();
+    assert!(
+      text.contains(r#""toolChoice":{"function":{"name":"f"},"type":"function"}"#),
+      "{text}"
+    );
   }
 
   #[test]

@@ -139,7 +139,7 @@ class FakeMcpd {
 
   // --- scripting -----------------------------------------------------------
 
-  failNext(route, { status, body, times = 1, delayMs = 0, destroy = false, handle = false } = {}) {
+  failNext(route, { status, body, times = 1, delayMs = 0, until, destroy = false, handle = false } = {}) {
     checkRoute(route)
     if (!destroy && !(Number.isInteger(status) && status >= 100 && status <= 599)) {
       throw new TypeError(`failNext: status must be an HTTP status, got ${status}`)
@@ -147,7 +147,7 @@ class FakeMcpd {
     if (!(Number.isInteger(times) && times >= 1)) throw new TypeError('failNext: times must be a positive integer')
     this.#failures
       .get(route)
-      .push({ status, body, left: times, delayMs, destroy, handle: handle && route !== 'stream' })
+      .push({ status, body, left: times, delayMs, until, destroy, handle: handle && route !== 'stream' })
   }
 
   delay(route, ms) {
@@ -367,7 +367,7 @@ class FakeMcpd {
   async #reply(ctx, status, body) {
     const { res, route, failure } = ctx
     const ms = (this.#delays.get(route.name) ?? 0) + (failure?.delayMs ?? 0)
-    if (ms > 0) await this.#sleep(ms)
+    if (ms > 0 || failure?.until) await this.#sleep(ms, failure?.until)
     if (this.#closed || res.destroyed) return res.destroy()
     if (failure?.destroy) return ctx.req.socket.destroy()
     if (failure) return sendScripted(res, failure.status, failure.body)
@@ -450,7 +450,7 @@ class FakeMcpd {
       this.#violate(`stream connect: x-mcpctl-provider-session ${header} differs from the query's ${id}`)
 
     const ms = (this.#delays.get('stream') ?? 0) + (failure?.delayMs ?? 0)
-    if (ms > 0) await this.#sleep(ms)
+    if (ms > 0 || failure?.until) await this.#sleep(ms, failure?.until)
     connection.closedAt = Date.now()
     if (this.#closed || res.destroyed) return res.destroy()
     if (failure?.destroy) return req.socket.destroy()
@@ -731,7 +731,8 @@ class FakeMcpd {
     return failure
   }
 
-  #sleep(ms) {
+  /** Waits `ms`, then until `until` (a failure script's) settles; close() ends it early. */
+  #sleep(ms, until) {
     return new Promise((resolve) => {
       const sleep = {
         wake: () => {
@@ -740,7 +741,8 @@ class FakeMcpd {
           resolve()
         },
       }
-      const timer = setTimeout(sleep.wake, ms)
+      const afterTimer = () => (until ? Promise.resolve(until).then(sleep.wake, sleep.wake) : sleep.wake())
+      const timer = setTimeout(afterTimer, ms)
       this.#sleeps.add(sleep)
     })
   }

@@ -87,6 +87,11 @@ interface FailureTiming {
   times?: number
   /** Extra latency before this answer, on top of `delay(route, ms)`. */
   delayMs?: number
+  /**
+   * Extension: the answer also waits until this settles, so a test can look at the world
+   * while the request is held in flight (and `close()` still ends the wait).
+   */
+  until?: PromiseLike<unknown>
 }
 
 /**

@@ -11,11 +11,14 @@ use serde_json::{json, Value};
 
 use mcpctl_registrar::backoff::BackoffPolicy;
 use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider};
+use mcpctl_registrar::error::describe;
+use mcpctl_registrar::mcpd::McpdClient;
 use mcpctl_registrar::provider::AbortReason;
 use mcpctl_registrar::registrar::{Registrar, RegistrarConfig, RegistrarState};
 use mcpctl_registrar::secret::Secret;
 use mcpctl_registrar::wire::ProviderDescriptor;
 
+use support::mcpd::{McpdServer, Reply, Response};
 use support::provider::{Behavior, MockProvider};
 use support::{chunks_of, wait_for, Answer, FakeMcpd, Request, Route, TempDir, WAIT};
 
@@ -1885,4 +1888,119 @@ async fn an_update_answered_with_a_new_session_id_reopens_the_channel_under_it()
   fake.send_task("t-b", "b", false, chat(false));
   assert_eq!(fake.result("t-b").await.body["status"], json!(200));
   rig.stop().await;
+}
+
+// ------------------------------------------------ task ids on the wire
+
+/// A server under `/mcpd` that answers every request with `answer` and reports
+/// each request line it received.
+async fn request_lines(
+  answer: Response,
+) -> (McpdServer, tokio::sync::mpsc::UnboundedReceiver<String>) {
+  let (lines, received) = tokio::sync::mpsc::unbounded_channel();
+  let server = McpdServer::start("/mcpd", move |request| {
+    let _ = lines.send(request.line);
+    std::future::ready(Reply::Respond(answer.clone()))
+  })
+  .await;
+  (server, received)
+}
+
+#[tokio::test]
+async fn task_ids_reach_mcpd_as_exactly_one_segment() {
+  let (server, mut received) = request_lines(Response::empty(200)).await;
+  let client = McpdClient::new(&server.url, Secret::new("sk-unit-token"), false).unwrap();
+  let edge_ascii = "x".repeat(256);
+  let edge_utf8 = "é".repeat(128);
+  assert_eq!(edge_utf8.len(), 256);
+  let cases: Vec<(&str, String)> = vec![
+    ("t-1_a.b~c", "t-1_a.b~c".into()),
+    ("a/b", "a%2Fb".into()),
+    ("/", "%2F".into()),
+    ("a\\b", "a%5Cb".into()),
+    ("a?b=c", "a%3Fb%3Dc".into()),
+    ("a#b", "a%23b".into()),
+    ("../result", "..%2Fresult".into()),
+    ("..\\x", "..%5Cx".into()),
+    ("...", "...".into()),
+    (".a", ".a".into()),
+    ("a.", "a.".into()),
+    ("%2E%2E", "%252E%252E".into()),
+    ("%2e.", "%252e.".into()),
+    ("50%", "50%25".into()),
+    ("%", "%25".into()),
+    ("a\r\nx-injected: 1", "a%0D%0Ax-injected%3A%201".into()),
+    ("tab\there", "tab%09here".into()),
+    (
+      "sp ace+plus;semi@at:colon",
+      "sp%20ace%2Bplus%3Bsemi%40at%3Acolon".into(),
+    ),
+    ("é", "%C3%A9".into()),
+    ("日本", "%E6%97%A5%E6%9C%AC".into()),
+    ("\u{1F600}", "%F0%9F%98%80".into()),
+    (&edge_ascii, edge_ascii.clone()),
+    (&edge_utf8, "%C3%A9".repeat(128)),
+  ];
+  for (id, encoded) in &cases {
+    for endpoint in ["result", "chunks"] {
+      let posted = match endpoint {
+        "result" => client.post_result(id, 200, &json!({})).await,
+        _ => client.post_chunks(id, 0, &[]).await,
+      };
+      posted.unwrap_or_else(|failure| panic!("{id:?}: {}", failure.error));
+      assert_eq!(
+        received.recv().await.unwrap(),
+        format!("POST /mcpd/api/v1/llms/_provider-tasks/{encoded}/{endpoint} HTTP/1.1"),
+        "{id:?}"
+      );
+    }
+  }
+  // Ids that cannot be one segment are never sent anywhere, even if they got
+  // past the dispatcher: a URL parser would turn them into another endpoint.
+  for id in [".", "..", ""] {
+    let failure = client.post_result(id, 200, &json!({})).await.unwrap_err();
+    assert!(
+      failure
+        .error
+        .to_string()
+        .contains("not a usable mcpd endpoint path"),
+      "{id:?}: {}",
+      failure.error
+    );
+  }
+  // Proof that nothing was posted for them: the next request is the next line.
+  client.set_session_id(Some("ps-1".to_owned()));
+  client.heartbeat(&[]).await.unwrap();
+  assert_eq!(
+    received.recv().await.unwrap(),
+    "POST /mcpd/api/v1/llms/_provider-heartbeat HTTP/1.1"
+  );
+}
+
+/// A result or chunk POST answered with a redirect whose Location holds the
+/// token fails naming only the target's origin; nothing follows it.
+#[tokio::test]
+async fn task_posts_refuse_redirects_without_leaking_the_token() {
+  let token = "sk-unit-redirect/7";
+  let redirect = Response::empty(307).header(
+    "location",
+    "http://elsewhere.invalid:81/r?t=sk-unit-redirect%2F7",
+  );
+  let (server, mut received) = request_lines(redirect).await;
+  let client = McpdClient::new(&server.url, Secret::new(token), false).unwrap();
+  for endpoint in ["result", "chunks"] {
+    let posted = match endpoint {
+      "result" => client.post_result("t-1", 200, &json!({})).await,
+      _ => client.post_chunks("t-1", 0, &[]).await,
+    };
+    let error = posted.unwrap_err().error;
+    let text = describe(&error);
+    assert_eq!(error.status(), Some(307));
+    assert!(
+      text.contains("a redirect to another origin (http://elsewhere.invalid:81)"),
+      "{text}"
+    );
+    assert!(!text.contains("sk-unit-redirect"), "{text}");
+    assert!(received.recv().await.unwrap().contains(endpoint));
+  }
 }

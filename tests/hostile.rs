@@ -1,17 +1,18 @@
-//! The registrar against a hostile mcpd: a raw HTTP/1.1 server on 127.0.0.1 that
-//! answers one endpoint with an endless body (fast, or trickling), or with a
-//! redirect whose `Location` holds the token. Memory must stay flat, the token
-//! must never show, and the registrar must go on working.
+//! The registrar against a hostile mcpd: the shared fake (tests/support) answering
+//! one endpoint with an endless body (fast, or trickling), or with a redirect whose
+//! `Location` holds the token. Memory must stay flat, the token must never show,
+//! and the registrar must go on working.
 
-use std::collections::HashMap;
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::net::TcpListener;
+
+use support::{wait_for, FakeMcpd, Mode, Pace, Route as Endpoint};
 
 use mcpctl_registrar::backoff::BackoffPolicy;
 use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider};
@@ -33,303 +34,18 @@ const RSS_BUDGET_KIB: u64 = 10 * 1024;
 
 // ---------------------------------------------------------------- the server
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Endpoint {
-  Register,
-  Stream,
-  Heartbeat,
-  Result,
-  Chunks,
+/// The shared fake mcpd under a path prefix, set hostile per endpoint with `set`.
+async fn hostile_mcpd() -> FakeMcpd {
+  let server = FakeMcpd::start_under("/mcpd").await;
+  server.heartbeat_interval_ms(Some(100));
+  server
 }
 
-impl Endpoint {
-  fn of(path: &str) -> Option<Self> {
-    let path = path.split('?').next().unwrap_or_default();
-    if path.ends_with("/_provider-register") {
-      Some(Endpoint::Register)
-    } else if path.ends_with("/_provider-stream") {
-      Some(Endpoint::Stream)
-    } else if path.ends_with("/_provider-heartbeat") {
-      Some(Endpoint::Heartbeat)
-    } else if path.ends_with("/result") {
-      Some(Endpoint::Result)
-    } else if path.ends_with("/chunks") {
-      Some(Endpoint::Chunks)
-    } else {
-      None
-    }
-  }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pace {
-  /// 64 KiB writes, as fast as the socket takes them.
-  Fast,
-  /// 2 KiB every 2 ms (about 1 MiB/s): many small reads.
-  Slow,
-  /// One byte every 100 ms: never reaches a bound, only a timeout ends it.
-  Trickle,
-}
-
-#[derive(Debug, Clone)]
-enum Mode {
-  Normal,
-  /// This status, then a body that never ends; `prefix` starts it.
-  Endless {
-    status: u16,
-    pace: Pace,
-    prefix: &'static str,
-  },
-  /// 302 to this location (after the request's own origin is put in for `{origin}`).
-  Redirect(String),
-}
-
-/// What the server saw, watched by the tests.
-#[derive(Debug, Clone, Default)]
-struct Seen {
-  requests: HashMap<Endpoint, u32>,
-  /// Endless answers whose reader went away (the registrar dropped the connection).
-  dropped: HashMap<Endpoint, u32>,
-  /// The most bytes of body one endless answer got out before it was dropped.
-  most_bytes_out: u64,
-  /// Bodies of the result and chunk POSTs answered normally: (path, body).
-  answers: Vec<(String, Value)>,
-}
-
-struct Hostile {
-  url: String,
-  origin: String,
-  modes: Mutex<HashMap<Endpoint, Mode>>,
-  seen: watch::Sender<Seen>,
-  frames: broadcast::Sender<String>,
-  /// Bumped to close every open control channel.
-  channel_generation: watch::Sender<u64>,
-}
-
-impl Hostile {
-  async fn start() -> Arc<Self> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    let server = Arc::new(Self {
-      url: format!("{origin}/mcpd"),
-      origin,
-      modes: Mutex::new(HashMap::new()),
-      seen: watch::channel(Seen::default()).0,
-      frames: broadcast::channel(64).0,
-      channel_generation: watch::channel(0).0,
-    });
-    let accepting = Arc::clone(&server);
-    tokio::spawn(async move {
-      while let Ok((socket, _)) = listener.accept().await {
-        tokio::spawn(Arc::clone(&accepting).serve(socket));
-      }
-    });
-    server
-  }
-
-  fn set(&self, endpoint: Endpoint, mode: Mode) {
-    self.modes.lock().insert(endpoint, mode);
-  }
-
-  fn seen(&self) -> Seen {
-    self.seen.borrow().clone()
-  }
-
-  async fn wait(&self, what: &str, mut condition: impl FnMut(&Seen) -> bool) -> Seen {
-    let mut seen = self.seen.subscribe();
-    let waited = tokio::time::timeout(WAIT, seen.wait_for(|seen| condition(seen))).await;
-    match waited {
-      Ok(Ok(seen)) => seen.clone(),
-      _ => panic!("timed out waiting for {what}: {:?}", self.seen()),
-    }
-  }
-
-  fn send_task(&self, task_id: &str, stream: bool) {
-    let task = json!({
-      "taskId": task_id,
-      "provider": PROVIDER,
-      "stream": stream,
-      "body": { "model": "m", "messages": [{ "role": "user", "content": "hi" }], "stream": stream },
-    });
-    let _ = self.frames.send(format!("event: task\ndata: {task}\n\n"));
-  }
-
-  async fn serve(self: Arc<Self>, mut socket: TcpStream) {
-    let mut buffer = Vec::new();
-    loop {
-      let Some((head, body)) = read_request(&mut socket, &mut buffer).await else {
-        return;
-      };
-      let line = head.lines().next().unwrap_or_default().to_owned();
-      let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
-      let Some(endpoint) = Endpoint::of(&path) else {
-        let _ = socket
-          .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
-          .await;
-        continue;
-      };
-      self
-        .seen
-        .send_modify(|seen| *seen.requests.entry(endpoint).or_default() += 1);
-      let mode = self
-        .modes
-        .lock()
-        .get(&endpoint)
-        .cloned()
-        .unwrap_or(Mode::Normal);
-      match mode {
-        Mode::Endless {
-          status,
-          pace,
-          prefix,
-        } => return self.endless(socket, endpoint, status, pace, prefix).await,
-        Mode::Redirect(location) => {
-          let location = location.replace("{origin}", &self.origin);
-          let answer =
-            format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n");
-          if socket.write_all(answer.as_bytes()).await.is_err() {
-            return;
-          }
-        }
-        Mode::Normal => match endpoint {
-          Endpoint::Stream => return self.stream(socket).await,
-          Endpoint::Register => {
-            let answer = r#"{"providerSessionId":"ps-hostile","heartbeatIntervalMs":100}"#;
-            if write_json(&mut socket, 200, answer).await.is_err() {
-              return;
-            }
-          }
-          Endpoint::Heartbeat => {
-            if socket
-              .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-              .await
-              .is_err()
-            {
-              return;
-            }
-          }
-          Endpoint::Result | Endpoint::Chunks => {
-            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            self
-              .seen
-              .send_modify(|seen| seen.answers.push((path.clone(), body)));
-            if write_json(&mut socket, 200, "{}").await.is_err() {
-              return;
-            }
-          }
-        },
-      }
-    }
-  }
-
-  /// Closes every open control channel.
-  fn close_channels(&self) {
-    self
-      .channel_generation
-      .send_modify(|generation| *generation += 1);
-  }
-
-  async fn stream(&self, mut socket: TcpStream) {
-    let mut frames = self.frames.subscribe();
-    let mut generation = self.channel_generation.subscribe();
-    generation.mark_unchanged();
-    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\r\n: open\n\n";
-    if socket.write_all(head.as_bytes()).await.is_err() {
-      return;
-    }
-    loop {
-      let frame = tokio::select! {
-        frame = frames.recv() => frame,
-        _ = generation.changed() => return,
-      };
-      let Ok(frame) = frame else { return };
-      if socket.write_all(frame.as_bytes()).await.is_err() {
-        return;
-      }
-    }
-  }
-
-  /// Writes the body until the reader goes away, and records that it did.
-  async fn endless(
-    &self,
-    mut socket: TcpStream,
-    endpoint: Endpoint,
-    status: u16,
-    pace: Pace,
-    prefix: &str,
-  ) {
-    let head = format!(
-      "HTTP/1.1 {status} Hostile\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{prefix}"
-    );
-    if socket.write_all(head.as_bytes()).await.is_err() {
-      return;
-    }
-    let block = vec![
-      b'x';
-      match pace {
-        Pace::Fast => 64 * 1024,
-        Pace::Slow => 2048,
-        Pace::Trickle => 1,
-      }
-    ];
-    let mut out = 0u64;
-    loop {
-      if socket.write_all(&block).await.is_err() {
-        break;
-      }
-      out += block.len() as u64;
-      match pace {
-        Pace::Fast => {}
-        Pace::Slow => tokio::time::sleep(Duration::from_millis(2)).await,
-        Pace::Trickle => tokio::time::sleep(Duration::from_millis(100)).await,
-      }
-    }
-    self.seen.send_modify(|seen| {
-      *seen.dropped.entry(endpoint).or_default() += 1;
-      seen.most_bytes_out = seen.most_bytes_out.max(out);
-    });
-  }
-}
-
-/// One request's head and body off a keep-alive connection; `None` at its end.
-async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
-  let mut chunk = [0u8; 16 * 1024];
-  let head_end = loop {
-    if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-      break at;
-    }
-    match socket.read(&mut chunk).await {
-      Ok(0) | Err(_) => return None,
-      Ok(read) => buffer.extend_from_slice(&chunk[..read]),
-    }
-  };
-  let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-  let length: usize = head
-    .lines()
-    .find_map(|line| {
-      let (name, value) = line.split_once(':')?;
-      name
-        .eq_ignore_ascii_case("content-length")
-        .then(|| value.trim().parse().ok())?
-    })
-    .unwrap_or(0);
-  while buffer.len() < head_end + 4 + length {
-    match socket.read(&mut chunk).await {
-      Ok(0) | Err(_) => return None,
-      Ok(read) => buffer.extend_from_slice(&chunk[..read]),
-    }
-  }
-  let body = buffer[head_end + 4..head_end + 4 + length].to_vec();
-  buffer.drain(..head_end + 4 + length);
-  Some((head, body))
-}
-
-async fn write_json(socket: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
-  let answer = format!(
-    "HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-    body.len()
-  );
-  socket.write_all(answer.as_bytes()).await
+/// Sends a task for the `Hello` provider into the open control channel.
+fn send_task(server: &FakeMcpd, task_id: &str, stream: bool) {
+  let body =
+    json!({ "model": "m", "messages": [{ "role": "user", "content": "hi" }], "stream": stream });
+  server.send_task(task_id, PROVIDER, stream, body);
 }
 
 // ---------------------------------------------------------------- the registrar
@@ -413,20 +129,19 @@ async fn wait_state(registrar: &Registrar, state: RegistrarState) {
 }
 
 /// Sends a task and waits for its answer: a result, or chunks ending in `[DONE]`.
-async fn task_is_answered(server: &Hostile, task_id: &str, stream: bool) {
-  server.send_task(task_id, stream);
-  let path = format!("/_provider-tasks/{task_id}/");
-  server
-    .wait(&format!("the answer to {task_id}"), |seen| {
-      seen.answers.iter().any(|(at, body)| {
-        at.contains(&path)
-          && (!stream
-            || body["chunks"]
-              .as_array()
-              .is_some_and(|chunks| chunks.iter().any(|chunk| chunk == "[DONE]")))
-      })
-    })
-    .await;
+async fn task_is_answered(server: &FakeMcpd, task_id: &str, stream: bool) {
+  send_task(server, task_id, stream);
+  wait_for(&format!("the answer to {task_id}"), WAIT, || match stream {
+    false => server
+      .for_task(Endpoint::Result, task_id)
+      .iter()
+      .any(|post| post.status == 200),
+    true => server
+      .payloads(task_id)
+      .iter()
+      .any(|chunk| chunk == "[DONE]"),
+  })
+  .await;
 }
 
 // ---------------------------------------------------------------- memory
@@ -473,7 +188,7 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
   const DROPS: u32 = 3;
   let _serial = serial();
   runtime().block_on(async move {
-    let server = Hostile::start().await;
+    let server = hostile_mcpd().await;
     let dir = tempfile::tempdir().unwrap();
     let registrar = registrar(&server.url, &dir);
     let prefix = if endpoint == Endpoint::Register && status == 200 {
@@ -492,15 +207,13 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
     wait_state(&registrar, RegistrarState::Connected).await;
     task_is_answered(&server, "warm-1", false).await;
     task_is_answered(&server, "warm-2", true).await;
-    server
-      .wait("a heartbeat", |seen| seen.requests.get(&Endpoint::Heartbeat) >= Some(&2))
-      .await;
+    wait_for("a heartbeat", WAIT, || server.count(Endpoint::Heartbeat) >= 2).await;
     if endpoint == Endpoint::Register {
       registrar.stop().await;
     }
     let baseline = status_kib("VmRSS");
     let exact_peak = reset_peak_rss();
-    let beats_before = server.seen().requests.get(&Endpoint::Heartbeat).copied().unwrap_or(0);
+    let beats_before = server.count(Endpoint::Heartbeat);
 
     server.set(endpoint, hostile);
     let answers_later = (endpoint == Endpoint::Result || endpoint == Endpoint::Chunks) && status != 200;
@@ -525,29 +238,26 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
       }
       Endpoint::Stream => {
         // mcpd ends the channel: every reconnect meets the endless error body.
-        server.close_channels();
+        server.drop_stream();
         registrar
       }
-      Endpoint::Heartbeat => registrar,
+      Endpoint::Heartbeat | Endpoint::Other => registrar,
       Endpoint::Result | Endpoint::Chunks => {
         for index in 0..DROPS {
-          server.send_task(&format!("hostile-{index}"), endpoint == Endpoint::Chunks);
+          send_task(&server, &format!("hostile-{index}"), endpoint == Endpoint::Chunks);
         }
         registrar
       }
     };
-    let seen = server
-      .wait(&format!("{DROPS} dropped {endpoint:?} bodies"), |seen| {
-        seen.dropped.get(&endpoint) >= Some(&DROPS)
-      })
-      .await;
+    let what = format!("{DROPS} dropped {endpoint:?} bodies");
+    wait_for(&what, WAIT, || server.dropped(endpoint) >= DROPS).await;
     let after = status_kib("VmRSS");
     let peak = if exact_peak { status_kib("VmHWM") } else { after };
     eprintln!(
       "RSS {endpoint:?} {status} {pace:?}: baseline {baseline} KiB, peak {peak} KiB (+{} KiB), after {after} KiB; \
        most body bytes the server got out before the drop: {}",
       peak.saturating_sub(baseline),
-      seen.most_bytes_out
+      server.most_bytes_out()
     );
     assert!(
       peak <= baseline + RSS_BUDGET_KIB,
@@ -558,11 +268,10 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
     // The registrar went on working: heartbeats kept coming (unless it is the
     // register that fails), and once the endpoint behaves, tasks are answered.
     if endpoint != Endpoint::Register {
-      server
-        .wait("heartbeats during the hostile phase", |seen| {
-          seen.requests.get(&Endpoint::Heartbeat).copied().unwrap_or(0) >= beats_before + 2
-        })
-        .await;
+      wait_for("heartbeats during the hostile phase", WAIT, || {
+        server.count(Endpoint::Heartbeat) >= beats_before + 2
+      })
+      .await;
     }
     server.set(endpoint, Mode::Normal);
     match endpoint {
@@ -572,12 +281,11 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
       _ if answers_later => {
         // The tasks whose answers met the endless body are answered on a retry.
         for index in 0..DROPS {
-          let path = format!("/_provider-tasks/hostile-{index}/");
-          server
-            .wait(&format!("the retried answer to hostile-{index}"), |seen| {
-              seen.answers.iter().any(|(at, _)| at.contains(&path))
-            })
-            .await;
+          let task = format!("hostile-{index}");
+          wait_for(&format!("the retried answer to {task}"), WAIT, || {
+            server.posts_for(&task).iter().any(|post| post.status == 200)
+          })
+          .await;
         }
       }
       _ => {}
@@ -620,7 +328,7 @@ endless! {
 
 // ---------------------------------------------------------------- timeouts
 
-fn client(server: &Hostile) -> McpdClient {
+fn client(server: &FakeMcpd) -> McpdClient {
   let client = McpdClient::new(&server.url, Secret::new(TOKEN), false).unwrap();
   client.set_session_id(Some("ps-hostile".to_owned()));
   client
@@ -631,7 +339,7 @@ fn client(server: &Hostile) -> McpdClient {
 /// restart the clock). Paused clock: the 30 s pass at once.
 #[tokio::test(start_paused = true)]
 async fn request_timeouts_bound_a_trickling_body() {
-  let server = Hostile::start().await;
+  let server = hostile_mcpd().await;
   let client = client(&server);
   let cases = [
     (Endpoint::Register, 200, REGISTER_PREFIX),
@@ -670,13 +378,12 @@ async fn request_timeouts_bound_a_trickling_body() {
         assert!(error.contains("register failed"), "{error}");
       }
     }
-    server
-      .wait("the trickle dropped", |seen| {
-        seen.dropped.get(&endpoint).copied().unwrap_or(0) >= 1
-      })
-      .await;
+    wait_for("the trickle dropped", WAIT, || {
+      server.dropped(endpoint) >= 1
+    })
+    .await;
     server.set(endpoint, Mode::Normal);
-    server.seen.send_modify(|seen| seen.dropped.clear());
+    server.clear_dropped();
   }
 }
 
@@ -711,7 +418,7 @@ fn token_forms() -> Vec<String> {
 /// message, status or log field carries the token; nothing is sent elsewhere.
 #[tokio::test]
 async fn redirects_are_refused_and_never_leak_the_token() {
-  let server = Hostile::start().await;
+  let server = hostile_mcpd().await;
   let (other, connections) = elsewhere().await;
   let dir = tempfile::tempdir().unwrap();
   for form in token_forms() {
@@ -783,10 +490,9 @@ async fn redirects_are_refused_and_never_leak_the_token() {
     }
   }
   // One request per redirect, none followed, none sent to the other origin.
-  let seen = server.seen();
-  assert_eq!(seen.requests.get(&Endpoint::Register), Some(&16));
-  assert_eq!(seen.requests.get(&Endpoint::Heartbeat), Some(&16));
-  assert_eq!(seen.requests.get(&Endpoint::Stream), Some(&16));
+  assert_eq!(server.count(Endpoint::Register), 16);
+  assert_eq!(server.count(Endpoint::Heartbeat), 16);
+  assert_eq!(server.count(Endpoint::Stream), 16);
   assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 

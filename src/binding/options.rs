@@ -1,4 +1,4 @@
-//! Reads and checks the JavaScript options object (API.md `RegistrarOptions`)
+//! Reads and checks the JavaScript options object (contract.rs `RegistrarOptions`)
 //! into the core's configuration; every bad option is a clear ERR_INVALID_OPTION,
 //! and so is an unknown option name, with the nearest known one.
 
@@ -8,6 +8,10 @@ use std::time::Duration;
 use napi::bindgen_prelude::{FromNapiValue, Function, JsValue, Object, Unknown};
 use napi::{sys, ValueType};
 
+use super::contract::{
+  LlmProviderFileEntry, RegistrarOptions, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT,
+  PROVIDER,
+};
 use crate::backoff::BackoffPolicy;
 use crate::dispatch::DispatchSettings;
 use crate::error::{Error, Result};
@@ -16,7 +20,7 @@ use crate::wire::ProviderDescriptor;
 /// The largest duration an option may ask for (about 24 days, a JS timer's limit).
 const MAX_MS: f64 = 2_147_483_647.0;
 
-/// The options other than the providers and the callbacks.
+/// The options other than the providers and the callbacks, checked.
 pub struct Settings {
   pub mcpd_url: Option<String>,
   pub token: Option<String>,
@@ -28,34 +32,179 @@ pub struct Settings {
   pub allow_insecure_http: bool,
 }
 
-/// The names `new VirtualLlmRegistrar(options)` knows (API.md `RegistrarOptions`).
-pub const REGISTRAR_OPTIONS: &[&str] = &[
-  "mcpdUrl",
-  "token",
-  "providers",
-  "configDir",
-  "heartbeatIntervalMs",
-  "idleTimeoutMs",
-  "backoff",
-  "taskTimeoutMs",
-  "maxConcurrency",
-  "maxQueue",
-  "allowInsecureHttp",
-  "logger",
-  "onStateChange",
-];
-const BACKOFF_OPTIONS: &[&str] = &["initialMs", "maxMs"];
-/// The fields of a provider entry the registrar reads (`LlmProviderFileEntry`
-/// and `provider`).
-const ENTRY_FIELDS: &[&str] = &[
-  "name",
-  "type",
-  "model",
-  "publish",
-  "description",
-  "contextWindow",
-  "provider",
-];
+/// A field the class requires and the boot hook's `Partial<>` does not: read as
+/// optional, declared required in TypeScript (with `ts_type`, since napi marks
+/// every `Option` field optional).
+#[derive(Debug, Default)]
+pub struct Required<T>(pub Option<T>);
+
+/// A value of one JavaScript property, read with an ERR_INVALID_OPTION that names
+/// it (`name` is its full name: `backoff.maxMs`, `providers[2].model`).
+pub trait JsField<'env>: Sized {
+  /// `value` is `None` when the property is `undefined` or `null`.
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self>;
+}
+
+/// An object type declared with `js_object!`.
+pub trait JsObject<'env>: Sized {
+  /// Its JavaScript property names, as index.d.ts states them.
+  fn fields() -> &'static [&'static str];
+  /// Reads its fields from `object`; `path` prefixes their names in errors.
+  fn read(object: &Object<'env>, path: &str) -> Result<Self>;
+}
+
+/// napi's name for a Rust field (`heartbeat_interval_ms` → `heartbeatIntervalMs`,
+/// `r#type` → `type`), as `#[napi(object)]` derives it.
+pub fn js_name(field: &str) -> String {
+  let field = field.strip_prefix("r#").unwrap_or(field);
+  let mut name = String::with_capacity(field.len());
+  let mut upper = false;
+  for c in field.chars() {
+    if c == '_' {
+      upper = true;
+    } else if upper {
+      name.extend(c.to_uppercase());
+      upper = false;
+    } else {
+      name.push(c);
+    }
+  }
+  name
+}
+
+/// Derives from a `#[napi(object)]` struct's fields (only its TypeScript is
+/// generated, both conversions off) its field names for "did you mean" and its
+/// reader, `JsObject::read`, whose errors name the option rather than napi's
+/// conversion's. The reader builds the struct with every field named here, so a
+/// field missing from the list (or one the struct lacks) does not compile.
+/// (The struct itself cannot be declared inside this macro: napi-derive would then
+/// print its doc comments as raw string tokens, `r" ..."`.)
+macro_rules! js_object {
+  ($name:ident $(<$env:lifetime>)? { $($field:ident),* $(,)? }) => {
+    impl<'env> $crate::binding::options::JsObject<'env> for $name $(<$env>)? {
+      fn fields() -> &'static [&'static str] {
+        static FIELDS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+        FIELDS.get_or_init(|| {
+          vec![$(
+            &*Box::leak($crate::binding::options::js_name(stringify!($field)).into_boxed_str())
+          ),*]
+        })
+      }
+
+      fn read(
+        object: &napi::bindgen_prelude::Object<'env>,
+        path: &str,
+      ) -> $crate::error::Result<Self> {
+        use $crate::binding::options::{field, JsField};
+        let mut names = Self::fields().iter();
+        Ok(Self {
+          $($field: {
+            let key = names.next().expect("one name per field");
+            JsField::from_field(field(object, key)?, &format!("{path}{key}"))?
+          },)*
+        })
+      }
+    }
+
+    impl<'env> $crate::binding::options::JsField<'env> for $name $(<$env>)? {
+      fn from_field(
+        value: Option<napi::bindgen_prelude::Unknown<'env>>,
+        name: &str,
+      ) -> $crate::error::Result<Self> {
+        use $crate::binding::options::{check_names, JsField, JsObject};
+        let object: napi::bindgen_prelude::Object<'env> = JsField::from_field(value, name)?;
+        let path = format!("{name}.");
+        check_names(&object, Self::fields(), &path)?;
+        Self::read(&object, &path)
+      }
+    }
+  };
+}
+pub(crate) use js_object;
+
+impl<'env, T: JsField<'env>> JsField<'env> for Option<T> {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    match value {
+      None => Ok(None),
+      value => T::from_field(value, name).map(Some),
+    }
+  }
+}
+
+impl<'env, T: JsField<'env>> JsField<'env> for Required<T> {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    Option::<T>::from_field(value, name).map(Required)
+  }
+}
+
+/// The value as `T` when its JavaScript type is `expected`; `what` names that
+/// type in the error ("a string").
+fn cast<T: FromNapiValue>(
+  value: Option<Unknown>,
+  name: &str,
+  expected: ValueType,
+  what: &str,
+) -> Result<T> {
+  match value {
+    Some(value) if type_of(&value) == expected => {
+      // SAFETY: the JavaScript type was checked just above.
+      unsafe { value.cast() }.map_err(|e| invalid(e.reason))
+    }
+    _ => Err(invalid(format!("{name} must be {what}"))),
+  }
+}
+
+impl<'env> JsField<'env> for String {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    cast(value, name, ValueType::String, "a string")
+  }
+}
+
+impl<'env> JsField<'env> for bool {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    cast(value, name, ValueType::Boolean, "a boolean")
+  }
+}
+
+impl<'env> JsField<'env> for f64 {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    let number: f64 = cast(value, name, ValueType::Number, "a number")?;
+    if !number.is_finite() {
+      return Err(invalid(format!("{name} must be a finite number")));
+    }
+    Ok(number)
+  }
+}
+
+impl<'env> JsField<'env> for Object<'env> {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    cast(value, name, ValueType::Object, "an object")
+  }
+}
+
+impl<'env> JsField<'env> for Function<'env> {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    cast(value, name, ValueType::Function, "a function")
+  }
+}
+
+/// Taken as it is; what it must be is checked where it is used (`providers`).
+impl<'env> JsField<'env> for Unknown<'env> {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    value.ok_or_else(|| invalid(format!("{name} is missing")))
+  }
+}
+
+/// The names a provider entry may carry besides mcplocal's own: near misses of
+/// these are refused.
+fn entry_fields() -> &'static [&'static str] {
+  static FIELDS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+  FIELDS.get_or_init(|| {
+    let mut fields = LlmProviderFileEntry::fields().to_vec();
+    fields.push(PROVIDER);
+    fields
+  })
+}
 
 /// The object's own enumerable string keys (`Object.keys`).
 fn own_keys(object: &Object) -> Result<Vec<String>> {
@@ -103,10 +252,10 @@ pub fn check_names(object: &Object, known: &[&str], path: &str) -> Result<()> {
 /// silently ignored.
 pub fn check_entry_names(entry: &Object, path: &str) -> Result<()> {
   for key in own_keys(entry)? {
-    if ENTRY_FIELDS.contains(&key.as_str()) {
+    if entry_fields().contains(&key.as_str()) {
       continue;
     }
-    if let Some((name, distance)) = nearest(&key, ENTRY_FIELDS) {
+    if let Some((name, distance)) = nearest(&key, entry_fields()) {
       if distance <= 1 {
         return Err(invalid(format!(
           "unknown field `{path}{key}`: did you mean `{path}{name}`?"
@@ -178,7 +327,7 @@ fn invalid(message: String) -> Error {
 }
 
 /// The property, or `None` when it is `undefined` or `null`.
-fn field<'env>(object: &Object<'env>, key: &str) -> Result<Option<Unknown<'env>>> {
+pub fn field<'env>(object: &Object<'env>, key: &str) -> Result<Option<Unknown<'env>>> {
   let value: Option<Unknown> = object
     .get(key)
     .map_err(|error| invalid(format!("cannot read option '{key}': {}", error.reason)))?;
@@ -189,53 +338,12 @@ fn type_of(value: &Unknown) -> ValueType {
   value.get_type().unwrap_or(ValueType::Unknown)
 }
 
-/// The property as `T` when its JavaScript type is `expected`; `what` names
-/// that type in the error ("a string").
-fn typed<'env, T: FromNapiValue>(
-  object: &Object<'env>,
-  key: &str,
-  path: &str,
-  expected: ValueType,
-  what: &str,
-) -> Result<Option<T>> {
-  match field(object, key)? {
-    None => Ok(None),
-    Some(value) if type_of(&value) == expected => {
-      // SAFETY: the JavaScript type was checked just above.
-      let value: T = unsafe { value.cast() }.map_err(|e| invalid(e.reason))?;
-      Ok(Some(value))
-    }
-    Some(_) => Err(invalid(format!("{path}{key} must be {what}"))),
-  }
-}
-
 pub fn string(object: &Object, key: &str, path: &str) -> Result<Option<String>> {
-  typed(object, key, path, ValueType::String, "a string")
-}
-
-fn number(object: &Object, key: &str, path: &str) -> Result<Option<f64>> {
-  match typed::<f64>(object, key, path, ValueType::Number, "a number")? {
-    Some(number) if !number.is_finite() => {
-      Err(invalid(format!("{path}{key} must be a finite number")))
-    }
-    number => Ok(number),
-  }
-}
-
-pub fn boolean(object: &Object, key: &str, path: &str) -> Result<Option<bool>> {
-  typed(object, key, path, ValueType::Boolean, "a boolean")
+  JsField::from_field(field(object, key)?, &format!("{path}{key}"))
 }
 
 pub fn object<'env>(object: &Object<'env>, key: &str, path: &str) -> Result<Option<Object<'env>>> {
-  typed(object, key, path, ValueType::Object, "an object")
-}
-
-pub fn function<'env>(
-  object: &Object<'env>,
-  key: &str,
-  path: &str,
-) -> Result<Option<Function<'env>>> {
-  typed(object, key, path, ValueType::Function, "a function")
+  JsField::from_field(field(object, key)?, &format!("{path}{key}"))
 }
 
 /// Whether `object[key]` is a function (for `provider.stream`).
@@ -244,40 +352,40 @@ pub fn has_function(object: &Object, key: &str) -> Result<bool> {
 }
 
 /// Milliseconds as a duration; `allow_zero` for the options where 0 means "off".
-fn millis(object: &Object, key: &str, path: &str, allow_zero: bool) -> Result<Option<Duration>> {
-  let Some(ms) = number(object, key, path)? else {
+fn millis(ms: Option<f64>, name: &str, allow_zero: bool) -> Result<Option<Duration>> {
+  let Some(ms) = ms else {
     return Ok(None);
   };
   let floor = if allow_zero { 0.0 } else { 1.0 };
   if !(floor..=MAX_MS).contains(&ms) {
     let lower = if allow_zero { "0" } else { "1" };
     return Err(invalid(format!(
-      "{path}{key} must be between {lower} and {MAX_MS} ms"
+      "{name} must be between {lower} and {MAX_MS} ms"
     )));
   }
   Ok(Some(Duration::from_millis(ms as u64)))
 }
 
-fn count(object: &Object, key: &str, minimum: u32) -> Result<Option<u32>> {
-  let Some(value) = number(object, key, "")? else {
+fn count(value: Option<f64>, name: &str, minimum: u32) -> Result<Option<u32>> {
+  let Some(value) = value else {
     return Ok(None);
   };
   if value.fract() != 0.0 || value < f64::from(minimum) || value > 1_000_000.0 {
     return Err(invalid(format!(
-      "{key} must be an integer from {minimum} to 1000000"
+      "{name} must be an integer from {minimum} to 1000000"
     )));
   }
   Ok(Some(value as u32))
 }
 
-pub fn settings(options: &Object) -> Result<Settings> {
+/// The options checked, defaults filled in (contract.rs states them).
+pub fn settings(options: &RegistrarOptions) -> Result<Settings> {
   let mut backoff = BackoffPolicy::default();
-  if let Some(limits) = object(options, "backoff", "")? {
-    check_names(&limits, BACKOFF_OPTIONS, "backoff.")?;
-    if let Some(initial) = millis(&limits, "initialMs", "backoff.", false)? {
+  if let Some(limits) = &options.backoff {
+    if let Some(initial) = millis(limits.initial_ms, "backoff.initialMs", false)? {
       backoff.initial = initial;
     }
-    if let Some(max) = millis(&limits, "maxMs", "backoff.", false)? {
+    if let Some(max) = millis(limits.max_ms, "backoff.maxMs", false)? {
       backoff.max = max;
     }
     if backoff.max < backoff.initial {
@@ -287,42 +395,47 @@ pub fn settings(options: &Object) -> Result<Settings> {
     }
   }
   let mut dispatch = DispatchSettings::default();
-  if let Some(timeout) = millis(options, "taskTimeoutMs", "", false)? {
+  if let Some(timeout) = millis(options.task_timeout_ms, "taskTimeoutMs", false)? {
     dispatch.task_timeout = timeout;
   }
-  if let Some(limit) = count(options, "maxConcurrency", 1)? {
+  if let Some(limit) = count(options.max_concurrency, "maxConcurrency", 1)? {
     dispatch.max_concurrency = limit;
   }
-  if let Some(limit) = count(options, "maxQueue", 0)? {
+  if let Some(limit) = count(options.max_queue, "maxQueue", 0)? {
     dispatch.max_queue = limit;
   }
-  let idle_timeout = match millis(options, "idleTimeoutMs", "", true)? {
-    None => Some(Duration::from_secs(60)),
+  let idle_timeout = match millis(options.idle_timeout_ms, "idleTimeoutMs", true)? {
+    None => Some(DEFAULT_IDLE_TIMEOUT),
     Some(Duration::ZERO) => None,
     Some(idle) => Some(idle),
   };
   Ok(Settings {
-    mcpd_url: string(options, "mcpdUrl", "")?,
-    token: string(options, "token", "")?,
-    config_dir: string(options, "configDir", "")?,
-    heartbeat_interval: millis(options, "heartbeatIntervalMs", "", false)?
-      .unwrap_or(Duration::from_secs(30)),
+    mcpd_url: options.mcpd_url.0.clone(),
+    token: options.token.0.clone(),
+    config_dir: options.config_dir.clone(),
+    heartbeat_interval: millis(options.heartbeat_interval_ms, "heartbeatIntervalMs", false)?
+      .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
     idle_timeout,
     backoff,
     dispatch,
-    allow_insecure_http: boolean(options, "allowInsecureHttp", "")?.unwrap_or(false),
+    allow_insecure_http: options.allow_insecure_http.unwrap_or(false),
   })
 }
 
 /// One `LlmProviderFileEntry`; `path` names it in errors (`providers[2].`).
 pub fn provider_entry(entry: &Object, path: &str) -> Result<ProviderEntry> {
   check_entry_names(entry, path)?;
-  let name = string(entry, "name", path)?
+  let read = LlmProviderFileEntry::read(entry, path)?;
+  let name = read
+    .name
+    .0
     .filter(|name| !name.trim().is_empty())
     .ok_or_else(|| invalid(format!("{path}name must be a non-empty string")))?;
-  let kind =
-    string(entry, "type", path)?.ok_or_else(|| invalid(format!("{path}type must be a string")))?;
-  let context_window = match number(entry, "contextWindow", path)? {
+  let kind = read
+    .r#type
+    .0
+    .ok_or_else(|| invalid(format!("{path}type must be a string")))?;
+  let context_window = match read.context_window {
     None => None,
     Some(window) if window.fract() == 0.0 && window >= 1.0 && window <= f64::from(u32::MAX) => {
       Some(window as u32)
@@ -337,11 +450,11 @@ pub fn provider_entry(entry: &Object, path: &str) -> Result<ProviderEntry> {
     descriptor: ProviderDescriptor {
       name,
       kind,
-      model: string(entry, "model", path)?,
-      description: string(entry, "description", path)?,
+      model: read.model,
+      description: read.description,
       context_window,
     },
-    publish: boolean(entry, "publish", path)?,
+    publish: read.publish,
   })
 }
 
@@ -376,7 +489,7 @@ mod tests {
     ];
     for (key, expected) in cases {
       assert_eq!(
-        nearest(key, REGISTRAR_OPTIONS).map(|(name, _)| name),
+        nearest(key, RegistrarOptions::fields()).map(|(name, _)| name),
         expected,
         "{key}"
       );
@@ -385,7 +498,7 @@ mod tests {
 
   #[test]
   fn entry_fields_refuse_only_near_misses() {
-    let near = |key: &str| nearest(key, ENTRY_FIELDS).filter(|(_, d)| *d <= 1);
+    let near = |key: &str| nearest(key, entry_fields()).filter(|(_, d)| *d <= 1);
     assert_eq!(near("modle").map(|(n, _)| n), Some("model"));
     assert_eq!(near("Publish").map(|(n, _)| n), Some("publish"));
     assert_eq!(

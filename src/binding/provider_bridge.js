@@ -272,10 +272,10 @@
       }
     },
 
-    stateChange(statusJson) {
+    stateChange(status) {
       if (!onStateChange) return
       try {
-        onStateChange(JSON.parse(statusJson))
+        onStateChange(status)
       } catch (error) {
         process.emitWarning(`onStateChange threw: ${describe(error)}`, 'RegistrarWarning')
       }

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+use super::contract::RegistrarStatus as JsStatus;
 use crate::logging::LogSink;
 use crate::openai::CompletionChunk;
 use crate::provider::{AbortReason, BoxFuture, Provider, ProviderCall, ProviderFailure};
@@ -107,8 +108,8 @@ type CreditFn = ThreadsafeFunction<CreditGrant, Unknown<'static>, CreditGrant, S
 type AbortFn = ThreadsafeFunction<Abort, Unknown<'static>, Abort, Status, false, true>;
 /// `log(line)`.
 type LogFn = ThreadsafeFunction<LogLine, Unknown<'static>, LogLine, Status, false, true>;
-/// `stateChange(statusJson)`.
-type StateFn = ThreadsafeFunction<String, Unknown<'static>, String, Status, false, true>;
+/// `stateChange(status)`.
+type StateFn = ThreadsafeFunction<JsStatus, Unknown<'static>, JsStatus, Status, false, true>;
 /// A strong reference that keeps Node's event loop alive while the registrar runs.
 pub type KeepAlive = ThreadsafeFunction<(), Unknown<'static>, (), Status, false, false>;
 pub type KeepAliveSource = FunctionRef<(), Unknown<'static>>;
@@ -341,11 +342,9 @@ impl JsBridge {
         .session_id
         .lock()
         .clone_from(&status.provider_session_id);
-      if let Ok(json) = serde_json::to_string(&status) {
-        bridge
-          .state_change
-          .call(json, ThreadsafeFunctionCallMode::NonBlocking);
-      }
+      bridge
+        .state_change
+        .call(status.into(), ThreadsafeFunctionCallMode::NonBlocking);
     })
   }
 

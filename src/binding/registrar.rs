@@ -1,7 +1,6 @@
 //! The JavaScript surface (API.md): the `VirtualLlmRegistrar` class and
 //! mcplocal's boot hook `maybeStartVirtualLlmRegistrar`. Thin glue over the core.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use napi::bindgen_prelude::{
@@ -10,27 +9,23 @@ use napi::bindgen_prelude::{
 use napi::{Env, ValueType};
 use tracing::Instrument;
 
+use super::contract::{RegistrarOptions, RegistrarStatus, PROVIDER, REGISTRY};
 use super::error;
-use super::options::{self, ProviderEntry, Settings};
+use super::options::{self, JsField, JsObject, ProviderEntry, Settings};
 use super::provider_bridge::{JsBridge, KeepAlive, KeepAliveSource, ProviderBridge};
+use crate::boot::{self, BootOptions, FileEntry, Registry};
 use crate::config::{resolve_config_dir, Credentials};
 use crate::dispatch::PublishedProvider;
 use crate::error::{describe, Error, Result};
 use crate::logging::LogRoute;
-use crate::registrar::{Registrar, RegistrarConfig, RegistrarState};
+use crate::registrar::{Registrar, RegistrarConfig, RegistrarState, RunningHold};
 use crate::secret::Secret;
-
-/// How long mcplocal's boot waits for the first register before going on.
-const BOOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Publishes local LLM providers to mcpd and serves the inference mcpd relays back.
 #[napi]
 pub struct VirtualLlmRegistrar {
   core: Arc<Registrar>,
   keep_alive_source: KeepAliveSource,
-  /// Set by start() (and the boot hook), cleared when that start fails: a
-  /// second start() meanwhile is refused with ERR_ALREADY_STARTED.
-  start_claimed: Arc<AtomicBool>,
   /// The registrar's log span: what start() and stop() log goes to its logger.
   span: tracing::Span,
   /// To keep it out of error messages, should mcpd echo it.
@@ -149,7 +144,7 @@ impl Publisher {
         tracing::warn!(provider = %parsed.descriptor.name, "not publishing a provider marked publish: false");
         continue;
       }
-      let provider = options::object(&entry, "provider", &path)?
+      let provider = options::object(&entry, PROVIDER, &path)?
         .ok_or_else(|| Error::InvalidInput(format!("{path}provider must be an LlmProvider")))?;
       providers.push(Self::check(parsed, provider, &path)?);
     }
@@ -168,8 +163,11 @@ impl Publisher {
 }
 
 impl<'env> Setup<'env> {
-  fn new(env: &'env Env, options: &Object<'env>) -> Result<Self> {
-    let logger = options::object(options, "logger", "")?;
+  fn new(
+    env: &'env Env,
+    logger: Option<Object<'env>>,
+    on_state_change: Option<Function<'env>>,
+  ) -> Result<Self> {
     if let Some(logger) = &logger {
       for level in ["debug", "info", "warn", "error"] {
         if !options::has_function(logger, level)? {
@@ -179,7 +177,6 @@ impl<'env> Setup<'env> {
         }
       }
     }
-    let on_state_change = options::function(options, "onStateChange", "")?;
     let has_logger = logger.is_some();
     let parts = JsBridge::create(env, logger, on_state_change).map_err(napi_failure)?;
     let sink = has_logger.then(|| parts.bridge.log_sink());
@@ -200,7 +197,7 @@ impl<'env> Setup<'env> {
   }
 
   /// `registry.get(name)`, called on the JavaScript side so that a throwing
-  /// registry is a warning; `None` (after the warning) when it has no such provider.
+  /// registry is an error here, not a JavaScript exception.
   fn lookup(&self, registry: Object<'env>, name: &str) -> Result<Option<Object<'env>>> {
     let lookup: Function<FnArgs<(Object, String)>, Object> = self
       .bridge_object
@@ -210,14 +207,9 @@ impl<'env> Setup<'env> {
       .call((registry, name.to_owned()).into())
       .map_err(napi_failure)?;
     if let Some(error) = options::string(&found, "error", "")? {
-      tracing::warn!(provider = %name, %error, "registry.get threw; not publishing the provider");
-      return Ok(None);
+      return Err(Error::InvalidInput(format!("registry.get threw: {error}")));
     }
-    let provider = options::object(&found, "provider", "")?;
-    if provider.is_none() {
-      tracing::warn!(provider = %name, "provider is opted in (publish: true) but not in the registry");
-    }
-    Ok(provider)
+    options::object(&found, "provider", "")
   }
 
   fn build(
@@ -239,17 +231,19 @@ impl<'env> Setup<'env> {
       dispatch: settings.dispatch,
       allow_insecure_http: settings.allow_insecure_http,
     };
-    let core = Registrar::new(
-      config,
-      Some(self.bridge.status_observer()),
-      self.log_route.span(),
-    )?;
+    // The registrar spawns its supervisor on the addon's runtime.
+    let core = napi::bindgen_prelude::within_runtime_if_available(|| {
+      Registrar::new(
+        config,
+        Some(self.bridge.status_observer()),
+        self.log_route.span(),
+      )
+    })?;
     let span = self.log_route.span();
     core.keep_for_life(Box::new(self.log_route));
     Ok(VirtualLlmRegistrar {
       core: Arc::new(core),
       keep_alive_source: self.keep_alive_source,
-      start_claimed: Arc::default(),
       span,
       token,
       publisher: self.publisher,
@@ -300,10 +294,10 @@ impl VirtualLlmRegistrar {
 
   fn from_options(env: &Env, options: Option<Unknown>) -> Result<Self> {
     let options = options_object(options, "new VirtualLlmRegistrar(options)")?;
-    let options = &options;
-    options::check_names(options, options::REGISTRAR_OPTIONS, "")?;
-    let setup = Setup::new(env, options)?;
-    let settings = options::settings(options)?;
+    options::check_names(&options, RegistrarOptions::fields(), "")?;
+    let options = RegistrarOptions::read(&options, "")?;
+    let setup = Setup::new(env, options.logger, options.on_state_change)?;
+    let settings = options::settings(&options)?;
     let credentials = Credentials {
       mcpd_url: settings
         .mcpd_url
@@ -317,11 +311,10 @@ impl VirtualLlmRegistrar {
           .ok_or_else(|| Error::InvalidInput("token must be a non-empty string".to_owned()))?,
       ),
     };
-    let entries: Option<Unknown> = options.get("providers").map_err(napi_failure)?;
     let providers = setup
       .log_route
       .span()
-      .in_scope(|| setup.publisher.set(env, entries))?;
+      .in_scope(|| setup.publisher.set(env, options.providers.0))?;
     setup.build(settings, credentials, providers)
   }
 
@@ -335,35 +328,13 @@ impl VirtualLlmRegistrar {
   /// started ('ERR_ALREADY_STARTED').
   #[napi(ts_return_type = "Promise<void>")]
   pub fn start<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
-    let core = Arc::clone(&self.core);
-    let claimed = Arc::clone(&self.start_claimed);
-    let span = self.span.clone();
     let token = self.token.clone();
-    let refused = if core.status().state == RegistrarState::Stopped {
-      Some(Error::Stopped)
-    } else if claimed.swap(true, Ordering::SeqCst) {
-      Some(Error::AlreadyStarted)
-    } else {
-      None
-    };
-    if refused.is_none() {
-      if let Err(failure) = self.hold_event_loop(env) {
-        claimed.store(false, Ordering::SeqCst);
-        return Err(failure);
-      }
-    }
+    // Claimed now, in the order of the JavaScript calls; a refused start, or
+    // one that fails, drops the hold.
+    let starting = self.core.start_holding(self.event_loop_hold(env)?);
+    let span = self.span.clone();
     env.spawn_future_with_callback(
-      async move {
-        if let Some(error) = refused {
-          return Ok(Err(error));
-        }
-        // A failed start releases the hold itself.
-        let started = core.start().instrument(span).await;
-        if started.is_err() {
-          claimed.store(false, Ordering::SeqCst);
-        }
-        Ok(started)
-      },
+      async move { Ok(starting.instrument(span).await) },
       move |env, started| started.map_err(error::js(env, Some(&token))),
     )
   }
@@ -381,29 +352,21 @@ impl VirtualLlmRegistrar {
   }
 
   /// A snapshot of the registrar's state and counters.
-  #[napi(ts_return_type = "RegistrarStatus")]
-  pub fn status(&self) -> serde_json::Value {
-    let mut status = serde_json::to_value(self.core.status()).unwrap_or_default();
-    // Until the core counts cancelled tasks, they are reported as 0 (API.md).
-    if let Some(fields) = status.as_object_mut() {
-      fields
-        .entry("cancelled")
-        .or_insert(serde_json::Value::from(0));
-    }
-    status
+  #[napi]
+  pub fn status(&self) -> RegistrarStatus {
+    self.core.status().into()
   }
 
-  /// Takes a strong reference on Node's event loop, held by the core until
-  /// stop() (or a failed start()); a no-op when one is held already.
-  fn hold_event_loop(&self, env: &Env) -> napi::Result<()> {
+  /// A strong reference on Node's event loop, for the core to hold while the
+  /// registrar runs (until stop(), or until the start fails).
+  fn event_loop_hold(&self, env: &Env) -> napi::Result<RunningHold> {
     let source = self.keep_alive_source.borrow_back(env)?;
     let keep_alive: KeepAlive = source
       .build_threadsafe_function()
       .callee_handled::<false>()
       .weak::<false>()
       .build()?;
-    self.core.hold_while_running(Box::new(keep_alive));
-    Ok(())
+    Ok(Box::new(keep_alive))
   }
 }
 
@@ -489,26 +452,13 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
   let Some(registrar) = registrar else {
     return env.spawn_future_with_callback(async { Ok(()) }, |_, ()| Ok(None));
   };
-  registrar.hold_event_loop(env)?;
-  registrar.start_claimed.store(true, Ordering::SeqCst);
-  let core = Arc::clone(&registrar.core);
+  let booting = boot::start(&registrar.core, Some(registrar.event_loop_hold(env)?));
   let span = registrar.span.clone();
   env.spawn_future_with_callback(
     async move {
-      // The first register and the channel's opening run on their own task:
-      // the boot waits for them only so long, and a slow mcpd finishes
-      // registering in the background.
-      let first = tokio::spawn(
-        async move { core.start_in_background().await }.instrument(tracing::Span::current()),
-      );
-      match tokio::time::timeout(BOOT_WAIT, first).await {
-        Ok(Ok(Err(error))) => tracing::debug!(target: "mcpctl_registrar", error = %describe(&error), "first register failed; retrying in the background"),
-        Err(_) => tracing::debug!(target: "mcpctl_registrar", "mcpd is slow to answer; registering in the background"),
-        Ok(_) => {}
-      }
+      booting.instrument(span).await;
       Ok(())
-    }
-    .instrument(span),
+    },
     move |_, ()| Ok(Some(registrar)),
   )
 }
@@ -516,28 +466,41 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
 /// `Ok(None)` for the cases API.md resolves null, after a warning.
 fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistrar>> {
   let options = options_object(Some(options), "maybeStartVirtualLlmRegistrar(options)")?;
-  let setup = Setup::new(env, &options)?;
+  let read = RegistrarOptions::read(&options, "");
+  let setup = match &read {
+    Ok(read) => Setup::new(env, read.logger, read.on_state_change)?,
+    // A mistyped option is still warned to the logger, when that one is usable
+    // (contract.rs's tests keep `logger` among the option names).
+    Err(_) => {
+      let logger = JsField::from_field(options::field(&options, "logger")?, "logger");
+      Setup::new(env, logger.ok().flatten(), None)?
+    }
+  };
   // From here on, warnings go to the caller's logger: the route outlives `setup`.
   let route = Arc::clone(&setup.log_route);
   let span = route.span();
   let _entered = span.enter();
-  boot(env, &options, setup).or_else(|error| {
-    tracing::warn!(error = %describe(&error), "virtual LLM registrar not started");
-    Ok(None)
-  })
+  read
+    .and_then(|read| boot(env, &options, read, setup))
+    .or_else(|error| {
+      tracing::warn!(error = %describe(&error), "virtual LLM registrar not started");
+      Ok(None)
+    })
 }
 
-/// The part of `prepare_boot` that runs with the caller's logger in place.
+/// The part of `prepare_boot` that runs with the caller's logger in place:
+/// converts the options for the core's boot policy (crate::boot).
 fn boot<'env>(
   env: &Env,
   options: &Object<'env>,
+  read: RegistrarOptions<'env>,
   setup: Setup<'env>,
 ) -> Result<Option<VirtualLlmRegistrar>> {
   // The registrar's names, and `registry`.
-  let known = [options::REGISTRAR_OPTIONS, &["registry"]].concat();
+  let known = [RegistrarOptions::fields(), &[REGISTRY]].concat();
   options::check_names(options, &known, "")?;
-  let settings = options::settings(options)?;
-  let registry = options::object(options, "registry", "")?.ok_or_else(|| {
+  let settings = options::settings(&read)?;
+  let registry = options::object(options, REGISTRY, "")?.ok_or_else(|| {
     Error::InvalidInput("registry must be a Map or an object with get(name)".to_owned())
   })?;
   if !options::has_function(&registry, "get")? {
@@ -545,63 +508,67 @@ fn boot<'env>(
       "registry.get must be a function".to_owned(),
     ));
   }
-  let entries: Array = options
-    .get("providers")
-    .ok()
-    .flatten()
+  let entries: Array = read
+    .providers
+    .0
+    .filter(|value| value.is_array().unwrap_or(false))
+    // SAFETY: checked to be an array just above.
+    .and_then(|value| unsafe { value.cast::<Array>() }.ok())
     .ok_or_else(|| Error::InvalidInput("providers must be an array".to_owned()))?;
-  let mut providers = Vec::new();
-  let mut opted_in = 0;
-  for index in 0..entries.len() {
-    let path = format!("providers[{index}].");
-    let Some(entry) = entries.get::<Object>(index).ok().flatten() else {
-      tracing::warn!(index, "skipping a provider entry that is not an object");
-      continue;
-    };
-    let parsed = match options::provider_entry(&entry, &path) {
-      Ok(parsed) => parsed,
-      Err(error) => {
-        tracing::warn!(error = %error, "skipping an invalid provider entry");
-        continue;
-      }
-    };
-    if parsed.publish != Some(true) {
-      continue;
-    }
-    opted_in += 1;
-    let name = parsed.descriptor.name.clone();
-    let Some(provider) = setup.lookup(registry, &name)? else {
-      continue;
-    };
-    match setup.publisher.publish(env, parsed, provider, &path) {
-      Ok(published) => providers.push(published),
-      Err(error) => tracing::warn!(provider = %name, error = %error, "not publishing provider"),
-    }
-  }
-  if opted_in == 0 {
-    tracing::warn!("no provider has publish: true; virtual LLM registrar not started");
-    return Ok(None);
-  }
-  if providers.is_empty() {
-    tracing::warn!(
-      "none of the opted-in providers is in the registry; virtual LLM registrar not started"
-    );
-    return Ok(None);
-  }
-  options::check_unique(providers.iter().map(|p| p.descriptor.name.as_str()))?;
-  let config_dir = resolve_config_dir(settings.config_dir.as_deref())?;
-  let credentials = match (settings.mcpd_url.clone(), settings.token.clone()) {
-    (Some(mcpd_url), Some(token)) if !token.is_empty() => Credentials {
-      mcpd_url,
-      token: Secret::new(token),
-    },
-    _ => match Credentials::read(&config_dir) {
-      Ok(credentials) => credentials,
-      Err(error) => {
-        tracing::warn!(error = %describe(&error), "no usable mcpd credentials; virtual LLM registrar not started");
-        return Ok(None);
-      }
-    },
+  let entries = (0..entries.len())
+    .map(|index| {
+      let path = format!("providers[{index}].");
+      let entry = entries
+        .get::<Object>(index)
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::InvalidInput(format!("providers[{index}] must be an object")))?;
+      let parsed = options::provider_entry(&entry, &path)?;
+      Ok(FileEntry {
+        descriptor: parsed.descriptor,
+        publish: parsed.publish == Some(true),
+      })
+    })
+    .collect();
+  let given = BootOptions {
+    mcpd_url: settings.mcpd_url.clone(),
+    token: settings.token.clone(),
+    config_dir: settings.config_dir.clone(),
   };
-  setup.build(settings, credentials, providers).map(Some)
+  let mut registry = JsRegistry {
+    env,
+    setup: &setup,
+    registry,
+  };
+  let Some(plan) = boot::plan(entries, &mut registry, given) else {
+    return Ok(None);
+  };
+  setup
+    .build(settings, plan.credentials, plan.providers)
+    .map(Some)
+}
+
+/// mcplocal's registry (a `Map`, or an object with `get(name)`), for the boot.
+struct JsRegistry<'a, 'env> {
+  env: &'a Env,
+  setup: &'a Setup<'env>,
+  registry: Object<'env>,
+}
+
+impl Registry for JsRegistry<'_, '_> {
+  fn provider(&mut self, index: usize, entry: FileEntry) -> Result<Option<PublishedProvider>> {
+    let Some(provider) = self.setup.lookup(self.registry, &entry.descriptor.name)? else {
+      return Ok(None);
+    };
+    let entry = ProviderEntry {
+      descriptor: entry.descriptor,
+      publish: Some(true),
+    };
+    let path = format!("providers[{index}].");
+    self
+      .setup
+      .publisher
+      .publish(self.env, entry, provider, &path)
+      .map(Some)
+  }
 }

@@ -55,12 +55,19 @@ pub struct DispatchSettings {
   pub max_queue: u32,
 }
 
+/// The `taskTimeoutMs` option's default.
+pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(600);
+/// The `maxConcurrency` option's default (per provider).
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 4;
+/// The `maxQueue` option's default (per provider).
+pub const DEFAULT_MAX_QUEUE: u32 = 64;
+
 impl Default for DispatchSettings {
   fn default() -> Self {
     Self {
-      task_timeout: Duration::from_secs(600),
-      max_concurrency: 4,
-      max_queue: 64,
+      task_timeout: DEFAULT_TASK_TIMEOUT,
+      max_concurrency: DEFAULT_MAX_CONCURRENCY,
+      max_queue: DEFAULT_MAX_QUEUE,
     }
   }
 }

@@ -151,15 +151,10 @@ impl TaskContext<'_> {
     let mut options = request.options;
     // The provider gets the entry's configured model, never the virtual
     // LLM's name mcpd routed by (which stays in `options.request.model`).
-    if let Some(options) = options.as_object_mut() {
-      match &descriptor.model {
-        Some(model) => options.insert("model".into(), model.clone().into()),
-        None => options.remove("model"),
-      };
-    }
+    options.model.clone_from(&descriptor.model);
     let call = ProviderCall {
       task_id: task_id.to_owned(),
-      options,
+      options: options.into_value(),
     };
     let provider = &published.provider;
     if stream {

@@ -1,8 +1,9 @@
-//! A fake mcpd for the integration tests: plain HTTP/1.1 on 127.0.0.1, which
-//! records every request, answers as PROTOCOL.md says unless a test scripted
-//! otherwise, and lets a test write raw SSE bytes into the open control channel.
+//! The fake mcpd of the integration tests, on the shared server of mcpd.rs: it records
+//! every request, answers as PROTOCOL.md says unless a test scripted otherwise or set
+//! the endpoint hostile, and lets a test write raw SSE bytes into the control channel.
 #![allow(dead_code)]
 
+pub mod mcpd;
 pub mod provider;
 
 use std::collections::{HashMap, VecDeque};
@@ -13,10 +14,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
+
+pub use mcpd::Pace;
+pub use mcpd::Route;
+use mcpd::{Endless, McpdServer, Reply, Response};
 
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -59,16 +61,6 @@ impl Drop for TempDir {
   }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Route {
-  Register,
-  Stream,
-  Heartbeat,
-  Result,
-  Chunks,
-  Other,
-}
-
 /// A scripted answer to the next request of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -76,6 +68,22 @@ pub enum Answer {
   Status(u16),
   /// Close the connection without answering.
   Drop,
+}
+
+/// How every request of a route is answered, whatever was scripted: as PROTOCOL.md
+/// says, or hostile (tests/hostile.rs).
+#[derive(Debug, Clone)]
+pub enum Mode {
+  /// As PROTOCOL.md says, or as scripted.
+  Normal,
+  /// This status, then a body that never ends; `prefix` starts it.
+  Endless {
+    status: u16,
+    pace: Pace,
+    prefix: &'static str,
+  },
+  /// 302 to this location, with the fake's origin put in for `{origin}`.
+  Redirect(String),
 }
 
 /// One request as the fake received it.
@@ -91,7 +99,7 @@ pub struct Request {
   pub body: Value,
   /// The task id of a result or chunk POST, percent-decoded.
   pub task_id: Option<String>,
-  /// What the fake answered; 0 when it dropped the connection.
+  /// What the fake answered; 0 when it dropped the connection or never ended the body.
   pub status: u16,
   /// When the fake had read the whole request.
   pub at: std::time::Instant,
@@ -117,41 +125,76 @@ struct State {
   heartbeat_interval_ms: Option<u64>,
   in_flight: HashMap<String, u32>,
   max_in_flight: HashMap<String, u32>,
+  /// The routes not answered normally (never `Mode::Normal`).
+  modes: HashMap<Route, Mode>,
+  /// Endless answers whose reader went away (the client dropped the connection).
+  dropped: HashMap<Route, u32>,
+  /// The most body bytes one endless answer got out before it was dropped.
+  most_bytes_out: u64,
+  origin: String,
 }
 
 pub struct FakeMcpd {
+  /// The origin and the path prefix the endpoints are served under.
   pub url: String,
+  /// `http://127.0.0.1:<port>`.
+  pub origin: String,
   state: Arc<Mutex<State>>,
-  tasks: Arc<Mutex<Vec<AbortHandle>>>,
+  /// Dropped with the fake, which ends every connection.
+  _server: McpdServer,
 }
 
 impl Drop for FakeMcpd {
   fn drop(&mut self) {
     self.state.lock().streams.clear();
-    for task in self.tasks.lock().drain(..) {
-      task.abort();
-    }
   }
 }
 
 impl FakeMcpd {
   pub async fn start() -> Self {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("local addr"));
+    Self::start_under("").await
+  }
+
+  /// A fake whose endpoints are under `prefix` (mcpdUrl's path, e.g. `/mcpd`).
+  pub async fn start_under(prefix: &str) -> Self {
     let state = Arc::new(Mutex::new(State::default()));
-    let tasks = Arc::new(Mutex::new(Vec::new()));
-    let accept = {
-      let state = Arc::clone(&state);
-      let tasks = Arc::clone(&tasks);
-      tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-          let connection = tokio::spawn(serve(socket, Arc::clone(&state)));
-          tasks.lock().push(connection.abort_handle());
-        }
-      })
+    let answering = Arc::clone(&state);
+    let server = McpdServer::start(prefix, move |request| {
+      let state = Arc::clone(&answering);
+      async move { answer(&state, request).await }
+    })
+    .await;
+    state.lock().origin = server.origin.clone();
+    Self {
+      url: server.url.clone(),
+      origin: server.origin.clone(),
+      state,
+      _server: server,
+    }
+  }
+
+  /// Every request of `route` is answered so from now on, before any script.
+  pub fn set(&self, route: Route, mode: Mode) {
+    let mut state = self.state.lock();
+    match mode {
+      Mode::Normal => state.modes.remove(&route),
+      mode => state.modes.insert(route, mode),
     };
-    tasks.lock().push(accept.abort_handle());
-    Self { url, state, tasks }
+  }
+
+  /// How many endless answers of `route` the client dropped.
+  pub fn dropped(&self, route: Route) -> u32 {
+    self.state.lock().dropped.get(&route).copied().unwrap_or(0)
+  }
+
+  /// Forgets the endless answers dropped so far.
+  pub fn clear_dropped(&self) {
+    self.state.lock().dropped.clear();
+  }
+
+  /// The most body bytes one endless answer got out before it was dropped.
+  pub fn most_bytes_out(&self) -> u64 {
+    self.state.lock().most_bytes_out
   }
 
   /// The next answers of `route`, used up one per request before the defaults resume.
@@ -267,7 +310,7 @@ impl FakeMcpd {
   }
 
   pub fn stream_is_open(&self, index: usize) -> bool {
-    matches!(self.state.lock().streams.get(index), Some(Some(_)))
+    matches!(self.state.lock().streams.get(index), Some(Some(stream)) if !stream.is_closed())
   }
 
   /// Waits until the `n`th control channel (from 1) is open.
@@ -314,33 +357,92 @@ pub fn chunks_of(post: &Request) -> Vec<String> {
     .collect()
 }
 
-/// One connection: requests in a row (keep-alive) until the client closes it,
-/// a scripted drop, or a control channel, which owns it to the end.
-async fn serve(mut socket: TcpStream, state: Arc<Mutex<State>>) {
-  let mut buffer = Vec::new();
-  while let Some(request) = read_request(&mut socket, &mut buffer).await {
-    let (answer, delay, body) = decide(&state, request.clone());
-    let path = request.path.clone();
-    if let Some(delay) = delay {
-      tokio::time::sleep(delay).await;
+/// Records the request, waits out any delay, and answers it: scripted, or as PROTOCOL.md says.
+async fn answer(state: &Arc<Mutex<State>>, request: mcpd::Request) -> Reply {
+  let request = Request::from(request);
+  if let Some(reply) = hostile(state, &request) {
+    return reply;
+  }
+  let (answer, delay, body) = decide(state, request.clone());
+  if let Some(delay) = delay {
+    tokio::time::sleep(delay).await;
+  }
+  {
+    // Counted down before the answer leaves, so a client that waits for it
+    // can never be seen overlapping with itself.
+    let mut state = state.lock();
+    if let Some(count) = state.in_flight.get_mut(&request.path) {
+      *count -= 1;
     }
-    {
-      // Counted down before the answer leaves, so a client that waits for it
-      // can never be seen overlapping with itself.
-      let mut state = state.lock();
-      if let Some(count) = state.in_flight.get_mut(&path) {
-        *count -= 1;
-      }
-    }
-    let status = match answer {
-      Answer::Drop => return,
-      Answer::Status(status) => status,
+  }
+  let status = match answer {
+    Answer::Drop => return Reply::Drop,
+    Answer::Status(status) => status,
+  };
+  if request.route == Route::Stream && status == 200 {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    state.lock().streams.push(Some(sender));
+    return Reply::EventStream {
+      frames: receiver,
+      coalesce: false,
     };
-    if request.route == Route::Stream && status == 200 {
-      return control_channel(socket, state).await;
+  }
+  Reply::Respond(match (status, body) {
+    (204, _) | (_, None) => Response::bare(status),
+    (_, Some(body)) => Response::json(status, body.to_string()),
+  })
+}
+
+/// The answer of a route set hostile, the request recorded; `None` for a normal one.
+fn hostile(state: &Arc<Mutex<State>>, request: &Request) -> Option<Reply> {
+  let mut locked = state.lock();
+  let mut request = request.clone();
+  let reply = match locked.modes.get(&request.route)?.clone() {
+    Mode::Normal => return None,
+    Mode::Endless {
+      status,
+      pace,
+      prefix,
+    } => {
+      let (state, route) = (Arc::clone(state), request.route);
+      Reply::Endless(Endless {
+        status,
+        pace,
+        prefix,
+        gone: Box::new(move |out| {
+          let mut state = state.lock();
+          *state.dropped.entry(route).or_default() += 1;
+          state.most_bytes_out = state.most_bytes_out.max(out);
+        }),
+      })
     }
-    if respond(&mut socket, status, body).await.is_err() {
-      return;
+    Mode::Redirect(location) => {
+      request.status = 302;
+      let location = location.replace("{origin}", &locked.origin);
+      Reply::Respond(Response::empty(302).header("location", location))
+    }
+  };
+  locked.requests.push(request);
+  Some(reply)
+}
+
+impl From<mcpd::Request> for Request {
+  fn from(request: mcpd::Request) -> Self {
+    let body = match request.body.is_empty() {
+      true => Value::Null,
+      false => serde_json::from_slice(&request.body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&request.body).into_owned())),
+    };
+    Self {
+      route: request.route,
+      method: request.method,
+      path: request.path,
+      query: request.query,
+      headers: request.headers,
+      body,
+      task_id: request.task_id,
+      status: 0,
+      at: request.at,
     }
   }
 }
@@ -410,164 +512,4 @@ fn register_answer(state: &mut State, body: &Value) -> Value {
     answer["heartbeatIntervalMs"] = json!(ms);
   }
   answer
-}
-
-async fn respond(socket: &mut TcpStream, status: u16, body: Option<Value>) -> std::io::Result<()> {
-  let head = match (status, body) {
-    (204, _) | (_, None) => format!("HTTP/1.1 {status} {}\r\n\r\n", reason(status)),
-    (_, Some(body)) => {
-      let body = body.to_string();
-      format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        reason(status),
-        body.len()
-      )
-    }
-  };
-  socket.write_all(head.as_bytes()).await
-}
-
-fn reason(status: u16) -> &'static str {
-  match status {
-    200 => "OK",
-    201 => "Created",
-    204 => "No Content",
-    404 => "Not Found",
-    _ => "Scripted",
-  }
-}
-
-/// Serves `text/event-stream` until the test drops the stream or the client
-/// goes away; the end is a clean close, so the client reads every byte first.
-async fn control_channel(socket: TcpStream, state: Arc<Mutex<State>>) {
-  let (sender, mut receiver) = mpsc::unbounded_channel::<Vec<u8>>();
-  let index = {
-    let mut state = state.lock();
-    state.streams.push(Some(sender));
-    state.streams.len() - 1
-  };
-  let (mut reader, mut writer) = socket.into_split();
-  let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n";
-  let mut open = writer.write_all(head.as_bytes()).await.is_ok();
-  let mut scratch = [0u8; 512];
-  while open {
-    open = tokio::select! {
-      bytes = receiver.recv() => match bytes {
-        Some(bytes) => writer.write_all(&bytes).await.is_ok(),
-        None => false,
-      },
-      read = reader.read(&mut scratch) => matches!(read, Ok(n) if n > 0),
-    };
-  }
-  let _ = writer.shutdown().await;
-  if let Some(stream) = state.lock().streams.get_mut(index) {
-    stream.take();
-  }
-}
-
-/// Reads one request (head and Content-Length body); `None` at the end of the connection.
-async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Request> {
-  let head_end = loop {
-    if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-      break at + 4;
-    }
-    read_more(socket, buffer).await?;
-  };
-  let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-  let mut lines = head.split("\r\n");
-  let mut first = lines.next()?.split(' ');
-  let method = first.next()?.to_owned();
-  let target = first.next()?.to_owned();
-  let headers: HashMap<String, String> = lines
-    .filter_map(|line| line.split_once(':'))
-    .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-    .collect();
-  let length: usize = headers
-    .get("content-length")
-    .and_then(|length| length.parse().ok())
-    .unwrap_or(0);
-  while buffer.len() < head_end + length {
-    read_more(socket, buffer).await?;
-  }
-  let raw: Vec<u8> = buffer.drain(..head_end + length).skip(head_end).collect();
-  let body = match raw.is_empty() {
-    true => Value::Null,
-    false => serde_json::from_slice(&raw)
-      .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned())),
-  };
-  let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-  let query = query
-    .split('&')
-    .filter_map(|pair| pair.split_once('='))
-    .map(|(name, value)| (decode(name), decode(value)))
-    .collect();
-  let (route, task_id) = route_of(&method, path);
-  Some(Request {
-    route,
-    method,
-    path: path.to_owned(),
-    query,
-    headers,
-    body,
-    task_id,
-    status: 0,
-    at: std::time::Instant::now(),
-  })
-}
-
-async fn read_more(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<()> {
-  let mut chunk = [0u8; 16 * 1024];
-  match socket.read(&mut chunk).await {
-    Ok(0) | Err(_) => None,
-    Ok(n) => {
-      buffer.extend_from_slice(&chunk[..n]);
-      Some(())
-    }
-  }
-}
-
-fn route_of(method: &str, path: &str) -> (Route, Option<String>) {
-  const TASKS: &str = "/api/v1/llms/_provider-tasks/";
-  match (method, path) {
-    ("POST", "/api/v1/llms/_provider-register") => (Route::Register, None),
-    ("GET", "/api/v1/llms/_provider-stream") => (Route::Stream, None),
-    ("POST", "/api/v1/llms/_provider-heartbeat") => (Route::Heartbeat, None),
-    ("POST", _) if path.starts_with(TASKS) => {
-      let rest = &path[TASKS.len()..];
-      match rest.rsplit_once('/') {
-        Some((task, "result")) if !task.contains('/') => (Route::Result, Some(decode(task))),
-        Some((task, "chunks")) if !task.contains('/') => (Route::Chunks, Some(decode(task))),
-        _ => (Route::Other, None),
-      }
-    }
-    _ => (Route::Other, None),
-  }
-}
-
-/// Percent-decoding, enough for task and session ids.
-fn decode(text: &str) -> String {
-  let bytes = text.as_bytes();
-  let mut out = Vec::with_capacity(bytes.len());
-  let mut i = 0;
-  while i < bytes.len() {
-    let hex = bytes
-      .get(i + 1..i + 3)
-      .and_then(|hex| std::str::from_utf8(hex).ok())
-      .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-    match (bytes[i], hex) {
-      (b'%', Some(byte)) => {
-        out.push(byte);
-        i += 3;
-      }
-      (b'+', _) => {
-        out.push(b' ');
-        i += 1;
-      }
-      (byte, _) => {
-        out.push(byte);
-        i += 1;
-      }
-    }
-  }
-  String::from_utf8_lossy(&out).into_owned()
 }

@@ -1,0 +1,264 @@
+//! The options, provider entries and status that cross between JavaScript and the
+//! addon, declared once as Rust types: index.d.ts is generated from them, and so are
+//! the name lists for "did you mean" and the readers (options.rs `js_object!`).
+
+use napi::bindgen_prelude::{Function, Object, Unknown};
+
+use super::options::{js_object, Required};
+use crate::registrar as core;
+
+/// The `heartbeatIntervalMs` option's default.
+pub const DEFAULT_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// The `idleTimeoutMs` option's default.
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The boot hook's own option besides the registrar's (its TypeScript is the hook's
+/// `ts_args_type`: an intersection a `#[napi(object)]` cannot state).
+pub const REGISTRY: &str = "registry";
+/// The field of a `RegistrarOptions['providers']` entry beside `LlmProviderFileEntry`'s.
+pub const PROVIDER: &str = "provider";
+
+/// What `new VirtualLlmRegistrar(options)` takes. An unknown name is refused with
+/// ERR_INVALID_OPTION naming the nearest known one.
+#[napi(object, object_from_js = false, object_to_js = false)]
+pub struct RegistrarOptions<'env> {
+  /// mcpd's base URL (`https://mcpd.example.com`). Plain `http` is refused for a
+  /// non-loopback host unless `allowInsecureHttp`. Required.
+  #[napi(ts_type = "string")]
+  pub mcpd_url: Required<String>,
+  /// The bearer token mcpd gave mcplocal. Never logged nor put in an error. Required.
+  #[napi(ts_type = "string")]
+  pub token: Required<String>,
+  /// The providers to publish, each with its `LlmProvider`. At least one; names unique.
+  #[napi(ts_type = "Array<LlmProviderFileEntry & { provider: LlmProvider }>")]
+  pub providers: Required<Unknown<'env>>,
+  /// Where the sticky session id is kept (`<configDir>/provider-session`).
+  /// @default $MCPCTL_HOME, else ~/.mcpctl
+  pub config_dir: Option<String>,
+  /// How often to tell mcpd the registrar is alive, in ms; mcpd's answer to
+  /// register may set another. @default 30000
+  pub heartbeat_interval_ms: Option<f64>,
+  /// How long the control channel may stay silent before it is reopened, in ms;
+  /// 0 disables. @default 60000
+  pub idle_timeout_ms: Option<f64>,
+  /// Retry delays after a failed register or a lost channel (doubling, with jitter).
+  /// @default { initialMs: 5000, maxMs: 60000 }
+  pub backoff: Option<BackoffOptions>,
+  /// How long a provider may take over one task before it is aborted (answered 504), in ms.
+  /// @default 600000
+  pub task_timeout_ms: Option<f64>,
+  /// Tasks run at once per provider. @default 4
+  pub max_concurrency: Option<f64>,
+  /// Tasks waiting per provider beyond `maxConcurrency`; more are answered 429. @default 64
+  pub max_queue: Option<f64>,
+  /// Allows plain http to a non-loopback host (the token then travels in clear).
+  /// @default false
+  pub allow_insecure_http: Option<bool>,
+  /// Where log lines go (pino's order, fields first). Without one, warnings and
+  /// errors go to stderr; `MCPCTL_LOG` (`error`...`trace`, `off`) sets the level.
+  /// @default undefined (stderr)
+  #[napi(ts_type = "Logger")]
+  pub logger: Option<Object<'env>>,
+  /// Called with the status on every state change. A throw becomes a process warning.
+  /// @default undefined
+  #[napi(ts_type = "(status: RegistrarStatus) => void")]
+  pub on_state_change: Option<Function<'env>>,
+}
+js_object!(RegistrarOptions<'env> { mcpd_url, token, providers, config_dir, heartbeat_interval_ms, idle_timeout_ms, backoff, task_timeout_ms, max_concurrency, max_queue, allow_insecure_http, logger, on_state_change });
+
+/// The `backoff` option: retry delays, doubling from `initialMs` to `maxMs`.
+#[napi(object, object_from_js = false, object_to_js = false)]
+pub struct BackoffOptions {
+  /// The first delay, in ms. @default 5000
+  pub initial_ms: Option<f64>,
+  /// The longest delay, in ms; not below `initialMs`. @default 60000
+  pub max_ms: Option<f64>,
+}
+js_object!(BackoffOptions { initial_ms, max_ms });
+
+/// One entry of ~/.mcpctl/config.json's provider list, as mcplocal reads it.
+/// Fields of mcplocal's own (`url`, `apiKey`...) may be present and are ignored;
+/// a near miss of a field below (`modle`, `Publish`) is refused with ERR_INVALID_OPTION.
+#[napi(object, object_from_js = false, object_to_js = false)]
+pub struct LlmProviderFileEntry {
+  /// The virtual LLM's name in mcpd: what OpenAI clients send as `model`. Unique.
+  #[napi(ts_type = "string")]
+  pub name: Required<String>,
+  /// The provider's kind (`ollama`, `llamacpp`...), shown by mcpd.
+  #[napi(ts_type = "string")]
+  pub r#type: Required<String>,
+  /// The model the provider runs; handed to it as `CompletionOptions.model`.
+  /// @default undefined (the provider chooses)
+  pub model: Option<String>,
+  /// Whether to publish this provider to mcpd. The boot hook publishes only
+  /// entries with `publish: true`; `new VirtualLlmRegistrar()` publishes every
+  /// entry except those with `publish: false`.
+  /// @default false (boot hook)
+  pub publish: Option<bool>,
+  /// Shown by mcpd next to the name. @default undefined
+  pub description: Option<String>,
+  /// The model's context window in tokens, shown by mcpd. @default undefined
+  pub context_window: Option<f64>,
+}
+js_object!(LlmProviderFileEntry {
+  name,
+  r#type,
+  model,
+  publish,
+  description,
+  context_window
+});
+
+/// Where the registrar is in its life.
+#[napi(string_enum = "lowercase")]
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegistrarState {
+  Idle,
+  Registering,
+  Connected,
+  Reconnecting,
+  Unauthorized,
+  Stopped,
+}
+
+/// A snapshot of the registrar's state and counters: what `status()` answers and
+/// `onStateChange` receives.
+#[napi(object, object_from_js = false, use_nullable = true)]
+#[derive(Debug)]
+pub struct RegistrarStatus {
+  pub state: RegistrarState,
+  /// The session id mcpd gave (kept in `<configDir>/provider-session`); null before
+  /// the first register.
+  pub provider_session_id: Option<String>,
+  /// The names published (or to be published by `start()`).
+  pub providers: Vec<String>,
+  /// Tasks a provider is working on.
+  pub in_flight: u32,
+  /// Tasks waiting for a free slot (`maxConcurrency`).
+  pub queued: u32,
+  /// Tasks answered with the provider's result.
+  pub completed: i64,
+  /// Tasks answered with an error.
+  pub failed: i64,
+  /// Tasks mcpd cancelled. received = completed + failed + cancelled + inFlight + queued.
+  pub cancelled: i64,
+  /// How many times the control channel was reopened.
+  pub reconnects: i64,
+  /// The last failure (register, channel), null when none.
+  pub last_error: Option<String>,
+}
+
+impl From<core::RegistrarState> for RegistrarState {
+  fn from(state: core::RegistrarState) -> Self {
+    match state {
+      core::RegistrarState::Idle => Self::Idle,
+      core::RegistrarState::Registering => Self::Registering,
+      core::RegistrarState::Connected => Self::Connected,
+      core::RegistrarState::Reconnecting => Self::Reconnecting,
+      core::RegistrarState::Unauthorized => Self::Unauthorized,
+      core::RegistrarState::Stopped => Self::Stopped,
+    }
+  }
+}
+
+/// Counters are below 2^53 for any registrar's life: exact as JavaScript numbers.
+fn count(value: u64) -> i64 {
+  i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+impl From<core::RegistrarStatus> for RegistrarStatus {
+  fn from(status: core::RegistrarStatus) -> Self {
+    Self {
+      state: status.state.into(),
+      provider_session_id: status.provider_session_id,
+      providers: status.providers,
+      in_flight: status.in_flight,
+      queued: status.queued,
+      completed: count(status.completed),
+      failed: count(status.failed),
+      cancelled: count(status.cancelled),
+      reconnects: count(status.reconnects),
+      last_error: status.last_error,
+    }
+  }
+}
+
+/// The defaults the code uses, by option name, as the doc comments above state them
+/// in `@default` (checked against the generated index.d.ts by a test).
+#[cfg(test)]
+fn defaults() -> Vec<(&'static str, String)> {
+  let ms = |duration: std::time::Duration| duration.as_millis().to_string();
+  let policy = crate::backoff::BackoffPolicy::default();
+  let dispatch = crate::dispatch::DispatchSettings::default();
+  vec![
+    ("heartbeatIntervalMs", ms(DEFAULT_HEARTBEAT_INTERVAL)),
+    ("idleTimeoutMs", ms(DEFAULT_IDLE_TIMEOUT)),
+    (
+      "backoff",
+      format!(
+        "{{ initialMs: {}, maxMs: {} }}",
+        ms(policy.initial),
+        ms(policy.max)
+      ),
+    ),
+    ("initialMs", ms(policy.initial)),
+    ("maxMs", ms(policy.max)),
+    ("taskTimeoutMs", ms(dispatch.task_timeout)),
+    ("maxConcurrency", dispatch.max_concurrency.to_string()),
+    ("maxQueue", dispatch.max_queue.to_string()),
+    ("allowInsecureHttp", "false".to_owned()),
+  ]
+}
+
+#[cfg(test)]
+mod tests {
+  use super::super::options::JsObject;
+  use super::*;
+
+  const INDEX_D_TS: &str = include_str!("../../index.d.ts");
+
+  /// The doc comment right above `  name?:` (or `name:`) in the generated index.d.ts.
+  fn doc_of(field: &str) -> &'static str {
+    let line = INDEX_D_TS
+      .lines()
+      .position(|line| {
+        let line = line.trim_start();
+        line.starts_with(&format!("{field}?:")) || line.starts_with(&format!("{field}:"))
+      })
+      .unwrap_or_else(|| panic!("index.d.ts has no field `{field}`"));
+    let lines: Vec<&str> = INDEX_D_TS.lines().collect();
+    let start = (0..line)
+      .rev()
+      .find(|&index| lines[index].trim_start().starts_with("/**"))
+      .unwrap_or_else(|| panic!("`{field}` has no doc comment"));
+    let from = INDEX_D_TS.find(lines[start]).unwrap();
+    let to = INDEX_D_TS.find(lines[line]).unwrap();
+    &INDEX_D_TS[from..to]
+  }
+
+  #[test]
+  fn the_generated_defaults_are_the_ones_the_code_uses() {
+    for (field, value) in defaults() {
+      let doc = doc_of(field);
+      assert!(
+        doc.contains(&format!("@default {value}")),
+        "index.d.ts says for `{field}`: {doc}; the code uses {value}"
+      );
+    }
+  }
+
+  #[test]
+  fn every_declared_name_is_in_the_generated_types() {
+    for field in RegistrarOptions::fields()
+      .iter()
+      .chain(BackoffOptions::fields())
+      .chain(LlmProviderFileEntry::fields())
+    {
+      doc_of(field);
+    }
+    assert!(RegistrarOptions::fields().contains(&"onStateChange"));
+    // The boot hook reads `logger` by that name when the other options are mistyped.
+    assert!(RegistrarOptions::fields().contains(&"logger"));
+    assert!(LlmProviderFileEntry::fields().contains(&"type"));
+  }
+}
