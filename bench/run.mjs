@@ -3,6 +3,10 @@
 // in mcplocal. Prints one table and one JSON line. `--smoke` runs a few hundred
 // tasks and fails (exit 1) only on errors, never on speed; `--rounds N` repeats
 // the whole comparison, alternating which registrar goes first, and reports medians.
+// `--addon PATH` may be given several times (say, main's build and this one's): each
+// addon is measured in the same run, interleaved with the others round by round, so
+// two builds are compared on the same machine under the same load; the table then
+// also gives each addon against the first.
 import { spawn } from 'node:child_process'
 import { existsSync, readdirSync } from 'node:fs'
 import http from 'node:http'
@@ -17,7 +21,7 @@ const { values } = parseArgs({
   options: {
     smoke: { type: 'boolean', default: false },
     rounds: { type: 'string', default: '1' },
-    addon: { type: 'string' },
+    addon: { type: 'string', multiple: true },
     mcpd: { type: 'string' },
     only: { type: 'string' },
   },
@@ -29,14 +33,14 @@ const scale = smoke
   ? { warmup: 50, latency: 200, throughput: 300, oneStream: 2000, oneStreamRuns: 2, streams: 16, streamTokens: 100, idleMs: 300, idleSettleMs: 300, floor: 100 }
   : { warmup: 500, latency: 3000, throughput: 20_000, oneStream: 20_000, oneStreamRuns: 5, streams: 64, streamTokens: 2000, idleMs: 3000, idleSettleMs: 3000, floor: 2000 }
 
-function findAddon() {
-  if (values.addon) return resolve(values.addon)
+function findAddons() {
+  if (values.addon?.length) return values.addon.map((path) => resolve(path))
   const built = join(here, '.build')
   if (existsSync(built)) {
     const file = readdirSync(built).find((name) => name.endsWith('.node'))
-    if (file) return join(built, file)
+    if (file) return [join(built, file)]
   }
-  return join(root, 'index.js')
+  return [join(root, 'index.js')]
 }
 
 function findMcpd() {
@@ -54,8 +58,14 @@ setTimeout(() => {
   process.exit(1)
 }, smoke ? 180_000 : 30 * 60_000).unref()
 
-const addonPath = findAddon()
+const addonPaths = findAddons()
 const mcpdPath = findMcpd()
+const shortPath = (path) => path.replace(`${root}/`, '')
+/** What is measured: the plain-Node registrar, then each addon under its own name. */
+const registrars = [
+  { name: 'plain', kind: 'plain' },
+  ...addonPaths.map((path, i) => ({ name: addonPaths.length === 1 ? 'addon' : `addon${i + 1}`, kind: 'addon', path })),
+]
 
 /** The mcpd stand-in: one command a line in, one JSON line out. */
 async function startMcpd() {
@@ -84,8 +94,9 @@ async function startMcpd() {
 }
 
 /** A registrar in its child process, with `snap()` for its CPU and RSS. */
-async function startChild(kind, url) {
-  const child = spawn(process.execPath, [join(here, 'child.mjs'), '--kind', kind, '--url', url, '--addon', addonPath], {
+async function startChild({ kind, path }, url) {
+  const args = [join(here, 'child.mjs'), '--kind', kind, '--url', url, ...(path ? ['--addon', path] : [])]
+  const child = spawn(process.execPath, args, {
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
   })
   const waiting = []
@@ -158,11 +169,12 @@ function check(kind, what, answer) {
 }
 
 /** Every figure for one registrar, measured on a fresh mcpd. */
-async function measure(kind) {
+async function measure(registrar) {
+  const { name: kind } = registrar
   const mcpd = await startMcpd()
   let child
   try {
-    child = await startChild(kind, mcpd.url)
+    child = await startChild(registrar, mcpd.url)
     const figures = {}
     const run = async (what, tasks, inFlight, tokens) =>
       check(kind, what, await mcpd.command(`run ${tasks} ${inFlight} ${tokens}`))
@@ -227,22 +239,23 @@ async function measure(kind) {
 }
 
 
-const kinds = values.only ? [values.only] : ['plain', 'addon']
-const samples = Object.fromEntries(kinds.map((kind) => [kind, []]))
+// `--only plain` or `--only addon` (every addon given).
+const measured = values.only ? registrars.filter((registrar) => registrar.kind === values.only) : registrars
+const samples = Object.fromEntries(measured.map(({ name }) => [name, []]))
 try {
   for (let round = 0; round < rounds; round++) {
-    const order = round % 2 ? [...kinds].reverse() : kinds
-    for (const kind of order) samples[kind].push(await measure(kind))
+    const order = round % 2 ? [...measured].reverse() : measured
+    for (const registrar of order) samples[registrar.name].push(await measure(registrar))
   }
 } catch (error) {
   errors.push(String(error?.stack ?? error))
 }
 
 const result = {}
-for (const kind of kinds) {
-  const runs = samples[kind]
+for (const { name } of measured) {
+  const runs = samples[name]
   if (!runs.length) continue
-  result[kind] = Object.fromEntries(Object.keys(runs[0]).map((key) => [key, median(runs.map((run) => run[key]))]))
+  result[name] = Object.fromEntries(Object.keys(runs[0]).map((key) => [key, median(runs.map((run) => run[key]))]))
 }
 
 // figure, key, unit, goal as a ratio addon/plain, and whether lower is better.
@@ -263,23 +276,70 @@ const rows = [
 ]
 const format = (value) =>
   !Number.isFinite(value) ? '–' : value >= 1000 ? Math.round(value).toLocaleString('en-US') : value >= 10 ? value.toFixed(1) : value.toFixed(2)
-const ratios = {}
+const ratioOf = (figures, base, key) => {
+  const ratio = figures?.[key] / base?.[key]
+  return Number.isFinite(ratio) ? Number(ratio.toFixed(3)) : null
+}
 const plain = result.plain ?? {}
-const addon = result.addon ?? {}
-const table = [['figure', 'plain Node', 'addon', 'addon/plain', 'goal']]
+const addons = registrars.filter((registrar) => registrar.kind === 'addon')
+const first = addons[0]
+const compared = addons.slice(1)
+const table = [
+  [
+    'figure',
+    'plain Node',
+    ...addons.map(({ name }) => name),
+    ...addons.map(({ name }) => `${name}/plain`),
+    ...compared.map(({ name }) => `${name}/${first.name}`),
+    'goal (/plain)',
+  ],
+]
 for (const [label, key, unit, goal] of rows) {
-  const ratio = addon[key] / plain[key]
-  ratios[key] = Number.isFinite(ratio) ? Number(ratio.toFixed(3)) : null
-  const shown = key === 'rssMiB' && Number.isFinite(ratio) ? `${ratio.toFixed(2)} (${(addon[key] - plain[key] >= 0 ? '+' : '') + (addon[key] - plain[key]).toFixed(1)} MiB)` : Number.isFinite(ratio) ? ratio.toFixed(2) : '–'
-  table.push([`${label}${unit ? ` (${unit})` : ''}`, format(plain[key]), format(addon[key]), shown, goal])
+  const shown = (figures, base) => {
+    const ratio = ratioOf(figures, base, key)
+    if (ratio === null) return '–'
+    if (key !== 'rssMiB') return ratio.toFixed(2)
+    const more = figures[key] - base[key]
+    return `${ratio.toFixed(2)} (${(more >= 0 ? '+' : '') + more.toFixed(1)} MiB)`
+  }
+  table.push([
+    `${label}${unit ? ` (${unit})` : ''}`,
+    format(plain[key]),
+    ...addons.map(({ name }) => format(result[name]?.[key])),
+    ...addons.map(({ name }) => shown(result[name], plain)),
+    ...compared.map(({ name }) => shown(result[name], result[first.name])),
+    goal,
+  ])
 }
 const widths = table[0].map((_, column) => Math.max(...table.map((row) => row[column].length)))
 const line = (row) => `| ${row.map((cell, column) => cell.padEnd(widths[column])).join(' | ')} |`
-console.log(`\nmcpctl-registrar bench${smoke ? ' (smoke)' : ''}: ${rounds} round(s), medians; addon ${addonPath.replace(`${root}/`, '')}; loopback floor (one POST round trip, node:http) ${format(plain.floorUs)} µs`)
+const named = addons.map(({ name, path }) => `${name} ${shortPath(path)}`).join('; ')
+console.log(`\nmcpctl-registrar bench${smoke ? ' (smoke)' : ''}: ${rounds} round(s), medians; ${named}; loopback floor (one POST round trip, node:http) ${format(plain.floorUs)} µs`)
 console.log(line(table[0]))
 console.log(line(widths.map((width) => '-'.repeat(width))))
 for (const row of table.slice(1)) console.log(line(row))
-console.log(JSON.stringify({ bench: 'mcpctl-registrar', smoke, rounds, addon: addonPath.replace(`${root}/`, ''), scale, plain: result.plain, addon: result.addon, ratios, errors }))
+const ratios = (figures, base) => Object.fromEntries(rows.map(([, key]) => [key, ratioOf(figures, base, key)]))
+console.log(
+  JSON.stringify({
+    bench: 'mcpctl-registrar',
+    smoke,
+    rounds,
+    scale,
+    plain: result.plain,
+    // The first addon keeps the keys of a one-addon run.
+    addon: result[first.name],
+    addonPath: shortPath(first.path),
+    ratios: ratios(result[first.name], plain),
+    addons: addons.map(({ name, path }) => ({
+      name,
+      path: shortPath(path),
+      figures: result[name],
+      ratios: ratios(result[name], plain),
+      ...(name === first.name ? {} : { againstFirst: ratios(result[name], result[first.name]) }),
+    })),
+    errors,
+  }),
+)
 if (errors.length) {
   for (const error of errors) console.error(`bench error: ${error}`)
 }

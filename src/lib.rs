@@ -23,7 +23,9 @@ pub mod openai;
 pub mod provider;
 pub mod registrar;
 pub mod secret;
+pub mod shape;
 pub mod sse;
+pub mod stream;
 pub mod wire;
 
 /// The registrar runs on its own small runtime with named threads, so that its

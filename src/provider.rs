@@ -1,13 +1,14 @@
 //! The seam between the registrar core and an LLM provider. The core knows
 //! providers only through this trait; the JavaScript bridge implements it, and
-//! so do the Rust tests.
+//! so do the Rust tests. A stream's chunks come through the core's own
+//! window (stream.rs), not through the trait.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use serde_json::Value;
 
-use crate::openai::{parse_chunk, CompletionChunk};
+use crate::stream::ChunkReader;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -50,34 +51,6 @@ impl AbortReason {
   }
 }
 
-/// The items of a provider's `stream()`, pulled one at a time, so that a slow
-/// consumer slows the provider down instead of buffering without bound.
-pub trait ChunkSource: Send {
-  /// The next chunk as JSON, or `None` at the end.
-  fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>>;
-
-  /// The next chunks, already typed: waits for one, then appends it and as
-  /// many more as are ready at once to `out`; `false` at the end. A chunk
-  /// that is not a valid `CompletionChunk` is a failure, reported after the
-  /// valid chunks before it. The default takes one chunk through
-  /// [`ChunkSource::next_chunk`]; a source holding chunk JSON text parses it
-  /// straight into the typed chunk, with no `Value` in between.
-  fn next_chunks<'a>(
-    &'a mut self,
-    out: &'a mut Vec<CompletionChunk>,
-  ) -> BoxFuture<'a, Result<bool, ProviderFailure>> {
-    Box::pin(async move {
-      match self.next_chunk().await? {
-        Some(value) => {
-          out.push(parse_chunk(value).map_err(ProviderFailure)?);
-          Ok(true)
-        }
-        None => Ok(false),
-      }
-    })
-  }
-}
-
 pub trait Provider: Send + Sync + 'static {
   /// Whether the provider has `stream()`.
   fn can_stream(&self) -> bool;
@@ -85,11 +58,10 @@ pub trait Provider: Send + Sync + 'static {
   /// `complete(options)`: resolves to the `CompletionResult` as JSON.
   fn complete(&self, call: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>>;
 
-  /// `stream(options)`: opens the provider's async iterator.
-  fn stream(
-    &self,
-    call: ProviderCall,
-  ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>>;
+  /// `stream(options)`: opens the provider's async iterator. Its chunks are
+  /// then pushed into the stream's window, and the task reads them through
+  /// the reader this answers, without calling the provider again.
+  fn stream(&self, call: ProviderCall) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>>;
 
   /// Fires the task's `AbortSignal` and lets go of the task's call; a no-op for
   /// a task the provider no longer knows.

@@ -19,11 +19,10 @@ use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider};
 use mcpctl_registrar::error::describe;
 use mcpctl_registrar::logging::LogRoute;
 use mcpctl_registrar::mcpd::McpdClient;
-use mcpctl_registrar::provider::{
-  AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
-};
+use mcpctl_registrar::provider::{AbortReason, BoxFuture, Provider, ProviderCall, ProviderFailure};
 use mcpctl_registrar::registrar::{Registrar, RegistrarConfig, RegistrarState};
 use mcpctl_registrar::secret::Secret;
+use mcpctl_registrar::stream::{chunk_channel, ChunkReader, End, WINDOW};
 use mcpctl_registrar::wire::ProviderDescriptor;
 
 const TOKEN: &str = "sk-hostile-token/42";
@@ -54,20 +53,6 @@ fn send_task(server: &FakeMcpd, task_id: &str, stream: bool) {
 /// Answers every call with "hello"; streams "hel", "lo".
 struct Hello;
 
-struct TwoChunks(usize);
-
-impl ChunkSource for TwoChunks {
-  fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>> {
-    self.0 += 1;
-    let chunk = match self.0 {
-      1 => Some(json!({ "content": "hel" })),
-      2 => Some(json!({ "content": "lo", "finishReason": "stop" })),
-      _ => None,
-    };
-    Box::pin(async move { Ok(chunk) })
-  }
-}
-
 impl Provider for Hello {
   fn can_stream(&self) -> bool {
     true
@@ -80,8 +65,21 @@ impl Provider for Hello {
   fn stream(
     &self,
     _call: ProviderCall,
-  ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
-    Box::pin(async { Ok(Box::new(TwoChunks(0)) as Box<dyn ChunkSource>) })
+  ) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>> {
+    Box::pin(async {
+      let (mut writer, reader) = chunk_channel(WINDOW);
+      for chunk in [
+        json!({ "content": "hel" }),
+        json!({ "content": "lo", "finishReason": "stop" }),
+      ] {
+        writer
+          .send(&chunk)
+          .await
+          .expect("the window has room for two");
+      }
+      writer.finish(End::Done);
+      Ok(reader)
+    })
   }
 
   fn abort(&self, _task_id: &str, _reason: AbortReason) {}

@@ -5,4 +5,3 @@ mod error;
 mod options;
 mod provider_bridge;
 mod registrar;
-mod stream_window;

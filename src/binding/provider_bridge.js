@@ -1,12 +1,13 @@
 // The JavaScript half of the provider bridge, evaluated once per registrar by
 // provider_bridge.rs. It owns what only JavaScript can hold well: each task's
 // AbortController, the providers' async iterators, and calls made with the
-// right `this`. Rust passes task ids and JSON text; every function here answers
-// a JSON text (a provider call through `native.settle`) and never throws or
-// rejects, so a broken provider cannot crash mcplocal. A stream's `for await`
-// loop runs here too (pump below): it hands chunks to Rust in batches through
-// `native`, plain synchronous calls into the addon (stream_window.rs), never one
-// threadsafe-function round trip per chunk.
+// right `this`. Rust calls each function with one object of named fields; a
+// provider call is answered through `native.settle({ callId, value, error })`,
+// and nothing here throws or rejects, so a broken provider cannot crash
+// mcplocal. A stream's `for await` loop runs here too (pump below): it hands
+// chunks to Rust in batches through `native.push`, plain synchronous calls into
+// the core's stream window (src/stream.rs), never one threadsafe-function round
+// trip per chunk.
 ;(function createProviderBridge(logger, onStateChange, native) {
   'use strict'
   const providers = new Map()
@@ -43,12 +44,14 @@
       return String(error)
     }
   }
-  const failure = (error) => JSON.stringify({ ok: false, message: describe(error) })
-  const encode = (value) => {
+  // A provider call's answer for `native.settle`: the value as JSON text (parsed
+  // once, in Rust), or why it failed.
+  const failure = (callId, error) => ({ callId, error: describe(error) })
+  const encode = (callId, value) => {
     try {
-      return JSON.stringify({ ok: true, value })
+      return { callId, value: JSON.stringify(value) ?? 'null' }
     } catch (error) {
-      return failure(new Error(`the provider returned a value that is not JSON: ${describe(error)}`))
+      return failure(callId, new Error(`the provider returned a value that is not JSON: ${describe(error)}`))
     }
   }
 
@@ -78,47 +81,23 @@
     }
   }
 
-  // The shape openai.rs parse_chunk accepts, checked as the chunk is produced:
-  // a bad one ends the loop while the provider still waits at its `yield`, so
-  // its iterator can be closed. Rust checks every chunk again.
-  const isCount = (value) => Number.isSafeInteger(value) && value >= 0
-  const optional = (value, check) => value === undefined || value === null || check(value)
-  const isText = (value) => typeof value === 'string'
+  // A yielded chunk is checked as it comes, by a function Rust generated from its
+  // own CompletionChunk type (src/shape.rs), so a bad one ends the loop while the
+  // provider still waits at its `yield` and its iterator can be closed. Rust reads
+  // every chunk again, typed: this check only makes the failure come early.
   const isObject = (value) => value !== null && typeof value === 'object' && !Array.isArray(value)
+  const chunkIsValid = native.chunkIsValid
   function checkChunk(chunk) {
     if (!isObject(chunk)) {
       throw new Error("the provider's stream() yielded something that is not a CompletionChunk object")
     }
-    const valid =
-      optional(chunk.content, isText) &&
-      optional(chunk.finishReason, isText) &&
-      optional(
-        chunk.usage,
-        (usage) =>
-          isObject(usage) &&
-          isCount(usage.promptTokens) &&
-          isCount(usage.completionTokens) &&
-          optional(usage.totalTokens, isCount),
-      ) &&
-      optional(
-        chunk.toolCalls,
-        (calls) =>
-          Array.isArray(calls) &&
-          calls.every(
-            (call) =>
-              isObject(call) &&
-              isCount(call.index) &&
-              optional(call.id, isText) &&
-              optional(call.function, (fn) => isObject(fn) && optional(fn.name, isText)),
-          ),
-      )
-    if (!valid) throw new Error('the provider yielded an invalid CompletionChunk')
+    if (!chunkIsValid(chunk)) throw new Error('the provider yielded an invalid CompletionChunk')
   }
 
   // Answers a provider call (provider_bridge.rs PendingCalls).
-  function settle(callId, reply) {
+  function settle(reply) {
     try {
-      native.settle(callId, reply)
+      native.settle(reply)
     } catch {
       // Only a bug could get here; Rust's task timeout still ends the task.
     }
@@ -140,7 +119,8 @@
   // in one `native.push` (at the end of the tick, or once the batch reaches the
   // credit left or FLUSH_BYTES). `push` answers the credit left; at 0 the loop
   // holds its next chunk and awaits one wake-up, when Rust has taken half the
-  // window. An abort (cancel, timeout, stop) stops it at its next step.
+  // window. An abort (cancel, timeout, stop) stops it at its next step. However
+  // it stops, it says so once through `native.end`.
   async function pump(taskId, task, streamId, credit) {
     const { signal } = task.controller
     const iterator = task.iterator
@@ -161,17 +141,19 @@
       state.credit = native.push(streamId, text, count)
     }
     let ending = null
+    let stopped = false
     try {
-      for await (const chunk of { [Symbol.asyncIterator]: () => iterator }) {
-        if (signal.aborted) return
+      loop: for await (const chunk of { [Symbol.asyncIterator]: () => iterator }) {
+        if (signal.aborted) break
         while (state.credit <= parts.length) {
           if (parts.length > 0) {
             flush()
           } else if (state.credit < 0) {
-            return
+            stopped = true
+            break loop
           } else {
             await new Promise((resolve) => (state.wake = resolve))
-            if (signal.aborted) return
+            if (signal.aborted) break loop
           }
         }
         checkChunk(chunk)
@@ -192,12 +174,15 @@
       pumps.delete(streamId)
       task.iterator = null
     }
+    if (signal.aborted || stopped) {
+      // The task stays known until Rust's abort for it comes, so its signal fires.
+      native.end(streamId, 'the stream was stopped')
+      return
+    }
     // After a failure the task stays known until Rust aborts it (reason: failed).
     if (ending === null && tasks.get(taskId) === task) tasks.delete(taskId)
-    if (signal.aborted) return
     flush()
-    if (ending === null) native.end(streamId)
-    else native.fail(streamId, ending)
+    native.end(streamId, ending)
   }
 
   return {
@@ -215,43 +200,52 @@
       }
     },
 
-    complete(name, taskId, optionsJson, callId) {
+    // call: { provider, taskId, optionsJson, callId }
+    complete(call) {
+      const { taskId, callId } = call
       new Promise((resolve) => {
-        const provider = providers.get(name)
-        const { options } = begin(taskId, optionsJson)
+        const provider = providers.get(call.provider)
+        const { options } = begin(taskId, call.optionsJson)
         resolve(provider.complete(options))
       })
-        .then(encode, failure)
+        .then(
+          (value) => encode(callId, value),
+          (error) => failure(callId, error),
+        )
         .finally(() => tasks.delete(taskId))
-        .then((reply) => settle(callId, reply))
+        .then(settle)
     },
 
-    openStream(name, taskId, optionsJson, callId, streamId, credit) {
+    // call: complete's, plus { streamId, credit } for the loop's pushes.
+    openStream(call) {
+      const { taskId, callId, streamId } = call
       new Promise((resolve) => {
-        const provider = providers.get(name)
-        const { task, options } = begin(taskId, optionsJson)
+        const provider = providers.get(call.provider)
+        const { task, options } = begin(taskId, call.optionsJson)
         const iterable = provider.stream(options)
         const open = iterable?.[Symbol.asyncIterator]
         if (typeof open !== 'function') {
           throw new Error("the provider's stream() did not return an async iterable")
         }
         task.iterator = open.call(iterable)
-        pump(taskId, task, streamId, credit)
-        resolve(JSON.stringify({ ok: true }))
+        pump(taskId, task, streamId, call.credit)
+        resolve({ callId })
       })
         .catch((error) => {
           tasks.delete(taskId)
-          return failure(error)
+          const reply = failure(callId, error)
+          native.end(streamId, reply.error)
+          return reply
         })
-        .then((reply) => settle(callId, reply))
+        .then(settle)
     },
 
     // Rust gave credit back to a pump that used it all (CLOSED, -1: the task ended).
-    credit(streamId, credit) {
+    credit({ streamId, credit }) {
       givePump(streamId, credit)
     },
 
-    abort(taskId, reason, timedOut) {
+    abort({ taskId, reason, timedOut }) {
       const task = tasks.get(taskId)
       if (!task) {
         recordAbort(taskId, reason, timedOut)
@@ -268,7 +262,7 @@
 
     // pino's order, fields first (API.md Logger): a pino or Fastify logger
     // keeps every field in its JSON line, and console prints both.
-    log(level, message, fieldsJson) {
+    log({ level, message, fieldsJson }) {
       if (!logger) return
       try {
         const method = typeof logger[level] === 'function' ? level : 'info'

@@ -1,51 +1,113 @@
 //! The JavaScript side of the registrar: `ProviderBridge` implements the core's
 //! `Provider` trait over an `LlmProvider`, and the logger and `onStateChange`
 //! callbacks are reached the same way, all through threadsafe functions into
-//! the functions of provider_bridge.js. A stream's chunks come the other way,
-//! in batches, through plain synchronous calls (`native` below, stream_window.rs).
+//! the functions of provider_bridge.js, each given one object with named
+//! fields. Provider calls answer, and a stream's chunks come, the other way:
+//! plain synchronous calls into `native` below, the chunks in batches into the
+//! core's stream window (src/stream.rs).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use napi::bindgen_prelude::{FnArgs, Function, FunctionRef, JsObjectValue, Object, Unknown};
+use napi::bindgen_prelude::{
+  FnArgs, Function, FunctionRef, JsObjectValue, Object, ToNapiValue, Unknown,
+};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
-use napi::{Env, Status};
+use napi::{sys, Env, Status};
 use parking_lot::Mutex;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use super::contract::RegistrarStatus as JsStatus;
-use super::stream_window::{
-  Credit, End, StreamWindow, WakeProducer, WindowReader, CLOSED, FLUSH_BYTES, WINDOW,
-};
 use crate::logging::LogSink;
-use crate::openai::{parse_chunk, CompletionChunk};
-use crate::provider::{
-  AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
-};
+use crate::openai::CompletionChunk;
+use crate::provider::{AbortReason, BoxFuture, Provider, ProviderCall, ProviderFailure};
 use crate::registrar::{RegistrarStatus, StatusObserver};
+use crate::shape::Shape;
+use crate::stream::{
+  ChunkReader, Credit, End, StreamWindow, WakeProducer, CLOSED, FLUSH_BYTES, WINDOW,
+};
 
 const SOURCE: &str = include_str!("provider_bridge.js");
 
-type TaskArgs = FnArgs<(String, String, String, u32)>;
-type StreamArgs = FnArgs<(String, String, String, u32, u32, Credit)>;
-type CreditArgs = FnArgs<(u32, Credit)>;
-type AbortArgs = FnArgs<(String, String, bool)>;
-type LogArgs = FnArgs<(String, String, String)>;
-/// `complete(name, taskId, optionsJson, callId)`: settles the call with a JSON reply.
-type TaskFn = ThreadsafeFunction<TaskArgs, Unknown<'static>, TaskArgs, Status, false, true>;
-/// `openStream(name, taskId, optionsJson, callId, streamId, credit)`: settles the
-/// call with a JSON reply once the provider's iterator is open; its loop then
-/// pushes the chunks.
-type StreamFn = ThreadsafeFunction<StreamArgs, Unknown<'static>, StreamArgs, Status, false, true>;
-/// `credit(streamId, credit)`: wakes a stream's loop that waits for credit.
-type CreditFn = ThreadsafeFunction<CreditArgs, Unknown<'static>, CreditArgs, Status, false, true>;
-/// `abort(taskId, reason, timedOut)`.
-type AbortFn = ThreadsafeFunction<AbortArgs, Unknown<'static>, AbortArgs, Status, false, true>;
-/// `log(level, message, fieldsJson)`.
-type LogFn = ThreadsafeFunction<LogArgs, Unknown<'static>, LogArgs, Status, false, true>;
+/// A struct handed to JavaScript as a plain object with these named fields.
+/// Written out rather than `#[napi(object)]`, which would publish the bridge's
+/// private shapes in index.d.ts.
+macro_rules! js_object {
+  ($(#[$doc:meta])* struct $name:ident { $($(#[$field_doc:meta])* $field:ident: $ty:ty = $js:literal,)* }) => {
+    $(#[$doc])*
+    struct $name { $($(#[$field_doc])* $field: $ty,)* }
+
+    impl ToNapiValue for $name {
+      unsafe fn to_napi_value(env: sys::napi_env, value: Self) -> napi::Result<sys::napi_value> {
+        let env = Env::from_raw(env);
+        let mut object = Object::new(&env)?;
+        $(object.set($js, value.$field)?;)*
+        unsafe { Object::to_napi_value(env.raw(), object) }
+      }
+    }
+  };
+}
+
+js_object! {
+  /// `complete(call)` and `openStream(call)`: one provider call.
+  struct Call {
+    /// The provider's published name.
+    provider: String = "provider",
+    task_id: String = "taskId",
+    /// `CompletionOptions` as JSON text: `JSON.parse` builds the whole request,
+    /// however deep, in one call, where napi would take one call per property.
+    options_json: String = "optionsJson",
+    /// What `native.settle` names when it answers.
+    call_id: u32 = "callId",
+    /// For `openStream`: the stream's id in `native.push`, and its first credit.
+    stream_id: Option<u32> = "streamId",
+    credit: Option<Credit> = "credit",
+  }
+}
+
+js_object! {
+  /// `credit(grant)`: wakes a stream's loop that waits for credit.
+  struct CreditGrant {
+    stream_id: u32 = "streamId",
+    /// Chunks it may push, or -1: the stream's reader is gone.
+    credit: Credit = "credit",
+  }
+}
+
+js_object! {
+  /// `abort(abort)`: fires a task's `AbortSignal`.
+  struct Abort {
+    task_id: String = "taskId",
+    /// The `DOMException`'s message.
+    reason: String = "reason",
+    /// A `TimeoutError` rather than an `AbortError`.
+    timed_out: bool = "timedOut",
+  }
+}
+
+js_object! {
+  /// `log(line)`: one line for the `logger`, pino's order.
+  struct LogLine {
+    level: String = "level",
+    message: String = "message",
+    /// The fields as JSON text (parsed once, on the JavaScript side).
+    fields_json: String = "fieldsJson",
+  }
+}
+
+/// `complete(call)`: the provider's answer comes back through `native.settle`.
+type CompleteFn = ThreadsafeFunction<Call, Unknown<'static>, Call, Status, false, true>;
+/// `openStream(call)`: settled once the provider's iterator is open; its loop
+/// then pushes the chunks.
+type OpenStreamFn = ThreadsafeFunction<Call, Unknown<'static>, Call, Status, false, true>;
+/// `credit(grant)`.
+type CreditFn = ThreadsafeFunction<CreditGrant, Unknown<'static>, CreditGrant, Status, false, true>;
+/// `abort(abort)`.
+type AbortFn = ThreadsafeFunction<Abort, Unknown<'static>, Abort, Status, false, true>;
+/// `log(line)`.
+type LogFn = ThreadsafeFunction<LogLine, Unknown<'static>, LogLine, Status, false, true>;
 /// `stateChange(status)`.
 type StateFn = ThreadsafeFunction<JsStatus, Unknown<'static>, JsStatus, Status, false, true>;
 /// A strong reference that keeps Node's event loop alive while the registrar runs.
@@ -58,14 +120,18 @@ type BridgeFactory<'env> = Function<
   Object<'env>,
 >;
 
+/// How a provider call settled, as `native.settle` reports it.
+type Settled = Result<Option<String>, String>;
+
 /// Provider calls waiting for their JavaScript reply, by call id. The reply
-/// comes back through `native.settle(callId, replyJson)`, a plain synchronous
-/// call, rather than as a Promise handed back through the threadsafe function
-/// (which costs an extra wake-up of the runtime and a pair of callbacks per call).
+/// comes back through `native.settle({ callId, value, error })`, a plain
+/// synchronous call, rather than as a Promise handed back through the
+/// threadsafe function (which costs an extra wake-up of the runtime and a pair
+/// of callbacks per call).
 #[derive(Default)]
 struct PendingCalls {
   next_id: AtomicU32,
-  waiting: Mutex<HashMap<u32, oneshot::Sender<String>>>,
+  waiting: Mutex<HashMap<u32, oneshot::Sender<Settled>>>,
 }
 
 impl PendingCalls {
@@ -80,9 +146,9 @@ impl PendingCalls {
     }
   }
 
-  fn settle(&self, id: u32, reply: String) {
+  fn settle(&self, id: u32, settled: Settled) {
     if let Some(sender) = self.waiting.lock().remove(&id) {
-      let _ = sender.send(reply);
+      let _ = sender.send(settled);
     }
   }
 }
@@ -90,7 +156,7 @@ impl PendingCalls {
 /// One call's wait for its reply; forgotten when dropped (the task ended first).
 struct PendingCall {
   id: u32,
-  receiver: oneshot::Receiver<String>,
+  receiver: oneshot::Receiver<Settled>,
   calls: Arc<PendingCalls>,
 }
 
@@ -100,32 +166,42 @@ impl Drop for PendingCall {
   }
 }
 
-/// The open streams of one bridge, by the id their JavaScript loop pushes to.
+/// The windows of the streams whose JavaScript loop runs, by the id it pushes
+/// to. Weak: the task's `ChunkReader` owns the window, so a window whose task
+/// ended is gone even before its loop says it stopped.
 #[derive(Default)]
 struct StreamTable {
   next_id: AtomicU32,
-  open: Mutex<HashMap<u32, Arc<StreamWindow>>>,
+  open: Mutex<HashMap<u32, Weak<StreamWindow>>>,
 }
 
 impl StreamTable {
-  fn insert(&self, window: Arc<StreamWindow>) -> u32 {
+  fn insert(&self, window: &Arc<StreamWindow>) -> u32 {
     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-    self.open.lock().insert(id, window);
+    self.open.lock().insert(id, Arc::downgrade(window));
     id
   }
 
   fn get(&self, id: u32) -> Option<Arc<StreamWindow>> {
-    self.open.lock().get(&id).cloned()
+    self.open.lock().get(&id).and_then(Weak::upgrade)
   }
 
-  fn remove(&self, id: u32) {
-    self.open.lock().remove(&id);
+  fn remove(&self, id: u32) -> Option<Arc<StreamWindow>> {
+    self
+      .open
+      .lock()
+      .remove(&id)
+      .and_then(|window| window.upgrade())
   }
 
   /// `native`: `push(streamId, text, count)` answers the credit left,
-  /// `end(streamId)` and `fail(streamId, message)` end the stream, and
-  /// `settle(callId, replyJson)` answers a provider call. Plain synchronous
-  /// calls on the JavaScript thread: a lock and a copy, no wake-up of their own.
+  /// `end(streamId, failure)` says the loop stopped (once, however it
+  /// stopped), and `settle({ callId, value, error })` answers a provider call;
+  /// `chunkIsValid(chunk)` is the check generated from `CompletionChunk`
+  /// (src/shape.rs).
+  /// Plain synchronous calls on the JavaScript thread: a lock and a copy, no
+  /// wake-up of their own. `push` takes positional arguments: it is the one
+  /// call per batch of chunks, and an object would cost a lookup per field.
   fn native<'env>(
     self: &Arc<Self>,
     calls: &Arc<PendingCalls>,
@@ -133,12 +209,16 @@ impl StreamTable {
   ) -> napi::Result<Object<'env>> {
     let mut native = Object::new(env)?;
     let pending = Arc::clone(calls);
-    let settle =
-      env.create_function_from_closure::<FnArgs<(u32, String)>, _, _>("settle", move |call| {
-        let (id, reply): (u32, String) = call.args()?;
-        pending.settle(id, reply);
-        Ok(())
-      })?;
+    let settle = env.create_function_from_closure::<Object, _, _>("settle", move |call| {
+      let reply: Object = call.get(0)?;
+      let id: u32 = reply.get_named_property("callId")?;
+      let settled = match reply.get::<String>("error")? {
+        Some(message) => Err(message),
+        None => Ok(reply.get::<String>("value")?),
+      };
+      pending.settle(id, settled);
+      Ok(())
+    })?;
     native.set_named_property("settle", settle)?;
     let table = Arc::clone(self);
     let push = env.create_function_from_closure::<FnArgs<(u32, String, u32)>, _, _>(
@@ -153,25 +233,23 @@ impl StreamTable {
     )?;
     native.set_named_property("push", push)?;
     let table = Arc::clone(self);
-    let end = env.create_function_from_closure::<FnArgs<(u32,)>, _, _>("end", move |call| {
-      let id: u32 = call.get(0)?;
-      if let Some(window) = table.get(id) {
-        window.finish(End::Done);
-      }
-      Ok(())
-    })?;
-    native.set_named_property("end", end)?;
-    let table = Arc::clone(self);
-    let fail =
-      env.create_function_from_closure::<FnArgs<(u32, String)>, _, _>("fail", move |call| {
-        let (id, message): (u32, String) = call.args()?;
-        if let Some(window) = table.get(id) {
-          window.finish(End::Failed(message));
+    let end = env.create_function_from_closure::<FnArgs<(u32, Option<String>)>, _, _>(
+      "end",
+      move |call| {
+        let (id, failure): (u32, Option<String>) = call.args()?;
+        if let Some(window) = table.remove(id) {
+          window.finish(failure.map_or(End::Done, End::Failed));
         }
         Ok(())
-      })?;
-    native.set_named_property("fail", fail)?;
+      },
+    )?;
+    native.set_named_property("end", end)?;
     native.set_named_property("flushBytes", FLUSH_BYTES as u32)?;
+    // What provider_bridge.js checks each yielded chunk with, compiled once.
+    let shape = Shape::of::<CompletionChunk>()
+      .map_err(|error| napi::Error::from_reason(format!("CompletionChunk's shape: {error}")))?;
+    let check: Unknown = env.run_script(shape.js_check())?;
+    native.set_named_property("chunkIsValid", check)?;
     Ok(native)
   }
 }
@@ -179,8 +257,8 @@ impl StreamTable {
 /// The threadsafe functions of one registrar's bridge. All are weak: they
 /// never keep Node alive by themselves (the `KeepAlive` does, while started).
 pub struct JsBridge {
-  complete: TaskFn,
-  open_stream: StreamFn,
+  complete: CompleteFn,
+  open_stream: OpenStreamFn,
   credit: Arc<CreditFn>,
   streams: Arc<StreamTable>,
   calls: Arc<PendingCalls>,
@@ -246,11 +324,14 @@ impl JsBridge {
           .entry("providerSessionId")
           .or_insert(Value::String(id));
       }
-      let fields = Value::Object(fields).to_string();
-      bridge.log.call(
-        FnArgs::from((level, message, fields)),
-        ThreadsafeFunctionCallMode::NonBlocking,
-      );
+      let line = LogLine {
+        level,
+        message,
+        fields_json: Value::Object(fields).to_string(),
+      };
+      bridge
+        .log
+        .call(line, ThreadsafeFunctionCallMode::NonBlocking);
     })
   }
 
@@ -267,26 +348,47 @@ impl JsBridge {
     })
   }
 
-  /// Calls `function` with a fresh call id and waits for its `settle`.
-  async fn call_task<Args: 'static + napi::bindgen_prelude::JsValuesTupleIntoVec>(
+  /// Calls `function` (`complete` or `openStream`) with a fresh call id and
+  /// waits for its `settle`: the value's JSON text, if it has one.
+  async fn call_provider(
     &self,
-    function: &ThreadsafeFunction<Args, Unknown<'static>, Args, Status, false, true>,
+    function: &CompleteFn,
     what: &str,
-    args: impl FnOnce(u32) -> Args,
-  ) -> Result<Reply, ProviderFailure> {
-    let mut call = self.calls.open();
-    let status = function.call(args(call.id), ThreadsafeFunctionCallMode::NonBlocking);
+    mut call: Call,
+  ) -> Result<Option<String>, ProviderFailure> {
+    let mut pending = self.calls.open();
+    call.call_id = pending.id;
+    let status = function.call(call, ThreadsafeFunctionCallMode::NonBlocking);
     if status != Status::Ok {
       return Err(ProviderFailure(format!(
         "provider.{what}: cannot call into JavaScript: {status}"
       )));
     }
-    let text = (&mut call.receiver).await.map_err(|_| {
+    let settled = (&mut pending.receiver).await.map_err(|_| {
       ProviderFailure(format!(
         "provider.{what}: the JavaScript side went away without answering"
       ))
     })?;
-    Reply::decode(&text, what)
+    settled.map_err(ProviderFailure)
+  }
+
+  /// A window for a stream whose loop runs in JavaScript: its wake-ups are
+  /// `credit` calls, and `native.push` finds it by the id answered.
+  fn open_window(&self) -> (u32, Arc<StreamWindow>) {
+    let credit = Arc::clone(&self.credit);
+    let id_cell = Arc::new(AtomicU32::new(u32::MAX));
+    let id_for_wake = Arc::clone(&id_cell);
+    let wake: WakeProducer = Arc::new(move |value| {
+      let grant = CreditGrant {
+        stream_id: id_for_wake.load(Ordering::Relaxed),
+        credit: value,
+      };
+      credit.call(grant, ThreadsafeFunctionCallMode::NonBlocking);
+    });
+    let window = Arc::new(StreamWindow::new(WINDOW, wake));
+    let id = self.streams.insert(&window);
+    id_cell.store(id, Ordering::Relaxed);
+    (id, window)
   }
 }
 
@@ -306,34 +408,25 @@ where
     .build()
 }
 
-/// The JSON text every bridge function answers.
-#[derive(Deserialize)]
-struct Reply {
-  ok: bool,
-  #[serde(default)]
-  value: Value,
-  #[serde(default)]
-  message: String,
-}
-
-impl Reply {
-  fn decode(text: &str, what: &str) -> Result<Self, ProviderFailure> {
-    let reply: Reply = serde_json::from_str(text).map_err(|error| {
-      ProviderFailure(format!("provider.{what}: unreadable bridge reply: {error}"))
-    })?;
-    if reply.ok {
-      Ok(reply)
-    } else {
-      Err(ProviderFailure(reply.message))
-    }
-  }
-}
-
 /// One `LlmProvider` published under `name`.
 pub struct ProviderBridge {
   pub name: String,
   pub can_stream: bool,
   pub bridge: Arc<JsBridge>,
+}
+
+impl ProviderBridge {
+  /// What provider_bridge.js gets for `call`; the call id is set when it is made.
+  fn js_call(&self, call: ProviderCall) -> Call {
+    Call {
+      provider: self.name.clone(),
+      task_id: call.task_id,
+      options_json: call.options.to_string(),
+      call_id: 0,
+      stream_id: None,
+      credit: None,
+    }
+  }
 }
 
 impl Provider for ProviderBridge {
@@ -343,199 +436,45 @@ impl Provider for ProviderBridge {
 
   fn complete(&self, call: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
     let bridge = Arc::clone(&self.bridge);
-    let args = (self.name.clone(), call.task_id, call.options.to_string());
+    let call = self.js_call(call);
     Box::pin(async move {
-      let reply = bridge
-        .call_task(&bridge.complete, "complete", |id| {
-          FnArgs::from((args.0, args.1, args.2, id))
-        })
-        .await?;
-      Ok(reply.value)
+      let text = bridge
+        .call_provider(&bridge.complete, "complete", call)
+        .await?
+        .ok_or_else(|| ProviderFailure("provider.complete: no value".to_owned()))?;
+      serde_json::from_str(&text)
+        .map_err(|error| ProviderFailure(format!("provider.complete: unreadable value: {error}")))
     })
   }
 
-  fn stream(
-    &self,
-    call: ProviderCall,
-  ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+  fn stream(&self, call: ProviderCall) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>> {
     let bridge = Arc::clone(&self.bridge);
-    let name = self.name.clone();
+    let mut call = self.js_call(call);
     Box::pin(async move {
-      let source = JsChunkSource::open(&bridge);
-      let (stream_id, credit) = (source.id, source.initial_credit);
-      let options = call.options.to_string();
-      // A failed open drops `source`, which forgets the stream.
-      bridge
-        .call_task(&bridge.open_stream, "stream", |id| {
-          FnArgs::from((name, call.task_id, options, id, stream_id, credit))
-        })
-        .await?;
-      Ok(Box::new(source) as Box<dyn ChunkSource>)
+      let (stream_id, window) = bridge.open_window();
+      call.stream_id = Some(stream_id);
+      call.credit = Some(window.initial_credit());
+      // The reader owns the window from here: a failed open drops it.
+      let reader = ChunkReader::new(window);
+      let opened = bridge
+        .call_provider(&bridge.open_stream, "stream", call)
+        .await;
+      if opened.is_err() {
+        bridge.streams.remove(stream_id);
+      }
+      opened.map(|_| reader)
     })
   }
 
   fn abort(&self, task_id: &str, reason: AbortReason) {
-    let args = (
-      task_id.to_owned(),
-      reason.describe().to_owned(),
-      reason == AbortReason::TimedOut,
-    );
+    let abort = Abort {
+      task_id: task_id.to_owned(),
+      reason: reason.describe().to_owned(),
+      timed_out: reason == AbortReason::TimedOut,
+    };
     self
       .bridge
       .abort
-      .call(FnArgs::from(args), ThreadsafeFunctionCallMode::NonBlocking);
-  }
-}
-
-/// A stream's chunks as the JavaScript loop pushed them, read through the
-/// stream's credit window.
-struct JsChunkSource {
-  id: u32,
-  initial_credit: Credit,
-  reader: WindowReader,
-  streams: Arc<StreamTable>,
-  /// A bad chunk met in a run, reported once the chunks before it went out.
-  failure: Option<ProviderFailure>,
-}
-
-/// The most chunks one `next_chunks` hands over: the relay gets payloads in
-/// runs of this many at most, however large the JavaScript push was.
-const CHUNKS_PER_RUN: usize = 128;
-
-/// A chunk's JSON text straight into the typed chunk. Anything the typed
-/// parse refuses goes the `Value` way, so errors read as they always did
-/// (`parse_chunk`'s messages), and a non-object is never read as a sequence.
-fn parse_chunk_text(text: &str) -> Result<CompletionChunk, ProviderFailure> {
-  if text.starts_with('{') {
-    if let Ok(chunk) = serde_json::from_str::<CompletionChunk>(text) {
-      return Ok(chunk);
-    }
-  }
-  match serde_json::from_str::<Value>(text) {
-    Ok(value) => parse_chunk(value).map_err(ProviderFailure),
-    Err(error) => Err(ProviderFailure(format!(
-      "provider.stream: unreadable chunk: {error}"
-    ))),
-  }
-}
-
-impl JsChunkSource {
-  fn open(bridge: &JsBridge) -> Self {
-    let credit = Arc::clone(&bridge.credit);
-    let id_cell = Arc::new(AtomicU32::new(u32::MAX));
-    let id_for_wake = Arc::clone(&id_cell);
-    let wake: WakeProducer = Arc::new(move |value| {
-      let id = id_for_wake.load(Ordering::Relaxed);
-      credit.call(
-        FnArgs::from((id, value)),
-        ThreadsafeFunctionCallMode::NonBlocking,
-      );
-    });
-    let window = Arc::new(StreamWindow::new(WINDOW, wake));
-    let initial_credit = window.initial_credit();
-    let id = bridge.streams.insert(Arc::clone(&window));
-    id_cell.store(id, Ordering::Relaxed);
-    Self {
-      id,
-      initial_credit,
-      reader: WindowReader::new(window),
-      streams: Arc::clone(&bridge.streams),
-      failure: None,
-    }
-  }
-}
-
-impl Drop for JsChunkSource {
-  fn drop(&mut self) {
-    // The reader's own drop then closes the window, waking a waiting loop.
-    self.streams.remove(self.id);
-  }
-}
-
-impl ChunkSource for JsChunkSource {
-  fn next_chunks<'a>(
-    &'a mut self,
-    out: &'a mut Vec<CompletionChunk>,
-  ) -> BoxFuture<'a, Result<bool, ProviderFailure>> {
-    Box::pin(async move {
-      if let Some(failure) = self.failure.take() {
-        return Err(failure);
-      }
-      let mut failure = None;
-      let mut parsed = 0;
-      let run = self
-        .reader
-        .next_run(CHUNKS_PER_RUN, |text| match parse_chunk_text(text) {
-          Ok(chunk) => {
-            out.push(chunk);
-            parsed += 1;
-            true
-          }
-          Err(error) => {
-            failure = Some(error);
-            false
-          }
-        })
-        .await;
-      match run {
-        Ok(_) => match failure {
-          // The chunks before the bad one go out first.
-          Some(failure) if parsed == 0 => Err(failure),
-          Some(failure) => {
-            self.failure = Some(failure);
-            Ok(true)
-          }
-          None => Ok(true),
-        },
-        Err(End::Done) => Ok(false),
-        Err(End::Failed(message)) => Err(ProviderFailure(message)),
-      }
-    })
-  }
-
-  fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>> {
-    Box::pin(async move {
-      match self
-        .reader
-        .next(|text: &str| serde_json::from_str::<Value>(text))
-        .await
-      {
-        Ok(Ok(value)) => Ok(Some(value)),
-        Ok(Err(error)) => Err(ProviderFailure(format!(
-          "provider.stream: unreadable chunk: {error}"
-        ))),
-        Err(End::Done) => Ok(None),
-        Err(End::Failed(message)) => Err(ProviderFailure(message)),
-      }
-    })
-  }
-}
-
-#[cfg(test)]
-mod tests {
-  use super::*;
-
-  #[test]
-  fn chunk_text_parses_typed_and_bad_chunks_read_as_before() {
-    let chunk = parse_chunk_text(r#"{"content":"tok \"q\"","finishReason":"stop","usage":{"promptTokens":1,"completionTokens":2}}"#).unwrap();
-    assert_eq!(chunk.content.as_deref(), Some("tok \"q\""));
-    assert_eq!(chunk.finish_reason.as_deref(), Some("stop"));
-    assert_eq!(chunk.usage.map(|usage| usage.completion_tokens), Some(2));
-    // A duplicate key (which the typed parse refuses) reads as a Value does: last wins.
-    let chunk = parse_chunk_text(r#"{"content":"a","content":"b"}"#).unwrap();
-    assert_eq!(chunk.content.as_deref(), Some("b"));
-    // A sequence is not read as the struct's fields.
-    assert_eq!(
-      parse_chunk_text(r#"["x"]"#).unwrap_err().0,
-      parse_chunk(serde_json::json!(["x"])).unwrap_err()
-    );
-    assert_eq!(
-      parse_chunk_text(r#"{"content":5}"#).unwrap_err().0,
-      parse_chunk(serde_json::json!({ "content": 5 })).unwrap_err()
-    );
-    assert!(parse_chunk_text("{")
-      .unwrap_err()
-      .0
-      .starts_with("provider.stream: unreadable chunk: "));
+      .call(abort, ThreadsafeFunctionCallMode::NonBlocking);
   }
 }

@@ -458,8 +458,9 @@ impl TaskDispatcher {
 mod tests {
   //! `serve`: which names are routed, which are reported, and which lanes live on.
   use super::*;
-  use crate::provider::{AbortReason, BoxFuture, ChunkSource, ProviderCall, ProviderFailure};
+  use crate::provider::{AbortReason, BoxFuture, ProviderCall, ProviderFailure};
   use crate::secret::Secret;
+  use crate::stream::ChunkReader;
 
   struct Idle;
 
@@ -470,10 +471,7 @@ mod tests {
     fn complete(&self, _: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
       Box::pin(std::future::pending())
     }
-    fn stream(
-      &self,
-      _: ProviderCall,
-    ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+    fn stream(&self, _: ProviderCall) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>> {
       Box::pin(std::future::pending())
     }
     fn abort(&self, _: &str, _: AbortReason) {}

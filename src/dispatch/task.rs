@@ -373,13 +373,14 @@ async fn produce(
   let mut out = Vec::new();
   called.store(true, Ordering::Relaxed);
   if provider.can_stream() {
-    let mut source = provider
+    // The one call into the provider; its chunks then come from the core's
+    // window, typed and several at a time (one await per run, not per token).
+    let mut reader = provider
       .stream(call)
       .await
       .map_err(|failure| provider_failed(failure.0))?;
-    // Chunks come typed and several at a time (one await per run, not per token).
     let mut chunks = Vec::new();
-    while source
+    while reader
       .next_chunks(&mut chunks)
       .await
       .map_err(|failure| provider_failed(failure.0))?
@@ -412,8 +413,9 @@ async fn send_all(outbox: &Outbox, out: &mut Vec<String>) -> Result<(), Produced
 mod tests {
   //! The order of `decide` when several endings are ready at once.
   use super::*;
-  use crate::provider::{BoxFuture, ChunkSource, ProviderFailure};
+  use crate::provider::{BoxFuture, ProviderFailure};
   use crate::secret::Secret;
+  use crate::stream::ChunkReader;
   use parking_lot::Mutex;
   use serde_json::Value;
   use tokio_util::sync::CancellationToken;
@@ -429,10 +431,7 @@ mod tests {
     fn complete(&self, _: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
       Box::pin(std::future::pending())
     }
-    fn stream(
-      &self,
-      _: ProviderCall,
-    ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+    fn stream(&self, _: ProviderCall) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>> {
       Box::pin(std::future::pending())
     }
     fn abort(&self, _: &str, reason: AbortReason) {

@@ -8,9 +8,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::*;
-use crate::provider::{
-  AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
-};
+use crate::provider::{AbortReason, BoxFuture, Provider, ProviderCall, ProviderFailure};
+use crate::stream::ChunkReader;
 use crate::wire::ProviderDescriptor;
 
 /// A provider to publish; never called by these tests.
@@ -23,10 +22,7 @@ impl Provider for Unused {
   fn complete(&self, _: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
     Box::pin(async { Err(ProviderFailure("unused".to_owned())) })
   }
-  fn stream(
-    &self,
-    _: ProviderCall,
-  ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+  fn stream(&self, _: ProviderCall) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>> {
     Box::pin(async { Err(ProviderFailure("unused".to_owned())) })
   }
   fn abort(&self, _: &str, _: AbortReason) {}

@@ -10,9 +10,8 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use mcpctl_registrar::provider::{
-  AbortReason, BoxFuture, ChunkSource, Provider, ProviderCall, ProviderFailure,
-};
+use mcpctl_registrar::provider::{AbortReason, BoxFuture, Provider, ProviderCall, ProviderFailure};
+use mcpctl_registrar::stream::{chunk_channel, ChunkReader, ChunkWriter, End, WINDOW};
 
 /// What one provider call does.
 #[derive(Debug, Clone)]
@@ -140,36 +139,38 @@ impl Provider for MockProvider {
     self.settle(behavior)
   }
 
-  fn stream(
-    &self,
-    call: ProviderCall,
-  ) -> BoxFuture<'static, Result<Box<dyn ChunkSource>, ProviderFailure>> {
+  fn stream(&self, call: ProviderCall) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>> {
     let behavior = self.next(call);
-    let source: Box<dyn ChunkSource> = match behavior {
-      Behavior::Stream { count, delay, fail } => Box::new(Chunks {
-        next: 0,
+    let chunks = match behavior {
+      Behavior::Stream { count, delay, fail } => Chunks {
         count,
         delay,
         fail,
         gate: None,
-      }),
-      Behavior::GatedStream { count } => Box::new(Chunks {
-        next: 0,
+      },
+      Behavior::GatedStream { count } => Chunks {
         count,
         delay: Duration::ZERO,
         fail: None,
         gate: Some(Arc::clone(&self.gate)),
-      }),
+      },
       other => {
         // A one-chunk stream of whatever `complete()` would have settled with.
         let settled = self.settle(other);
         return Box::pin(async move {
           let value = settled.await?;
-          Ok(Box::new(Once(Some(value))) as Box<dyn ChunkSource>)
+          let (mut writer, reader) = chunk_channel(WINDOW);
+          let _ = writer.send(&value).await;
+          writer.finish(End::Done);
+          Ok(reader)
         });
       }
     };
-    Box::pin(async move { Ok(source) })
+    // Like the JavaScript loop, the chunks are produced beside the task that
+    // reads them, as far ahead as the window lets them.
+    let (writer, reader) = chunk_channel(WINDOW);
+    tokio::spawn(chunks.produce(writer));
+    Box::pin(async move { Ok(reader) })
   }
 
   fn abort(&self, task_id: &str, reason: AbortReason) {
@@ -177,40 +178,38 @@ impl Provider for MockProvider {
   }
 }
 
+/// A scripted stream's chunks: `{ "content": "c<i> " }` for i in 0..count.
 struct Chunks {
-  next: usize,
   count: usize,
   delay: Duration,
   fail: Option<String>,
   gate: Option<Arc<Semaphore>>,
 }
 
-impl ChunkSource for Chunks {
-  fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>> {
-    Box::pin(async move {
+impl Chunks {
+  /// Writes the chunks until the last or until the reader is gone.
+  async fn produce(self, mut writer: ChunkWriter) {
+    for i in 0..self.count {
       if !self.delay.is_zero() {
         tokio::time::sleep(self.delay).await;
       }
-      if let (Some(gate), true) = (&self.gate, self.next > 0) {
+      if let (Some(gate), true) = (&self.gate, i > 0) {
         gate.acquire().await.expect("gate open").forget();
       }
-      if self.next < self.count {
-        self.next += 1;
-        return Ok(Some(json!({ "content": format!("c{} ", self.next - 1) })));
+      let chunk = json!({ "content": format!("c{i} ") });
+      if writer.send(&chunk).await.is_err() {
+        return;
       }
-      match self.fail.take() {
-        Some(message) => Err(ProviderFailure(message)),
-        None => Ok(None),
-      }
-    })
-  }
-}
-
-struct Once(Option<Value>);
-
-impl ChunkSource for Once {
-  fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Value>, ProviderFailure>> {
-    let next = self.0.take();
-    Box::pin(async move { Ok(next) })
+    }
+    if !self.delay.is_zero() {
+      tokio::time::sleep(self.delay).await;
+    }
+    if let (Some(gate), true) = (&self.gate, self.count > 0) {
+      gate.acquire().await.expect("gate open").forget();
+    }
+    writer.finish(match self.fail {
+      Some(message) => End::Failed(message),
+      None => End::Done,
+    });
   }
 }
