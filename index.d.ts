@@ -102,7 +102,7 @@ export declare class VirtualLlmRegistrar {
   /** A snapshot of the registrar's state and counters. */
   status(): RegistrarStatus
   /**
-   * Replaces the published set without a restart (PROTOCOL.md section 1,
+   * Replaces the published set without a restart (docs/protocol.md section 1,
    * "Changing the set"): re-registers under the same session id with the whole
    * new set, the control channel left open. Resolves once mcpd has accepted it.
    *

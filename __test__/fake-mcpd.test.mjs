@@ -897,7 +897,7 @@ test('the dev mcpd command prints its URL, serves the OpenAI front behind its to
   clearTimeout(timer)
 })
 
-// --- changing the set (PROTOCOL.md section 1) ------------------------------------------------
+// --- changing the set (docs/protocol.md section 1) ------------------------------------------------
 
 const SECOND = { name: 'local-llama', type: 'llamacpp', model: 'llama-3.1-8b' }
 

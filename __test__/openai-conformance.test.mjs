@@ -58,7 +58,7 @@ test('create() non-streaming: content, snake_case usage, integer created; the pr
 
   const [options] = provider.calls
   assert.deepEqual(options.messages, messages)
-  // API.md: the entry's configured model, never the virtual LLM's name (kept in request.model).
+  // index.d.ts CompletionOptions.model: the entry's configured model, never the virtual LLM's name (kept in request.model).
   assert.equal(options.model, 'local-model')
   assert.equal(options.request.model, 'local')
   assert.equal(options.maxTokens, 12)

@@ -1,4 +1,4 @@
-// update(providers): a new set published without a restart (API.md; PROTOCOL.md
+// update(providers): a new set published without a restart (index.d.ts; docs/protocol.md
 // section 1, "Changing the set"), through the public API against the fake mcpd.
 
 import assert from 'node:assert/strict'

@@ -1,4 +1,4 @@
-//! mcplocal's boot policy (API.md `maybeStartVirtualLlmRegistrar`): which
+//! mcplocal's boot policy (index.d.ts `maybeStartVirtualLlmRegistrar`): which
 //! providers to publish, where the mcpd credentials come from, and how long the
 //! boot waits for mcpd. It never fails: every way out is a warning and `None`.
 //!
@@ -20,7 +20,7 @@ use crate::wire::ProviderDescriptor;
 /// opening) before it goes on and lets the registrar finish in the background.
 pub const BOOT_WAIT: Duration = Duration::from_secs(3);
 
-/// One entry of the config's provider list (API.md `LlmProviderFileEntry`),
+/// One entry of the config's provider list (index.d.ts `LlmProviderFileEntry`),
 /// without its provider.
 pub struct FileEntry {
   /// What mcpd is told about the provider.

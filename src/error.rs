@@ -34,7 +34,7 @@ pub enum Error {
   AlreadyStarted,
 }
 
-/// The stable codes of JavaScript's `RegistrarError` (API.md "Errors"); the
+/// The stable codes of JavaScript's `RegistrarError` (index.d.ts `RegistrarErrorCode`); the
 /// list in src/binding/types.d.ts (`RegistrarErrorCode`) must match it.
 pub mod code {
   /// An option (or a provider entry) is missing, mistyped, misspelled or out of range.

@@ -30,7 +30,7 @@ pub mod wire;
 
 /// The registrar runs on its own small runtime with named threads, so that its
 /// threads are recognisable in a profiler or a thread dump of mcplocal. Two
-/// workers: one was measured (`npm run bench`, README "Benchmark") and is no
+/// workers: one was measured (`npm run bench`, docs/benchmark.md) and is no
 /// faster per task, and slower to take mcpd's answers while the other runs a task.
 #[napi_derive::module_init]
 fn init() {

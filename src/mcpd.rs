@@ -24,7 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most of an error body (or of its `error.message`) an error message quotes.
 const ERROR_BODY_BYTES: usize = 500;
-/// The most of a register answer the registrar reads (PROTOCOL.md section 4).
+/// The most of a register answer the registrar reads (docs/protocol.md section 4).
 pub const REGISTER_BODY_LIMIT: usize = 1024 * 1024;
 /// The most of any other body it reads: heartbeat, result and chunk answers,
 /// error bodies (the stream connect's included).

@@ -1,5 +1,5 @@
 //! The JSON bodies that cross the wire between mcpd and the registrar
-//! (PROTOCOL.md sections 1-4), as serde types.
+//! (docs/protocol.md sections 1-4), as serde types.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -107,11 +107,11 @@ pub fn parse_task(data: &str) -> Result<TaskEvent, MalformedTask> {
   })
 }
 
-/// The longest task id accepted, in bytes (PROTOCOL.md section 4).
+/// The longest task id accepted, in bytes (docs/protocol.md section 4).
 pub const MAX_TASK_ID_BYTES: usize = 256;
 
 /// Why a task id is refused: empty, a dot segment, or over 256 bytes
-/// (PROTOCOL.md section 4). Valid UTF-8 is guaranteed by `str`.
+/// (docs/protocol.md section 4). Valid UTF-8 is guaranteed by `str`.
 pub fn refuse_task_id(task_id: &str) -> Option<&'static str> {
   match task_id {
     "" => Some("the task id is empty"),

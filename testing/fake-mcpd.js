@@ -1,4 +1,4 @@
-// The fake mcpd: the server side of the registrar wire contract (PROTOCOL.md). It records
+// The fake mcpd: the server side of the registrar wire contract (docs/protocol.md). It records
 // what a registrar sends, lets tests script failures, flags protocol violations, and is the engine of the dev mcpd.
 'use strict'
 
@@ -397,7 +397,7 @@ class FakeMcpd {
     const kept = typeof asked === 'string' && this.sessions.has(asked)
     const id = kept ? asked : this.#newSessionId()
     const session = this.sessions.get(id) ?? { providers: [], connected: false, inFlight: 0 }
-    // Changing the set (PROTOCOL.md section 1): a register under a known id replaces
+    // Changing the set (docs/protocol.md section 1): a register under a known id replaces
     // that session's set; names that left it become inactive and get no more tasks.
     const names = new Set(body.providers.map((p) => p.name))
     const leaving = session.providers.filter((p) => !names.has(p.name))

@@ -72,7 +72,7 @@ export interface RegisteredProvider {
 export interface FakeSession {
   /**
    * The session's current set: its last register's providers. A register under a known id
-   * replaces it ("Changing the set", PROTOCOL.md section 1); names that left it are listed
+   * replaces it ("Changing the set", docs/protocol.md section 1); names that left it are listed
    * as inactive by `/api/v1/llms` and get no more tasks from the OpenAI front.
    */
   providers: RegisteredProvider[]

@@ -1492,7 +1492,7 @@ async fn deeply_nested_bodies_are_answered_400() {
 
 // ------------------------------------------------------------- the core
 
-/// API.md: `options.model` is the entry's configured model (absent when it
+/// index.d.ts `CompletionOptions.model`: `options.model` is the entry's configured model (absent when it
 /// has none), never the virtual LLM's name; `options.request.model` keeps it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_provider_gets_the_configured_model() {

@@ -1,4 +1,5 @@
-// The package's types against the top part of API.md, copied here as it is written
+// The package's types against the JavaScript contract mcplocal is written to (the
+// "API.md" document of the mcpctl project, not in this repository), copied here as it is written
 // there: each pair must be assignable both ways (a stricter or looser index.d.ts
 // fails), and no public declaration may be `any`.
 import type * as Pkg from '@mcpctl/registrar'
@@ -131,7 +132,7 @@ declare namespace Api {
      *  from then on is run. Rejects with a RegistrarError when the first register fails
      *  (`code` 'ERR_REGISTER_FAILED' or 'ERR_UNAUTHORIZED', with `status`). */
     start(): Promise<void>
-    /** Replaces the published set without a restart (PROTOCOL.md section 1,
+    /** Replaces the published set without a restart (docs/protocol.md section 1,
      *  "Changing the set"): re-registers under the same session id; tasks in flight
      *  for a provider that left run to their end; later ones for it are answered 404.
      *  Resolves once mcpd has accepted the new set. */

@@ -316,7 +316,7 @@ fn edit_distance(a: &[char], b: &[char]) -> usize {
   rows[a.len()][b.len()]
 }
 
-/// One provider entry (API.md `LlmProviderFileEntry`), without its `LlmProvider`.
+/// One provider entry (index.d.ts `LlmProviderFileEntry`), without its `LlmProvider`.
 pub struct ProviderEntry {
   pub descriptor: ProviderDescriptor,
   pub publish: Option<bool>,

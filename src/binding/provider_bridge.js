@@ -260,7 +260,7 @@
       closeIterator(task)
     },
 
-    // pino's order, fields first (API.md Logger): a pino or Fastify logger
+    // pino's order, fields first (index.d.ts `Logger`): a pino or Fastify logger
     // keeps every field in its JSON line, and console prints both.
     log({ level, message, fieldsJson }) {
       if (!logger) return

@@ -1,4 +1,4 @@
-//! The JavaScript surface (API.md): the `VirtualLlmRegistrar` class and
+//! The JavaScript surface (index.d.ts): the `VirtualLlmRegistrar` class and
 //! mcplocal's boot hook `maybeStartVirtualLlmRegistrar`. Thin glue over the core.
 
 use std::sync::Arc;
@@ -370,10 +370,10 @@ impl VirtualLlmRegistrar {
   }
 }
 
-// update(providers) (API.md; PROTOCOL.md section 1, "Changing the set").
+// update(providers) (index.d.ts; docs/protocol.md section 1, "Changing the set").
 #[napi]
 impl VirtualLlmRegistrar {
-  /// Replaces the published set without a restart (PROTOCOL.md section 1,
+  /// Replaces the published set without a restart (docs/protocol.md section 1,
   /// "Changing the set"): re-registers under the same session id with the whole
   /// new set, the control channel left open. Resolves once mcpd has accepted it.
   ///
@@ -463,7 +463,7 @@ pub fn maybe_start_virtual_llm_registrar<'env>(
   )
 }
 
-/// `Ok(None)` for the cases API.md resolves null, after a warning.
+/// `Ok(None)` for the cases index.d.ts says resolve null, after a warning.
 fn prepare_boot(env: &Env, options: Unknown) -> Result<Option<VirtualLlmRegistrar>> {
   let options = options_object(Some(options), "maybeStartVirtualLlmRegistrar(options)")?;
   let read = RegistrarOptions::read(&options, "");

@@ -1,5 +1,5 @@
 // RegistrarError: the class of every error @mcpctl/registrar throws or rejects
-// with (API.md "Errors"). Evaluated once per JavaScript environment by
+// with (index.d.ts `RegistrarErrorCode`). Evaluated once per JavaScript environment by
 // error.rs, which exports the class and builds every error with it.
 (function defineRegistrarError() {
   'use strict'

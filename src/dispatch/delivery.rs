@@ -1,6 +1,6 @@
 //! Delivery: a result or chunk POST, retried on connection errors, 429 and 5xx
 //! for about 30 s in all, honouring `Retry-After` within that bound
-//! (PROTOCOL.md section 4); 404/410 ends it quietly.
+//! (docs/protocol.md section 4); 404/410 ends it quietly.
 //!
 //! Shape: one async function over a single-attempt closure (`McpdClient`'s
 //! `post_result`/`post_chunks`), so the policy is tested on tokio's paused

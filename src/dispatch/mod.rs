@@ -1,5 +1,5 @@
 //! The task engine: turns `task` and `cancel` events into exactly one outcome
-//! per task (PROTOCOL.md section 4).
+//! per task (docs/protocol.md section 4).
 //!
 //! Shape: `TaskDispatcher` is a plain struct owned by the registrar. It admits
 //! each task synchronously, in arrival order, on the control channel's task
@@ -10,7 +10,7 @@
 //! registrar cancels the root and waits on the tracker. The dispatcher's one
 //! lock (`Book`) holds the live tasks, the replay guard and the counters.
 //!
-//! The published set can change (`update()`, PROTOCOL.md section 1): the
+//! The published set can change (`update()`, docs/protocol.md section 1): the
 //! registrar's supervisor calls `serve` with the set mcpd has accepted (and
 //! the one it is asking mcpd to accept, so that a task for a joining name is
 //! never refused while the answer is on its way). A name that left is no

@@ -1,5 +1,5 @@
 //! The replay guard: a task id running or answered in the last 10 minutes is
-//! not run again (PROTOCOL.md section 2), bounded in time, count and bytes.
+//! not run again (docs/protocol.md section 2), bounded in time, count and bytes.
 //!
 //! Shape: a plain struct owned by the dispatcher's book (under its lock). Ids
 //! are kept once (`Arc<str>` shared by the map and the age queue). When a bound

@@ -1,4 +1,4 @@
-//! One task's life, from admission to its one outcome (PROTOCOL.md section 4):
+//! One task's life, from admission to its one outcome (docs/protocol.md section 4):
 //! a result POST, a chunk sequence ending in `[DONE]`, or nothing after
 //! mcpd's `cancel`.
 //!

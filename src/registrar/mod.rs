@@ -244,7 +244,7 @@ impl Registrar {
     refusal.map_or(Ok(()), Err)
   }
 
-  /// Replaces the published set (PROTOCOL.md section 1, "Changing the set").
+  /// Replaces the published set (docs/protocol.md section 1, "Changing the set").
   ///
   /// - Running (after start(), or the boot hook): the supervisor registers
   ///   the whole new set under the same session id, with the channel left

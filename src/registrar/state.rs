@@ -19,7 +19,7 @@ use crate::wire::ProviderDescriptor;
 /// The floor under a `heartbeatIntervalMs` that mcpd sends.
 const MIN_SERVER_HEARTBEAT: Duration = Duration::from_millis(100);
 
-/// Where the registrar is in its life (API.md `RegistrarState`).
+/// Where the registrar is in its life (index.d.ts `RegistrarState`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RegistrarState {
@@ -51,7 +51,7 @@ impl RegistrarState {
   }
 }
 
-/// What `status()` reports (API.md `RegistrarStatus`).
+/// What `status()` reports (index.d.ts `RegistrarStatus`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrarStatus {

@@ -1,5 +1,5 @@
 //! The update book: the set `update()` asks for, from the moment it reaches the
-//! supervisor until mcpd accepts it (PROTOCOL.md section 1, "Changing the set"),
+//! supervisor until mcpd accepts it (docs/protocol.md section 1, "Changing the set"),
 //! with the callers waiting for it and the backoff between failed registers.
 
 use std::future::Future;

@@ -1,5 +1,5 @@
 //! The one fake mcpd server of the Rust tests and the bench: HTTP/1.1 on 127.0.0.1, each
-//! request routed (PROTOCOL.md's endpoints) and handed to the caller's handler, whose `Reply`
+//! request routed (docs/protocol.md's endpoints) and handed to the caller's handler, whose `Reply`
 //! is an answer, a dropped connection, the SSE control channel, or a hostile endless body.
 //!
 //! Used by tests/support/mod.rs (`FakeMcpd`, the recording fake of tests/core.rs), tests/hostile.rs
@@ -21,7 +21,7 @@
 //! load average 11): `cargo build --release` of bench/mcpd took 50.3 s wall / 16.7 s CPU with tokio
 //! alone, 65.6 s wall / 24.2 s CPU now (these three crates, and serde_json for its chunk POSTs).
 //!
-//! Why the routes and bodies are read from PROTOCOL.md's literals here, not with src/wire.rs's
+//! Why the routes and bodies are read from the protocol's literals (docs/protocol.md) here, not with src/wire.rs's
 //! types: a fake that decoded with the client's own types and paths would agree with any mistake
 //! in them; the tests check the client's wire against this independent reading.
 #![allow(dead_code)]
@@ -38,7 +38,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
-/// PROTOCOL.md section 1, under mcpd's URL (as are the other paths).
+/// docs/protocol.md section 1, under mcpd's URL (as are the other paths).
 pub const REGISTER_PATH: &str = "/api/v1/llms/_provider-register";
 /// Section 2: the SSE control channel.
 pub const STREAM_PATH: &str = "/api/v1/llms/_provider-stream";

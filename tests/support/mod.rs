@@ -1,5 +1,5 @@
 //! The fake mcpd of the integration tests, on the shared server of mcpd.rs: it records
-//! every request, answers as PROTOCOL.md says unless a test scripted otherwise or set
+//! every request, answers as docs/protocol.md says unless a test scripted otherwise or set
 //! the endpoint hostile, and lets a test write raw SSE bytes into the control channel.
 #![allow(dead_code)]
 
@@ -70,11 +70,11 @@ pub enum Answer {
   Drop,
 }
 
-/// How every request of a route is answered, whatever was scripted: as PROTOCOL.md
+/// How every request of a route is answered, whatever was scripted: as docs/protocol.md
 /// says, or hostile (tests/hostile.rs).
 #[derive(Debug, Clone)]
 pub enum Mode {
-  /// As PROTOCOL.md says, or as scripted.
+  /// As docs/protocol.md says, or as scripted.
   Normal,
   /// This status, then a body that never ends; `prefix` starts it.
   Endless {
@@ -357,7 +357,7 @@ pub fn chunks_of(post: &Request) -> Vec<String> {
     .collect()
 }
 
-/// Records the request, waits out any delay, and answers it: scripted, or as PROTOCOL.md says.
+/// Records the request, waits out any delay, and answers it: scripted, or as docs/protocol.md says.
 async fn answer(state: &Arc<Mutex<State>>, request: mcpd::Request) -> Reply {
   let request = Request::from(request);
   if let Some(reply) = hostile(state, &request) {

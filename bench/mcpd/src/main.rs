@@ -1,4 +1,4 @@
-//! The mcpd stand-in of `npm run bench`: just enough of PROTOCOL.md (register,
+//! The mcpd stand-in of `npm run bench`: just enough of docs/protocol.md (register,
 //! the SSE channel, heartbeat, result and chunk POSTs) on one tokio thread, with
 //! the scenarios driven and timed here, so neither the bench's Node process nor
 //! this server is in the measured path more than one loopback hop.
