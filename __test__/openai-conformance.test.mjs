@@ -339,7 +339,11 @@ test('an unknown model is 404 NotFoundError, streaming or not', async (t) => {
   assert.equal(provider.calls.length, 0)
 })
 
-test('a client-side abort reaches the provider signal within 100 ms, streaming and not', async (t) => {
+// The lag is a few ms on an idle machine (the cancel travels mcpd → SSE → the task's token →
+// one threadsafe call); the bound is loose enough for a machine whose every core is busy
+// (a stress run saw 326 ms at load 12 on 2 cores) and still far below any timeout that could
+// end the task instead of the cancel.
+test('a client-side abort reaches the provider signal promptly (under 1 s), streaming and not', async (t) => {
   const mcpd = await startMcpd(t)
   const provider = parkedProvider()
   const { registrar } = await startRegistrar(t, mcpd, { parked: provider })
@@ -367,7 +371,7 @@ test('a client-side abort reaches the provider signal within 100 ms, streaming a
   assert.equal(seen.filter((chunk) => chunk.choices[0]?.finish_reason).length, 0, 'the stream was cut, not finished')
   assert.ok(abortedFrom > 0, 'the first content delta arrived before the abort')
   const streamLag = (await provider.aborts[0]) - abortedFrom
-  assert.ok(streamLag < 100, `the provider's signal fired ${streamLag.toFixed(1)} ms after abort()`)
+  assert.ok(streamLag < 1000, `the provider's signal fired ${streamLag.toFixed(1)} ms after abort()`)
   assert.equal(provider.calls[0].signal.reason.name, 'AbortError')
   await mcpd.waitFor(() => provider.finalized === 1, { timeoutMs: 2000 })
 
@@ -379,7 +383,7 @@ test('a client-side abort reaches the provider signal within 100 ms, streaming a
   plain.abort()
   await assert.rejects(pending, OpenAI.APIUserAbortError)
   const plainLag = (await provider.aborts[1]) - plainFrom
-  assert.ok(plainLag < 100, `the provider's signal fired ${plainLag.toFixed(1)} ms after abort()`)
+  assert.ok(plainLag < 1000, `the provider's signal fired ${plainLag.toFixed(1)} ms after abort()`)
 
   // Both were cancels: nothing more posted for either task, though complete() resolved 'late'.
   await sleep(200)

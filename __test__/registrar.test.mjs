@@ -332,7 +332,10 @@ test('404 on the stream or the heartbeat registers again, then reconnects', asyn
     providerSessionId: second,
   })
   await mcpd.waitFor(() => mcpd.connections.some((c) => c.sessionId === second && c.closedAt === null))
-  // Now the stream: forget the session and drop the connection.
+  // Now the stream: forget the session and drop the connection. The heartbeat's answers are
+  // held meanwhile, so only the stream can be the one to hear the 404 (a beat's 404 would
+  // register again too, and the stream would then never see one).
+  mcpd.delay('heartbeat', 60_000)
   mcpd.forgetSession(second)
   mcpd.dropStreams()
   await mcpd.waitFor(() => mcpd.registrations.length === 3, { timeoutMs: 3000 })

@@ -20,8 +20,9 @@ use crate::mcpd::McpdClient;
 /// What the heartbeat tells the supervisor.
 #[derive(Debug)]
 pub enum HeartbeatEvent {
-  /// mcpd answered 404/410: register again.
-  SessionLost,
+  /// mcpd answered 404/410 to a beat for this session id: register again,
+  /// unless the supervisor has registered a new session since (a stale answer).
+  SessionLost(String),
   /// Another failure, for `lastError`; the heartbeat goes on.
   Failed(String),
 }
@@ -50,9 +51,9 @@ impl Heartbeat {
         _ = self.stop.cancelled() => return,
         _ = tokio::time::sleep(jitter(interval)) => {}
       }
-      if self.client.session_id().is_none() {
+      let Some(session) = self.client.session_id() else {
         continue;
-      }
+      };
       let loads = self.dispatcher.loads();
       let sent = tokio::select! {
         biased;
@@ -66,7 +67,7 @@ impl Heartbeat {
         }
         Err(error) if matches!(error.status(), Some(404 | 410)) => {
           tracing::info!("mcpd no longer knows the session; registering again");
-          HeartbeatEvent::SessionLost
+          HeartbeatEvent::SessionLost(session)
         }
         Err(error) => {
           let text = describe(&error);

@@ -1012,6 +1012,61 @@ async fn heartbeat_404_registers_again() {
   rig.stop().await;
 }
 
+/// A beat sent for a session that the channel then replaced (mcpd forgot it, the
+/// connect answered 404, a register got a new id) may be answered 404 after the new
+/// session is up: that answer is about the old session and registers nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_heartbeat_404_for_a_replaced_session_registers_nothing() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::idle_one("stale404", &provider).await;
+  rig.registrar.start().await.expect("start");
+  let fake = &rig.fake;
+  // The next beat (for ps-1) is held 3 s, then answered 404.
+  fake.delay(Route::Heartbeat, Duration::from_secs(3));
+  fake.script(Route::Heartbeat, [Answer::Status(404)]);
+  let beats = fake.count(Route::Heartbeat);
+  wait_for("a beat held in flight", WAIT, || {
+    fake.count(Route::Heartbeat) > beats
+  })
+  .await;
+  fake.delay(Route::Heartbeat, Duration::ZERO);
+  // Meanwhile the channel learns the session is gone and registers a new one.
+  fake.script(Route::Stream, [Answer::Status(404)]);
+  fake.next_session_id("ps-new");
+  fake.drop_stream();
+  wait_for("the new session up", WAIT, || {
+    rig.registrar.status().provider_session_id.as_deref() == Some("ps-new")
+      && rig.registrar.status().state == RegistrarState::Connected
+  })
+  .await;
+  assert_eq!(fake.count(Route::Register), 2);
+  // The held beat's 404 comes back; the beats after it carry ps-new. Had the
+  // stale 404 been taken for the new session, a third register would come first.
+  wait_for("three beats for the new session", WAIT, || {
+    fake
+      .of(Route::Heartbeat)
+      .iter()
+      .filter(|beat| beat.body["providerSessionId"] == json!("ps-new"))
+      .count()
+      >= 3
+  })
+  .await;
+  let held = fake
+    .of(Route::Heartbeat)
+    .into_iter()
+    .find(|beat| beat.status == 404)
+    .expect("the held beat was answered 404");
+  assert_eq!(held.body["providerSessionId"], json!("ps-1"));
+  assert_eq!(
+    fake.count(Route::Register),
+    2,
+    "{:?}",
+    routes_without_heartbeats(fake)
+  );
+  assert_eq!(rig.registrar.status().state, RegistrarState::Connected);
+  rig.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_stream_reconnects_with_last_event_id() {
   let provider = MockProvider::answering(hello());

@@ -293,7 +293,12 @@ impl Supervisor {
         biased;
         _ = root.cancelled() => return None,
         Some(event) = heartbeat_events.recv() => match event {
-          HeartbeatEvent::SessionLost => return Some(Left::SessionLost),
+          // A beat sent before the channel registered a new session may be
+          // answered 404 after it: that session is gone already, not this one.
+          HeartbeatEvent::SessionLost(lost) if core.client.session_id().as_deref() == Some(lost.as_str()) => {
+            return Some(Left::SessionLost)
+          }
+          HeartbeatEvent::SessionLost(_) => tracing::debug!("a stale heartbeat 404 for a replaced session; ignored"),
           HeartbeatEvent::Failed(text) => core.record_error(text),
         },
         Some(command) = inbox.recv() => take_command(core, updates, command),
