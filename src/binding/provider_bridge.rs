@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use napi::bindgen_prelude::{
-  FnArgs, Function, FunctionRef, JsObjectValue, Object, ToNapiValue, Unknown,
+  FnArgs, Function, FunctionRef, JsObjectValue, JsValuesTupleIntoVec, Object, ToNapiValue, Unknown,
 };
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::{sys, Env, Status};
@@ -51,7 +51,7 @@ macro_rules! js_object {
 }
 
 js_object! {
-  /// `complete(call)` and `openStream(call)`: one provider call.
+  /// `complete(call)`: one provider call.
   struct Call {
     /// The provider's published name.
     provider: String = "provider",
@@ -61,9 +61,20 @@ js_object! {
     options_json: String = "optionsJson",
     /// What `native.settle` names when it answers.
     call_id: u32 = "callId",
-    /// For `openStream`: the stream's id in `native.push`, and its first credit.
-    stream_id: Option<u32> = "streamId",
-    credit: Option<Credit> = "credit",
+  }
+}
+
+js_object! {
+  /// `openStream(call)`: `complete`'s fields, plus where its loop pushes.
+  struct StreamCall {
+    provider: String = "provider",
+    task_id: String = "taskId",
+    options_json: String = "optionsJson",
+    call_id: u32 = "callId",
+    /// The stream's id in `native.push`.
+    stream_id: u32 = "streamId",
+    /// The chunks the loop may push before it must wait.
+    credit: Credit = "credit",
   }
 }
 
@@ -101,7 +112,8 @@ js_object! {
 type CompleteFn = ThreadsafeFunction<Call, Unknown<'static>, Call, Status, false, true>;
 /// `openStream(call)`: settled once the provider's iterator is open; its loop
 /// then pushes the chunks.
-type OpenStreamFn = ThreadsafeFunction<Call, Unknown<'static>, Call, Status, false, true>;
+type OpenStreamFn =
+  ThreadsafeFunction<StreamCall, Unknown<'static>, StreamCall, Status, false, true>;
 /// `credit(grant)`.
 type CreditFn = ThreadsafeFunction<CreditGrant, Unknown<'static>, CreditGrant, Status, false, true>;
 /// `abort(abort)`.
@@ -348,17 +360,17 @@ impl JsBridge {
     })
   }
 
-  /// Calls `function` (`complete` or `openStream`) with a fresh call id and
-  /// waits for its `settle`: the value's JSON text, if it has one.
-  async fn call_provider(
+  /// Calls `function` (`complete` or `openStream`) with the call `make`
+  /// builds for a fresh call id, and waits for its `settle`: the value's JSON
+  /// text, if it has one.
+  async fn call_provider<T: 'static + JsValuesTupleIntoVec>(
     &self,
-    function: &CompleteFn,
+    function: &ThreadsafeFunction<T, Unknown<'static>, T, Status, false, true>,
     what: &str,
-    mut call: Call,
+    make: impl FnOnce(u32) -> T,
   ) -> Result<Option<String>, ProviderFailure> {
     let mut pending = self.calls.open();
-    call.call_id = pending.id;
-    let status = function.call(call, ThreadsafeFunctionCallMode::NonBlocking);
+    let status = function.call(make(pending.id), ThreadsafeFunctionCallMode::NonBlocking);
     if status != Status::Ok {
       return Err(ProviderFailure(format!(
         "provider.{what}: cannot call into JavaScript: {status}"
@@ -415,20 +427,6 @@ pub struct ProviderBridge {
   pub bridge: Arc<JsBridge>,
 }
 
-impl ProviderBridge {
-  /// What provider_bridge.js gets for `call`; the call id is set when it is made.
-  fn js_call(&self, call: ProviderCall) -> Call {
-    Call {
-      provider: self.name.clone(),
-      task_id: call.task_id,
-      options_json: call.options.to_string(),
-      call_id: 0,
-      stream_id: None,
-      credit: None,
-    }
-  }
-}
-
 impl Provider for ProviderBridge {
   fn can_stream(&self) -> bool {
     self.can_stream
@@ -436,10 +434,15 @@ impl Provider for ProviderBridge {
 
   fn complete(&self, call: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
     let bridge = Arc::clone(&self.bridge);
-    let call = self.js_call(call);
+    let provider = self.name.clone();
     Box::pin(async move {
       let text = bridge
-        .call_provider(&bridge.complete, "complete", call)
+        .call_provider(&bridge.complete, "complete", |call_id| Call {
+          provider,
+          task_id: call.task_id,
+          options_json: call.options.to_string(),
+          call_id,
+        })
         .await?
         .ok_or_else(|| ProviderFailure("provider.complete: no value".to_owned()))?;
       serde_json::from_str(&text)
@@ -449,15 +452,21 @@ impl Provider for ProviderBridge {
 
   fn stream(&self, call: ProviderCall) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>> {
     let bridge = Arc::clone(&self.bridge);
-    let mut call = self.js_call(call);
+    let provider = self.name.clone();
     Box::pin(async move {
       let (stream_id, window) = bridge.open_window();
-      call.stream_id = Some(stream_id);
-      call.credit = Some(window.initial_credit());
+      let credit = window.initial_credit();
       // The reader owns the window from here: a failed open drops it.
       let reader = ChunkReader::new(window);
       let opened = bridge
-        .call_provider(&bridge.open_stream, "stream", call)
+        .call_provider(&bridge.open_stream, "stream", |call_id| StreamCall {
+          provider,
+          task_id: call.task_id,
+          options_json: call.options.to_string(),
+          call_id,
+          stream_id,
+          credit,
+        })
         .await;
       if opened.is_err() {
         bridge.streams.remove(stream_id);
