@@ -1,5 +1,5 @@
 // One registrar under test, in its own process as in mcplocal: the addon
-// (`--kind addon`) or the plain-Node baseline (`--kind plain`), with the same
+// (`--kind addon`), the plain-Node peer (`--kind plain`) or the seed-style one (`--kind seed`), with the same
 // bench provider. Answers the parent's `snap` messages with its CPU and memory;
 // nothing else crosses the IPC channel while a scenario runs.
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
@@ -9,6 +9,7 @@ import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 
 import { PlainRegistrar } from './plain-registrar.mjs'
+import { SeedRegistrar } from './seed-registrar.mjs'
 
 const { values } = parseArgs({
   options: { kind: { type: 'string' }, url: { type: 'string' }, addon: { type: 'string' } },
@@ -50,6 +51,8 @@ const entry = { name: 'bench', type: 'bench', model: 'bench', publish: true, pro
 let registrar
 if (values.kind === 'plain') {
   registrar = new PlainRegistrar({ mcpdUrl: values.url, token: 'bench-token', providers: [entry] })
+} else if (values.kind === 'seed') {
+  registrar = new SeedRegistrar({ mcpdUrl: values.url, token: 'bench-token', providers: [entry] })
 } else {
   const { VirtualLlmRegistrar } = createRequire(import.meta.url)(values.addon)
   registrar = new VirtualLlmRegistrar({
@@ -63,8 +66,39 @@ if (values.kind === 'plain') {
 }
 await registrar.start()
 
+/**
+ * The shared floor: what the provider itself costs the main thread, consumed by a
+ * no-op loop with no registrar (a `for await` over the same async generator; a
+ * `complete()` call awaited). Both registrars pay it; the rest of their CPU is theirs.
+ */
+async function floor({ tasks, tokens }) {
+  const signal = new AbortController().signal
+  const request = { model: 'bench', messages: [{ role: 'user', content: 'hi' }] }
+  let main = mainThreadCpuUs()
+  let cpu = process.cpuUsage()
+  for (let i = 0; i < tasks; i++) await provider.complete({ messages: request.messages, request, signal })
+  const perTask = { mainUs: mainThreadCpuUs() - main, processUs: cpuUs(process.cpuUsage(cpu)) }
+  main = mainThreadCpuUs()
+  cpu = process.cpuUsage()
+  let seen = 0
+  for await (const chunk of provider.stream({ messages: request.messages, request, signal, maxTokens: tokens })) {
+    if (chunk.content) seen++
+  }
+  if (seen !== tokens) throw new Error(`the floor saw ${seen} tokens, not ${tokens}`)
+  const perToken = { mainUs: mainThreadCpuUs() - main, processUs: cpuUs(process.cpuUsage(cpu)) }
+  return {
+    mainUsPerTask: perTask.mainUs / tasks,
+    processUsPerTask: perTask.processUs / tasks,
+    mainUsPerToken: perToken.mainUs / tokens,
+    processUsPerToken: perToken.processUs / tokens,
+  }
+}
+const cpuUs = (usage) => usage.user + usage.system
+
 process.on('message', async (message) => {
-  if (message.type === 'snap') {
+  if (message.type === 'floor') {
+    process.send({ type: 'floor', ...(await floor(message)) })
+  } else if (message.type === 'snap') {
     const cpu = process.cpuUsage()
     process.send({
       type: 'snap',

@@ -1,85 +1,194 @@
-// The benchmark's baseline: a minimal registrar in plain Node, built the way the
-// seed TypeScript was (fetch for the POSTs, node:http for the SSE channel), doing
-// the same work per task as the addon: the OpenAI request turned into
-// CompletionOptions with an AbortSignal, the provider called, the answer encoded
-// as OpenAI JSON and POSTed; a stream's payloads relayed one POST in flight at a
-// time, batched by the addon's rule (the first POST at once, later ones linger
-// 5 ms for company, at most 1024 payloads or 1 MiB), with the addon's 256-payload
-// buffer as backpressure. No artificial slowness; no retries or reconnects
-// (a benchmark run has no failures to retry).
+// The benchmark's peer: the best registrar we can write in plain Node, so the
+// addon's ratios are against a fair opponent, not a strawman. Same protocol
+// (docs/protocol.md) and the same work per task as the addon: the OpenAI request
+// turned into CompletionOptions with an AbortSignal, the provider called, the
+// answer encoded as OpenAI JSON (the same bytes as the addon's StreamEncoder:
+// role first, exactly one finish_reason, usage when asked, then [DONE]) and POSTed.
+//
+// What makes it the best plain Node we know how to write:
+// - POSTs go through node:http with one keep-alive Agent (fetch/undici costs
+//   several times as much per request), with content-length bodies;
+// - a content chunk's payload is built from two parts made once per task, already
+//   escaped as the JSON string a chunk POST holds, so a token costs one test of its
+//   content and two string concatenations (no object, no JSON.stringify per token);
+// - the addon's batching rules and window: one chunk POST in flight per task; the
+//   payloads made meanwhile are appended to the next POST's body as they come; the
+//   first POST goes at once, later ones linger up to 5 ms for company; the provider
+//   is paused only while that body holds 1,024 payloads or 1 MiB (no other buffer);
+// - the SSE channel is read with indexOf on the decoded text, no regex per line.
+//
+// Where it does less than the addon (none of it is on the measured path): no
+// retries, reconnects or re-registers, no admission queue (the bench keeps at most
+// 64 tasks in flight), no replay guard, no option checking. The heartbeat is sent.
+// It is checked against testing/fake-mcpd.js and the official openai client in
+// __test__/bench-peer.test.mjs, so its speed is not bought with wrong bytes.
 import http from 'node:http'
 
 const MAX_BATCH_PAYLOADS = 1024
 const MAX_BATCH_BYTES = 1024 * 1024
 const BATCH_LINGER_MS = 5
-const RELAY_BUFFER = 256
+const DONE = '[DONE]'
+
+/** Text that JSON.stringify writes between quotes unchanged: no quote, backslash, control character or lone surrogate. */
+const PLAIN_TEXT = /^[^"\\\u0000-\u001f\ud800-\udfff]*$/
+
+/** `json` (JSON text) as the inside of a JSON string, quotes excluded. */
+const inner = (json) => {
+  const quoted = JSON.stringify(json)
+  return quoted.slice(1, -1)
+}
+
+/** A string value's JSON, escaped again as the inside of a JSON string: `"a"` → `\"a\"`. */
+const innerString = (text) => (PLAIN_TEXT.test(text) ? `\\"${text}\\"` : inner(JSON.stringify(text)))
+
+const FINISH_REASONS = {
+  stop: 'stop',
+  end_turn: 'stop',
+  stop_sequence: 'stop',
+  eos: 'stop',
+  length: 'length',
+  max_tokens: 'length',
+  tool_calls: 'tool_calls',
+  tool_use: 'tool_calls',
+  function_call: 'tool_calls',
+  content_filter: 'content_filter',
+}
+const normalizeFinishReason = (reason) =>
+  reason === undefined || reason === null ? null : (FINISH_REASONS[reason] ?? 'stop')
 
 export class PlainRegistrar {
-  constructor({ mcpdUrl, token, providers }) {
-    this.base = mcpdUrl.replace(/\/$/, '')
+  constructor({ mcpdUrl, token, providers, heartbeatIntervalMs = 30_000 }) {
+    const url = new URL(mcpdUrl)
+    this.host = url.hostname
+    this.port = Number(url.port) || 80
+    this.prefix = url.pathname.replace(/\/$/, '')
     this.token = token
     this.providers = new Map(providers.map((entry) => [entry.name, entry]))
+    this.counters = new Map(providers.map((entry) => [entry.name, { inFlight: 0, completed: 0, failed: 0 }]))
     this.tasks = new Map()
     this.session = null
+    this.heartbeatIntervalMs = heartbeatIntervalMs
+    this.agent = new http.Agent({ keepAlive: true, noDelay: true })
+    this.postHeaders = null
   }
 
-  headers() {
-    const headers = { authorization: `Bearer ${this.token}`, 'content-type': 'application/json' }
-    if (this.session) headers['x-mcpctl-provider-session'] = this.session
-    return headers
+  /** The POST headers, one object reused: http.request copies them before it returns. */
+  headersFor(body) {
+    this.postHeaders['content-length'] = Buffer.byteLength(body)
+    return this.postHeaders
   }
 
-  async post(path, body) {
-    const response = await fetch(this.base + path, {
-      method: 'POST',
-      headers: this.headers(),
-      body: JSON.stringify(body),
+  /** One POST on the keep-alive Agent; resolves with the status and the answer's text. */
+  post(path, body) {
+    return new Promise((resolve, reject) => {
+      const request = http.request(
+        {
+          host: this.host,
+          port: this.port,
+          path: this.prefix + path,
+          method: 'POST',
+          agent: this.agent,
+          headers: this.headersFor(body),
+        },
+        (response) => {
+          let text = ''
+          response.setEncoding('utf8')
+          response.on('data', (part) => {
+            text += part
+          })
+          response.on('end', () => resolve({ status: response.statusCode, text }))
+          response.on('error', reject)
+        },
+      )
+      request.on('error', reject)
+      request.end(body)
     })
-    await response.arrayBuffer()
-    if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`)
-    return response
   }
 
   async start() {
+    this.postHeaders = { authorization: `Bearer ${this.token}`, 'content-type': 'application/json' }
     const providers = [...this.providers.values()].map(({ name, type, model }) => ({ name, type, model }))
-    const response = await fetch(`${this.base}/api/v1/llms/_provider-register`, {
-      method: 'POST',
-      headers: this.headers(),
-      body: JSON.stringify({ client: { name: 'mcplocal-registrar', version: '0.0.0' }, providers }),
-    })
-    const answer = await response.json()
+    const register = await this.post(
+      '/api/v1/llms/_provider-register',
+      JSON.stringify({ client: { name: 'mcplocal-plain-registrar', version: '0.0.0' }, providers }),
+    )
+    if (register.status !== 200 && register.status !== 201) throw new Error(`register: HTTP ${register.status}`)
+    const answer = JSON.parse(register.text)
     this.session = answer.providerSessionId
+    if (Number.isFinite(answer.heartbeatIntervalMs)) this.heartbeatIntervalMs = answer.heartbeatIntervalMs
+    this.postHeaders = { ...this.postHeaders, 'x-mcpctl-provider-session': this.session }
+    this.heartbeat = setInterval(() => this.beat().catch(() => {}), this.heartbeatIntervalMs)
+    this.heartbeat.unref()
     await new Promise((resolve, reject) => {
-      const url = `${this.base}/api/v1/llms/_provider-stream?providerSessionId=${encodeURIComponent(this.session)}`
-      this.request = http.get(url, { headers: { ...this.headers(), accept: 'text/event-stream' } }, (res) => {
-        if (res.statusCode !== 200) return reject(new Error(`stream: HTTP ${res.statusCode}`))
-        res.setEncoding('utf8')
-        let pending = ''
-        let event = ''
-        let data = []
-        res.on('data', (text) => {
-          pending += text
-          let end
-          while ((end = pending.search(/\r\n|\n|\r/)) !== -1) {
-            const line = pending.slice(0, end)
-            pending = pending.slice(end + (pending.startsWith('\r\n', end) ? 2 : 1))
-            if (line === '') {
-              if (data.length) this.onEvent(event || 'message', data.join('\n'))
-              event = ''
-              data = []
-            } else if (line.startsWith('data:')) data.push(line.slice(line[5] === ' ' ? 6 : 5))
-            else if (line.startsWith('event:')) event = line.slice(line[6] === ' ' ? 7 : 6)
-          }
-        })
-        resolve()
-      })
+      this.request = http.get(
+        {
+          host: this.host,
+          port: this.port,
+          path: `${this.prefix}/api/v1/llms/_provider-stream?providerSessionId=${encodeURIComponent(this.session)}`,
+          headers: {
+            authorization: `Bearer ${this.token}`,
+            accept: 'text/event-stream',
+            'x-mcpctl-provider-session': this.session,
+          },
+        },
+        (response) => {
+          if (response.statusCode !== 200) return reject(new Error(`stream: HTTP ${response.statusCode}`))
+          response.setEncoding('utf8')
+          response.on('data', (text) => this.onText(text))
+          response.on('error', () => {})
+          resolve()
+        },
+      )
       this.request.on('error', reject)
     })
   }
 
-  stop() {
+  beat() {
+    const providers = [...this.counters].map(([name, counters]) => ({
+      name,
+      inFlight: counters.inFlight,
+      queued: 0,
+      maxConcurrency: 64,
+      completed: counters.completed,
+      failed: counters.failed,
+    }))
+    return this.post('/api/v1/llms/_provider-heartbeat', JSON.stringify({ providerSessionId: this.session, providers }))
+  }
+
+  // SSE (the WHATWG rules the channel needs): lines end in \n, \r\n or \r; a blank
+  // line dispatches; `event:` and `data:` fields, comments and others ignored.
+  pending = ''
+  event = ''
+  data = null
+  onText(text) {
+    // A \r at the end may be half of a \r\n: held until the next read.
+    let input = this.pending + text
+    if (input.endsWith('\r')) {
+      this.pending = '\r'
+      input = input.slice(0, -1)
+    } else this.pending = ''
+    if (input.includes('\r')) input = input.replace(/\r\n?/g, '\n')
+    let at = 0
+    for (let end = input.indexOf('\n'); end !== -1; end = input.indexOf('\n', at)) {
+      const line = input.slice(at, end)
+      at = end + 1
+      if (line === '') {
+        if (this.data !== null) this.onEvent(this.event || 'message', this.data)
+        this.event = ''
+        this.data = null
+      } else if (line.startsWith('data:')) {
+        const value = line.slice(line.charCodeAt(5) === 32 ? 6 : 5)
+        this.data = this.data === null ? value : `${this.data}\n${value}`
+      } else if (line.startsWith('event:')) this.event = line.slice(line.charCodeAt(6) === 32 ? 7 : 6)
+    }
+    this.pending = input.slice(at) + this.pending
+  }
+
+  async stop() {
+    clearInterval(this.heartbeat)
     for (const task of this.tasks.values()) task.controller.abort()
     this.request?.destroy()
+    this.agent.destroy()
   }
 
   onEvent(event, data) {
@@ -88,8 +197,7 @@ export class PlainRegistrar {
       return
     }
     if (event !== 'task') return
-    const task = JSON.parse(data)
-    this.run(task).catch(() => {})
+    this.run(JSON.parse(data)).catch(() => {})
   }
 
   async run({ taskId, provider: name, stream, body }) {
@@ -98,97 +206,261 @@ export class PlainRegistrar {
     if (!entry) {
       return this.post(`${path}/result`, errorReply(404, `no provider ${name}`, 'invalid_request_error', 'model_not_found'))
     }
+    const counters = this.counters.get(name)
     const controller = new AbortController()
-    this.tasks.set(taskId, { controller })
-    const options = completionOptions(body, entry.model, controller.signal)
-    const identity = { id: `chatcmpl-${taskId}`, created: Math.floor(Date.now() / 1000), model: body.model ?? entry.model ?? name }
+    const task = { controller }
+    this.tasks.set(taskId, task)
+    counters.inFlight++
+    let ok = false
     try {
-      if (stream && typeof entry.provider.stream === 'function') {
-        await this.relay(path, identity, entry.provider.stream(options))
+      const options = completionOptions(body, entry.model, controller.signal)
+      const identity = {
+        id: `chatcmpl-${taskId}`,
+        created: Math.floor(Date.now() / 1000),
+        model: typeof body.model === 'string' ? body.model : (entry.model ?? name),
+      }
+      if (stream) {
+        const includeUsage = body.stream_options?.include_usage === true
+        ok = await this.relay(path, new StreamEncoder(identity, includeUsage), entry.provider, options, controller.signal)
       } else {
         let result
         try {
           result = await entry.provider.complete(options)
         } catch (error) {
-          return await this.post(`${path}/result`, errorReply(502, String(error?.message ?? error), 'provider_error'))
+          if (!controller.signal.aborted) {
+            await this.post(`${path}/result`, errorReply(502, String(error?.message ?? error), 'provider_error'))
+          }
+          return
         }
-        await this.post(`${path}/result`, { status: 200, body: chatCompletion(identity, result) })
+        if (controller.signal.aborted) return
+        await this.post(`${path}/result`, `{"status":200,"body":${JSON.stringify(chatCompletion(identity, result))}}`)
+        ok = true
       }
     } finally {
       this.tasks.delete(taskId)
+      counters.inFlight--
+      if (!controller.signal.aborted) ok ? counters.completed++ : counters.failed++
     }
   }
 
-  /** Pulls the provider's chunks into a buffer; one POST in flight drains it. */
-  async relay(path, identity, iterable) {
-    const queue = []
-    let done = false
-    let wake = null
-    let space = null
-    let lingering = null
-    let seq = 0
-    const settle = (resolve) => resolve?.()
-    // Like the addon's channel: RELAY_BUFFER payloads wait, plus, while a batch
-    // lingers, the batch being filled (up to MAX_BATCH_PAYLOADS).
-    const push = async (payload) => {
-      queue.push(payload)
-      settle(wake)
-      wake = null
-      if (lingering && queue.length >= MAX_BATCH_PAYLOADS) settle(lingering.cut)
-      const limit = lingering ? RELAY_BUFFER + MAX_BATCH_PAYLOADS : RELAY_BUFFER
-      if (queue.length >= limit) await new Promise((resolve) => (space = resolve))
+  /**
+   * Runs the provider's stream and relays its payloads; true when it ended well.
+   * The producer appends each payload to the next chunk POST's body; the relay
+   * (`send`) posts that body whole, one POST in flight.
+   */
+  async relay(path, encoder, provider, options, signal) {
+    const chunksPath = `${path}/chunks`
+    const out = {
+      body: '',
+      count: 0,
+      bytes: 0,
+      done: false,
+      producerGone: false,
+      relayGone: false,
+      wakeRelay: null,
+      wakeProducer: null,
     }
-    const sender = (async () => {
-      for (;;) {
-        if (queue.length === 0) {
-          if (done) return
-          await new Promise((resolve) => (wake = resolve))
-          continue
-        }
-        // The first POST goes at once; later ones wait 5 ms for company.
-        if (seq > 0 && !done && queue.at(-1) !== '[DONE]') {
-          await new Promise((resolve) => {
-            lingering = { cut: resolve }
-            const timer = setTimeout(resolve, BATCH_LINGER_MS)
-            lingering.cut = () => {
-              clearTimeout(timer)
-              resolve()
-            }
-            settle(space)
-            space = null
-          })
-          lingering = null
-        }
-        const batch = []
-        let bytes = 0
-        while (queue.length && batch.length < MAX_BATCH_PAYLOADS && bytes < MAX_BATCH_BYTES) {
-          const payload = queue.shift()
-          bytes += payload.length
-          batch.push(payload)
-        }
-        settle(space)
-        space = null
-        await this.post(`${path}/chunks`, { seq, chunks: batch })
-        seq += batch.length
+    const wake = (name) => {
+      const resolve = out[name]
+      out[name] = null
+      resolve?.()
+    }
+    const full = () => out.count >= MAX_BATCH_PAYLOADS || out.bytes >= MAX_BATCH_BYTES
+    const ready = () => out.done || out.producerGone || full()
+    /** Appends payloads (already escaped as JSON string contents); waits while the body is full. */
+    const push = async (payloads) => {
+      for (const payload of payloads) {
+        while (full() && !out.relayGone) await new Promise((resolve) => (out.wakeProducer = resolve))
+        if (out.relayGone) return
+        const wasEmpty = out.count === 0
+        out.body += out.count === 0 ? `"${payload}"` : `,"${payload}"`
+        out.count++
+        out.bytes += payload.length
+        if (payload === DONE) out.done = true
+        if (wasEmpty || ready()) wake('wakeRelay')
       }
-    })()
-    let first = true
+    }
+    const send = async () => {
+      let seq = 0
+      try {
+        for (;;) {
+          while (out.count === 0 && !out.producerGone) await new Promise((resolve) => (out.wakeRelay = resolve))
+          if (out.count === 0) return true
+          if (seq > 0 && !ready()) {
+            // Later POSTs wait up to 5 ms for company, as the addon's do.
+            await new Promise((resolve) => {
+              const timer = setTimeout(resolve, BATCH_LINGER_MS)
+              out.wakeRelay = () => {
+                clearTimeout(timer)
+                resolve()
+              }
+            })
+            out.wakeRelay = null
+          }
+          if (signal.aborted) return false
+          const body = `{"seq":${seq},"chunks":[${out.body}]}`
+          const { count, done } = out
+          out.body = ''
+          out.count = 0
+          out.bytes = 0
+          out.done = false
+          wake('wakeProducer')
+          const { status } = await this.post(chunksPath, body)
+          if (status < 200 || status >= 300) return false
+          seq += count
+          if (done) return true
+        }
+      } finally {
+        out.relayGone = true
+        wake('wakeProducer')
+      }
+    }
+    const sending = send()
+    let errored = false
     try {
-      for await (const chunk of iterable) {
-        const delta = {}
-        if (first) delta.role = 'assistant'
-        if (chunk.content !== undefined) delta.content = chunk.content
-        if (chunk.toolCalls) delta.tool_calls = chunk.toolCalls
-        first = false
-        await push(JSON.stringify(chunkObject(identity, delta, chunk.finishReason ?? null)))
+      const iterator = provider.stream ? provider.stream(options)[Symbol.asyncIterator]() : null
+      if (iterator) {
+        const payloads = []
+        for (;;) {
+          const { value, done } = await iterator.next()
+          if (done) break
+          if (signal.aborted || out.relayGone) {
+            await iterator.return?.()
+            break
+          }
+          encoder.push(value, payloads)
+          if (payloads.length) {
+            await push(payloads)
+            payloads.length = 0
+          }
+        }
+      } else {
+        const payloads = []
+        encoder.pushResult(await provider.complete(options), payloads)
+        await push(payloads)
       }
-      await push(JSON.stringify(chunkObject(identity, {}, 'stop')))
     } catch (error) {
-      await push(JSON.stringify({ error: { message: String(error?.message ?? error), type: 'provider_error', code: null } }))
+      errored = true
+      if (!encoder.started) {
+        // Nothing streamed yet: the error is the task's result (docs/protocol.md).
+        out.producerGone = true
+        wake('wakeRelay')
+        await sending
+        if (!signal.aborted) {
+          await this.post(`${path}/result`, errorReply(502, String(error?.message ?? error), 'provider_error'))
+        }
+        return false
+      }
+      await push(encoder.fail(String(error?.message ?? error)))
     }
-    done = true
-    await push('[DONE]')
-    await sender
+    if (!errored && !signal.aborted) await push(encoder.finish())
+    out.producerGone = true
+    wake('wakeRelay')
+    const sent = await sending
+    return sent && !errored
+  }
+}
+
+/** The addon's StreamEncoder in JavaScript, writing every payload escaped as the inside of a JSON string. */
+class StreamEncoder {
+  constructor(identity, includeUsage) {
+    this.identity = identity
+    this.includeUsage = includeUsage
+    this.started = false
+    this.finishReason = null
+    this.usage = null
+    this.toolIndices = new Set()
+    // The keys in the order the addon writes them (serde_json's sorted order).
+    this.tail = `],"created":${identity.created},"id":${JSON.stringify(identity.id)},"model":${JSON.stringify(identity.model)},"object":"chat.completion.chunk"${includeUsage ? ',"usage":null' : ''}}`
+    this.contentHead = inner('{"choices":[{"delta":{"content":')
+    this.contentEnd = inner(`},"finish_reason":null,"index":0,"logprobs":null}${this.tail}`)
+  }
+
+  payload(delta, finishReason) {
+    const reason = finishReason === null ? 'null' : JSON.stringify(finishReason)
+    return inner(`{"choices":[{"delta":${delta},"finish_reason":${reason},"index":0,"logprobs":null}${this.tail}`)
+  }
+
+  start(out) {
+    if (!this.started) {
+      this.started = true
+      out.push(this.payload('{"content":"","role":"assistant"}', null))
+    }
+  }
+
+  push(chunk, out) {
+    this.start(out)
+    const reason = normalizeFinishReason(chunk.finishReason)
+    if (reason) this.finishReason = reason
+    if (chunk.usage) this.usage = chunk.usage
+    const content = typeof chunk.content === 'string' && chunk.content !== '' ? chunk.content : null
+    const calls = []
+    for (const call of chunk.toolCalls ?? []) {
+      const delta = this.toolCallDelta(call)
+      if (delta) calls.push(delta)
+    }
+    if (calls.length === 0) {
+      if (content !== null) out.push(this.contentHead + innerString(content) + this.contentEnd)
+      return
+    }
+    const delta = content === null ? { tool_calls: calls } : { content, tool_calls: calls }
+    out.push(this.payload(JSON.stringify(delta), null))
+  }
+
+  toolCallDelta(call) {
+    const fn = call.function ?? {}
+    if (!this.toolIndices.has(call.index)) {
+      this.toolIndices.add(call.index)
+      return {
+        function: { arguments: fn.arguments ?? '', name: fn.name ?? '' },
+        id: call.id || `call_${this.identity.id}_${call.index}`,
+        index: call.index,
+        type: 'function',
+      }
+    }
+    if (!fn.arguments) return null
+    return { function: { arguments: fn.arguments }, index: call.index }
+  }
+
+  pushResult(result, out) {
+    const toolCalls = result.toolCalls?.map((call, index) => ({
+      index,
+      id: call.id,
+      function: { name: call.function.name, arguments: call.function.arguments },
+    }))
+    this.push({ content: result.content, toolCalls, finishReason: result.finishReason, usage: result.usage }, out)
+  }
+
+  finish() {
+    const out = []
+    this.start(out)
+    out.push(this.payload('{}', this.finishReason ?? (this.toolIndices.size ? 'tool_calls' : 'stop')))
+    if (this.includeUsage) {
+      const usage = this.usage ?? { promptTokens: 0, completionTokens: 0 }
+      const chunk = {
+        choices: [],
+        created: this.identity.created,
+        id: this.identity.id,
+        model: this.identity.model,
+        object: 'chat.completion.chunk',
+        usage: wireUsage(usage),
+      }
+      out.push(inner(JSON.stringify(chunk)))
+    }
+    out.push(DONE)
+    return out
+  }
+
+  fail(message) {
+    return [inner(JSON.stringify({ error: { code: null, message, type: 'provider_error' } })), DONE]
+  }
+}
+
+function wireUsage(usage) {
+  return {
+    completion_tokens: usage.completionTokens,
+    prompt_tokens: usage.promptTokens,
+    total_tokens: usage.totalTokens ?? usage.promptTokens + usage.completionTokens,
   }
 }
 
@@ -216,36 +488,29 @@ function toMessage(message) {
 }
 
 function chatCompletion(identity, result) {
-  const usage = result.usage
-  return {
+  const toolCalls = result.toolCalls?.length
+    ? result.toolCalls.map((call) => ({ id: call.id, type: 'function', function: call.function }))
+    : null
+  const message = { role: 'assistant', content: result.content ?? null, refusal: null }
+  if (toolCalls) message.tool_calls = toolCalls
+  const completion = {
     id: identity.id,
     object: 'chat.completion',
     created: identity.created,
-    model: identity.model,
+    model: result.model ?? identity.model,
     choices: [
       {
         index: 0,
-        message: { role: 'assistant', content: result.content ?? null, ...(result.toolCalls ? { tool_calls: result.toolCalls } : {}) },
-        finish_reason: result.finishReason ?? 'stop',
+        message,
         logprobs: null,
+        finish_reason: normalizeFinishReason(result.finishReason) ?? (toolCalls ? 'tool_calls' : 'stop'),
       },
     ],
-    ...(usage
-      ? { usage: { prompt_tokens: usage.promptTokens, completion_tokens: usage.completionTokens, total_tokens: usage.totalTokens ?? usage.promptTokens + usage.completionTokens } }
-      : {}),
   }
-}
-
-function chunkObject(identity, delta, finishReason) {
-  return {
-    id: identity.id,
-    object: 'chat.completion.chunk',
-    created: identity.created,
-    model: identity.model,
-    choices: [{ index: 0, delta, finish_reason: finishReason, logprobs: null }],
-  }
+  if (result.usage) completion.usage = wireUsage(result.usage)
+  return completion
 }
 
 function errorReply(status, message, type, code = null) {
-  return { status, body: { error: { message, type, code } } }
+  return JSON.stringify({ status, body: { error: { message, type, code } } })
 }

@@ -1,15 +1,29 @@
-// `npm run bench`: the addon against a plain-Node registrar, in the same run, on
-// the same Rust mcpd stand-in (bench/mcpd), each registrar in a child process as
-// in mcplocal. Prints one table and one JSON line. `--smoke` runs a few hundred
-// tasks and fails (exit 1) only on errors, never on speed; `--rounds N` repeats
-// the whole comparison, alternating which registrar goes first, and reports medians.
+// `npm run bench`: the addon against the best plain-Node registrar we can write
+// (bench/plain-registrar.mjs), in the same run, on the same Rust mcpd stand-in
+// (bench/mcpd), each registrar in a child process as in mcplocal. Prints one table
+// (issue 18's goals as ratios addon/plain, then the other figures) and one JSON line.
+//
+// Rounds: 3 by default (`--rounds N`), interleaved: each round measures every
+// registrar once, the order alternating, so load from elsewhere on the machine lands
+// on both sides. A figure is the median of its rounds, shown with its spread (the
+// half-range, as ± % of the median); a ratio is the median of the per-round ratios
+// (each round's figures against the same round's peer), with its min–max. The load
+// average at each measurement is printed beside the table.
+//
+// `--smoke` runs a few hundred tasks, one round, and fails (exit 1) only on errors,
+// never on speed: a task unanswered, a wrong `seq`, a child that dies, or a stream
+// whose content tokens bench/mcpd counted differ from what the provider yielded.
 // `--addon PATH` may be given several times (say, main's build and this one's): each
-// addon is measured in the same run, interleaved with the others round by round, so
-// two builds are compared on the same machine under the same load; the table then
-// also gives each addon against the first.
+// addon is measured in the same run, interleaved with the others round by round; the
+// table then also gives each addon against the first. `--seed` adds the seed-style
+// plain registrar (fetch, bench/seed-registrar.mjs) as a third column. `--only KIND`
+// measures one kind (plain, seed or addon). `--paced RATE` sets the paced scenario's
+// task rate (tasks/s; default 2,000): tasks sent at that rate, below what either
+// side saturates at, so mcpd is not the cap and each side's CPU per task is its own.
 import { spawn } from 'node:child_process'
 import { existsSync, readdirSync } from 'node:fs'
 import http from 'node:http'
+import { loadavg } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
@@ -20,18 +34,21 @@ const root = resolve(here, '..')
 const { values } = parseArgs({
   options: {
     smoke: { type: 'boolean', default: false },
-    rounds: { type: 'string', default: '1' },
+    rounds: { type: 'string' },
     addon: { type: 'string', multiple: true },
     mcpd: { type: 'string' },
     only: { type: 'string' },
+    seed: { type: 'boolean', default: false },
+    paced: { type: 'string' },
   },
 })
 const smoke = values.smoke
-const rounds = Math.max(1, Number(values.rounds) || 1)
+const rounds = Math.max(1, Number(values.rounds ?? (smoke ? 1 : 3)) || 1)
 
 const scale = smoke
-  ? { warmup: 50, latency: 200, throughput: 300, oneStream: 2000, oneStreamRuns: 2, streams: 16, streamTokens: 100, idleMs: 300, idleSettleMs: 300, floor: 100 }
-  : { warmup: 500, latency: 3000, throughput: 20_000, oneStream: 20_000, oneStreamRuns: 5, streams: 64, streamTokens: 2000, idleMs: 3000, idleSettleMs: 3000, floor: 2000 }
+  ? { warmup: 50, latency: 200, throughput: 300, paced: 100, pacedRate: 500, oneStream: 2000, oneStreamRuns: 2, streams: 16, streamTokens: 100, idleMs: 300, idleSettleMs: 300, floor: 100, floorTokens: 2000 }
+  : { warmup: 500, latency: 3000, throughput: 20_000, paced: 4000, pacedRate: 2000, oneStream: 20_000, oneStreamRuns: 5, streams: 64, streamTokens: 2000, idleMs: 3000, idleSettleMs: 3000, floor: 2000, floorTokens: 100_000 }
+if (values.paced) scale.pacedRate = Math.max(1, Number(values.paced) || scale.pacedRate)
 
 function findAddons() {
   if (values.addon?.length) return values.addon.map((path) => resolve(path))
@@ -56,14 +73,15 @@ function findMcpd() {
 setTimeout(() => {
   console.error('bench error: the run did not finish in time')
   process.exit(1)
-}, smoke ? 180_000 : 30 * 60_000).unref()
+}, smoke ? 180_000 : 60 * 60_000).unref()
 
 const addonPaths = findAddons()
 const mcpdPath = findMcpd()
 const shortPath = (path) => path.replace(`${root}/`, '')
-/** What is measured: the plain-Node registrar, then each addon under its own name. */
+/** What is measured: the plain-Node peer, the seed-style one when asked, then each addon under its own name. */
 const registrars = [
   { name: 'plain', kind: 'plain' },
+  ...(values.seed ? [{ name: 'seed', kind: 'seed' }] : []),
   ...addonPaths.map((path, i) => ({ name: addonPaths.length === 1 ? 'addon' : `addon${i + 1}`, kind: 'addon', path })),
 ]
 
@@ -116,6 +134,10 @@ async function startChild({ kind, path }, url) {
       child.send({ type: 'snap' })
       return receive()
     },
+    floor(tasks, tokens) {
+      child.send({ type: 'floor', tasks, tokens })
+      return receive()
+    },
     async stop() {
       child.send({ type: 'stop' })
       await receive()
@@ -161,9 +183,13 @@ const median = (numbers) => {
 }
 
 const errors = []
-function check(kind, what, answer) {
+function check(kind, what, answer, tokensPerTask) {
   if (answer.errors || answer.finished !== answer.tasks) {
     errors.push(`${kind} ${what}: ${answer.finished}/${answer.tasks} answered, ${answer.errors} errors${answer.firstError ? ` (first: ${answer.firstError})` : ''}`)
+  }
+  // mcpd checks each stream's count itself; this is the run's total, a second look.
+  if (answer.tokens !== answer.tasks * tokensPerTask) {
+    errors.push(`${kind} ${what}: mcpd counted ${answer.tokens} content tokens, the provider yielded ${answer.tasks * tokensPerTask}`)
   }
   return answer
 }
@@ -175,59 +201,85 @@ async function measure(registrar) {
   let child
   try {
     child = await startChild(registrar, mcpd.url)
-    const figures = {}
-    const run = async (what, tasks, inFlight, tokens) =>
-      check(kind, what, await mcpd.command(`run ${tasks} ${inFlight} ${tokens}`))
+    const figures = { load: loadavg()[0] }
+    const run = async (what, tasks, inFlight, tokens, rate) =>
+      check(kind, what, await mcpd.command(`run ${tasks} ${inFlight} ${tokens}${rate ? ` ${rate}` : ''}`), tokens)
+    /** Runs a scenario between two snaps: the run's answer and the child's CPU over it. */
+    const measured = async (what, tasks, inFlight, tokens, rate) => {
+      const before = await child.snap()
+      const answer = await run(what, tasks, inFlight, tokens, rate)
+      const after = await child.snap()
+      return { answer, mainUs: after.mainUs - before.mainUs, processUs: after.processUs - before.processUs }
+    }
 
     // Idle: a registrar that is connected and has nothing to do, once start-up
     // (loading, JIT, the first GCs) has settled.
     await new Promise((resolve) => setTimeout(resolve, scale.idleSettleMs))
-    let before = await child.snap()
+    const idleBefore = await child.snap()
     await new Promise((resolve) => setTimeout(resolve, scale.idleMs))
-    let after = await child.snap()
-    const idleSeconds = (after.at - before.at) / 1000
-    figures.idleCpuUsPerS = (after.processUs - before.processUs) / idleSeconds
-    figures.idleMainUsPerS = (after.mainUs - before.mainUs) / idleSeconds
+    const idleAfter = await child.snap()
+    const idleSeconds = (idleAfter.at - idleBefore.at) / 1000
+    figures.idleCpuUsPerS = (idleAfter.processUs - idleBefore.processUs) / idleSeconds
 
     await run('warm-up', scale.warmup, 1, 0)
+    await run('warm-up 64', scale.warmup * 4, 64, 0)
     await run('warm-up streams', 4, 4, 200)
 
-    before = await child.snap()
-    const latency = await run('latency', scale.latency, 1, 0)
-    after = await child.snap()
-    figures.p50Us = latency.p50Ns / 1000
-    figures.p99Us = latency.p99Ns / 1000
-    figures.mainUsPerTask = (after.mainUs - before.mainUs) / scale.latency
-    figures.processUsPerTask = (after.processUs - before.processUs) / scale.latency
+    const latency = await measured('latency', scale.latency, 1, 0)
+    figures.p50Us = latency.answer.p50Ns / 1000
+    figures.p99Us = latency.answer.p99Ns / 1000
+    figures.mainUsPerTask = latency.mainUs / scale.latency
+    figures.processUsPerTask = latency.processUs / scale.latency
+    figures.mcpdUsPerTask = latency.answer.mcpdCpuNs / 1000 / scale.latency
 
-    const throughput = await run('throughput', scale.throughput, 64, 0)
-    figures.tasksPerS = scale.throughput / (throughput.elapsedNs / 1e9)
+    const throughput = await measured('throughput', scale.throughput, 64, 0)
+    figures.tasksPerS = scale.throughput / (throughput.answer.elapsedNs / 1e9)
+    figures.mainUsPerTask64 = throughput.mainUs / scale.throughput
+    figures.processUsPerTask64 = throughput.processUs / scale.throughput
+    // mcpd's one thread busy this share of the run: near 1, mcpd was the cap.
+    figures.mcpdBusy64 = throughput.answer.mcpdCpuNs / throughput.answer.elapsedNs
+    figures.processBusy64 = (throughput.processUs * 1000) / throughput.answer.elapsedNs
+
+    // Paced: up to 64 in flight, sent at a rate neither side saturates at.
+    const paced = await measured('paced', scale.paced, 64, 0, scale.pacedRate)
+    figures.processUsPerTaskPaced = paced.processUs / scale.paced
+    figures.mainUsPerTaskPaced = paced.mainUs / scale.paced
+    figures.mcpdUsPerTaskPaced = paced.answer.mcpdCpuNs / 1000 / scale.paced
 
     // One stream at a time, a few times: the median stream's rate, the CPU of all.
-    before = await child.snap()
     const rates = []
     let posts = 0
+    const streamsBefore = await child.snap()
+    let mcpdNs = 0
     for (let i = 0; i < scale.oneStreamRuns; i++) {
       const one = await run('one stream', 1, 1, scale.oneStream)
       rates.push(scale.oneStream / (one.elapsedNs / 1e9))
       posts += one.posts
+      mcpdNs += one.mcpdCpuNs
     }
-    after = await child.snap()
+    const streamsAfter = await child.snap()
     const tokensStreamed = scale.oneStream * scale.oneStreamRuns
     figures.oneStreamTokensPerS = median(rates)
-    figures.mainUsPerToken = (after.mainUs - before.mainUs) / tokensStreamed
-    figures.processUsPerToken = (after.processUs - before.processUs) / tokensStreamed
+    figures.mainUsPerToken = (streamsAfter.mainUs - streamsBefore.mainUs) / tokensStreamed
+    figures.processUsPerToken = (streamsAfter.processUs - streamsBefore.processUs) / tokensStreamed
+    figures.mcpdUsPerToken = mcpdNs / 1000 / tokensStreamed
     figures.oneStreamPosts = posts / scale.oneStreamRuns
 
     const tokens = scale.streams * scale.streamTokens
-    const many = await run('concurrent streams', scale.streams, scale.streams, scale.streamTokens)
-    figures.streamsTokensPerS = tokens / (many.elapsedNs / 1e9)
+    const many = await measured('concurrent streams', scale.streams, scale.streams, scale.streamTokens)
+    figures.streamsTokensPerS = tokens / (many.answer.elapsedNs / 1e9)
+    figures.processUsPerToken64 = many.processUs / tokens
+    figures.mcpdBusyStreams = many.answer.mcpdCpuNs / many.answer.elapsedNs
 
     figures.rssMiB = (await child.snap()).rss / 2 ** 20
     const stats = await mcpd.command('stats')
     figures.connections = stats.connections
-    figures.requests = stats.requests
-    if (kind === 'plain') figures.floorUs = await loopbackFloor(mcpd.port, scale.floor)
+    if (kind === 'plain') {
+      figures.floorUs = await loopbackFloor(mcpd.port, scale.floor)
+      const shared = await child.floor(scale.floor, scale.floorTokens)
+      figures.sharedMainUsPerTask = shared.mainUsPerTask
+      figures.sharedMainUsPerToken = shared.mainUsPerToken
+    }
     await child.stop()
     return figures
   } catch (error) {
@@ -238,87 +290,150 @@ async function measure(registrar) {
   }
 }
 
-
-// `--only plain` or `--only addon` (every addon given).
+// `--only plain`, `--only seed` or `--only addon` (every addon given).
 const measured = values.only ? registrars.filter((registrar) => registrar.kind === values.only) : registrars
+/** samples[name][round] = figures */
 const samples = Object.fromEntries(measured.map(({ name }) => [name, []]))
 try {
   for (let round = 0; round < rounds; round++) {
     const order = round % 2 ? [...measured].reverse() : measured
-    for (const registrar of order) samples[registrar.name].push(await measure(registrar))
+    for (const registrar of order) samples[registrar.name][round] = await measure(registrar)
   }
 } catch (error) {
   errors.push(String(error?.stack ?? error))
 }
 
-const result = {}
+// The latency a registrar adds above the loopback floor of the same round.
 for (const { name } of measured) {
-  const runs = samples[name]
-  if (!runs.length) continue
-  result[name] = Object.fromEntries(Object.keys(runs[0]).map((key) => [key, median(runs.map((run) => run[key]))]))
+  samples[name].forEach((figures, round) => {
+    const floor = samples.plain?.[round]?.floorUs
+    if (figures && Number.isFinite(floor)) figures.p50AboveFloorUs = figures.p50Us - floor
+  })
 }
 
-// figure, key, unit, goal as a ratio addon/plain, and whether lower is better.
-const rows = [
-  ['latency p50, non-streaming task', 'p50Us', 'µs', '≤ 0.5', true],
-  ['latency p99', 'p99Us', 'µs', '', true],
-  ['throughput, 64 in flight', 'tasksPerS', 'tasks/s', '≥ 2', false],
-  ['one stream', 'oneStreamTokensPerS', 'tokens/s', '≥ 2', false],
-  [`${scale.streams} concurrent streams`, 'streamsTokensPerS', 'tokens/s', '', false],
-  ['main-thread CPU per sequential task', 'mainUsPerTask', 'µs', '≤ 0.3', true],
-  ['process CPU per sequential task', 'processUsPerTask', 'µs', '', true],
-  ['main-thread CPU per streamed token', 'mainUsPerToken', 'µs', '≤ 0.5', true],
-  ['process CPU per streamed token', 'processUsPerToken', 'µs', '', true],
-  ['idle CPU (process)', 'idleCpuUsPerS', 'µs/s', '≤ 1', true],
-  ['RSS after the run', 'rssMiB', 'MiB', '≤ +10 MiB', true],
-  ['chunk POSTs for the one stream', 'oneStreamPosts', '', '', true],
-  ['TCP connections to mcpd', 'connections', '', '', true],
+const keysOf = (name) => Object.keys(samples[name].find(Boolean) ?? {})
+/** Median and half-range of a registrar's figure over the rounds. */
+function summary(name, key) {
+  const numbers = (samples[name] ?? []).map((figures) => figures?.[key]).filter(Number.isFinite)
+  if (!numbers.length) return null
+  const value = median(numbers)
+  const spread = numbers.length > 1 ? (Math.max(...numbers) - Math.min(...numbers)) / 2 / Math.abs(value) : 0
+  return { value, spread, values: numbers }
+}
+/** The per-round ratios `name`/`base` of a figure: their median, min and max. */
+function ratio(name, base, key) {
+  const ratios = (samples[name] ?? [])
+    .map((figures, round) => figures?.[key] / samples[base]?.[round]?.[key])
+    .filter(Number.isFinite)
+  if (!ratios.length) return null
+  return { value: median(ratios), min: Math.min(...ratios), max: Math.max(...ratios) }
+}
+
+// Issue 18's goals, then the other figures: label, key, unit, goal (ratio addon/plain), lower is better.
+const goals = [
+  ['one stream', 'oneStreamTokensPerS', 'tokens/s', 2.5, false],
+  ['process CPU per task, 64 in flight', 'processUsPerTask64', 'µs', 0.4, true],
+  ['process CPU per task, sequential', 'processUsPerTask', 'µs', 0.4, true],
+  ['process CPU per streamed token', 'processUsPerToken', 'µs', 0.35, true],
+  ['main-thread CPU per task, sequential', 'mainUsPerTask', 'µs', 0.15, true],
+  ['main-thread CPU per streamed token', 'mainUsPerToken', 'µs', 0.3, true],
+  ['latency p50 above the loopback floor', 'p50AboveFloorUs', 'µs', 0.5, true],
+  ['RSS after the run', 'rssMiB', 'MiB', 1, true],
+]
+const others = [
+  ['main-thread CPU per task, 64 in flight', 'mainUsPerTask64', 'µs'],
+  [`process CPU per task, paced (${scale.pacedRate}/s)`, 'processUsPerTaskPaced', 'µs'],
+  [`main-thread CPU per task, paced`, 'mainUsPerTaskPaced', 'µs'],
+  [`process CPU per token, ${scale.streams} streams`, 'processUsPerToken64', 'µs'],
+  ['latency p50, non-streaming task', 'p50Us', 'µs'],
+  ['latency p99', 'p99Us', 'µs'],
+  ['throughput, 64 in flight', 'tasksPerS', 'tasks/s'],
+  [`${scale.streams} concurrent streams`, 'streamsTokensPerS', 'tokens/s'],
+  ['idle CPU (process)', 'idleCpuUsPerS', 'µs/s'],
+  ['chunk POSTs for the one stream', 'oneStreamPosts', ''],
+  ['TCP connections to mcpd', 'connections', ''],
+  ['registrar busy, 64 in flight (CPUs)', 'processBusy64', ''],
+  ['mcpd busy, 64 in flight (of its 1 thread)', 'mcpdBusy64', ''],
+  ['mcpd busy, concurrent streams', 'mcpdBusyStreams', ''],
+  ['mcpd CPU per task, sequential', 'mcpdUsPerTask', 'µs'],
+  ['mcpd CPU per task, paced', 'mcpdUsPerTaskPaced', 'µs'],
+  ['mcpd CPU per streamed token', 'mcpdUsPerToken', 'µs'],
+  ['load average (1 min) at the measurement', 'load', ''],
 ]
 const format = (value) =>
-  !Number.isFinite(value) ? '–' : value >= 1000 ? Math.round(value).toLocaleString('en-US') : value >= 10 ? value.toFixed(1) : value.toFixed(2)
-const ratioOf = (figures, base, key) => {
-  const ratio = figures?.[key] / base?.[key]
-  return Number.isFinite(ratio) ? Number(ratio.toFixed(3)) : null
+  !Number.isFinite(value)
+    ? '–'
+    : Math.abs(value) >= 1000
+      ? Math.round(value).toLocaleString('en-US')
+      : Math.abs(value) >= 10
+        ? value.toFixed(1)
+        : value.toFixed(2)
+const shownFigure = (name, key) => {
+  const figure = summary(name, key)
+  if (!figure) return '–'
+  return rounds > 1 ? `${format(figure.value)} ±${Math.round(figure.spread * 100)}%` : format(figure.value)
 }
-const plain = result.plain ?? {}
-const addons = registrars.filter((registrar) => registrar.kind === 'addon')
+const shownRatio = (name, base, key) => {
+  const r = ratio(name, base, key)
+  if (!r) return '–'
+  return rounds > 1 ? `${r.value.toFixed(2)} [${r.min.toFixed(2)}–${r.max.toFixed(2)}]` : r.value.toFixed(2)
+}
+const met = (name, key, goal, lower) => {
+  const r = ratio(name, 'plain', key)
+  if (!r) return ''
+  return (lower ? r.value <= goal : r.value >= goal) ? 'yes' : 'no'
+}
+
+const peers = measured.filter((registrar) => registrar.kind !== 'addon')
+const addons = measured.filter((registrar) => registrar.kind === 'addon')
 const first = addons[0]
 const compared = addons.slice(1)
-const table = [
-  [
-    'figure',
-    'plain Node',
-    ...addons.map(({ name }) => name),
-    ...addons.map(({ name }) => `${name}/plain`),
-    ...compared.map(({ name }) => `${name}/${first.name}`),
-    'goal (/plain)',
-  ],
+const header = [
+  'figure',
+  ...peers.map(({ name }) => (name === 'plain' ? 'plain Node' : `${name} (fetch)`)),
+  ...addons.map(({ name }) => name),
+  ...addons.map(({ name }) => `${name}/plain`),
+  ...compared.map(({ name }) => `${name}/${first.name}`),
+  'goal',
+  'met',
 ]
-for (const [label, key, unit, goal] of rows) {
-  const shown = (figures, base) => {
-    const ratio = ratioOf(figures, base, key)
-    if (ratio === null) return '–'
-    if (key !== 'rssMiB') return ratio.toFixed(2)
-    const more = figures[key] - base[key]
-    return `${ratio.toFixed(2)} (${(more >= 0 ? '+' : '') + more.toFixed(1)} MiB)`
-  }
-  table.push([
-    `${label}${unit ? ` (${unit})` : ''}`,
-    format(plain[key]),
-    ...addons.map(({ name }) => format(result[name]?.[key])),
-    ...addons.map(({ name }) => shown(result[name], plain)),
-    ...compared.map(({ name }) => shown(result[name], result[first.name])),
-    goal,
-  ])
-}
-const widths = table[0].map((_, column) => Math.max(...table.map((row) => row[column].length)))
+const table = [header]
+const rowOf = (label, key, unit, goal, lower) => [
+  `${label}${unit ? ` (${unit})` : ''}`,
+  ...peers.map(({ name }) => shownFigure(name, key)),
+  ...addons.map(({ name }) => shownFigure(name, key)),
+  ...addons.map(({ name }) => shownRatio(name, 'plain', key)),
+  ...compared.map(({ name }) => shownRatio(name, first.name, key)),
+  goal === undefined ? '' : `${lower ? '≤' : '≥'} ${goal}`,
+  goal === undefined || !first ? '' : met(first.name, key, goal, lower),
+]
+for (const [label, key, unit, goal, lower] of goals) table.push(rowOf(label, key, unit, goal, lower))
+const separator = table.length
+for (const [label, key, unit] of others) table.push(rowOf(label, key, unit))
+const widths = header.map((_, column) => Math.max(...table.map((row) => row[column].length)))
 const line = (row) => `| ${row.map((cell, column) => cell.padEnd(widths[column])).join(' | ')} |`
 const named = addons.map(({ name, path }) => `${name} ${shortPath(path)}`).join('; ')
-console.log(`\nmcpctl-registrar bench${smoke ? ' (smoke)' : ''}: ${rounds} round(s), medians; ${named}; loopback floor (one POST round trip, node:http) ${format(plain.floorUs)} µs`)
+const floorUs = summary('plain', 'floorUs')
+const sharedTask = summary('plain', 'sharedMainUsPerTask')
+const sharedToken = summary('plain', 'sharedMainUsPerToken')
+console.log(
+  `\nmcpctl-registrar bench${smoke ? ' (smoke)' : ''}: ${rounds} interleaved round(s), medians ±half-range, ratios = median [min–max] of per-round ratios against plain Node; ${named}`,
+)
+console.log(`loopback floor (one node:http POST round trip): ${format(floorUs?.value)} µs`)
+console.log(
+  `shared floor (the provider alone, a no-op consumer on the main thread): ${format(sharedTask?.value)} µs per complete() call, ${format(sharedToken?.value)} µs per streamed token; both registrars pay it`,
+)
 console.log(line(table[0]))
 console.log(line(widths.map((width) => '-'.repeat(width))))
-for (const row of table.slice(1)) console.log(line(row))
-const ratios = (figures, base) => Object.fromEntries(rows.map(([, key]) => [key, ratioOf(figures, base, key)]))
+for (const row of table.slice(1, separator)) console.log(line(row))
+console.log(line(widths.map((width) => '-'.repeat(width))))
+for (const row of table.slice(separator)) console.log(line(row))
+
+const result = Object.fromEntries(
+  measured.map(({ name }) => [name, Object.fromEntries(keysOf(name).map((key) => [key, summary(name, key)?.value ?? null]))]),
+)
+const ratiosOf = (name, base) =>
+  Object.fromEntries([...goals, ...others].map(([, key]) => [key, ratio(name, base, key)?.value ?? null]))
 console.log(
   JSON.stringify({
     bench: 'mcpctl-registrar',
@@ -326,17 +441,19 @@ console.log(
     rounds,
     scale,
     plain: result.plain,
+    seed: result.seed,
     // The first addon keeps the keys of a one-addon run.
-    addon: result[first.name],
-    addonPath: shortPath(first.path),
-    ratios: ratios(result[first.name], plain),
+    addon: first ? result[first.name] : undefined,
+    addonPath: first ? shortPath(first.path) : undefined,
+    ratios: first ? ratiosOf(first.name, 'plain') : undefined,
     addons: addons.map(({ name, path }) => ({
       name,
       path: shortPath(path),
       figures: result[name],
-      ratios: ratios(result[name], plain),
-      ...(name === first.name ? {} : { againstFirst: ratios(result[name], result[first.name]) }),
+      ratios: ratiosOf(name, 'plain'),
+      ...(name === first.name ? {} : { againstFirst: ratiosOf(name, first.name) }),
     })),
+    samples,
     errors,
   }),
 )

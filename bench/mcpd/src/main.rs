@@ -4,10 +4,17 @@
 //! this server is in the measured path more than one loopback hop.
 //!
 //! Commands arrive on stdin, one a line, and each answers one JSON line on stdout:
-//! - `run <tasks> <in-flight> <tokens>`: sends `tasks` task events keeping at most
-//!   `in-flight` unanswered; `tokens` 0 is a non-streaming task, otherwise a
-//!   streaming one whose `max_tokens` tells the bench provider how many to yield.
-//!   Answers the elapsed time, per-task latency percentiles and payload counts.
+//! - `run <tasks> <in-flight> <tokens> [<rate>]`: sends `tasks` task events keeping at
+//!   most `in-flight` unanswered (and, with `rate`, at most `rate` a second); `tokens` 0
+//!   is a non-streaming task, otherwise a streaming one whose `max_tokens` tells the
+//!   bench provider how many to yield. Answers the elapsed time, per-task latency
+//!   percentiles, payload and token counts, and this server's own CPU time over the run.
+//!
+//! Every answer is checked, not only counted: a result must be `200` with the bench
+//! provider's content; a stream must carry exactly the `tokens` content deltas the
+//! provider yielded (each `"tok "`), exactly one finish_reason, and end in `[DONE]`.
+//! A mismatch is an error of the run (the bench and its smoke mode fail on it), so a
+//! registrar cannot look fast by dropping or inventing tokens.
 //! - `stats`: connections and requests served so far.
 //!
 //! The HTTP side is the Rust tests' fake mcpd server (tests/support/mcpd.rs), compiled in here.
@@ -18,6 +25,7 @@ mod mcpd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -42,6 +50,14 @@ struct Run {
   latencies: Vec<Duration>,
   /// Payloads received per task (for streams), checked against each POST's `seq`.
   payloads: Vec<u64>,
+  /// Content deltas received per task, checked against `tokens` at `[DONE]`.
+  received: Vec<u64>,
+  /// finish_reasons received per task: exactly one.
+  finishes: Vec<u32>,
+  /// The content tokens each streaming task's provider yields (`max_tokens`).
+  tokens: u64,
+  /// Content deltas received in all.
+  tokens_received: u64,
   posts: u64,
   errors: u64,
   first_error: Option<String>,
@@ -107,10 +123,14 @@ async fn async_main() {
   while let Ok(Some(line)) = lines.next_line().await {
     let words: Vec<&str> = line.split_whitespace().collect();
     let answer = match words.as_slice() {
-      ["run", tasks, in_flight, tokens] => {
+      ["run", tasks, in_flight, tokens, rest @ ..] if rest.len() <= 1 => {
         let parse = |word: &str| word.parse::<usize>().unwrap_or(1).max(1);
         let tokens = tokens.parse::<usize>().unwrap_or(0);
-        drive(&state, parse(tasks), parse(in_flight), tokens).await
+        let rate = rest
+          .first()
+          .and_then(|rate| rate.parse::<f64>().ok())
+          .filter(|rate| *rate > 0.0);
+        drive(&state, parse(tasks), parse(in_flight), tokens, rate).await
       }
       ["stats"] => format!(
         "{{\"connections\":{},\"requests\":{}}}",
@@ -125,7 +145,13 @@ async fn async_main() {
 }
 
 /// Sends the run's task events, at most `in_flight` unanswered, and waits for every answer.
-async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) -> String {
+async fn drive(
+  state: &Shared,
+  tasks: usize,
+  in_flight: usize,
+  tokens: usize,
+  rate: Option<f64>,
+) -> String {
   let sender = loop {
     let ready = state.sse_ready.notified();
     if let Some(sender) = state.lock().sse.clone() {
@@ -144,6 +170,10 @@ async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) ->
       sent: vec![None; tasks],
       latencies: Vec::with_capacity(tasks),
       payloads: vec![0; tasks],
+      received: vec![0; tasks],
+      finishes: vec![0; tasks],
+      tokens: tokens as u64,
+      tokens_received: 0,
       posts: 0,
       errors: 0,
       first_error: None,
@@ -158,8 +188,14 @@ async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) ->
   } else {
     ("true", format!(",\"max_tokens\":{tokens}"))
   };
+  let cpu_before = own_cpu_ns();
   let started = Instant::now();
   for index in 0..tasks {
+    if let Some(rate) = rate {
+      // Paced: task `index` goes no sooner than index / rate after the start.
+      let due = started + Duration::from_secs_f64(index as f64 / rate);
+      tokio::time::sleep_until(due.into()).await;
+    }
     window.acquire().await.expect("window").forget();
     let frame = format!(
       "event: task\ndata: {{\"taskId\":\"b{number}-{index}\",\"provider\":\"bench\",\"stream\":{stream},\"body\":{{\"model\":\"bench\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":{stream}{body}}}}}\n\n"
@@ -189,6 +225,7 @@ async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) ->
     }
   }
   let elapsed = started.elapsed();
+  let cpu_ns = own_cpu_ns().saturating_sub(cpu_before);
   let mut run = state.lock().run.take().expect("run");
   run.latencies.sort_unstable();
   let percentile = |p: f64| {
@@ -206,11 +243,12 @@ async fn drive(state: &Shared, tasks: usize, in_flight: usize, tokens: usize) ->
     .map(|error| format!(",\"firstError\":{:?}", error))
     .unwrap_or_default();
   format!(
-    "{{\"tasks\":{tasks},\"finished\":{},\"elapsedNs\":{},\"p50Ns\":{},\"p99Ns\":{},\"payloads\":{payloads},\"posts\":{},\"errors\":{}{first_error}}}",
+    "{{\"tasks\":{tasks},\"finished\":{},\"elapsedNs\":{},\"p50Ns\":{},\"p99Ns\":{},\"payloads\":{payloads},\"tokens\":{},\"posts\":{},\"mcpdCpuNs\":{cpu_ns},\"errors\":{}{first_error}}}",
     run.finished,
     elapsed.as_nanos(),
     percentile(0.5),
     percentile(0.99),
+    run.tokens_received,
     run.posts,
     run.errors,
   )
@@ -265,37 +303,152 @@ fn task_post(state: &Shared, task: &str, route: Route, body: &[u8]) {
   run.posts += 1;
   match route {
     Route::Result => {
-      let status = serde_json::from_slice::<Value>(body)
-        .ok()
-        .map(|body| body["status"].clone());
-      if status != Some(Value::from(200)) {
+      let answer = serde_json::from_slice::<Value>(body).ok();
+      let status = answer.as_ref().map(|body| body["status"].clone());
+      let content = answer
+        .as_ref()
+        .map(|body| body["body"]["choices"][0]["message"]["content"].clone());
+      if status != Some(Value::from(200)) || content != Some(Value::from(RESULT_CONTENT)) {
         let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
         run.error(format!("result for {task}: {text}"));
       }
       run.finish(index);
     }
     _ => match chunk_post(body) {
-      Some((seq, count, done)) => {
-        if seq != run.payloads[index] {
+      Ok(post) => {
+        if post.seq != run.payloads[index] {
           run.error(format!(
-            "{task}: seq {seq}, expected {}",
-            run.payloads[index]
+            "{task}: seq {}, expected {}",
+            post.seq, run.payloads[index]
           ));
         }
-        run.payloads[index] = seq + count;
-        if done {
+        run.payloads[index] = post.seq + post.payloads;
+        run.received[index] += post.tokens;
+        run.tokens_received += post.tokens;
+        run.finishes[index] += post.finishes;
+        if let Some(problem) = post.problem {
+          run.error(format!("{task}: {problem}"));
+        }
+        if post.done {
+          let (received, finishes) = (run.received[index], run.finishes[index]);
+          if received != run.tokens {
+            run.error(format!(
+              "{task}: {received} content tokens arrived, the provider yielded {}",
+              run.tokens
+            ));
+          }
+          if finishes != 1 {
+            run.error(format!("{task}: {finishes} finish_reasons (one expected)"));
+          }
           run.finish(index);
         }
       }
-      None => run.error(format!("{task}: unreadable chunk POST")),
+      Err(problem) => run.error(format!("{task}: unreadable chunk POST: {problem}")),
     },
   }
 }
 
-/// `{"seq":N,"chunks":["…",…]}`: the seq, how many payloads, and whether the last is `[DONE]`.
-fn chunk_post(body: &[u8]) -> Option<(u64, u64, bool)> {
-  let body: Value = serde_json::from_slice(body).ok()?;
-  let chunks = body["chunks"].as_array()?;
-  let done = chunks.last().and_then(Value::as_str) == Some("[DONE]");
-  Some((body["seq"].as_u64()?, chunks.len() as u64, done))
+/// What the bench provider's `complete()` answers (bench/child.mjs).
+const RESULT_CONTENT: &str = "ok";
+/// Each content token the bench provider's `stream()` yields (bench/child.mjs).
+const TOKEN: &str = "tok ";
+
+/// One chunk POST as read: typed, borrowing where it can, so checking every payload
+/// costs this single-threaded server little (it must not become the cap).
+#[derive(Deserialize)]
+struct ChunkPostBody {
+  seq: u64,
+  chunks: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Payload<'a> {
+  #[serde(borrow, default)]
+  choices: Vec<Choice<'a>>,
+  #[serde(default)]
+  error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+  #[serde(borrow)]
+  delta: Delta<'a>,
+  #[serde(borrow, default)]
+  finish_reason: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+  #[serde(borrow, default)]
+  content: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A chunk POST's counts, and the first thing wrong in it.
+struct ChunkCounts {
+  seq: u64,
+  payloads: u64,
+  /// Non-empty content deltas.
+  tokens: u64,
+  finishes: u32,
+  done: bool,
+  problem: Option<String>,
+}
+
+/// `{"seq":N,"chunks":["…",…]}`: the seq, the payloads, and each payload read for its
+/// content deltas and finish_reasons.
+fn chunk_post(body: &[u8]) -> Result<ChunkCounts, String> {
+  let body: ChunkPostBody = serde_json::from_slice(body).map_err(|error| error.to_string())?;
+  let mut counts = ChunkCounts {
+    seq: body.seq,
+    payloads: body.chunks.len() as u64,
+    tokens: 0,
+    finishes: 0,
+    done: false,
+    problem: None,
+  };
+  for (at, payload) in body.chunks.iter().enumerate() {
+    if payload == "[DONE]" {
+      counts.done = true;
+      if at + 1 != body.chunks.len() {
+        counts.problem = Some("payloads after [DONE]".to_owned());
+      }
+      continue;
+    }
+    let payload: Payload = match serde_json::from_str(payload) {
+      Ok(payload) => payload,
+      Err(error) => {
+        counts
+          .problem
+          .get_or_insert(format!("payload {at}: {error}"));
+        continue;
+      }
+    };
+    if payload.error.is_some() {
+      counts
+        .problem
+        .get_or_insert(format!("an error payload: {}", body.chunks[at]));
+    }
+    for choice in payload.choices {
+      match choice.delta.content.as_deref() {
+        None | Some("") => {}
+        Some(TOKEN) => counts.tokens += 1,
+        Some(other) => {
+          counts
+            .problem
+            .get_or_insert(format!("content {other:?}, not {TOKEN:?}"));
+        }
+      }
+      counts.finishes += u32::from(choice.finish_reason.is_some());
+    }
+  }
+  Ok(counts)
+}
+
+/// This thread's CPU time in ns (the server's one runtime thread): the first field of its
+/// schedstat; 0 where there is none.
+fn own_cpu_ns() -> u64 {
+  std::fs::read_to_string("/proc/thread-self/schedstat")
+    .ok()
+    .and_then(|text| text.split_whitespace().next()?.parse().ok())
+    .unwrap_or(0)
 }
