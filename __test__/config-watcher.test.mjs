@@ -65,7 +65,9 @@ test('config.json edits publish, republish, stop and boot again; a broken file o
       ],
     }),
   )
-  await mcpd.waitFor(() => unchanged().length === 1, WAIT)
+  // One write may reach fs.watch as several events, more than debounceMs apart on a busy
+  // machine: each is a look at the file that finds the set unchanged.
+  await mcpd.waitFor(() => unchanged().length >= 1, WAIT)
   assert.equal(mcpd.registrations.length, registrationsBefore)
 
   // A file that does not parse: warned, and the set stays published.
