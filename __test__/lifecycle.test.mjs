@@ -9,6 +9,7 @@ import {
   addon,
   captureLogger,
   chatBody,
+  nodeCommand,
   recordingProvider,
   sleep,
   startMcpd,
@@ -21,7 +22,7 @@ const { VirtualLlmRegistrar } = addon
 const child = fileURLToPath(new URL('./fixtures/child-registrar.mjs', import.meta.url))
 
 function runChild(t, env) {
-  const proc = spawn(process.execPath, [child], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const proc = spawn(...nodeCommand([child]), { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
   t.after(() => proc.kill('SIGKILL'))
   // Listen from the start: the child may exit before the test looks.
   const exit = new Promise((resolve) => proc.on('exit', (code) => resolve({ code, at: Date.now() })))

@@ -10,6 +10,7 @@ import {
   addon,
   captureLogger,
   chatBody,
+  nodeCommand,
   recordingProvider,
   sleep,
   startMcpd,
@@ -167,7 +168,7 @@ test('a started registrar keeps Node alive even when its JS object is garbage-co
       for (let i = 0; i < 5; i++) { global.gc(); await new Promise((r) => setImmediate(r)) }
       console.log('collected')
     })()`
-  const child = spawn(process.execPath, ['--expose-gc', '-e', script], {
+  const child = spawn(...nodeCommand(['--expose-gc', '-e', script]), {
     env: { ...process.env, MCPD_URL: mcpd.url, MCPD_TOKEN: TOKEN, CONFIG_DIR: await tempConfigDir(t) },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
