@@ -12,6 +12,7 @@ import {
   chatBody,
   nodeCommand,
   recordingProvider,
+  scaledMs,
   sleep,
   startMcpd,
   startRegistrar,
@@ -181,7 +182,8 @@ test('a started registrar keeps Node alive even when its JS object is garbage-co
   child.stdout.on('data', (data) => {
     out += data
   })
-  await mcpd.waitFor(() => out.includes('collected'), { timeoutMs: 10_000 })
+  // Bounds the child's start too: seconds under emulation (scripts/test-arm64.sh).
+  await mcpd.waitFor(() => out.includes('collected'), { timeoutMs: scaledMs(10_000) })
   await sleep(1000)
   assert.equal(exited, false, 'the process exited while its registrar was running')
 })
