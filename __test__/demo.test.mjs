@@ -462,7 +462,7 @@ test('demo --upstream: publishes an OpenAI-compatible server end to end (fake up
         '[DONE]',
       ],
       // Paced so that the client's abort after 5 tokens reaches the provider mid-stream:
-      // emulated, the abort's trip through mcpd takes longer than 100 words at 20 ms.
+      // emulated, the abort's trip through mcpd can outlast 100 words at 20 ms.
       { delayMs: scaledMs(20) },
     )
   })

@@ -18,11 +18,13 @@
 # installed with `npm ci --cpu=arm64` from a copy of that package.json and its lockfile
 # into target/arm64-node/ (.ci/nodes/node_modules keeps the x64 Nodes of
 # test:node-versions). The binary is built with `npm run build:dist --
-# aarch64-unknown-linux-gnu` first (the release build and its glibc check; a no-op when
-# nothing changed). Node's test runner would start each file in a child process of
+# aarch64-unknown-linux-gnu` first (the release build and its glibc check; cargo rebuilds
+# only what changed). Node's test runner would start each file in a child process of
 # process.execPath, which the host cannot exec, so scripts/node-suite-emulated.mjs, run by
 # the host's Node, starts one emulated Node per file; the tests start their own child
-# Nodes through REGISTRAR_TEST_NODE_RUNNER (__test__/helpers.mjs's nodeCommand).
+# Nodes through REGISTRAR_TEST_NODE_RUNNER (__test__/helpers.mjs's nodeCommand), and the
+# few waits that only the emulator's slowness breaks are ten times longer when it is set
+# (helpers.mjs's scaledMs).
 #
 # Usage: npm run test:arm64 [-- cargo test arguments]
 #        SKIP_RUST=1 npm run test:arm64   (the Node suite only)
