@@ -12,6 +12,7 @@ import {
   addon,
   captureLogger,
   chatBody,
+  nodeCommand,
   recordingProvider,
   startMcpd,
   startRegistrar,
@@ -137,7 +138,7 @@ function runChild(mcpd, configDir, loggerSource, env = {}) {
       .then(() => setTimeout(() => process.stdout.write('LINES ' + JSON.stringify(lines) + '\\n'), 50))
   `
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['-e', source], {
+    const child = spawn(...nodeCommand(['-e', source]), {
       env: { ...process.env, ...env },
       stdio: ['ignore', 'pipe', 'pipe'],
     })

@@ -8,6 +8,7 @@ import { createServer } from 'node:http'
 import test from 'node:test'
 import { fileURLToPath } from 'node:url'
 import { countingReply, createDemoProvider, createUpstreamProvider, DEMO_REPLIES } from '../examples/providers.mjs'
+import { nodeCommand, scaledMs } from './helpers.mjs'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const DEMO = fileURLToPath(new URL('../examples/demo.mjs', import.meta.url))
@@ -18,7 +19,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 function runDemo(t, args = [], { timeoutMs = 60_000 } = {}) {
   const env = { ...process.env }
   delete env.MCPCTL_LOG // the user's log level must not add lines to what is asserted
-  const child = spawn(process.execPath, [DEMO, ...args], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(...nodeCommand([DEMO, ...args]), { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] })
   t.after(() => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
   })
@@ -460,7 +461,9 @@ test('demo --upstream: publishes an OpenAI-compatible server end to end (fake up
         }),
         '[DONE]',
       ],
-      { delayMs: 20 },
+      // Paced so that the client's abort after 5 tokens reaches the provider mid-stream:
+      // emulated, the abort's trip through mcpd can outlast 100 words at 20 ms.
+      { delayMs: scaledMs(20) },
     )
   })
 

@@ -7,6 +7,7 @@ import { test } from 'node:test'
 import { fileURLToPath } from 'node:url'
 import OpenAI from 'openai'
 import { FakeMcpd } from '../testing/index.js'
+import { nodeCommand, scaledMs } from './helpers.mjs'
 
 const MODEL = 'local-qwen'
 const PROVIDERS = [
@@ -859,7 +860,7 @@ test('waitFor and outcome time out with clear messages; close ends streams and i
 
 test('the dev mcpd command prints its URL, serves the OpenAI front behind its token and stops on SIGTERM', async (t) => {
   const bin = fileURLToPath(new URL('../bin/dev-mcpd.js', import.meta.url))
-  const child = spawn(process.execPath, [bin, '--port', '0', '--token', 'demo', '--prefix', '/mcpd', '--quiet'], {
+  const child = spawn(...nodeCommand([bin, '--port', '0', '--token', 'demo', '--prefix', '/mcpd', '--quiet']), {
     stdio: ['ignore', 'pipe', 'inherit'],
   })
   t.after(() => {
@@ -869,7 +870,9 @@ test('the dev mcpd command prints its URL, serves the OpenAI front behind its to
 
   let out = ''
   const line = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no listening line in 5 s: ${out}`)), 5000)
+    // Emulated (scripts/test-arm64.sh), a Node alone takes seconds to start.
+    const limit = scaledMs(5000)
+    const timer = setTimeout(() => reject(new Error(`no listening line in ${limit} ms: ${out}`)), limit)
     child.stdout.on('data', (bytes) => {
       out += bytes
       if (out.includes('\n')) {
@@ -891,7 +894,7 @@ test('the dev mcpd command prints its URL, serves the OpenAI front behind its to
   child.kill('SIGTERM')
   let timer
   const timeout = new Promise((resolve) => {
-    timer = setTimeout(resolve, 5000, 'still running 5 s after SIGTERM')
+    timer = setTimeout(resolve, scaledMs(5000), `still running ${scaledMs(5000)} ms after SIGTERM`)
   })
   assert.deepEqual(await Promise.race([exited, timeout]), { code: 0, signal: null })
   clearTimeout(timer)

@@ -11,6 +11,28 @@ export const addon = require('../index.js')
 export const { FakeMcpd } = require('../testing/index.js')
 export const TOKEN = 'sk-test-token-0123456789'
 
+// The command that child Nodes start through, split on whitespace like cargo's target
+// runner: scripts/test-arm64.sh runs the suite on the arm64 Node under qemu-user and sets
+// it to that qemu command, because the host cannot exec an arm64 binary without binfmt.
+const runner = (process.env.REGISTRAR_TEST_NODE_RUNNER ?? '').split(/\s+/).filter(Boolean)
+
+/**
+ * `[command, args]` that run a child Node (this test's Node: process.execPath, which under
+ * qemu-user is the arm64 node) with `args`, through REGISTRAR_TEST_NODE_RUNNER when set.
+ */
+export function nodeCommand(args) {
+  return runner.length > 0 ? [runner[0], [...runner.slice(1), process.execPath, ...args]] : [process.execPath, args]
+}
+
+/**
+ * `ms` as it applies to this run: as given natively, ten times longer when child Nodes run
+ * through the emulating runner, where every Node runs JavaScript many times slower. For the
+ * few waits and paces that only the emulator's speed breaks, never to loosen a native run.
+ */
+export function scaledMs(ms) {
+  return runner.length > 0 ? ms * 10 : ms
+}
+
 /** A fake mcpd listening on loopback, closed when the test ends. */
 export async function startMcpd(t, options = {}) {
   const mcpd = new FakeMcpd({ token: TOKEN, keepAliveMs: 0, ...options })

@@ -9,7 +9,9 @@ import {
   addon,
   captureLogger,
   chatBody,
+  nodeCommand,
   recordingProvider,
+  scaledMs,
   sleep,
   startMcpd,
   startRegistrar,
@@ -21,7 +23,7 @@ const { VirtualLlmRegistrar } = addon
 const child = fileURLToPath(new URL('./fixtures/child-registrar.mjs', import.meta.url))
 
 function runChild(t, env) {
-  const proc = spawn(process.execPath, [child], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const proc = spawn(...nodeCommand([child]), { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
   t.after(() => proc.kill('SIGKILL'))
   // Listen from the start: the child may exit before the test looks.
   const exit = new Promise((resolve) => proc.on('exit', (code) => resolve({ code, at: Date.now() })))
@@ -46,7 +48,8 @@ test('after stop() the Node process exits by itself within 2 s; a running regist
   const env = { MCPD_URL: mcpd.url, MCPD_TOKEN: TOKEN, MCPCTL_HOME: home }
   const stopping = runChild(t, { ...env, STOP_AFTER_MS: '300' })
   const running = runChild(t, env)
-  await mcpd.waitFor(() => stopping.events.some((e) => e.event === 'stopped'), { timeoutMs: 10_000 })
+  // The children start first: seconds under emulation (scripts/test-arm64.sh).
+  await mcpd.waitFor(() => stopping.events.some((e) => e.event === 'stopped'), { timeoutMs: scaledMs(10_000) })
   const stopped = stopping.events.find((e) => e.event === 'stopped')
   assert.equal(stopped.status.state, 'stopped')
   const { code, at } = await Promise.race([
@@ -63,7 +66,7 @@ test('after stop() the Node process exits by itself within 2 s; a running regist
   const saved = JSON.parse(await readFile(`${home}/provider-session`, 'utf8'))
   assert.equal(typeof saved.providerSessionId, 'string')
   // The other child never calls stop(): it is still alive and beating.
-  await mcpd.waitFor(() => running.events.some((e) => e.event === 'started'), { timeoutMs: 10_000 })
+  await mcpd.waitFor(() => running.events.some((e) => e.event === 'started'), { timeoutMs: scaledMs(10_000) })
   const beats = mcpd.heartbeats.length
   await sleep(400)
   assert.equal(running.proc.exitCode, null, 'a started registrar keeps Node alive')
@@ -88,7 +91,9 @@ test('stop() answers in-flight and queued tasks 503, is idempotent, and later ca
   )
   const running = mcpd.sendTask({ provider: 'hanging', body: chatBody() })
   const queued = mcpd.sendTask({ provider: 'hanging', body: chatBody() })
-  await mcpd.waitFor(() => registrar.status().inFlight === 1 && registrar.status().queued === 1)
+  // inFlight counts the task before its call reaches JavaScript: wait for the provider too
+  // (emulated, scripts/test-arm64.sh, the call can still be on its way when the count shows).
+  await mcpd.waitFor(() => signal !== undefined && registrar.status().inFlight === 1 && registrar.status().queued === 1)
   await registrar.stop()
   for (const taskId of [running, queued]) {
     const outcome = await mcpd.outcome(taskId)

@@ -9,7 +9,9 @@ import {
   addon,
   captureLogger,
   chatBody,
+  nodeCommand,
   recordingProvider,
+  scaledMs,
   sleep,
   startMcpd,
   startRegistrar,
@@ -454,7 +456,7 @@ test('without a logger, warnings go to stderr, without the token', async (t) => 
     registrar.start().catch((error) => console.log('rejected: ' + error.message))`
   const env = { ...process.env }
   delete env.MCPCTL_LOG
-  const run = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8', timeout: 20_000 })
+  const run = spawnSync(...nodeCommand(['-e', script]), { env, encoding: 'utf8', timeout: scaledMs(20_000) })
   assert.equal(run.status, 0, run.stderr)
   assert.match(run.stdout, /rejected: register failed: no answer from mcpd/)
   assert.match(run.stderr, /\[mcpctl-registrar\] WARN register failed/)

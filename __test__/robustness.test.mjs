@@ -10,7 +10,9 @@ import {
   addon,
   captureLogger,
   chatBody,
+  nodeCommand,
   recordingProvider,
+  scaledMs,
   sleep,
   startMcpd,
   startRegistrar,
@@ -167,7 +169,7 @@ test('a started registrar keeps Node alive even when its JS object is garbage-co
       for (let i = 0; i < 5; i++) { global.gc(); await new Promise((r) => setImmediate(r)) }
       console.log('collected')
     })()`
-  const child = spawn(process.execPath, ['--expose-gc', '-e', script], {
+  const child = spawn(...nodeCommand(['--expose-gc', '-e', script]), {
     env: { ...process.env, MCPD_URL: mcpd.url, MCPD_TOKEN: TOKEN, CONFIG_DIR: await tempConfigDir(t) },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
@@ -180,7 +182,8 @@ test('a started registrar keeps Node alive even when its JS object is garbage-co
   child.stdout.on('data', (data) => {
     out += data
   })
-  await mcpd.waitFor(() => out.includes('collected'), { timeoutMs: 10_000 })
+  // Bounds the child's start too: seconds under emulation (scripts/test-arm64.sh).
+  await mcpd.waitFor(() => out.includes('collected'), { timeoutMs: scaledMs(10_000) })
   await sleep(1000)
   assert.equal(exited, false, 'the process exited while its registrar was running')
 })

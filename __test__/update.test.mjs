@@ -10,6 +10,7 @@ import {
   captureLogger,
   chatBody,
   recordingProvider,
+  scaledMs,
   startMcpd,
   startRegistrar,
   TOKEN,
@@ -122,7 +123,10 @@ test('a failed update register is retried with backoff; the old set stays publis
 }, async (t) => {
   const mcpd = await startMcpd(t)
   const first = recordingProvider()
-  const { registrar } = await startRegistrar(t, mcpd, { first })
+  // The checks below run while the third register waits out its backoff: emulated
+  // (scripts/test-arm64.sh) they need longer than the default 100 ms.
+  const backoff = { initialMs: scaledMs(50), maxMs: scaledMs(200) }
+  const { registrar } = await startRegistrar(t, mcpd, { first }, { backoff })
   const id = registrar.status().providerSessionId
   const before = mcpd.registrations.length
   // Two registers refused, then a third one refused too but held unanswered until the
