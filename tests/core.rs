@@ -1702,16 +1702,21 @@ async fn a_provider_that_left_finishes_its_task_and_later_ones_are_404() {
     fake.of(Route::Heartbeat).iter().any(fresh)
   })
   .await;
-  let status = rig.registrar.status();
-  assert_eq!(
+  // The fake has the result when it is posted; the task counts as completed once
+  // the POST is answered, a moment later.
+  let counters = || {
+    let status = rig.registrar.status();
     (
       status.completed,
       status.failed,
       status.in_flight,
-      status.queued
-    ),
-    (1, 1, 0, 0)
-  );
+      status.queued,
+    )
+  };
+  wait_for("the task counted as completed", WAIT, || {
+    counters() == (1, 1, 0, 0)
+  })
+  .await;
   rig.stop().await;
 }
 
