@@ -73,11 +73,12 @@ function heldProvider() {
         notify()
       })
     },
+    /** Answers the oldest waiting call; returns its options. */
     release() {
       const next = pending.shift()
       assert.ok(next, 'release(): no call is waiting')
-      this.released++
       next()
+      return calls[this.released++]
     },
   }
 }
@@ -350,15 +351,17 @@ test('pause({ drain: true }) with 2 running and 3 queued resolves once all 5 end
   assert.deepEqual(registrar.status().paused, [MODEL])
 
   // Each release ends one task and lets a queued one start; the drain waits for the fifth.
+  // mcpd may have sent the five in another order than the client: the message says which.
+  const answerOf = (options) => answers[Number(/\d+/.exec(options.messages[0].content)[0])]
   for (let i = 0; i < 4; i++) {
-    provider.release()
-    await answers[i]
+    await answerOf(provider.release())
     if (i < 3) await provider.started(i + 3)
     assert.equal(drained, false, `the drain resolved after only ${i + 1} of 5 tasks ended`)
   }
   assert.equal(provider.calls.length, 5, 'the 3 queued tasks ran although paused')
-  provider.release()
+  const last = answerOf(provider.release())
   const { released, status } = await drain
+  await last
   assert.equal(released, 5)
   assert.equal(status.inFlight + status.queued, 0)
   for (const [i, answer] of answers.entries()) {
@@ -510,5 +513,36 @@ test('with no caller, limits or allowCallers, everything behaves as before', { s
     'no headers on a plain result',
   )
   assert.ok(mcpd.heartbeats.every((h) => h.body.providers.every((p) => p.paused !== true)))
+  assert.deepEqual(mcpd.violations, [])
+})
+
+test('usage() keeps at most 10,000 callers: the least recently seen are folded into "(other)", no task lost', {
+  skip,
+  timeout: 120_000,
+}, async (t) => {
+  const { mcpd, registrar } = await ownerSetup(t, {}, { maxConcurrency: 16, maxQueue: 256 })
+  const TASKS = 10_500
+  const rssBefore = process.memoryUsage().rss
+  const started = performance.now()
+  // Straight into the task channel, as a hostile mcpd would: one new caller id per task.
+  for (let first = 0; first < TASKS; first += 200) {
+    const ids = []
+    for (let n = first; n < Math.min(first + 200, TASKS); n++) {
+      ids.push(mcpd.sendTask({ provider: MODEL, body: ask(), caller: { id: `u-${n}` } }))
+    }
+    for (const id of ids) assert.equal((await mcpd.outcome(id)).status, 200)
+  }
+  t.diagnostic(
+    `${TASKS} callers in ${(performance.now() - started).toFixed(0)} ms; rss ${(rssBefore / 2 ** 20).toFixed(0)} -> ${(process.memoryUsage().rss / 2 ** 20).toFixed(0)} MiB`,
+  )
+  await mcpd.waitFor(() => registrar.usage().providers[MODEL].tasks === TASKS)
+  const { callers } = registrar.usage()
+  const ids = Object.keys(callers)
+  assert.ok(ids.length <= 10_001, `${ids.length} callers kept`)
+  assert.ok(callers['(other)'], 'the forgotten callers are folded into "(other)"')
+  assert.equal(callers['u-0'], undefined, 'the least recently seen went first')
+  assert.equal(callers[`u-${TASKS - 1}`]?.tasks, 1, 'the most recent is kept')
+  const sum = Object.values(callers).reduce((total, usage) => total + usage.tasks, 0)
+  assert.equal(sum, TASKS, 'folding loses no task')
   assert.deepEqual(mcpd.violations, [])
 })
