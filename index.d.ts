@@ -163,7 +163,7 @@ export interface BackoffOptions {
 }
 
 /**
- * Who sent the request to mcpd (docs/protocol.md section 5), when mcpd says so.
+ * Who sent the request to mcpd (docs/protocol.md section 6), when mcpd says so.
  * Never sent back to mcpd.
  */
 export interface Caller {
@@ -230,7 +230,7 @@ export interface CompletionOptions {
   user?: string
   /**
    * Who sent the request to mcpd, as mcpd authenticated them (docs/protocol.md
-   * section 5). Absent when mcpd sent no caller, or a malformed one.
+   * section 6). Absent when mcpd sent no caller, or a malformed one.
    */
   caller?: Caller
   /** The OpenAI request as mcpd sent it, for providers that forward it as is. */

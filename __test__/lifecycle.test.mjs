@@ -269,7 +269,7 @@ test('bad options are refused with a clear error', async (t) => {
     cancelled: 0,
     reconnects: 0,
     lastError: null,
-    // API.md "Additions" (issue 16): the paused providers.
+    // The paused providers (issue 16).
     paused: [],
   })
 })

@@ -22,7 +22,7 @@ pub struct ErrorReply {
   pub message: String,
   /// The request field at fault (`max_tokens`), as OpenAI's `error.param`.
   pub param: Option<&'static str>,
-  /// Seconds for the result POST's `retry-after` header (docs/protocol.md section 5).
+  /// Seconds for the result POST's `retry-after` header (docs/protocol.md section 6).
   pub retry_after: Option<u64>,
 }
 
@@ -95,7 +95,7 @@ impl ErrorReply {
     }
   }
 
-  /// The owner refused the task (docs/protocol.md section 5): 403, 400, 429 or 503.
+  /// The owner refused the task (docs/protocol.md section 6): 403, 400, 429 or 503.
   pub fn refused(refusal: Refusal, message: String) -> Self {
     let (status, kind) = match refusal {
       Refusal::CallerNotAllowed => (403, "permission_denied"),
@@ -200,7 +200,7 @@ pub struct CompletionOptions {
   #[serde(skip_serializing_if = "Option::is_none")]
   pub user: Option<String>,
   /// Who sent the request to mcpd, as mcpd authenticated them (docs/protocol.md
-  /// section 5). Absent when mcpd sent no caller, or a malformed one.
+  /// section 6). Absent when mcpd sent no caller, or a malformed one.
   #[serde(skip_serializing_if = "Option::is_none")]
   pub caller: Option<Caller>,
   /// The OpenAI request as mcpd sent it, for providers that forward it as is.
@@ -221,7 +221,7 @@ impl CompletionOptions {
   }
 }
 
-/// Who sent the request to mcpd (docs/protocol.md section 5), when mcpd says so.
+/// Who sent the request to mcpd (docs/protocol.md section 6), when mcpd says so.
 /// Never sent back to mcpd.
 #[napi(object, object_from_js = false, object_to_js = false)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

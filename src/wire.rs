@@ -58,7 +58,7 @@ pub struct ProviderLoad {
   pub max_concurrency: u32,
   pub completed: u64,
   pub failed: u64,
-  /// Paused by its owner (docs/protocol.md section 5); left out when not.
+  /// Paused by its owner (docs/protocol.md section 6); left out when not.
   #[serde(skip_serializing_if = "std::ops::Not::not")]
   pub paused: bool,
 }
@@ -83,7 +83,7 @@ pub struct TaskEvent {
   pub stream: Option<bool>,
   #[serde(default)]
   pub body: Option<Box<RawValue>>,
-  /// Who asked mcpd (docs/protocol.md section 5); kept raw so that a malformed one
+  /// Who asked mcpd (docs/protocol.md section 6); kept raw so that a malformed one
   /// is dropped by [`parse_caller`] instead of failing the frame.
   #[serde(default)]
   pub caller: Option<Box<RawValue>>,
@@ -116,12 +116,12 @@ pub fn parse_task(data: &str) -> Result<TaskEvent, MalformedTask> {
   })
 }
 
-/// The most bytes of a caller's `id`, `name` and each group (docs/protocol.md section 5).
+/// The most bytes of a caller's `id`, `name` and each group (docs/protocol.md section 6).
 pub const MAX_CALLER_BYTES: usize = 256;
 /// The most groups a caller may list.
 pub const MAX_CALLER_GROUPS: usize = 64;
 
-/// A task frame's `caller`, checked as docs/protocol.md section 5 says: `id` a
+/// A task frame's `caller`, checked as docs/protocol.md section 6 says: `id` a
 /// non-empty string of at most 256 bytes; `name` (at most 256 bytes) and `groups`
 /// (at most 64 strings of at most 256 bytes) optional (`null` is absent); other keys
 /// ignored. Anything else is malformed: the error says why, and the task runs

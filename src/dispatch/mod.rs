@@ -406,7 +406,7 @@ impl TaskDispatcher {
   }
 
   /// Routes, checks and admits a task, synchronously and in arrival order. The
-  /// checks run in docs/protocol.md section 5's order; the first that refuses answers.
+  /// checks run in docs/protocol.md section 6's order; the first that refuses answers.
   fn decide(&self, event: &TaskEvent) -> (Decision, Option<Arc<Lane>>, Option<Metering>) {
     let provider = event.provider.as_deref().unwrap_or_default();
     let Some(lane) = self.lanes.read().serving.get(provider).cloned() else {
