@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::jitter;
@@ -38,6 +38,8 @@ pub struct Heartbeat {
   pub events: mpsc::UnboundedSender<HeartbeatEvent>,
   /// The registrar's root token.
   pub stop: CancellationToken,
+  /// A beat at once, out of turn (the owner paused or resumed).
+  pub now: Arc<Notify>,
 }
 
 impl Heartbeat {
@@ -48,6 +50,7 @@ impl Heartbeat {
       tokio::select! {
         biased;
         _ = self.stop.cancelled() => return,
+        _ = self.now.notified() => {}
         _ = tokio::time::sleep(jitter(interval)) => {}
       }
       if self.client.session_id().is_none() {
