@@ -1006,7 +1006,7 @@ test('after a cancel, the one chunk POST already on its way is tolerated; a seco
   assert.match(mcpd.violations[0], /^chunks after cancel: task /)
 })
 
-// --- callers and relayed headers (docs/protocol.md: who is asking, the owner's limits) --------------
+// --- callers and relayed headers (docs/protocol.md section 6) -------------------------------------
 
 const ALICE = { id: 'u-1', name: 'alice@example.com', groups: ['ml-team'] }
 const BOB = { id: 'u-2' }

@@ -336,9 +336,12 @@ async function ownerControlsStep({
   registrar.resume()
   say(`  registrar.resume(): paused ${JSON.stringify(registrar.status().paused)}`)
 
-  for (const [name, usage] of Object.entries(registrar.usage().providers)) {
+  // Sorted: usage() is a plain record whose key order says nothing.
+  const byName = ([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)
+  for (const [name, usage] of Object.entries(registrar.usage().providers).sort(byName)) {
     const refused = Object.entries(usage.refused)
       .filter(([, n]) => n > 0)
+      .sort(byName)
       .map(([reason, n]) => `${reason} ${n}`)
     say(
       `  usage() ${name}: ${usage.tasks} tasks, ${usage.promptTokens} + ${usage.completionTokens} tokens, refused: ${refused.join(', ') || 'none'}`,

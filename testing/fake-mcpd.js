@@ -11,7 +11,7 @@ const FINISH_REASONS = new Set(['stop', 'length', 'tool_calls', 'content_filter'
 const LOAD_FIELDS = ['inFlight', 'queued', 'maxConcurrency', 'completed', 'failed']
 const MAX_BODY_BYTES = 16 * 1024 * 1024
 const strictUtf8 = new TextDecoder('utf-8', { fatal: true })
-/** Bounds of a task frame's `caller` (docs/protocol.md, "Who is asking"). */
+/** Bounds of a task frame's `caller` (docs/protocol.md section 6, "The caller"). */
 const CALLER_MAX_BYTES = 256
 const CALLER_MAX_GROUPS = 64
 /** The 429 codes of the owner's limits: each must carry a `retry-after` header. */
@@ -939,7 +939,7 @@ function registerProblem(body) {
 
 /**
  * The `callers` option checked once, so the fake only ever attaches callers mcpd could send
- * (docs/protocol.md, "Who is asking"); malformed ones are for `sendTask({ caller })`.
+ * (docs/protocol.md section 6, "The caller"); malformed ones are for `sendTask({ caller })`.
  */
 function callerKeys(callers, token) {
   const keys = new Map()

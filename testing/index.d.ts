@@ -1,22 +1,13 @@
 // Types of @mcpctl/registrar/testing: the fake mcpd that the registrar's tests run against,
 // which is also the engine of the `mcpctl-registrar-dev-mcpd` command.
 
+import type { Caller } from '../index'
+
 /** The registrar-facing routes that can be scripted with `failNext` and `delay`. */
 export type FakeMcpdRoute = 'register' | 'heartbeat' | 'stream' | 'result' | 'chunks'
 
 /** Request headers as Node gives them: lower-cased names. */
 export type RecordedHeaders = Record<string, string | string[] | undefined>
-
-/**
- * Who sent a request to mcpd, as mcpd attaches it to a task frame (docs/protocol.md): `id` a
- * non-empty string of at most 256 bytes; `name` at most 256 bytes; `groups` at most 64 strings
- * of at most 256 bytes. The same shape as the package's `Caller`.
- */
-export interface FakeMcpdCaller {
-  id: string
-  name?: string
-  groups?: string[]
-}
 
 export interface FakeMcpdOptions {
   /** The bearer token every route accepts. Default `'test-token'`. */
@@ -40,12 +31,13 @@ export interface FakeMcpdOptions {
   /**
    * Extension: API keys of the OpenAI front (`/v1/...`, `/api/v1/llms`), each mapped to the
    * caller that mcpd attaches to the tasks it sends for a request with that key, so a test or
-   * a user can act as several people: `{ 'alice-key': { id: 'u-1', name: 'alice' } }`. These
+   * a user can act as several people: `{ 'alice-key': { id: 'u-1', name: 'alice' } }`. The
+   * callers are checked against the bounds of docs/protocol.md section 6. These
    * keys open the OpenAI front only, never the registrar routes; the registrar token still
    * works there and sends no caller. A key that is empty, holds whitespace or equals `token`,
-   * or a caller outside the bounds above, throws a TypeError.
+   * or a caller outside those bounds, throws a TypeError.
    */
-  callers?: Record<string, FakeMcpdCaller>
+  callers?: Record<string, Caller>
 }
 
 export interface RecordedRequest {
@@ -161,7 +153,7 @@ export interface SendTaskOptions {
 
 export type TaskOutcome =
   /**
-   * `headers`: the result POST's `headers`, when it carried any (docs/protocol.md). The OpenAI
+   * `headers`: the result POST's `headers`, when it carried any (docs/protocol.md section 6). The OpenAI
    * front relays to its client only `retry-after` in delta-seconds; a missing `retry-after` on a
    * limit's 429, one on a 503 `provider_paused`, or a malformed header is a violation.
    */
