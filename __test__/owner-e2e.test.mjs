@@ -505,6 +505,12 @@ test('options.caller is who mcpd says sent the request; absent without one, and 
     assert.equal(provider.calls.length, before + 1)
     assert.equal(provider.calls.at(-1).caller, undefined, JSON.stringify(caller))
   }
+  // Nothing the registrar sent to mcpd (register, heartbeats, results, chunks) carries a caller.
+  const sent = mcpd.requests.filter((r) => r.path.startsWith('/api/v1/llms/_provider-'))
+  assert.ok(sent.length > 0)
+  for (const { path, body } of sent) {
+    assert.ok(!/u-alice|alice@example|ml-team|u-bob/.test(JSON.stringify(body)), `${path}: ${JSON.stringify(body)}`)
+  }
   assert.deepEqual(mcpd.violations, [])
 })
 
@@ -646,5 +652,25 @@ test('over maxConcurrency + maxQueue is still 429 rate_limit_exceeded, without r
   await ended(mcpd, registrar, 3)
   assert.deepEqual(refusedCounts(registrar.usage()), { queue_full: 1 })
   assert.equal(registrar.usage().callers['u-alice'].refused.queue_full, 1)
+  assert.deepEqual(mcpd.violations, [])
+})
+
+test('update() changes the limits live, and the minute already counted carries over', { skip }, async (t) => {
+  const { mcpd, registrar, provider, alice } = await ownerSetup(t, { limits: { requestsPerMinute: 2 } })
+  const entry = (limits) => [{ name: MODEL, type: 'test', model: 'local-model', publish: true, provider, limits }]
+  const limited = { status: 429, type: 'rate_limit_exceeded', code: 'requests_per_minute', retryAfter: MINUTE }
+  await alice.chat.completions.create(ask())
+  await alice.chat.completions.create(ask())
+  assertRefusal(await refusal(alice.chat.completions.create(ask())), limited)
+  // Raised to 3: the two of this minute still count, so one more, not three.
+  await registrar.update(entry({ requestsPerMinute: 3 }))
+  await alice.chat.completions.create(ask())
+  assertRefusal(await refusal(alice.chat.completions.create(ask())), limited)
+  // Limits removed: served again at once.
+  await registrar.update(entry(undefined))
+  await alice.chat.completions.create(ask())
+  assert.equal(provider.calls.length, 4)
+  await ended(mcpd, registrar, 6)
+  assert.deepEqual(refusedCounts(registrar.usage()), { requests_per_minute: 2 })
   assert.deepEqual(mcpd.violations, [])
 })
