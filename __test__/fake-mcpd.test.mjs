@@ -1232,6 +1232,19 @@ test('the dev mcpd --caller flag maps API keys to callers; a bad one exits 2', a
   }
 })
 
+test("a heartbeat entry's paused is a boolean when present", async (t) => {
+  const mcpd = await startMcpd(t)
+  const registrar = await connectedRegistrar(t, mcpd)
+  const load = { name: MODEL, inFlight: 0, queued: 0, maxConcurrency: 4, completed: 0, failed: 0 }
+  for (const paused of [true, false, undefined]) {
+    assert.equal((await registrar.heartbeat([{ ...load, paused }])).status, 204)
+  }
+  assert.deepEqual(mcpd.violations, [])
+  await registrar.heartbeat([{ ...load, paused: 'yes' }])
+  assert.deepEqual(mcpd.violations, [`heartbeat provider ${MODEL}: paused "yes" is not a boolean`])
+  assert.equal(mcpd.heartbeats.at(-1).body.providers[0].paused, 'yes')
+})
+
 /** Polls until `predicate` is truthy, at most 5 s: the dev mcpd runs in a child, out of FakeMcpd's reach. */
 async function pollUntil(predicate, { timeoutMs = 5000 } = {}) {
   const deadline = Date.now() + timeoutMs

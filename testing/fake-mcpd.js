@@ -517,6 +517,9 @@ class FakeMcpd {
           : LOAD_FIELDS
         if (!isObject(entry) || typeof entry.name !== 'string') this.#violate('heartbeat provider entry without a name')
         if (missing.length > 0) this.#violate(`heartbeat provider ${entry?.name} lacks numeric ${missing.join(', ')}`)
+        // docs/protocol.md section 6: `"paused": true` while paused, absent (or false) otherwise.
+        if (isObject(entry) && entry.paused !== undefined && typeof entry.paused !== 'boolean')
+          this.#violate(`heartbeat provider ${entry.name}: paused ${JSON.stringify(entry.paused)} is not a boolean`)
       }
     }
     if (ctx.failure && !ctx.failure.handle) return this.#reply(ctx)
