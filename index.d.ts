@@ -126,6 +126,32 @@ export declare class VirtualLlmRegistrar {
    * nothing changed), or after or during `stop()` ('ERR_STOPPED').
    */
   update(providers: RegistrarOptions['providers']): Promise<void>
+  /**
+   * Stops admitting new tasks, for one provider or all: they are answered 503
+   * `provider_paused` (no `retry-after`: nobody knows when the owner resumes); tasks
+   * already admitted (running or queued) go on. A pause of the whole registrar
+   * covers providers added by `update()` while it lasts. The heartbeat says
+   * `paused: true` at once, and `status().paused` lists the paused names. With
+   * `drain: true` it resolves once the admitted tasks have ended. Not persisted:
+   * `publish: false` in the config is the lasting switch.
+   *
+   * Rejects with a `RegistrarError`: 'ERR_INVALID_OPTION' for a provider not
+   * published or a bad option (nothing paused), 'ERR_STOPPED' after `stop()` or
+   * when `stop()` comes while it drains.
+   */
+  pause(options?: PauseOptions): Promise<void>
+  /**
+   * Lifts the pause of one provider (a pause of the whole registrar stays), or,
+   * with no provider, every pause. The heartbeat says so at once. Throws a
+   * `RegistrarError` 'ERR_INVALID_OPTION' for a provider not published or a bad
+   * option.
+   */
+  resume(options?: ResumeOptions): void
+  /**
+   * Tasks, tokens and refusals since the registrar was made, per provider and per
+   * caller id.
+   */
+  usage(): UsageReport
 }
 
 /** The `backoff` option: retry delays, doubling from `initialMs` to `maxMs`. */
@@ -134,6 +160,29 @@ export interface BackoffOptions {
   initialMs?: number
   /** The longest delay, in ms; not below `initialMs`. @default 60000 */
   maxMs?: number
+}
+
+/**
+ * Who sent the request to mcpd (docs/protocol.md section 6), when mcpd says so.
+ * Never sent back to mcpd.
+ */
+export interface Caller {
+  /** mcpd's id for the caller: 1 to 256 bytes. */
+  id: string
+  /** At most 256 bytes. */
+  name?: string
+  /** At most 64, each at most 256 bytes. */
+  groups?: Array<string>
+}
+
+/** `PublishLimits.perCaller`: each caller's own limits. */
+export interface CallerLimits {
+  /** Requests a minute of one caller. @default undefined */
+  requestsPerMinute?: number
+  /** Tokens a minute of one caller. @default undefined */
+  tokensPerMinute?: number
+  /** Tokens in a rolling 24 h of one caller. @default undefined */
+  tokensPerDay?: number
 }
 
 /** One message of the conversation. */
@@ -179,6 +228,11 @@ export interface CompletionOptions {
   presencePenalty?: number
   frequencyPenalty?: number
   user?: string
+  /**
+   * Who sent the request to mcpd, as mcpd authenticated them (docs/protocol.md
+   * section 6). Absent when mcpd sent no caller, or a malformed one.
+   */
+  caller?: Caller
   /** The OpenAI request as mcpd sent it, for providers that forward it as is. */
   request: Record<string, unknown>
 }
@@ -252,6 +306,15 @@ export interface LlmProviderFileEntry {
   description?: string
   /** The model's context window in tokens, shown by mcpd. @default undefined */
   contextWindow?: number
+  /**
+   * When set, only callers whose id, name or one of whose groups is listed
+   * (exactly, case-sensitive) may use this provider; a task without a caller is
+   * refused, and an empty list refuses everyone (403 `caller_not_allowed`).
+   * Entries are non-empty strings. @default undefined (everyone)
+   */
+  allowCallers?: Array<string>
+  /** The owner's limits for this provider. @default undefined (no limits) */
+  limits?: PublishLimits
 }
 
 /**
@@ -262,6 +325,79 @@ export interface LlmProviderFileEntry {
  * retried in the background with backoff.
  */
 export declare function maybeStartVirtualLlmRegistrar(options: { providers: LlmProviderFileEntry[]; registry: Map<string, LlmProvider> | { get(name: string): LlmProvider | undefined } } & Partial<Omit<RegistrarOptions, 'providers'>>): Promise<VirtualLlmRegistrar | null>
+
+/** `pause()`'s options. */
+export interface PauseOptions {
+  /**
+   * The provider to pause; the whole registrar when absent (providers added by
+   * `update()` while it lasts included). @default undefined (all)
+   */
+  provider?: string
+  /**
+   * Resolve only once the tasks already admitted (running or queued) have ended.
+   * @default false
+   */
+  drain?: boolean
+}
+
+/** What one provider, or one caller, was used for since the registrar was made. */
+export interface ProviderUsage {
+  /** Tasks that reached the provider. */
+  tasks: number
+  /** Prompt tokens, as reported by the provider or estimated (see `PublishLimits`). */
+  promptTokens: number
+  /** Completion tokens, as reported by the provider or estimated. */
+  completionTokens: number
+  /** Tasks refused, by reason; every reason is present. */
+  refused: Record<'caller_not_allowed' | 'requests_per_minute' | 'tokens_per_minute' | 'tokens_per_day' | 'max_tokens_exceeded' | 'request_too_large' | 'provider_paused' | 'queue_full', number>
+}
+
+/**
+ * The owner's limits for one published provider. Every field is optional (absent:
+ * no limit) and a positive integer: 0, negatives, fractions and non-numbers are
+ * ERR_INVALID_OPTION, and so is an unknown name (naming the nearest known one).
+ *
+ * Tokens are prompt + completion as the provider's `usage` reports them. Where it
+ * reports none, they are estimated: the characters (Unicode code points) of the
+ * request's message text (string contents, text parts, tool calls' arguments)
+ * divided by 4 and rounded up, plus the same for the answer's content and tool
+ * calls' arguments. Requests are charged when a task is admitted, tokens when it
+ * ends (also when it failed or was cancelled after reaching the provider); a task
+ * refused, or cancelled before it reached the provider, is not charged. A limit
+ * refuses a task while its window is full (used ≥ limit); the minute windows are
+ * kept in 1 s buckets, the day in 1 min buckets.
+ */
+export interface PublishLimits {
+  /**
+   * A request whose `max_completion_tokens` (else `max_tokens`) is larger is
+   * refused 400 `max_tokens_exceeded`; a request with neither gets this as its
+   * `maxTokens` and as `max_tokens` in `options.request`. @default undefined
+   */
+  maxOutputTokens?: number
+  /**
+   * A task whose `body` is larger, in bytes as mcpd sent it, is refused 400
+   * `request_too_large`. @default undefined
+   */
+  maxRequestBytes?: number
+  /**
+   * Requests a minute, all callers together; refused 429 `requests_per_minute`
+   * with `retry-after`. @default undefined
+   */
+  requestsPerMinute?: number
+  /** Tokens a minute, all callers together (429 `tokens_per_minute`). @default undefined */
+  tokensPerMinute?: number
+  /**
+   * Tokens in a rolling 24 h, all callers together (429 `tokens_per_day`).
+   * @default undefined
+   */
+  tokensPerDay?: number
+  /**
+   * The same limits for each caller on its own, for tasks that carry a caller; at
+   * most 10,000 callers are tracked, the least recently seen forgotten first.
+   * @default undefined
+   */
+  perCaller?: CallerLimits
+}
 
 /**
  * The class of every error the package throws or rejects with: `instanceof
@@ -361,6 +497,17 @@ export interface RegistrarStatus {
   reconnects: number
   /** The last failure (register, channel), null when none. */
   lastError: string | null
+  /** The names of the paused providers (all of them when paused as a whole). */
+  paused: Array<string>
+}
+
+/** `resume()`'s options. */
+export interface ResumeOptions {
+  /**
+   * The provider to resume (a pause of the whole registrar stays); every pause is
+   * cleared when absent. @default undefined (all)
+   */
+  provider?: string
 }
 
 /** A call of a tool, by the model. */
@@ -389,4 +536,17 @@ export interface Usage {
   completionTokens: number
   /** `promptTokens + completionTokens` when absent. */
   totalTokens?: number
+}
+
+/** What `usage()` answers. */
+export interface UsageReport {
+  /** When the registrar was made, as ISO 8601 (`Date.prototype.toISOString`). */
+  since: string
+  /** Per provider name. */
+  providers: Record<string, ProviderUsage>
+  /**
+   * Per caller id, for tasks that carried a caller; at most 10,000 callers (the
+   * least recently seen are folded into "(other)").
+   */
+  callers: Record<string, ProviderUsage>
 }

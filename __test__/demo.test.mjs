@@ -5,12 +5,16 @@ import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { createServer } from 'node:http'
+import { createRequire } from 'node:module'
 import test from 'node:test'
 import { fileURLToPath } from 'node:url'
 import { countingReply, createDemoProvider, createUpstreamProvider, DEMO_REPLIES } from '../examples/providers.mjs'
 import { nodeCommand, scaledMs } from './helpers.mjs'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
+// The demo's step 6 runs only on a build with the owner controls (issue 16); it says so otherwise.
+const OWNER_CONTROLS =
+  typeof createRequire(import.meta.url)('../index.js').VirtualLlmRegistrar.prototype.pause === 'function'
 const DEMO = fileURLToPath(new URL('../examples/demo.mjs', import.meta.url))
 const FINAL_LINE = 'demo finished: all steps passed'
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
@@ -77,7 +81,7 @@ test('npm run demo: every step, the streamed tokens live, and a clean exit 0 by 
   const out = run.stdout
 
   // 1. models.list() shows the published provider.
-  assert.match(out, /\[1\/6\] client\.models\.list\(\)\n {2}demo-llm {2}/)
+  assert.match(out, /\[1\/7\] client\.models\.list\(\)\n {2}demo-llm {2}/)
   // 2. The non-streaming answer, and its usage.
   assert.ok(out.includes(`demo-llm: ${DEMO_REPLIES.hello}`), out)
   assert.match(out, /finish_reason stop, usage 7 prompt \+ 18 completion = 25 tokens/)
@@ -94,7 +98,7 @@ test('npm run demo: every step, the streamed tokens live, and a clean exit 0 by 
   assert.ok(sessionId, out)
   assert.ok(
     out.includes(
-      `[5/6] registrar.update([...]): publishing demo-llm-2 too, no restart\n  registrar    connected, same session ${sessionId}, publishing demo-llm, demo-llm-2\n`,
+      `[5/7] registrar.update([...]): publishing demo-llm-2 too, no restart\n  registrar    connected, same session ${sessionId}, publishing demo-llm, demo-llm-2\n`,
     ),
     out,
   )
@@ -102,8 +106,31 @@ test('npm run demo: every step, the streamed tokens live, and a clean exit 0 by 
     out,
     /client\.models\.list\(\):\n {2}demo-llm {2}\(owned by [^)]+\)\n {2}demo-llm-2 {2}\(owned by [^)]+\)\n/,
   )
-  // 6. Everything down, and the last line says so.
-  assert.match(out, /registrar stopped \(state stopped; tasks: 2 completed, 0 failed, 0 in flight\)/)
+  // 6. The owner's controls, seen through the official openai client: a caller refused, a
+  // rate limit answered 429 with retry-after, a pause answered 503 without one.
+  assert.ok(out.includes("[6/7] the owner's controls: allowCallers, limits, pause()\n"), out)
+  if (OWNER_CONTROLS) {
+    assert.ok(out.includes('  demo-llm-2   allowCallers ["ml-team"], limits {"requestsPerMinute":1}\n'), out)
+    assert.match(out, /\n {2}alice -> demo-llm-2: 200 "Hello! I am demo-llm,"\n/)
+    assert.ok(out.includes('  bob   -> demo-llm-2: 403 permission_denied / caller_not_allowed, no retry-after\n'), out)
+    const limited =
+      /\n {2}alice -> demo-llm-2: 429 rate_limit_exceeded \/ requests_per_minute, retry-after: (\d+) s\n/.exec(out)
+    assert.ok(limited, out)
+    assert.ok(Number(limited[1]) >= 1 && Number(limited[1]) <= 61, `retry-after ${limited[1]}`)
+    assert.ok(out.includes(`  registrar.pause({ provider: 'demo-llm' }): paused ["demo-llm"]\n`), out)
+    assert.ok(out.includes('  alice -> demo-llm: 503 unavailable / provider_paused, no retry-after\n'), out)
+    assert.ok(out.includes('  registrar.resume(): paused []\n'), out)
+    // demo-llm: steps 2, 3 and 4 (the cancelled stream reached the provider too); demo-llm-2: alice's 4 tokens.
+    assert.match(
+      out,
+      /\n {2}usage\(\) demo-llm: 3 tasks, \d+ \+ \d+ tokens, refused: provider_paused 1\n {2}usage\(\) demo-llm-2: 1 tasks, \d+ \+ 4 tokens, refused: caller_not_allowed 1, requests_per_minute 1\n/,
+    )
+  } else {
+    assert.ok(out.includes('  skipped: this build of the registrar has no owner controls yet (issue 16)\n'), out)
+  }
+  // 7. Everything down, and the last line says so (the owner's refusals count as failed).
+  const tasks = OWNER_CONTROLS ? '3 completed, 3 failed' : '2 completed, 0 failed'
+  assert.ok(out.includes(`registrar stopped (state stopped; tasks: ${tasks}, 0 in flight)`), out)
   assert.match(out, /dev mcpd closed/)
   assert.match(out, /temporary config dir removed/)
   assert.equal(out.trimEnd().split('\n').at(-1), FINAL_LINE)
@@ -472,7 +499,11 @@ test('demo --upstream: publishes an OpenAI-compatible server end to end (fake up
   assert.equal(run.code, 0, explain(run))
   const out = run.stdout
   assert.match(out, /upstream {5}http:\/\/127\.0\.0\.1:\d+\/v1, model up-model/)
-  assert.match(out, /\[1\/6\] client\.models\.list\(\)\n {2}upstream-llm\b/)
+  assert.match(out, /\[1\/7\] client\.models\.list\(\)\n {2}upstream-llm\b/)
+  if (OWNER_CONTROLS) {
+    // The pause step pauses the first model, here the upstream one, which is then never called.
+    assert.ok(out.includes('  alice -> upstream-llm: 503 unavailable / provider_paused, no retry-after\n'), out)
+  }
   assert.match(out, /client\.models\.list\(\):\n {2}upstream-llm {2}\(owned by [^)]+\)\n {2}demo-llm-2 {2}/)
   assert.ok(out.includes(`upstream-llm: ${answer}`), out)
   assert.ok(out.includes(`upstream-llm: ${streamedWords.join('')}\n`), out)

@@ -1008,3 +1008,255 @@ test('after a cancel, the one chunk POST already on its way is tolerated; a seco
   assert.equal(mcpd.violations.length, 1)
   assert.match(mcpd.violations[0], /^chunks after cancel: task /)
 })
+
+// --- callers and relayed headers (docs/protocol.md section 6) -------------------------------------
+
+const ALICE = { id: 'u-1', name: 'alice@example.com', groups: ['ml-team'] }
+const BOB = { id: 'u-2' }
+
+test('callers: each API key attaches its caller to the tasks it sends; the token sends none', async (t) => {
+  const mcpd = await startMcpd(t, { callers: { 'alice-key': ALICE, 'bob-key': BOB } })
+  const registrar = await connectedRegistrar(t, mcpd)
+  const ask = (key) =>
+    openai(mcpd, key).chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: key }] })
+
+  for (const [key, caller] of [
+    ['alice-key', ALICE],
+    ['bob-key', BOB],
+    ['test-token', undefined],
+  ]) {
+    const answer = ask(key)
+    const task = await registrar.nextTask()
+    assert.equal(task.body.messages[0].content, key)
+    assert.deepEqual(task.caller, caller)
+    assert.equal('caller' in task, caller !== undefined)
+    await registrar.result(task.taskId, 200, completion(`hi ${key}`))
+    assert.equal((await answer).choices[0].message.content, `hi ${key}`)
+  }
+  // A caller key lists the models too, as any OpenAI client does first.
+  assert.deepEqual(
+    (await openai(mcpd, 'bob-key').models.list()).data.map((m) => m.id),
+    [MODEL],
+  )
+  assert.deepEqual(mcpd.violations, [])
+})
+
+test('callers: a caller key never opens the registrar routes; an unknown key is 401 on the front', async (t) => {
+  const mcpd = await startMcpd(t, { callers: { 'alice-key': ALICE }, pathPrefix: '/mcpd' })
+  const asAlice = new TinyRegistrar(mcpd, { token: 'alice-key' })
+  const register = await asAlice.register()
+  assert.equal(register.status, 401)
+  assert.equal(register.body.error.code, 'invalid_api_key')
+  assert.equal(mcpd.registrations.length, 0)
+  const registrar = await connectedRegistrar(t, mcpd)
+  const result = await new TinyRegistrar(mcpd, { token: 'alice-key', sessionId: registrar.sessionId }).result(
+    't-1',
+    200,
+    completion('forged'),
+  )
+  assert.equal(result.status, 401)
+  const outside = await fetch(new URL('/elsewhere', mcpd.url), { headers: { authorization: 'Bearer alice-key' } })
+  assert.equal(outside.status, 401)
+  await outside.body.cancel()
+  await assert.rejects(openai(mcpd, 'carol-key').models.list(), (error) => error.status === 401)
+})
+
+test('callers: bad options throw a TypeError naming the entry by position, never its key', () => {
+  const cases = [
+    [[], /callers must be an object/],
+    [{ '': ALICE }, /key #0 is empty or holds whitespace/],
+    [{ 'a key': ALICE }, /key #0 is empty/],
+    [{ 'test-token': ALICE }, /key #0 is the registrar token/],
+    [{ k: 'alice' }, /caller of key #0 is not an object/],
+    [{ ok: ALICE, k: { id: '' } }, /caller of key #1 needs an id/],
+    [{ k: { id: 'x'.repeat(257) } }, /needs an id/],
+    [{ k: { id: 'é'.repeat(129) } }, /at most 256 bytes/],
+    [{ k: { id: 'x', name: 7 } }, /has a name/],
+    [{ k: { id: 'x', groups: 'ml' } }, /has groups/],
+    [{ k: { id: 'x', groups: Array(65).fill('g') } }, /at most 64 strings/],
+    [{ k: { id: 'x', groups: ['g'.repeat(257)] } }, /has groups/],
+  ]
+  for (const [callers, message] of cases) {
+    assert.throws(
+      () => new FakeMcpd({ token: 'test-token', callers }),
+      (error) => error instanceof TypeError && message.test(error.message) && !error.message.includes('a key'),
+      JSON.stringify(callers).slice(0, 80),
+    )
+  }
+  // Bounds are inclusive, and other keys are allowed (mcpd may add some).
+  const fine = { id: 'x'.repeat(256), name: 'n'.repeat(256), groups: Array(64).fill('g'.repeat(256)), team: 'ops' }
+  assert.doesNotThrow(() => new FakeMcpd({ callers: { k: fine } }))
+})
+
+test('sendTask({ caller }) sends it as given, malformed included; without it the frame has none', async (t) => {
+  const mcpd = await startMcpd(t)
+  const registrar = await connectedRegistrar(t, mcpd)
+  const body = { model: MODEL, messages: [{ role: 'user', content: 'hi' }] }
+  for (const caller of [ALICE, { id: 42 }, 'alice', null]) {
+    const id = mcpd.sendTask({ provider: MODEL, body, caller })
+    const task = await registrar.nextTask()
+    assert.equal(task.taskId, id)
+    assert.deepEqual(task.caller, caller)
+  }
+  mcpd.sendTask({ provider: MODEL, body, caller: undefined })
+  assert.equal('caller' in (await registrar.nextTask()), false)
+})
+
+test("a result's retry-after reaches the OpenAI client, streaming or not; no other header does", async (t) => {
+  const mcpd = await startMcpd(t, { callers: { 'alice-key': ALICE } })
+  const registrar = await connectedRegistrar(t, mcpd)
+  const limited = {
+    error: { message: 'over 2 requests a minute', type: 'rate_limit_exceeded', code: 'requests_per_minute' },
+  }
+  const headers = { 'Retry-After': '12', 'set-cookie': 'session=1', 'x-internal': 'yes' }
+
+  for (const stream of [false, true]) {
+    const refused = openai(mcpd, 'alice-key')
+      .chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'hi' }], stream })
+      .then(
+        () => assert.fail('the request was answered 200'),
+        (error) => error,
+      )
+    const task = await registrar.nextTask()
+    assert.deepEqual(task.caller, ALICE)
+    await registrar.post(`/api/v1/llms/_provider-tasks/${task.taskId}/result`, { status: 429, body: limited, headers })
+    const error = await refused
+    assert.ok(error instanceof OpenAI.RateLimitError, `${error}`)
+    assert.equal(error.status, 429)
+    assert.equal(error.code, 'requests_per_minute')
+    assert.equal(error.type, 'rate_limit_exceeded')
+    assert.equal(error.headers.get('retry-after'), '12')
+    assert.equal(error.headers.get('set-cookie'), null)
+    assert.equal(error.headers.get('x-internal'), null)
+    assert.deepEqual(await mcpd.outcome(task.taskId), { kind: 'result', status: 429, body: limited, headers })
+  }
+  assert.deepEqual(mcpd.violations, [])
+})
+
+test('result headers against the contract: each bad one is a violation; a malformed value is not relayed', async (t) => {
+  const mcpd = await startMcpd(t)
+  const registrar = await connectedRegistrar(t, mcpd)
+  const error = (type, code) => ({ error: { message: code, type, code } })
+  const cases = [
+    [429, error('rate_limit_exceeded', 'tokens_per_day'), undefined, /429 tokens_per_day without a retry-after/],
+    // Well-formed, so mcpd relays it, but the contract sends none with a pause.
+    [
+      503,
+      error('unavailable', 'provider_paused'),
+      { 'retry-after': '5' },
+      /503 provider_paused with a retry-after/,
+      '5',
+    ],
+    [429, error('rate_limit_exceeded', 'tokens_per_minute'), { 'retry-after': 'soon' }, /retry-after "soon" is not/],
+    [429, error('rate_limit_exceeded', 'tokens_per_minute'), { 'retry-after': '1.5' }, /retry-after "1\.5" is not/],
+    [429, error('rate_limit_exceeded', 'queue_full'), ['retry-after', '3'], /headers is not an object/],
+    [429, error('rate_limit_exceeded', 'queue_full'), { 'retry-after': 3 }, /"retry-after" is not a string/],
+  ]
+  for (const [status, body, headers, violation, relayed = null] of cases) {
+    const answer = fetch(`${mcpd.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: 'Bearer test-token', 'content-type': 'application/json' },
+      body: JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] }),
+    })
+    const task = await registrar.nextTask()
+    const before = mcpd.violations.length
+    await registrar.post(`/api/v1/llms/_provider-tasks/${task.taskId}/result`, { status, body, headers })
+    const res = await answer
+    await res.body.cancel()
+    assert.equal(res.status, status)
+    assert.equal(res.headers.get('retry-after'), relayed, `${violation}: only a valid retry-after is relayed`)
+    assert.equal(mcpd.violations.length, before + 1, `${violation}: ${mcpd.violations.slice(before)}`)
+    assert.match(mcpd.violations.at(-1), violation)
+  }
+  // A registrar never sends the caller back to mcpd.
+  const id = mcpd.sendTask({ provider: MODEL, body: { model: MODEL, messages: [] }, caller: ALICE })
+  await registrar.nextTask()
+  await registrar.post(`/api/v1/llms/_provider-tasks/${id}/result`, {
+    status: 403,
+    body: error('permission_denied', 'caller_not_allowed'),
+    caller: ALICE,
+  })
+  assert.match(mcpd.violations.at(-1), /sends the caller back to mcpd/)
+})
+
+test('the dev mcpd --caller flag maps API keys to callers; a bad one exits 2', async (t) => {
+  const bin = fileURLToPath(new URL('../bin/dev-mcpd.js', import.meta.url))
+  const bobJson = JSON.stringify({ id: 'u-2', name: 'bob', groups: ['ml-team'] })
+  const child = spawn(
+    process.execPath,
+    [bin, '--token', 'demo', '--caller', 'alice-key=alice', '--caller', `bob-key=${bobJson}`, '--quiet'],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  )
+  t.after(() => {
+    if (child.exitCode === null) child.kill('SIGKILL')
+  })
+  const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })))
+  let out = ''
+  child.stdout.setEncoding('utf8')
+  child.stdout.on('data', (text) => {
+    out += text
+  })
+  const poll = { url: null, waitFor: pollUntil }
+  await pollUntil(() => out.split('\n').length > 3)
+  const lines = out.split('\n')
+  poll.url = /^dev mcpd listening on (http:\/\/127\.0\.0\.1:\d+) \(token: demo\)$/.exec(lines[0])?.[1]
+  assert.ok(poll.url, out)
+  assert.equal(lines[1], '  API key alice-key acts as caller {"id":"alice"}')
+  assert.equal(lines[2], `  API key bob-key acts as caller ${bobJson}`)
+
+  const registrar = new TinyRegistrar(poll, { token: 'demo' })
+  t.after(() => registrar.close())
+  assert.equal((await registrar.register()).status, 201)
+  await registrar.connect()
+  await pollUntil(async () => (await openai(poll, 'bob-key').models.list()).data.length === 1)
+  const answer = openai(poll, 'bob-key').chat.completions.create({ model: MODEL, messages: [] })
+  const task = await registrar.nextTask()
+  assert.deepEqual(task.caller, JSON.parse(bobJson))
+  await registrar.result(task.taskId, 200, completion('hi bob'))
+  assert.equal((await answer).choices[0].message.content, 'hi bob')
+  registrar.close()
+  child.kill('SIGTERM')
+  assert.deepEqual(await exited, { code: 0, signal: null })
+
+  for (const args of [
+    ['--caller', 'alice'],
+    ['--caller', 'k={bad'],
+    ['--token', 'demo', '--caller', 'demo=x'],
+  ]) {
+    const bad = spawn(process.execPath, [bin, ...args, '--quiet'], { stdio: ['ignore', 'ignore', 'pipe'] })
+    let stderr = ''
+    bad.stderr.setEncoding('utf8')
+    bad.stderr.on('data', (text) => {
+      stderr += text
+    })
+    const code = await new Promise((resolve) => bad.once('exit', resolve))
+    assert.equal(code, 2, `${args.join(' ')}: ${stderr}`)
+    assert.match(stderr, /--caller|callers:/)
+  }
+})
+
+test("a heartbeat entry's paused is a boolean when present", async (t) => {
+  const mcpd = await startMcpd(t)
+  const registrar = await connectedRegistrar(t, mcpd)
+  const load = { name: MODEL, inFlight: 0, queued: 0, maxConcurrency: 4, completed: 0, failed: 0 }
+  for (const paused of [true, false, undefined]) {
+    assert.equal((await registrar.heartbeat([{ ...load, paused }])).status, 204)
+  }
+  assert.deepEqual(mcpd.violations, [])
+  await registrar.heartbeat([{ ...load, paused: 'yes' }])
+  assert.deepEqual(mcpd.violations, [`heartbeat provider ${MODEL}: paused "yes" is not a boolean`])
+  assert.equal(mcpd.heartbeats.at(-1).body.providers[0].paused, 'yes')
+})
+
+/** Polls until `predicate` is truthy, at most 5 s: the dev mcpd runs in a child, out of FakeMcpd's reach. */
+async function pollUntil(predicate, { timeoutMs = 5000 } = {}) {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const value = await Promise.resolve()
+      .then(predicate)
+      .catch(() => false)
+    if (value) return value
+    if (Date.now() > deadline) throw new Error(`pollUntil: not met in ${timeoutMs} ms: ${predicate}`)
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+}

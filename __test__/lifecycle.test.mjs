@@ -274,6 +274,8 @@ test('bad options are refused with a clear error', async (t) => {
     cancelled: 0,
     reconnects: 0,
     lastError: null,
+    // The paused providers (issue 16).
+    paused: [],
   })
 })
 

@@ -15,11 +15,18 @@ const USAGE = `usage: mcpctl-registrar-dev-mcpd [options]
   --prefix <path>            path prefix of every route, e.g. /mcpd (default none)
   --heartbeat-interval <ms>  heartbeatIntervalMs told to registrars (default: theirs)
   --task-timeout <ms>        how long an OpenAI request waits for a registrar (default 120000)
+  --caller <key>=<caller>    an OpenAI API key acting as a caller: <caller> is an id, or a
+                             JSON object { "id", "name"?, "groups"? }; repeat for several.
+                             Tasks for that key carry the caller, so a registrar's
+                             allowCallers and limits see who is asking
   --quiet                    print only the listening line
   -h, --help                 this text
 
 Point a registrar at the printed URL with the printed token, then use any OpenAI client
-with baseURL <url>/v1 and apiKey <token>.`
+with baseURL <url>/v1 and apiKey <token> (no caller) or a --caller key.
+
+  mcpctl-registrar-dev-mcpd --caller alice-key=alice \\
+    --caller 'bob-key={"id":"u-2","name":"bob","groups":["ml-team"]}'`
 
 function main() {
   let values
@@ -32,6 +39,7 @@ function main() {
         prefix: { type: 'string', default: '' },
         'heartbeat-interval': { type: 'string' },
         'task-timeout': { type: 'string', default: '120000' },
+        caller: { type: 'string', multiple: true, default: [] },
         quiet: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -59,16 +67,30 @@ function main() {
   }
   // A guessable default would let any local process drive the demo's LLMs.
   const token = values.token ?? `dev-${randomBytes(12).toString('hex')}`
+  const callers = callerFlags(values.caller)
+  if (callers === null) {
+    process.exitCode = 2
+    return
+  }
 
-  const mcpd = new FakeMcpd({
-    host: values.host,
-    port,
-    token,
-    pathPrefix: values.prefix,
-    heartbeatIntervalMs,
-    taskTimeoutMs,
-    log: values.quiet ? undefined : (line) => process.stderr.write(`[dev mcpd] ${line}\n`),
-  })
+  let mcpd
+  try {
+    mcpd = new FakeMcpd({
+      host: values.host,
+      port,
+      token,
+      pathPrefix: values.prefix,
+      heartbeatIntervalMs,
+      taskTimeoutMs,
+      callers,
+      log: values.quiet ? undefined : (line) => process.stderr.write(`[dev mcpd] ${line}\n`),
+    })
+  } catch (error) {
+    // A bad --caller (a key equal to the token, a caller out of bounds) is the user's to fix.
+    process.stderr.write(`dev mcpd: ${error.message}\n`)
+    process.exitCode = 2
+    return
+  }
 
   let stopping = false
   const stop = (signal) => {
@@ -95,6 +117,9 @@ function main() {
   mcpd.listen().then(
     (url) => {
       process.stdout.write(`dev mcpd listening on ${url} (token: ${token})\n`)
+      for (const [key, caller] of Object.entries(callers)) {
+        process.stdout.write(`  API key ${key} acts as caller ${JSON.stringify(caller)}\n`)
+      }
     },
     (error) => {
       process.stderr.write(`dev mcpd: cannot listen on ${values.host}:${port}: ${error.message}\n`)
@@ -103,6 +128,35 @@ function main() {
       process.exitCode = 1
     },
   )
+}
+
+/** `--caller key=id` or `--caller key={json}`, into FakeMcpd's `callers`; null after an error. */
+function callerFlags(flags) {
+  const callers = {}
+  for (const flag of flags) {
+    const equals = flag.indexOf('=')
+    const key = equals < 0 ? '' : flag.slice(0, equals)
+    const value = equals < 0 ? '' : flag.slice(equals + 1)
+    if (key === '' || value === '') {
+      process.stderr.write(`--caller must be <key>=<id> or <key>=<json>, got ${flag}\n`)
+      return null
+    }
+    if (Object.hasOwn(callers, key)) {
+      process.stderr.write(`--caller: the key ${key} is given twice\n`)
+      return null
+    }
+    if (value.startsWith('{')) {
+      try {
+        callers[key] = JSON.parse(value)
+      } catch (error) {
+        process.stderr.write(`--caller ${key}: not valid JSON (${error.message})\n`)
+        return null
+      }
+    } else {
+      callers[key] = { id: value }
+    }
+  }
+  return callers
 }
 
 function wholeNumber(text, flag) {

@@ -27,7 +27,7 @@ const PROMPTS = {
   count: 'Count from 1 to 100, separated by spaces, nothing else.',
 }
 const CANCEL_AFTER_TOKENS = 5
-const STEPS = 6
+const STEPS = 7
 
 const say = (line = '') => process.stdout.write(`${line}\n`)
 const header = (step, title) => say(`\n[${step}/${STEPS}] ${title}`)
@@ -66,12 +66,18 @@ async function main() {
 
     // 2. The dev mcpd, in this process, on a free loopback port.
     const token = `demo-${randomBytes(12).toString('hex')}`
+    // Two people's API keys: mcpd attaches the caller to each task it sends for them (step 6).
+    const people = {
+      alice: { key: `alice-${randomBytes(8).toString('hex')}`, caller: { id: 'alice', groups: ['ml-team'] } },
+      bob: { key: `bob-${randomBytes(8).toString('hex')}`, caller: { id: 'bob', groups: ['sales'] } },
+    }
     const taskTimeoutMs = args.upstream ? 300_000 : 30_000
     const mcpd = new FakeMcpd({
       host: '127.0.0.1',
       port: 0,
       token,
       taskTimeoutMs,
+      callers: Object.fromEntries(Object.values(people).map(({ key, caller }) => [key, caller])),
       log: args.verbose ? (line) => process.stderr.write(`[dev mcpd] ${line}\n`) : undefined,
     })
     cleanup.push(['dev mcpd closed', () => mcpd.close()])
@@ -256,8 +262,16 @@ async function main() {
     if (!after.some((m) => m.id === second.name))
       throw new DemoError(`${second.name} is not in the model list after update()`)
 
-    // Step 6: everything down, and the dev mcpd saw no protocol violation on the way.
-    header(6, 'shutting down')
+    // Step 6: the owner decides who may call a published model and how much, and can pause it.
+    header(6, "the owner's controls: allowCallers, limits, pause()")
+    if (typeof registrar.pause !== 'function') {
+      say('  skipped: this build of the registrar has no owner controls yet (issue 16)')
+    } else {
+      await ownerControlsStep({ registrar, config, registry, mcpdUrl, people, taskTimeoutMs, requestOptions, model })
+    }
+
+    // Step 7: everything down, and the dev mcpd saw no protocol violation on the way.
+    header(7, 'shutting down')
     await runCleanup(cleanup, { verbose: true, registrar })
     if (mcpd.violations.length > 0)
       throw new DemoError(`the dev mcpd recorded protocol violations:\n  ${mcpd.violations.join('\n  ')}`)
@@ -267,6 +281,71 @@ async function main() {
     throw interrupt.signal.aborted ? interrupt.signal.reason : error
   } finally {
     process.off('SIGINT', onSigint)
+  }
+}
+
+/**
+ * Step 6: demo-llm-2's entry gains `allowCallers` and `limits` (live, through update()), then
+ * alice (in ml-team) is served, bob is refused, alice's second request in the minute is 429
+ * with retry-after, and a pause of the first model (`model`) answers 503 until resume().
+ */
+async function ownerControlsStep({
+  registrar,
+  config,
+  registry,
+  mcpdUrl,
+  people,
+  taskTimeoutMs,
+  requestOptions,
+  model,
+}) {
+  const client = (person) =>
+    // maxRetries 0: the client would otherwise retry the 429 and the 503 by itself, and hide them.
+    new OpenAI({ baseURL: `${mcpdUrl}/v1`, apiKey: person.key, maxRetries: 0, timeout: taskTimeoutMs + 5_000 })
+  const alice = client(people.alice)
+  const bob = client(people.bob)
+  const ask = (model) => ({ model, messages: [{ role: 'user', content: 'Who are you?' }], max_tokens: 4 })
+  const refusal = async (request) => {
+    try {
+      await request
+    } catch (error) {
+      if (!(error instanceof OpenAI.APIError)) throw error
+      const retryAfter = error.headers?.get('retry-after')
+      return `${error.status} ${error.type} / ${error.code}${retryAfter ? `, retry-after: ${retryAfter} s` : ', no retry-after'}`
+    }
+    throw new DemoError('a request the owner refuses was answered')
+  }
+
+  const second = config.find((e) => e.name === 'demo-llm-2')
+  second.allowCallers = ['ml-team']
+  second.limits = { requestsPerMinute: 1 }
+  await registrar.update(
+    config.filter((e) => e.publish && registry.has(e.name)).map((e) => ({ ...e, provider: registry.get(e.name) })),
+  )
+  say(`  demo-llm-2   allowCallers ${JSON.stringify(second.allowCallers)}, limits ${JSON.stringify(second.limits)}`)
+  say("  dev mcpd     alice's API key acts as alice (ml-team), bob's as bob (sales)")
+
+  const served = await alice.chat.completions.create(ask('demo-llm-2'), requestOptions)
+  say(`  alice -> demo-llm-2: 200 "${served.choices[0].message.content.trim()}"`)
+  say(`  bob   -> demo-llm-2: ${await refusal(bob.chat.completions.create(ask('demo-llm-2'), requestOptions))}`)
+  say(`  alice -> demo-llm-2: ${await refusal(alice.chat.completions.create(ask('demo-llm-2'), requestOptions))}`)
+
+  await registrar.pause({ provider: model })
+  say(`  registrar.pause({ provider: '${model}' }): paused ${JSON.stringify(registrar.status().paused)}`)
+  say(`  alice -> ${model}: ${await refusal(alice.chat.completions.create(ask(model), requestOptions))}`)
+  registrar.resume()
+  say(`  registrar.resume(): paused ${JSON.stringify(registrar.status().paused)}`)
+
+  // Sorted: usage() is a plain record whose key order says nothing.
+  const byName = ([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)
+  for (const [name, usage] of Object.entries(registrar.usage().providers).sort(byName)) {
+    const refused = Object.entries(usage.refused)
+      .filter(([, n]) => n > 0)
+      .sort(byName)
+      .map(([reason, n]) => `${reason} ${n}`)
+    say(
+      `  usage() ${name}: ${usage.tasks} tasks, ${usage.promptTokens} + ${usage.completionTokens} tokens, refused: ${refused.join(', ') || 'none'}`,
+    )
   }
 }
 

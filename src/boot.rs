@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::config::{resolve_config_dir, Credentials};
 use crate::dispatch::PublishedProvider;
 use crate::error::{describe, Error, Result};
+use crate::owner::OwnerPolicy;
 use crate::registrar::{Registrar, RunningHold};
 use crate::secret::Secret;
 use crate::wire::ProviderDescriptor;
@@ -27,6 +28,9 @@ pub struct FileEntry {
   pub descriptor: ProviderDescriptor,
   /// `publish: true`: the owner opted in. Absent or false: not published.
   pub publish: bool,
+  /// The owner's `allowCallers` and `limits` (an entry whose were bad never gets
+  /// here: it is an `Err`, left out with a warning, never published without them).
+  pub policy: OwnerPolicy,
 }
 
 /// mcplocal's provider registry: where the boot finds the `LlmProvider` of an
@@ -218,6 +222,7 @@ mod tests {
     Ok(FileEntry {
       descriptor: descriptor(name),
       publish,
+      policy: OwnerPolicy::default(),
     })
   }
 

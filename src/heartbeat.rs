@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::jitter;
@@ -39,6 +39,8 @@ pub struct Heartbeat {
   pub events: mpsc::UnboundedSender<HeartbeatEvent>,
   /// The registrar's root token.
   pub stop: CancellationToken,
+  /// A beat at once, out of turn (the owner paused or resumed).
+  pub now: Arc<Notify>,
 }
 
 impl Heartbeat {
@@ -49,6 +51,7 @@ impl Heartbeat {
       tokio::select! {
         biased;
         _ = self.stop.cancelled() => return,
+        _ = self.now.notified() => {}
         _ = tokio::time::sleep(jitter(interval)) => {}
       }
       let Some(session) = self.client.session_id() else {

@@ -20,6 +20,7 @@ pub mod heartbeat;
 pub mod logging;
 pub mod mcpd;
 pub mod openai;
+pub mod owner;
 pub mod provider;
 pub mod registrar;
 pub mod secret;

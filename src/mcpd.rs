@@ -282,10 +282,24 @@ impl McpdClient {
 
   /// One result POST; the retries are the caller's (`dispatch::delivery`).
   pub async fn post_result(&self, task_id: &str, status: u16, body: &Value) -> PostOutcome {
+    self.post_result_with(task_id, status, body, None).await
+  }
+
+  /// One result POST carrying response headers for mcpd to relay (`retry-after`).
+  pub async fn post_result_with(
+    &self,
+    task_id: &str,
+    status: u16,
+    body: &Value,
+    headers: Option<&Value>,
+  ) -> PostOutcome {
     let path = task_path(task_id, "result");
-    self
-      .post_once("result POST", &path, &ResultPost { status, body })
-      .await
+    let post = ResultPost {
+      status,
+      body,
+      headers,
+    };
+    self.post_once("result POST", &path, &post).await
   }
 
   /// One chunk POST; the retries are the caller's (`dispatch::delivery`).

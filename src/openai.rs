@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Number, Value};
 
+use crate::owner::Refusal;
 use crate::wire::{write_json_str, write_json_str_content};
 
 /// An OpenAI error answer: the HTTP status plus `{ "error": { message, type, code } }`.
@@ -19,6 +20,10 @@ pub struct ErrorReply {
   pub kind: &'static str,
   pub code: &'static str,
   pub message: String,
+  /// The request field at fault (`max_tokens`), as OpenAI's `error.param`.
+  pub param: Option<&'static str>,
+  /// Seconds for the result POST's `retry-after` header (docs/protocol.md section 6).
+  pub retry_after: Option<u64>,
 }
 
 impl ErrorReply {
@@ -28,6 +33,8 @@ impl ErrorReply {
       kind: "invalid_request_error",
       code: "model_not_found",
       message: format!("the model '{provider}' is not published by this registrar"),
+      param: None,
+      retry_after: None,
     }
   }
 
@@ -37,6 +44,8 @@ impl ErrorReply {
       kind: "invalid_request_error",
       code: "invalid_request",
       message: message.into(),
+      param: None,
+      retry_after: None,
     }
   }
 
@@ -46,6 +55,8 @@ impl ErrorReply {
       kind: "provider_error",
       code: "provider_error",
       message: message.into(),
+      param: None,
+      retry_after: None,
     }
   }
 
@@ -55,6 +66,8 @@ impl ErrorReply {
       kind: "timeout",
       code: "timeout",
       message: format!("the provider did not finish within {timeout_ms} ms"),
+      param: None,
+      retry_after: None,
     }
   }
 
@@ -66,6 +79,8 @@ impl ErrorReply {
       message: format!(
         "the provider '{provider}' is busy: its concurrency and queue limits are reached"
       ),
+      param: None,
+      retry_after: None,
     }
   }
 
@@ -75,11 +90,46 @@ impl ErrorReply {
       kind: "unavailable",
       code: "unavailable",
       message: "the registrar is stopping".to_owned(),
+      param: None,
+      retry_after: None,
+    }
+  }
+
+  /// The owner refused the task (docs/protocol.md section 6): 403, 400, 429 or 503.
+  pub fn refused(refusal: Refusal, message: String) -> Self {
+    let (status, kind) = match refusal {
+      Refusal::CallerNotAllowed => (403, "permission_denied"),
+      Refusal::MaxTokensExceeded | Refusal::RequestTooLarge => (400, "invalid_request_error"),
+      Refusal::ProviderPaused => (503, "unavailable"),
+      Refusal::RequestsPerMinute
+      | Refusal::TokensPerMinute
+      | Refusal::TokensPerDay
+      | Refusal::QueueFull => (429, "rate_limit_exceeded"),
+    };
+    Self {
+      status,
+      kind,
+      code: refusal.as_str(),
+      message,
+      param: None,
+      retry_after: None,
     }
   }
 
   pub fn body(&self) -> Value {
-    json!({ "error": { "message": self.message, "type": self.kind, "code": self.code } })
+    match self.param {
+      None => json!({ "error": { "message": self.message, "type": self.kind, "code": self.code } }),
+      Some(param) => json!({ "error": {
+        "message": self.message, "type": self.kind, "code": self.code, "param": param
+      } }),
+    }
+  }
+
+  /// The result POST's `headers`: `retry-after` when there is one.
+  pub fn headers(&self) -> Option<Value> {
+    self
+      .retry_after
+      .map(|secs| json!({ "retry-after": secs.to_string() }))
   }
 }
 
@@ -149,6 +199,10 @@ pub struct CompletionOptions {
   pub frequency_penalty: Option<Number>,
   #[serde(skip_serializing_if = "Option::is_none")]
   pub user: Option<String>,
+  /// Who sent the request to mcpd, as mcpd authenticated them (docs/protocol.md
+  /// section 6). Absent when mcpd sent no caller, or a malformed one.
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub caller: Option<Caller>,
   /// The OpenAI request as mcpd sent it, for providers that forward it as is.
   #[napi(ts_type = "Record<string, unknown>")]
   pub request: Value,
@@ -165,6 +219,65 @@ impl CompletionOptions {
     }
     value
   }
+}
+
+/// Who sent the request to mcpd (docs/protocol.md section 6), when mcpd says so.
+/// Never sent back to mcpd.
+#[napi(object, object_from_js = false, object_to_js = false)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Caller {
+  /// mcpd's id for the caller: 1 to 256 bytes.
+  pub id: String,
+  /// At most 256 bytes.
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub name: Option<String>,
+  /// At most 64, each at most 256 bytes.
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub groups: Option<Vec<String>>,
+}
+
+/// The characters (Unicode scalar values) of a conversation's text: string
+/// contents, text parts and tool calls' arguments, for the token estimate.
+pub fn text_chars(messages: &[ChatMessage]) -> u64 {
+  let chars = |text: &str| text.chars().count() as u64;
+  messages
+    .iter()
+    .map(|message| {
+      let content = match &message.content {
+        None => 0,
+        Some(MessageContent::Text(text)) => chars(text),
+        Some(MessageContent::Parts(parts)) => parts
+          .iter()
+          .map(|part| match part {
+            ContentPart::Text { text } => chars(text),
+            ContentPart::ImageUrl { .. } => 0,
+          })
+          .sum(),
+      };
+      let calls: u64 = message
+        .tool_calls
+        .iter()
+        .flatten()
+        .map(|call| chars(&call.function.arguments))
+        .sum();
+      content + calls
+    })
+    .sum()
+}
+
+/// The characters of a result's text (content and tool calls' arguments).
+pub fn result_chars(result: &CompletionResult) -> u64 {
+  let content = result
+    .content
+    .as_deref()
+    .map_or(0, |text| text.chars().count());
+  let calls: usize = result
+    .tool_calls
+    .iter()
+    .flatten()
+    .map(|call| call.function.arguments.chars().count())
+    .sum();
+  (content + calls) as u64
 }
 
 /// One message of the conversation.
@@ -392,6 +505,7 @@ pub fn to_completion_options(body: &Value) -> Result<ChatRequest, Invalid> {
       presence_penalty,
       frequency_penalty,
       user,
+      caller: None,
       request: body.clone(),
     }),
     model,
@@ -799,6 +913,9 @@ pub struct StreamEncoder {
   tool_indices: BTreeSet<u32>,
   finish_reason: Option<&'static str>,
   usage: Option<Usage>,
+  /// The characters of the content and tool-call arguments written, for the
+  /// token estimate when the provider reports no usage.
+  text_chars: u64,
   form: PayloadForm,
   /// `"created":…,"id":…,"model":…,"object":…[,"usage":null]}`.
   tail: String,
@@ -863,6 +980,7 @@ impl StreamEncoder {
       tool_indices: BTreeSet::new(),
       finish_reason: None,
       usage: None,
+      text_chars: 0,
       form,
       tail,
       content_head,
@@ -944,6 +1062,9 @@ impl StreamEncoder {
       self.usage = chunk.usage;
     }
     let content = chunk.content.filter(|content| !content.is_empty());
+    if let Some(content) = &content {
+      self.text_chars += content.chars().count() as u64;
+    }
     let calls: Vec<Value> = match chunk.tool_calls {
       Some(calls) => calls
         .into_iter()
@@ -976,8 +1097,17 @@ impl StreamEncoder {
     out.push(self.emit(self.payload(&delta, None)));
   }
 
+  /// The usage the provider reported, if any, and the characters of the text
+  /// written (content and tool-call arguments).
+  pub fn spent(&self) -> (Option<Usage>, u64) {
+    (self.usage, self.text_chars)
+  }
+
   fn tool_call_delta(&mut self, call: ToolCallDelta) -> Option<Value> {
     let function = call.function.unwrap_or_default();
+    if let Some(arguments) = &function.arguments {
+      self.text_chars += arguments.chars().count() as u64;
+    }
     if self.tool_indices.insert(call.index) {
       // First sight of this index: the delta must introduce the call fully.
       let id = call

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::openai::Caller;
+
 pub const CLIENT_NAME: &str = "mcplocal-registrar";
 
 /// One published provider, as the register request describes it.
@@ -56,6 +58,9 @@ pub struct ProviderLoad {
   pub max_concurrency: u32,
   pub completed: u64,
   pub failed: u64,
+  /// Paused by its owner (docs/protocol.md section 6); left out when not.
+  #[serde(skip_serializing_if = "std::ops::Not::not")]
+  pub paused: bool,
 }
 
 #[derive(Serialize)]
@@ -78,6 +83,10 @@ pub struct TaskEvent {
   pub stream: Option<bool>,
   #[serde(default)]
   pub body: Option<Box<RawValue>>,
+  /// Who asked mcpd (docs/protocol.md section 6); kept raw so that a malformed one
+  /// is dropped by [`parse_caller`] instead of failing the frame.
+  #[serde(default)]
+  pub caller: Option<Box<RawValue>>,
 }
 
 /// Only the `taskId` of a task event, for a frame that does not parse as a whole.
@@ -107,6 +116,61 @@ pub fn parse_task(data: &str) -> Result<TaskEvent, MalformedTask> {
   })
 }
 
+/// The most bytes of a caller's `id`, `name` and each group (docs/protocol.md section 6).
+pub const MAX_CALLER_BYTES: usize = 256;
+/// The most groups a caller may list.
+pub const MAX_CALLER_GROUPS: usize = 64;
+
+/// A task frame's `caller`, checked as docs/protocol.md section 6 says: `id` a
+/// non-empty string of at most 256 bytes; `name` (at most 256 bytes) and `groups`
+/// (at most 64 strings of at most 256 bytes) optional (`null` is absent); other keys
+/// ignored. Anything else is malformed: the error says why, and the task runs
+/// as if it carried no caller.
+pub fn parse_caller(raw: &RawValue) -> Result<Caller, &'static str> {
+  #[derive(Deserialize)]
+  struct Loose<'a> {
+    #[serde(default, borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    groups: Option<&'a RawValue>,
+  }
+  let loose: Loose = serde_json::from_str(raw.get()).map_err(|_| "the caller is not an object")?;
+  let text = |raw: Option<&RawValue>, what: &'static str| -> Result<Option<String>, &'static str> {
+    match raw.map(|raw| serde_json::from_str::<Option<String>>(raw.get())) {
+      None | Some(Ok(None)) => Ok(None),
+      Some(Ok(Some(text))) if text.len() <= MAX_CALLER_BYTES => Ok(Some(text)),
+      Some(Ok(Some(_))) => Err(what),
+      Some(Err(_)) => Err(what),
+    }
+  };
+  let id = text(
+    loose.id,
+    "the caller's id is not a string of at most 256 bytes",
+  )?
+  .filter(|id| !id.is_empty())
+  .ok_or("the caller has no id")?;
+  let name = text(
+    loose.name,
+    "the caller's name is not a string of at most 256 bytes",
+  )?;
+  let groups = match loose
+    .groups
+    .map(|raw| serde_json::from_str::<Option<Vec<String>>>(raw.get()))
+  {
+    None | Some(Ok(None)) => None,
+    Some(Ok(Some(groups)))
+      if groups.len() <= MAX_CALLER_GROUPS
+        && groups.iter().all(|group| group.len() <= MAX_CALLER_BYTES) =>
+    {
+      Some(groups)
+    }
+    Some(_) => return Err("the caller's groups are not at most 64 strings of at most 256 bytes"),
+  };
+  Ok(Caller { id, name, groups })
+}
+
 /// The longest task id accepted, in bytes (docs/protocol.md section 4).
 pub const MAX_TASK_ID_BYTES: usize = 256;
 
@@ -131,6 +195,9 @@ pub struct CancelEvent {
 pub struct ResultPost<'a> {
   pub status: u16,
   pub body: &'a Value,
+  /// Response headers for mcpd to relay (`retry-after`); left out when none.
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub headers: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -288,6 +355,57 @@ mod tests {
     let malformed = parse_task(&format!(r#"{{"taskId":{deep}}}"#)).unwrap_err();
     assert_eq!(malformed.task_id, None);
     assert_eq!(parse_task("not json").unwrap_err().task_id, None);
+  }
+
+  #[test]
+  fn callers_are_read_as_the_protocol_says_and_malformed_ones_dropped() {
+    let caller = |text: &str| {
+      let frame = format!(r#"{{"taskId":"t","caller":{text}}}"#);
+      let event = parse_task(&frame).expect("a caller never fails the frame");
+      event.caller.as_deref().map(parse_caller)
+    };
+    let full =
+      caller(r#"{"id":"u-42","name":"alice@example.com","groups":["ml-team"],"role":"x"}"#);
+    assert_eq!(
+      full,
+      Some(Ok(Caller {
+        id: "u-42".into(),
+        name: Some("alice@example.com".into()),
+        groups: Some(vec!["ml-team".into()]),
+      }))
+    );
+    assert_eq!(caller("null"), None);
+    let bare = caller(r#"{"id":"u","name":null,"groups":null}"#)
+      .unwrap()
+      .unwrap();
+    assert_eq!((bare.name, bare.groups), (None, None));
+    let edge = "é".repeat(128);
+    assert!(caller(&format!(r#"{{"id":"{edge}","name":"{edge}"}}"#))
+      .unwrap()
+      .is_ok());
+    let groups: Vec<String> = (0..64).map(|n| format!("\"g{n}\"")).collect();
+    assert!(
+      caller(&format!(r#"{{"id":"u","groups":[{}]}}"#, groups.join(",")))
+        .unwrap()
+        .is_ok()
+    );
+    let too_many: Vec<String> = (0..65).map(|n| format!("\"g{n}\"")).collect();
+    for malformed in [
+      "1".to_owned(),
+      r#""u-1""#.to_owned(),
+      r#"{}"#.to_owned(),
+      r#"{"id":""}"#.to_owned(),
+      r#"{"id":7}"#.to_owned(),
+      format!(r#"{{"id":"{edge}a"}}"#),
+      format!(r#"{{"id":"u","name":"{edge}a"}}"#),
+      r#"{"id":"u","name":5}"#.to_owned(),
+      r#"{"id":"u","groups":"ml"}"#.to_owned(),
+      r#"{"id":"u","groups":[1]}"#.to_owned(),
+      format!(r#"{{"id":"u","groups":["{edge}a"]}}"#),
+      format!(r#"{{"id":"u","groups":[{}]}}"#, too_many.join(",")),
+    ] {
+      assert!(caller(&malformed).unwrap().is_err(), "{malformed}");
+    }
   }
 
   #[test]

@@ -4,13 +4,18 @@
 
 const http = require('node:http')
 const { randomUUID } = require('node:crypto')
-const { OpenAiFront, sendJson, isObject, safeDecode } = require('./openai-api')
+const { OpenAiFront, sendJson, isObject, safeDecode, RELAYED_HEADERS } = require('./openai-api')
 
 const ROUTES = ['register', 'heartbeat', 'stream', 'result', 'chunks']
 const FINISH_REASONS = new Set(['stop', 'length', 'tool_calls', 'content_filter'])
 const LOAD_FIELDS = ['inFlight', 'queued', 'maxConcurrency', 'completed', 'failed']
 const MAX_BODY_BYTES = 16 * 1024 * 1024
 const strictUtf8 = new TextDecoder('utf-8', { fatal: true })
+/** Bounds of a task frame's `caller` (docs/protocol.md section 6, "The caller"). */
+const CALLER_MAX_BYTES = 256
+const CALLER_MAX_GROUPS = 64
+/** The 429 codes of the owner's limits: each must carry a `retry-after` header. */
+const LIMIT_CODES = new Set(['requests_per_minute', 'tokens_per_minute', 'tokens_per_day'])
 
 class FakeMcpd {
   /** Every request, in arrival order. */
@@ -24,6 +29,8 @@ class FakeMcpd {
   url = null
 
   #token
+  /** API key of the OpenAI front -> the caller mcpd attaches to the tasks sent for it. */
+  #callers
   #prefix
   #heartbeatIntervalMs
   #keepAliveMs
@@ -59,8 +66,10 @@ class FakeMcpd {
       port = 0,
       sessionIdFactory = undefined,
       log = undefined,
+      callers = undefined,
     } = options
     this.#token = token
+    this.#callers = callerKeys(callers, token)
     this.#prefix = normalizePrefix(pathPrefix)
     this.#heartbeatIntervalMs = heartbeatIntervalMs
     this.#keepAliveMs = keepAliveMs
@@ -176,7 +185,7 @@ class FakeMcpd {
     return this.#broadcast(bytes)
   }
 
-  sendTask({ provider, body, stream, taskId, eventId, sessionId } = {}) {
+  sendTask({ provider, body, stream, taskId, eventId, sessionId, caller } = {}) {
     if (typeof provider !== 'string') throw new TypeError('sendTask: provider must be a string')
     if (!isObject(body)) throw new TypeError('sendTask: body must be an object')
     const target = this.#streamFor(sessionId, provider)
@@ -195,8 +204,12 @@ class FakeMcpd {
       const session = this.sessions.get(target.sessionId)
       if (session) session.inFlight++
     }
-    writeTo(target.res, sseFrame('task', { taskId: id, provider, stream: isStream, body }, eventId))
-    this.#log(`task ${id} (${provider}${isStream ? ', stream' : ''}) sent to session ${target.sessionId}`)
+    // Sent as given, unchecked: a test may send a malformed caller on purpose.
+    const frame = { taskId: id, provider, stream: isStream, body }
+    if (caller !== undefined) frame.caller = caller
+    writeTo(target.res, sseFrame('task', frame, eventId))
+    const who = isObject(caller) && typeof caller.id === 'string' ? ` for caller ${caller.id}` : ''
+    this.#log(`task ${id} (${provider}${isStream ? ', stream' : ''})${who} sent to session ${target.sessionId}`)
     return id
   }
 
@@ -287,7 +300,10 @@ class FakeMcpd {
     }
     this.requests.push(record)
 
-    if (!this.#authorized(req)) {
+    const route = path === null ? null : matchRoute(path)
+    const auth = this.#authenticate(req)
+    // A caller's API key opens the OpenAI front only, never the registrar routes.
+    if (auth === null || (auth.caller !== null && (path === null || route !== null))) {
       record.body = parseMaybeJson((await readBody(req).catch(() => Buffer.alloc(0))).toString('utf8'))
       return sendJson(res, 401, {
         error: {
@@ -303,7 +319,6 @@ class FakeMcpd {
       return sendJson(res, 404, notFound(`no route ${url.pathname} (every route is under ${this.#prefix})`))
     }
 
-    const route = matchRoute(path)
     if (route && req.method !== route.method) {
       await drain(req)
       res.setHeader('allow', route.method)
@@ -343,7 +358,7 @@ class FakeMcpd {
     record.body = parseMaybeJson(text)
 
     if (!route) {
-      if (this.#front.handle(req, res, path, record.body)) return
+      if (this.#front.handle(req, res, path, record.body, auth.caller)) return
       return sendJson(res, 404, notFound(`no route ${req.method} ${path}`))
     }
 
@@ -502,6 +517,9 @@ class FakeMcpd {
           : LOAD_FIELDS
         if (!isObject(entry) || typeof entry.name !== 'string') this.#violate('heartbeat provider entry without a name')
         if (missing.length > 0) this.#violate(`heartbeat provider ${entry?.name} lacks numeric ${missing.join(', ')}`)
+        // docs/protocol.md section 6: `"paused": true` while paused, absent (or false) otherwise.
+        if (isObject(entry) && entry.paused !== undefined && typeof entry.paused !== 'boolean')
+          this.#violate(`heartbeat provider ${entry.name}: paused ${JSON.stringify(entry.paused)} is not a boolean`)
       }
     }
     if (ctx.failure && !ctx.failure.handle) return this.#reply(ctx)
@@ -522,12 +540,18 @@ class FakeMcpd {
     if (ctx.failure && !ctx.failure.handle) return this.#reply(ctx)
     if (shape) return this.#reply(ctx, 400, { error: { message: shape, type: 'invalid_request_error' } })
 
-    const { status, body: answer } = body
+    const { status, body: answer, headers } = body
+    for (const problem of headerProblems(status, answer, headers)) {
+      this.#violate(`result for task ${task.taskId}: ${problem}`)
+    }
+    if ('caller' in body) this.#violate(`result for task ${task.taskId} sends the caller back to mcpd`)
+    // `headers` is in the outcome only when the POST carried it, so outcomes without it stay as they were.
+    const answered = headers === undefined ? { status, body: answer } : { status, body: answer, headers }
     if (task.cancelled) {
       this.#violate(`result after cancel: task ${task.taskId} (status ${status})`)
     } else if (task.result) {
       // The repeat of a POST whose answer was lost is allowed; a different second answer is not.
-      if (!sameJson(task.result, { status, body: answer })) this.#violate(`second result for task ${task.taskId}`)
+      if (!sameJson(task.result, answered)) this.#violate(`second result for task ${task.taskId}`)
     } else if (task.done) {
       this.#violate(`result after [DONE] for task ${task.taskId}`)
     } else {
@@ -535,8 +559,8 @@ class FakeMcpd {
         this.#violate(`result after chunks for task ${task.taskId} (errors after the first chunk go in-band)`)
       if (task.stream && status >= 200 && status < 300)
         this.#violate(`result ${status} for streaming task ${task.taskId} (success is streamed as chunks)`)
-      task.result = { status, body: answer }
-      this.#endTask(task, { kind: 'result', status, body: answer })
+      task.result = answered
+      this.#endTask(task, { kind: 'result', ...answered })
       this.#log(`task ${task.taskId} result ${status}`)
     }
     return this.#reply(ctx, 200, { ok: true })
@@ -694,9 +718,14 @@ class FakeMcpd {
 
   // --- helpers ---------------------------------------------------------------
 
-  #authorized(req) {
+  /** `{ caller: null }` for the registrar token, `{ caller }` for a caller's API key, else null. */
+  #authenticate(req) {
     const match = /^bearer\s+(.+)$/i.exec(req.headers.authorization ?? '')
-    return match !== null && match[1].trim() === this.#token
+    if (match === null) return null
+    const key = match[1].trim()
+    if (key === this.#token) return { caller: null }
+    const caller = this.#callers.get(key)
+    return caller === undefined ? null : { caller: structuredClone(caller) }
   }
 
   #checkJsonBody(ctx) {
@@ -909,6 +938,69 @@ function registerProblem(body) {
     }
   }
   return null
+}
+
+/**
+ * The `callers` option checked once, so the fake only ever attaches callers mcpd could send
+ * (docs/protocol.md section 6, "The caller"); malformed ones are for `sendTask({ caller })`.
+ */
+function callerKeys(callers, token) {
+  const keys = new Map()
+  if (callers === undefined) return keys
+  if (!isObject(callers)) throw new TypeError('callers must be an object mapping API keys to callers')
+  for (const [index, [key, caller]] of Object.entries(callers).entries()) {
+    // Keys are secrets of a sort: errors name the entry by position, never by its key.
+    if (key === '' || /\s/.test(key)) throw new TypeError(`callers: key #${index} is empty or holds whitespace`)
+    if (key === token) throw new TypeError(`callers: key #${index} is the registrar token, which sends no caller`)
+    const problem = callerProblem(caller)
+    if (problem) throw new TypeError(`callers: the caller of key #${index} ${problem}`)
+    keys.set(key, structuredClone(caller))
+  }
+  return keys
+}
+
+/** Why `caller` is not one a registrar must accept, or null. */
+function callerProblem(caller) {
+  if (!isObject(caller)) return 'is not an object'
+  const tooLong = (text) => Buffer.byteLength(text) > CALLER_MAX_BYTES
+  if (typeof caller.id !== 'string' || caller.id === '' || tooLong(caller.id))
+    return `needs an id: a non-empty string of at most ${CALLER_MAX_BYTES} bytes`
+  if (caller.name !== undefined && (typeof caller.name !== 'string' || tooLong(caller.name)))
+    return `has a name that is not a string of at most ${CALLER_MAX_BYTES} bytes`
+  if (
+    caller.groups !== undefined &&
+    (!Array.isArray(caller.groups) ||
+      caller.groups.length > CALLER_MAX_GROUPS ||
+      !caller.groups.every((group) => typeof group === 'string' && !tooLong(group)))
+  ) {
+    return `has groups that are not an array of at most ${CALLER_MAX_GROUPS} strings of at most ${CALLER_MAX_BYTES} bytes`
+  }
+  return null
+}
+
+/** A result POST's `headers` against the contract: strings, `retry-after` with each limit's 429, none when paused. */
+function headerProblems(status, answer, headers) {
+  const problems = []
+  const code = isObject(answer) && isObject(answer.error) ? answer.error.code : undefined
+  let retryAfter
+  if (headers !== undefined) {
+    if (!isObject(headers)) return ['headers is not an object']
+    for (const [name, value] of Object.entries(headers)) {
+      if (typeof value !== 'string') {
+        problems.push(`header ${JSON.stringify(name)} is not a string`)
+        continue
+      }
+      const lower = name.toLowerCase()
+      if (lower === 'retry-after') retryAfter = value
+      const valid = RELAYED_HEADERS.get(lower)
+      if (valid && !valid(value)) problems.push(`header ${lower} ${JSON.stringify(value)} is not valid`)
+    }
+  }
+  if (status === 429 && LIMIT_CODES.has(code) && retryAfter === undefined)
+    problems.push(`429 ${code} without a retry-after header`)
+  if (code === 'provider_paused' && retryAfter !== undefined)
+    problems.push('503 provider_paused with a retry-after header')
+  return problems
 }
 
 function resultProblem(body) {

@@ -1,6 +1,8 @@
 // Types of @mcpctl/registrar/testing: the fake mcpd that the registrar's tests run against,
 // which is also the engine of the `mcpctl-registrar-dev-mcpd` command.
 
+import type { Caller } from '../index'
+
 /** The registrar-facing routes that can be scripted with `failNext` and `delay`. */
 export type FakeMcpdRoute = 'register' | 'heartbeat' | 'stream' | 'result' | 'chunks'
 
@@ -26,6 +28,16 @@ export interface FakeMcpdOptions {
   sessionIdFactory?: () => string
   /** Receives one line per notable event (registrations, connects, tasks, violations). */
   log?: (line: string) => void
+  /**
+   * Extension: API keys of the OpenAI front (`/v1/...`, `/api/v1/llms`), each mapped to the
+   * caller that mcpd attaches to the tasks it sends for a request with that key, so a test or
+   * a user can act as several people: `{ 'alice-key': { id: 'u-1', name: 'alice' } }`. The
+   * callers are checked against the bounds of docs/protocol.md section 6. These
+   * keys open the OpenAI front only, never the registrar routes; the registrar token still
+   * works there and sends no caller. A key that is empty, holds whitespace or equals `token`,
+   * or a caller outside those bounds, throws a TypeError.
+   */
+  callers?: Record<string, Caller>
 }
 
 export interface RecordedRequest {
@@ -132,10 +144,20 @@ export interface SendTaskOptions {
   eventId?: string | number
   /** Default: the least loaded connected session publishing `provider`, else any connected one. */
   sessionId?: string
+  /**
+   * Extension: sent as the frame's `caller`, as given and unchecked, so a test may send a
+   * malformed one on purpose (a registrar treats that as absent). Absent when undefined.
+   */
+  caller?: unknown
 }
 
 export type TaskOutcome =
-  | { kind: 'result'; status: number; body: unknown }
+  /**
+   * `headers`: the result POST's `headers`, when it carried any (docs/protocol.md section 6). The OpenAI
+   * front relays to its client only `retry-after` in delta-seconds; a missing `retry-after` on a
+   * limit's 429, one on a 503 `provider_paused`, or a malformed header is a violation.
+   */
+  | { kind: 'result'; status: number; body: unknown; headers?: Record<string, string> }
   /** `payloads` in order, repeats from retried POSTs removed, ending with `'[DONE]'`; `posts` counts chunk POSTs. */
   | { kind: 'stream'; payloads: string[]; posts: number }
   /** Extension: the task was cancelled by mcpd (`cancel`, a client gone, a timeout) before it ended. */

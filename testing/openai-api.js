@@ -5,6 +5,15 @@
 const FINISHED = Symbol('finished')
 
 /**
+ * The only headers of a result POST relayed to the OpenAI client, each with its check; a
+ * registrar's other headers, or a value that fails its check, never reach the client.
+ */
+const RELAYED_HEADERS = new Map([
+  // delta-seconds (RFC 9110 section 10.2.3): the form the contract sends; no HTTP-date.
+  ['retry-after', (value) => /^\d{1,10}$/.test(value)],
+])
+
+/**
  * Knows nothing of the registrar protocol: the core hands it a few functions
  * (`listLlms`, `pickSession`, `sendTask`, `cancel`, `watchTask`) so the front
  * stays a client of the same public behaviour tests use.
@@ -20,7 +29,8 @@ class OpenAiFront {
   }
 
   /** Answers `path` when it is a front route; false otherwise. */
-  handle(req, res, path, body) {
+  /** `caller`: who the request's API key belongs to (attached to its task), or null. */
+  handle(req, res, path, body, caller = null) {
     if (path === '/api/v1/llms') {
       if (req.method !== 'GET') return methodNotAllowed(res, 'GET')
       sendJson(res, 200, { llms: this.#core.listLlms() })
@@ -42,7 +52,7 @@ class OpenAiFront {
     }
     if (path === '/v1/chat/completions') {
       if (req.method !== 'POST') return methodNotAllowed(res, 'POST')
-      this.#chat(res, body)
+      this.#chat(res, body, caller)
       return true
     }
     return false
@@ -55,7 +65,7 @@ class OpenAiFront {
     }
   }
 
-  #chat(res, body) {
+  #chat(res, body, caller) {
     if (!isObject(body)) {
       return sendJson(res, 400, invalidRequest('the request body must be a JSON object'))
     }
@@ -67,7 +77,13 @@ class OpenAiFront {
     if (sessionId === null) return sendJson(res, 404, modelNotFound(model))
 
     const streaming = body.stream === true
-    const taskId = this.#core.sendTask({ provider: model, body, stream: streaming, sessionId })
+    const taskId = this.#core.sendTask({
+      provider: model,
+      body,
+      stream: streaming,
+      sessionId,
+      ...(caller === null ? {} : { caller }),
+    })
     const exchange = {
       res,
       taskId,
@@ -133,7 +149,7 @@ class OpenAiFront {
         return this.#fail(exchange, outcome.status, error)
       }
       this.#finish(exchange)
-      return sendJson(exchange.res, outcome.status, outcome.body)
+      return sendJson(exchange.res, outcome.status, outcome.body, relayedHeaders(outcome.headers))
     }
     if (outcome.kind === 'stream') {
       if (exchange.streaming) return // #relay ended it at [DONE]
@@ -210,10 +226,25 @@ function writeData(res, payload) {
   )
 }
 
-function sendJson(res, status, body) {
+/** The allow-listed, valid headers of a result POST, as mcpd relays them. */
+function relayedHeaders(headers) {
+  const relayed = {}
+  if (!isObject(headers)) return relayed
+  for (const [name, value] of Object.entries(headers)) {
+    const valid = RELAYED_HEADERS.get(name.toLowerCase())
+    if (valid && typeof value === 'string' && valid(value)) relayed[name.toLowerCase()] = value
+  }
+  return relayed
+}
+
+function sendJson(res, status, body, headers = {}) {
   if (res.destroyed || res.writableEnded || res.headersSent) return
   const text = body === undefined ? '' : JSON.stringify(body)
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) })
+  res.writeHead(status, {
+    ...headers,
+    'content-type': 'application/json',
+    'content-length': Buffer.byteLength(text),
+  })
   res.end(text)
 }
 
@@ -229,4 +260,4 @@ function safeDecode(text) {
   }
 }
 
-module.exports = { OpenAiFront, sendJson, isObject, safeDecode }
+module.exports = { OpenAiFront, sendJson, isObject, safeDecode, RELAYED_HEADERS }

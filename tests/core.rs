@@ -49,6 +49,7 @@ fn published(name: &str, provider: Arc<MockProvider>) -> PublishedProvider {
       context_window: Some(32768),
     },
     provider,
+    policy: Default::default(),
   }
 }
 

@@ -102,6 +102,7 @@ fn registrar_logging_to(url: &str, dir: &tempfile::TempDir, span: tracing::Span)
         context_window: None,
       },
       provider: Arc::new(Hello),
+      policy: Default::default(),
     }],
     config_dir: dir.path().to_owned(),
     heartbeat_interval: Duration::from_millis(100),

@@ -21,7 +21,7 @@ const provider: LlmProvider = {
 }
 
 export async function run(): Promise<RegistrarStatus> {
-  const mcpd = new FakeMcpd({ token: 't' })
+  const mcpd = new FakeMcpd({ token: 't', callers: { 'alice-key': { id: 'u-1', groups: ['ml-team'] } } })
   const url: string = await mcpd.listen()
   const registrar = new VirtualLlmRegistrar({
     mcpdUrl: url,
@@ -30,6 +30,10 @@ export async function run(): Promise<RegistrarStatus> {
     onStateChange: (status) => console.log(status.state),
   })
   await registrar.start()
+  const taskId = mcpd.sendTask({ provider: 'p', body: { messages: [] }, caller: { id: 'u-2' } })
+  const outcome = await mcpd.outcome(taskId)
+  const retryAfter: string | undefined = outcome.kind === 'result' ? outcome.headers?.['retry-after'] : undefined
+  console.log(retryAfter)
   const status = registrar.status()
   await registrar.stop()
   await mcpd.close()

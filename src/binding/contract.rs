@@ -99,6 +99,13 @@ pub struct LlmProviderFileEntry {
   pub description: Option<String>,
   /// The model's context window in tokens, shown by mcpd. @default undefined
   pub context_window: Option<f64>,
+  /// When set, only callers whose id, name or one of whose groups is listed
+  /// (exactly, case-sensitive) may use this provider; a task without a caller is
+  /// refused, and an empty list refuses everyone (403 `caller_not_allowed`).
+  /// Entries are non-empty strings. @default undefined (everyone)
+  pub allow_callers: Option<Vec<String>>,
+  /// The owner's limits for this provider. @default undefined (no limits)
+  pub limits: Option<PublishLimits>,
 }
 js_object!(LlmProviderFileEntry {
   name,
@@ -106,8 +113,151 @@ js_object!(LlmProviderFileEntry {
   model,
   publish,
   description,
-  context_window
+  context_window,
+  allow_callers,
+  limits
 });
+
+/// The owner's limits for one published provider. Every field is optional (absent:
+/// no limit) and a positive integer: 0, negatives, fractions and non-numbers are
+/// ERR_INVALID_OPTION, and so is an unknown name (naming the nearest known one).
+///
+/// Tokens are prompt + completion as the provider's `usage` reports them. Where it
+/// reports none, they are estimated: the characters (Unicode code points) of the
+/// request's message text (string contents, text parts, tool calls' arguments)
+/// divided by 4 and rounded up, plus the same for the answer's content and tool
+/// calls' arguments. Requests are charged when a task is admitted, tokens when it
+/// ends (also when it failed or was cancelled after reaching the provider); a task
+/// refused, or cancelled before it reached the provider, is not charged. A limit
+/// refuses a task while its window is full (used ≥ limit); the minute windows are
+/// kept in 1 s buckets, the day in 1 min buckets.
+#[napi(object, object_from_js = false, object_to_js = false)]
+pub struct PublishLimits {
+  /// A request whose `max_completion_tokens` (else `max_tokens`) is larger is
+  /// refused 400 `max_tokens_exceeded`; a request with neither gets this as its
+  /// `maxTokens` and as `max_tokens` in `options.request`. @default undefined
+  pub max_output_tokens: Option<f64>,
+  /// A task whose `body` is larger, in bytes as mcpd sent it, is refused 400
+  /// `request_too_large`. @default undefined
+  pub max_request_bytes: Option<f64>,
+  /// Requests a minute, all callers together; refused 429 `requests_per_minute`
+  /// with `retry-after`. @default undefined
+  pub requests_per_minute: Option<f64>,
+  /// Tokens a minute, all callers together (429 `tokens_per_minute`). @default undefined
+  pub tokens_per_minute: Option<f64>,
+  /// Tokens in a rolling 24 h, all callers together (429 `tokens_per_day`).
+  /// @default undefined
+  pub tokens_per_day: Option<f64>,
+  /// The same limits for each caller on its own, for tasks that carry a caller; at
+  /// most 10,000 callers are tracked, the least recently seen forgotten first.
+  /// @default undefined
+  pub per_caller: Option<CallerLimits>,
+}
+js_object!(PublishLimits {
+  max_output_tokens,
+  max_request_bytes,
+  requests_per_minute,
+  tokens_per_minute,
+  tokens_per_day,
+  per_caller
+});
+
+/// `PublishLimits.perCaller`: each caller's own limits.
+#[napi(object, object_from_js = false, object_to_js = false)]
+pub struct CallerLimits {
+  /// Requests a minute of one caller. @default undefined
+  pub requests_per_minute: Option<f64>,
+  /// Tokens a minute of one caller. @default undefined
+  pub tokens_per_minute: Option<f64>,
+  /// Tokens in a rolling 24 h of one caller. @default undefined
+  pub tokens_per_day: Option<f64>,
+}
+js_object!(CallerLimits {
+  requests_per_minute,
+  tokens_per_minute,
+  tokens_per_day
+});
+
+/// `pause()`'s options.
+#[napi(object, object_from_js = false, object_to_js = false)]
+pub struct PauseOptions {
+  /// The provider to pause; the whole registrar when absent (providers added by
+  /// `update()` while it lasts included). @default undefined (all)
+  pub provider: Option<String>,
+  /// Resolve only once the tasks already admitted (running or queued) have ended.
+  /// @default false
+  pub drain: Option<bool>,
+}
+js_object!(PauseOptions { provider, drain });
+
+/// `resume()`'s options.
+#[napi(object, object_from_js = false, object_to_js = false)]
+pub struct ResumeOptions {
+  /// The provider to resume (a pause of the whole registrar stays); every pause is
+  /// cleared when absent. @default undefined (all)
+  pub provider: Option<String>,
+}
+js_object!(ResumeOptions { provider });
+
+/// What one provider, or one caller, was used for since the registrar was made.
+#[napi(object, object_from_js = false)]
+#[derive(Debug)]
+pub struct ProviderUsage {
+  /// Tasks that reached the provider.
+  pub tasks: i64,
+  /// Prompt tokens, as reported by the provider or estimated (see `PublishLimits`).
+  pub prompt_tokens: i64,
+  /// Completion tokens, as reported by the provider or estimated.
+  pub completion_tokens: i64,
+  /// Tasks refused, by reason; every reason is present.
+  #[napi(
+    ts_type = "Record<'caller_not_allowed' | 'requests_per_minute' | 'tokens_per_minute' | 'tokens_per_day' | 'max_tokens_exceeded' | 'request_too_large' | 'provider_paused' | 'queue_full', number>"
+  )]
+  pub refused: std::collections::HashMap<String, i64>,
+}
+
+/// What `usage()` answers.
+#[napi(object, object_from_js = false)]
+#[derive(Debug)]
+pub struct UsageReport {
+  /// When the registrar was made, as ISO 8601 (`Date.prototype.toISOString`).
+  pub since: String,
+  /// Per provider name.
+  pub providers: std::collections::HashMap<String, ProviderUsage>,
+  /// Per caller id, for tasks that carried a caller; at most 10,000 callers (the
+  /// least recently seen are folded into "(other)").
+  pub callers: std::collections::HashMap<String, ProviderUsage>,
+}
+
+impl From<crate::owner::usage::Tally> for ProviderUsage {
+  fn from(tally: crate::owner::usage::Tally) -> Self {
+    Self {
+      tasks: count(tally.tasks),
+      prompt_tokens: count(tally.prompt_tokens),
+      completion_tokens: count(tally.completion_tokens),
+      refused: tally
+        .refusals()
+        .map(|(reason, n)| (reason.to_owned(), count(n)))
+        .collect(),
+    }
+  }
+}
+
+impl From<crate::owner::usage::UsageReport> for UsageReport {
+  fn from(report: crate::owner::usage::UsageReport) -> Self {
+    let convert = |map: std::collections::HashMap<String, crate::owner::usage::Tally>| {
+      map
+        .into_iter()
+        .map(|(key, tally)| (key, tally.into()))
+        .collect()
+    };
+    Self {
+      since: crate::owner::usage::iso_time(report.since),
+      providers: convert(report.providers),
+      callers: convert(report.callers),
+    }
+  }
+}
 
 /// Where the registrar is in its life.
 #[napi(string_enum = "lowercase")]
@@ -146,6 +296,8 @@ pub struct RegistrarStatus {
   pub reconnects: i64,
   /// The last failure (register, channel), null when none.
   pub last_error: Option<String>,
+  /// The names of the paused providers (all of them when paused as a whole).
+  pub paused: Vec<String>,
 }
 
 impl From<core::RegistrarState> for RegistrarState {
@@ -179,6 +331,7 @@ impl From<core::RegistrarStatus> for RegistrarStatus {
       cancelled: count(status.cancelled),
       reconnects: count(status.reconnects),
       last_error: status.last_error,
+      paused: status.paused,
     }
   }
 }
@@ -253,6 +406,9 @@ mod tests {
       .iter()
       .chain(BackoffOptions::fields())
       .chain(LlmProviderFileEntry::fields())
+      .chain(PublishLimits::fields())
+      .chain(CallerLimits::fields())
+      .chain(PauseOptions::fields())
     {
       doc_of(field);
     }

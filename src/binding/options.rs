@@ -5,16 +5,17 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use napi::bindgen_prelude::{FromNapiValue, Function, JsValue, Object, Unknown};
+use napi::bindgen_prelude::{Array, FromNapiValue, Function, JsValue, Object, Unknown};
 use napi::{sys, ValueType};
 
 use super::contract::{
-  LlmProviderFileEntry, RegistrarOptions, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT,
-  PROVIDER,
+  CallerLimits, LlmProviderFileEntry, PublishLimits, RegistrarOptions, DEFAULT_HEARTBEAT_INTERVAL,
+  DEFAULT_IDLE_TIMEOUT, PROVIDER,
 };
 use crate::backoff::BackoffPolicy;
 use crate::dispatch::DispatchSettings;
 use crate::error::{Error, Result};
+use crate::owner::{self, OwnerPolicy, RateLimits};
 use crate::wire::ProviderDescriptor;
 
 /// The largest duration an option may ask for (about 24 days, a JS timer's limit).
@@ -188,6 +189,29 @@ impl<'env> JsField<'env> for Function<'env> {
   }
 }
 
+/// An array of strings (`allowCallers`); an element that is not one is named
+/// (`allowCallers[2]`).
+impl<'env> JsField<'env> for Vec<String> {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    let array: Array = match value {
+      Some(value) if value.is_array().unwrap_or(false) => {
+        // SAFETY: checked to be an array just above.
+        unsafe { value.cast() }.map_err(|e| invalid(e.reason))?
+      }
+      _ => return Err(invalid(format!("{name} must be an array of strings"))),
+    };
+    (0..array.len())
+      .map(|index| {
+        let item = array
+          .get::<Unknown>(index)
+          .map_err(|e| invalid(e.reason))?
+          .filter(|item| !matches!(item.get_type(), Ok(ValueType::Undefined)));
+        String::from_field(item, &format!("{name}[{index}]"))
+      })
+      .collect()
+  }
+}
+
 /// Taken as it is; what it must be is checked where it is used (`providers`).
 impl<'env> JsField<'env> for Unknown<'env> {
   fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
@@ -320,6 +344,59 @@ fn edit_distance(a: &[char], b: &[char]) -> usize {
 pub struct ProviderEntry {
   pub descriptor: ProviderDescriptor,
   pub publish: Option<bool>,
+  /// `allowCallers` and `limits`, checked.
+  pub policy: OwnerPolicy,
+}
+
+/// A limit: a positive integer (JavaScript's safe integers), or absent.
+fn limit(value: Option<f64>, name: &str) -> Result<Option<u64>> {
+  match value {
+    None => Ok(None),
+    Some(value) if value.fract() == 0.0 && (1.0..=9_007_199_254_740_991.0).contains(&value) => {
+      Ok(Some(value as u64))
+    }
+    Some(value) => Err(invalid(format!(
+      "{name} must be a positive integer; got {value}"
+    ))),
+  }
+}
+
+/// `limits`, checked; `path` names it (`providers[0].limits.`).
+fn publish_limits(limits: Option<PublishLimits>, path: &str) -> Result<owner::PublishLimits> {
+  let Some(limits) = limits else {
+    return Ok(owner::PublishLimits::default());
+  };
+  let per_caller = match limits.per_caller {
+    None => RateLimits::default(),
+    Some(CallerLimits {
+      requests_per_minute,
+      tokens_per_minute,
+      tokens_per_day,
+    }) => RateLimits {
+      requests_per_minute: limit(
+        requests_per_minute,
+        &format!("{path}perCaller.requestsPerMinute"),
+      )?,
+      tokens_per_minute: limit(
+        tokens_per_minute,
+        &format!("{path}perCaller.tokensPerMinute"),
+      )?,
+      tokens_per_day: limit(tokens_per_day, &format!("{path}perCaller.tokensPerDay"))?,
+    },
+  };
+  Ok(owner::PublishLimits {
+    max_output_tokens: limit(limits.max_output_tokens, &format!("{path}maxOutputTokens"))?,
+    max_request_bytes: limit(limits.max_request_bytes, &format!("{path}maxRequestBytes"))?,
+    all: RateLimits {
+      requests_per_minute: limit(
+        limits.requests_per_minute,
+        &format!("{path}requestsPerMinute"),
+      )?,
+      tokens_per_minute: limit(limits.tokens_per_minute, &format!("{path}tokensPerMinute"))?,
+      tokens_per_day: limit(limits.tokens_per_day, &format!("{path}tokensPerDay"))?,
+    },
+    per_caller,
+  })
 }
 
 fn invalid(message: String) -> Error {
@@ -446,6 +523,20 @@ pub fn provider_entry(entry: &Object, path: &str) -> Result<ProviderEntry> {
       )))
     }
   };
+  if let Some(index) = read
+    .allow_callers
+    .iter()
+    .flatten()
+    .position(|entry| entry.is_empty())
+  {
+    return Err(invalid(format!(
+      "{path}allowCallers[{index}] must be a non-empty string"
+    )));
+  }
+  let policy = OwnerPolicy {
+    allow_callers: read.allow_callers,
+    limits: publish_limits(read.limits, &format!("{path}limits."))?,
+  };
   Ok(ProviderEntry {
     descriptor: ProviderDescriptor {
       name,
@@ -455,6 +546,7 @@ pub fn provider_entry(entry: &Object, path: &str) -> Result<ProviderEntry> {
       context_window,
     },
     publish: read.publish,
+    policy,
   })
 }
 

@@ -9,7 +9,9 @@ use napi::bindgen_prelude::{
 use napi::{Env, ValueType};
 use tracing::Instrument;
 
-use super::contract::{RegistrarOptions, RegistrarStatus, PROVIDER, REGISTRY};
+use super::contract::{
+  PauseOptions, RegistrarOptions, RegistrarStatus, ResumeOptions, UsageReport, PROVIDER, REGISTRY,
+};
 use super::error;
 use super::options::{self, JsField, JsObject, ProviderEntry, Settings};
 use super::provider_bridge::{JsBridge, KeepAlive, KeepAliveSource, ProviderBridge};
@@ -114,6 +116,7 @@ impl Publisher {
         bridge: Arc::clone(&self.bridge),
       }),
       descriptor: entry.descriptor,
+      policy: Arc::new(entry.policy),
     })
   }
 
@@ -428,6 +431,96 @@ impl VirtualLlmRegistrar {
   }
 }
 
+/// The options object of `pause()`/`resume()`: absent (or `undefined`) is `{}`;
+/// anything else must be an object of known names.
+fn control_options<'env, T: JsObject<'env>>(
+  env: &'env Env,
+  options: Option<Unknown<'env>>,
+  call: &str,
+) -> Result<T> {
+  let object = match options {
+    None => None,
+    Some(value) => match value.get_type().unwrap_or(ValueType::Unknown) {
+      ValueType::Undefined => None,
+      // SAFETY: the type was checked just above.
+      ValueType::Object => Some(unsafe { value.cast::<Object>() }.map_err(napi_failure)?),
+      other => {
+        return Err(Error::InvalidInput(format!(
+          "{call} takes an options object; got a {other}"
+        )))
+      }
+    },
+  };
+  match object {
+    Some(object) => {
+      options::check_names(&object, T::fields(), "")?;
+      T::read(&object, "")
+    }
+    None => T::read(&Object::new(env).map_err(napi_failure)?, ""),
+  }
+}
+
+// pause(), resume(), usage(): the owner's controls (index.d.ts; docs/protocol.md,
+// "Callers and the owner's limits").
+#[napi]
+impl VirtualLlmRegistrar {
+  /// Stops admitting new tasks, for one provider or all: they are answered 503
+  /// `provider_paused` (no `retry-after`: nobody knows when the owner resumes); tasks
+  /// already admitted (running or queued) go on. A pause of the whole registrar
+  /// covers providers added by `update()` while it lasts. The heartbeat says
+  /// `paused: true` at once, and `status().paused` lists the paused names. With
+  /// `drain: true` it resolves once the admitted tasks have ended. Not persisted:
+  /// `publish: false` in the config is the lasting switch.
+  ///
+  /// Rejects with a `RegistrarError`: 'ERR_INVALID_OPTION' for a provider not
+  /// published or a bad option (nothing paused), 'ERR_STOPPED' after `stop()` or
+  /// when `stop()` comes while it drains.
+  #[napi(
+    ts_args_type = "options?: PauseOptions",
+    ts_return_type = "Promise<void>"
+  )]
+  pub fn pause<'env>(
+    &self,
+    env: &'env Env,
+    options: Option<Unknown>,
+  ) -> napi::Result<PromiseRaw<'env, ()>> {
+    let pausing = control_options::<PauseOptions>(env, options, "pause(options)").map(|options| {
+      self
+        .core
+        .pause(options.provider, options.drain.unwrap_or(false))
+    });
+    let span = self.span.clone();
+    let token = self.token.clone();
+    env.spawn_future_with_callback(
+      async move {
+        Ok(match pausing {
+          Ok(pausing) => pausing.instrument(span).await,
+          Err(error) => Err(error),
+        })
+      },
+      move |env, paused| paused.map_err(error::js(env, Some(&token))),
+    )
+  }
+
+  /// Lifts the pause of one provider (a pause of the whole registrar stays), or,
+  /// with no provider, every pause. The heartbeat says so at once. Throws a
+  /// `RegistrarError` 'ERR_INVALID_OPTION' for a provider not published or a bad
+  /// option.
+  #[napi(ts_args_type = "options?: ResumeOptions")]
+  pub fn resume(&self, env: Env, options: Option<Unknown>) -> napi::Result<()> {
+    control_options::<ResumeOptions>(&env, options, "resume(options)")
+      .and_then(|options| self.core.resume(options.provider.as_deref()))
+      .map_err(error::js(&env, Some(&self.token)))
+  }
+
+  /// Tasks, tokens and refusals since the registrar was made, per provider and per
+  /// caller id.
+  #[napi]
+  pub fn usage(&self) -> UsageReport {
+    self.core.usage().into()
+  }
+}
+
 /// mcplocal's boot hook. Resolves null (after a logger.warn) when no provider is
 /// opted in, none of the opted-in ones is in the registry, or the credentials
 /// file (<configDir>/credentials: { "mcpdUrl": string, "token": string }) is
@@ -527,6 +620,7 @@ fn boot<'env>(
       Ok(FileEntry {
         descriptor: parsed.descriptor,
         publish: parsed.publish == Some(true),
+        policy: parsed.policy,
       })
     })
     .collect();
@@ -563,6 +657,7 @@ impl Registry for JsRegistry<'_, '_> {
     let entry = ProviderEntry {
       descriptor: entry.descriptor,
       publish: Some(true),
+      policy: entry.policy,
     };
     let path = format!("providers[{index}].");
     self

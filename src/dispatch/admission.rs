@@ -7,13 +7,14 @@
 //! is a guard (`Slot`) that hands itself to the first waiter when dropped.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::PublishedProvider;
+use crate::owner::{Meter, OwnerPolicy};
 use crate::wire::ProviderLoad;
 
 /// One provider's slots, queue and counters. A lane outlives an `update()`
@@ -27,6 +28,11 @@ pub struct Lane {
   slots: Mutex<Slots>,
   completed: AtomicU64,
   failed: AtomicU64,
+  /// The owner's windows (rate and token limits); carried over by an `update()`
+  /// that keeps the name.
+  pub meter: Mutex<Meter>,
+  /// Tasks admitted (running or queued) and not yet ended, for `pause({ drain })`.
+  admitted: AtomicU32,
 }
 
 #[derive(Default)]
@@ -79,7 +85,28 @@ impl Lane {
       slots: Mutex::new(Slots::default()),
       completed: AtomicU64::new(0),
       failed: AtomicU64::new(0),
+      meter: Mutex::new(Meter::new()),
+      admitted: AtomicU32::new(0),
     }
+  }
+
+  /// The owner's policy new tasks are checked against.
+  pub fn policy(&self) -> Arc<OwnerPolicy> {
+    Arc::clone(&self.published.lock().policy)
+  }
+
+  /// Counts a task admitted (`true`) or one of those ended (`false`).
+  pub fn hold(&self, admitted: bool) {
+    if admitted {
+      self.admitted.fetch_add(1, Ordering::SeqCst);
+    } else {
+      self.admitted.fetch_sub(1, Ordering::SeqCst);
+    }
+  }
+
+  /// Tasks admitted and not yet ended.
+  pub fn admitted(&self) -> u32 {
+    self.admitted.load(Ordering::SeqCst)
   }
 
   pub fn name(&self) -> &str {
@@ -157,6 +184,7 @@ impl Lane {
       max_concurrency: self.max_concurrency,
       completed: self.completed.load(Ordering::SeqCst),
       failed: self.failed.load(Ordering::SeqCst),
+      paused: false,
     }
   }
 }

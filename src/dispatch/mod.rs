@@ -32,12 +32,16 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::error::{Error, Result};
 use crate::mcpd::McpdClient;
-use crate::openai::{self, ErrorReply};
+use crate::openai::{self, Caller, ErrorReply};
+use crate::owner::usage::{UsageBook, UsageReport};
+use crate::owner::{estimate_tokens, Charge, OwnerPolicy, Refusal};
 use crate::provider::Provider;
 use crate::wire::{self, CancelEvent, ProviderDescriptor, ProviderLoad, TaskEvent};
 
@@ -46,7 +50,7 @@ pub use replay::{ReplayGuard, MAX_IDS, MAX_ID_BYTES, REPLAY_WINDOW};
 pub use task::Outcome;
 
 use admission::Lane;
-use task::{Decision, TaskContext, TaskSignals};
+use task::{Decision, Spent, TaskContext, TaskSignals};
 
 #[derive(Debug, Clone, Copy)]
 pub struct DispatchSettings {
@@ -77,6 +81,8 @@ impl Default for DispatchSettings {
 pub struct PublishedProvider {
   pub descriptor: ProviderDescriptor,
   pub provider: Arc<dyn Provider>,
+  /// The owner's `allowCallers` and `limits`.
+  pub policy: Arc<OwnerPolicy>,
 }
 
 /// The task counters of `status()`: received = completed + failed +
@@ -125,12 +131,31 @@ struct Lanes {
   retired: Vec<Weak<Lane>>,
 }
 
+/// What the owner paused: the whole registrar, or some providers by name.
+#[derive(Default)]
+struct Pauses {
+  whole: bool,
+  names: std::collections::HashSet<String>,
+}
+
+/// What a task that was admitted carries for the owner's books until it ends.
+struct Metering {
+  caller: Option<Caller>,
+  charge: Charge,
+  /// The characters of the prompt's text, for the token estimate.
+  prompt_chars: u64,
+}
+
 pub struct TaskDispatcher {
   lanes: RwLock<Lanes>,
   client: Arc<McpdClient>,
   settings: DispatchSettings,
   owners: Owners,
   book: Mutex<Book>,
+  pauses: Mutex<Pauses>,
+  usage: Mutex<UsageBook>,
+  /// Told each time an admitted task ends (for `pause({ drain })`).
+  task_ended: Notify,
 }
 
 impl TaskDispatcher {
@@ -146,6 +171,9 @@ impl TaskDispatcher {
       settings,
       owners,
       book: Mutex::new(Book::default()),
+      pauses: Mutex::new(Pauses::default()),
+      usage: Mutex::new(UsageBook::default()),
+      task_ended: Notify::new(),
     };
     dispatcher.serve(&providers, &[]);
     dispatcher
@@ -215,11 +243,15 @@ impl TaskDispatcher {
   /// The load figures the heartbeat reports, one entry per published provider.
   pub fn loads(&self) -> Vec<ProviderLoad> {
     let lanes = self.lanes.read();
+    let pauses = self.pauses.lock();
     let mut loads: Vec<ProviderLoad> = lanes
       .published
       .iter()
       .filter_map(|name| lanes.serving.get(name))
-      .map(|lane| lane.load())
+      .map(|lane| ProviderLoad {
+        paused: pauses.whole || pauses.names.contains(lane.name()),
+        ..lane.load()
+      })
       .collect();
     loads.sort_by(|a, b| a.name.cmp(&b.name));
     loads
@@ -297,12 +329,13 @@ impl TaskDispatcher {
       .unwrap_or_default();
     let span = tracing::info_span!("task", task_id = %task_id, provider = %provider);
     let started = tokio::time::Instant::now();
-    let (decision, lane) = match parsed {
-      Ok(event) => self.decide(&event),
+    let (decision, lane, metering) = match parsed {
+      Ok(event) => span.in_scope(|| self.decide(&event)),
       Err(error) => (
         Decision::Answer(ErrorReply::invalid_request(format!(
           "the task event is malformed: {error}"
         ))),
+        None,
         None,
       ),
     };
@@ -322,6 +355,7 @@ impl TaskDispatcher {
           task_timeout: dispatcher.settings.task_timeout,
           signals,
           answered: AtomicU16::new(0),
+          spent: Mutex::new(Spent::default()),
         };
         let run = AssertUnwindSafe(context.run(&task_id, decision)).catch_unwind();
         let outcome = match run.await {
@@ -337,6 +371,7 @@ impl TaskDispatcher {
                 kill: dispatcher.owners.kill.clone(),
               },
               answered: AtomicU16::new(0),
+              spent: Mutex::new(Spent::default()),
             };
             let reply = ErrorReply::provider_error("internal error in the registrar");
             fallback.run(&task_id, Decision::Answer(reply)).await;
@@ -360,24 +395,80 @@ impl TaskDispatcher {
             "task answered"
           ),
         }
+        if let (Some(lane), Some(metering)) = (lane.as_deref(), metering) {
+          let spent = std::mem::take(&mut *context.spent.lock());
+          dispatcher.settle(lane, metering, spent);
+        }
         dispatcher.finish(&task_id, lane.as_deref(), (!counted).then_some(outcome));
       }
       .instrument(span),
     );
   }
 
-  /// Routes, checks and admits a task, synchronously and in arrival order.
-  fn decide(&self, event: &TaskEvent) -> (Decision, Option<Arc<Lane>>) {
+  /// Routes, checks and admits a task, synchronously and in arrival order. The
+  /// checks run in docs/protocol.md section 6's order; the first that refuses answers.
+  fn decide(&self, event: &TaskEvent) -> (Decision, Option<Arc<Lane>>, Option<Metering>) {
     let provider = event.provider.as_deref().unwrap_or_default();
     let Some(lane) = self.lanes.read().serving.get(provider).cloned() else {
       return (
         Decision::Answer(ErrorReply::model_not_found(provider)),
         None,
+        None,
       );
     };
-    let answer = |reply| (Decision::Answer(reply), Some(Arc::clone(&lane)));
+    let answer = |reply| (Decision::Answer(reply), Some(Arc::clone(&lane)), None);
     if self.owners.root.is_cancelled() {
       return answer(ErrorReply::unavailable());
+    }
+    let caller = event
+      .caller
+      .as_deref()
+      .and_then(|raw| match wire::parse_caller(raw) {
+        Ok(caller) => Some(caller),
+        Err(why) => {
+          tracing::debug!(reason = why, "ignoring a malformed caller");
+          None
+        }
+      });
+    let refuse = |refusal: Refusal, message: String| {
+      self
+        .usage
+        .lock()
+        .refused(lane.name(), caller.as_ref().map(|c| c.id.as_str()), refusal);
+      tracing::debug!(
+        reason = refusal.as_str(),
+        caller = caller.as_ref().map(|c| c.id.as_str()),
+        "refused by the owner's controls"
+      );
+      ErrorReply::refused(refusal, message)
+    };
+    let name = lane.name();
+    let policy = lane.policy();
+    if !policy.allows(caller.as_ref()) {
+      let who = match &caller {
+        Some(caller) => format!("the caller '{}' is", caller.id),
+        None => "callers without an identity are".to_owned(),
+      };
+      return answer(refuse(
+        Refusal::CallerNotAllowed,
+        format!("{who} not allowed to use the model '{name}'"),
+      ));
+    }
+    if self.is_paused(name) {
+      return answer(refuse(
+        Refusal::ProviderPaused,
+        format!("the model '{name}' is paused by its owner"),
+      ));
+    }
+    let limits = &policy.limits;
+    if let Some(max) = limits.max_request_bytes {
+      let size = event.body.as_deref().map_or(0, |raw| raw.get().len()) as u64;
+      if size > max {
+        return answer(refuse(
+          Refusal::RequestTooLarge,
+          format!("the request body is {size} bytes; the model '{name}' takes at most {max}"),
+        ));
+      }
     }
     // The body is parsed here, with serde_json's recursion limit: a body
     // too deep or of the wrong shape is answered 400.
@@ -394,26 +485,202 @@ impl TaskDispatcher {
         )))
       }
     };
-    let request = match openai::to_completion_options(&body) {
+    let mut request = match openai::to_completion_options(&body) {
       Ok(request) => request,
       Err(reply) => return answer(reply),
     };
+    if let Some(max) = limits.max_output_tokens {
+      match request.options.max_tokens {
+        Some(asked) if asked > max => {
+          // `maxTokens` comes from max_completion_tokens when both are sent.
+          let param = match body.get("max_completion_tokens") {
+            Some(value) if !value.is_null() => "max_completion_tokens",
+            _ => "max_tokens",
+          };
+          let mut reply = refuse(
+            Refusal::MaxTokensExceeded,
+            format!("'{param}' is {asked}; the model '{name}' answers at most {max} tokens"),
+          );
+          reply.param = Some(param);
+          return answer(reply);
+        }
+        Some(_) => {}
+        None => {
+          // Capped for a provider that forwards the request as is, too.
+          request.options.max_tokens = Some(max);
+          if let Some(fields) = request.options.request.as_object_mut() {
+            fields.insert("max_tokens".to_owned(), max.into());
+          }
+        }
+      }
+    }
     let stream = event
       .stream
       .or_else(|| body.get("stream").and_then(Value::as_bool))
       .unwrap_or(false);
-    match lane.admit(&event.task_id) {
-      Some(admission) => (
-        Decision::Run {
-          lane: Arc::clone(&lane),
-          request,
-          admission,
-          stream,
-        },
-        Some(lane),
-      ),
-      None => answer(ErrorReply::rate_limited(lane.name())),
+    let over = lane.meter.lock().check(limits, caller.as_ref());
+    if let Some(over) = over {
+      let what = match over.refusal {
+        Refusal::RequestsPerMinute => "requests per minute",
+        Refusal::TokensPerMinute => "tokens per minute",
+        _ => "tokens per day",
+      };
+      let mut reply = refuse(
+        over.refusal,
+        format!(
+          "the model '{name}' is over a limit of {} {what}; retry after {} s",
+          over.limit, over.retry_after
+        ),
+      );
+      reply.retry_after = Some(over.retry_after);
+      return answer(reply);
     }
+    let Some(admission) = lane.admit(&event.task_id) else {
+      self.usage.lock().refused(
+        name,
+        caller.as_ref().map(|c| c.id.as_str()),
+        Refusal::QueueFull,
+      );
+      return answer(ErrorReply::rate_limited(name));
+    };
+    let charge = lane.meter.lock().charge_request(limits, caller.as_ref());
+    lane.hold(true);
+    let prompt_chars = openai::text_chars(&request.options.messages);
+    request.options.caller.clone_from(&caller);
+    let metering = Metering {
+      caller,
+      charge,
+      prompt_chars,
+    };
+    (
+      Decision::Run {
+        lane: Arc::clone(&lane),
+        request,
+        admission,
+        stream,
+      },
+      Some(lane),
+      Some(metering),
+    )
+  }
+
+  /// Books an admitted task that ended: its tokens (the provider's usage, else the
+  /// estimate) when it reached the provider, else its request taken back.
+  fn settle(&self, lane: &Lane, metering: Metering, spent: Spent) {
+    lane.hold(false);
+    self.task_ended.notify_waiters();
+    if !spent.reached {
+      lane.meter.lock().refund(&metering.charge);
+      return;
+    }
+    let (prompt, completion) = match spent.usage {
+      Some(usage) => (usage.prompt_tokens, usage.completion_tokens),
+      None => (
+        estimate_tokens(metering.prompt_chars),
+        estimate_tokens(spent.text_chars),
+      ),
+    };
+    lane
+      .meter
+      .lock()
+      .charge_tokens(&metering.charge, prompt.saturating_add(completion));
+    self.usage.lock().ran(
+      lane.name(),
+      metering.caller.as_ref().map(|c| c.id.as_str()),
+      prompt,
+      completion,
+    );
+  }
+
+  fn is_paused(&self, name: &str) -> bool {
+    let pauses = self.pauses.lock();
+    pauses.whole || pauses.names.contains(name)
+  }
+
+  /// Refuses a provider name that is not served.
+  fn known(&self, provider: &str) -> Result<()> {
+    if self.lanes.read().serving.contains_key(provider) {
+      Ok(())
+    } else {
+      Err(Error::InvalidInput(format!(
+        "provider '{provider}' is not published by this registrar"
+      )))
+    }
+  }
+
+  /// Pauses one provider, or all (`None`, providers added later included).
+  pub fn pause(&self, provider: Option<&str>) -> Result<()> {
+    match provider {
+      Some(name) => {
+        self.known(name)?;
+        self.pauses.lock().names.insert(name.to_owned());
+      }
+      None => self.pauses.lock().whole = true,
+    }
+    Ok(())
+  }
+
+  /// Resumes one provider (a whole pause stays), or clears every pause (`None`).
+  pub fn resume(&self, provider: Option<&str>) -> Result<()> {
+    match provider {
+      Some(name) => {
+        self.known(name)?;
+        self.pauses.lock().names.remove(name);
+      }
+      None => *self.pauses.lock() = Pauses::default(),
+    }
+    Ok(())
+  }
+
+  /// The published names paused now, in order.
+  pub fn paused(&self) -> Vec<String> {
+    let lanes = self.lanes.read();
+    let pauses = self.pauses.lock();
+    lanes
+      .published
+      .iter()
+      .filter(|name| pauses.whole || pauses.names.contains(*name))
+      .cloned()
+      .collect()
+  }
+
+  /// Tasks admitted (running or queued) and not yet ended, for one provider or all.
+  fn admitted(&self, provider: Option<&str>) -> u32 {
+    let lanes = self.lanes.read();
+    let retired: Vec<Arc<Lane>> = lanes.retired.iter().filter_map(Weak::upgrade).collect();
+    lanes
+      .serving
+      .values()
+      .chain(retired.iter())
+      .filter(|lane| provider.is_none_or(|name| lane.name() == name))
+      .map(|lane| lane.admitted())
+      .sum()
+  }
+
+  /// Resolves once no task of `provider` (or of any, `None`) is admitted; `Stopped`
+  /// when the registrar stops first.
+  pub async fn drained(&self, provider: Option<&str>) -> Result<()> {
+    loop {
+      let ended = self.task_ended.notified();
+      tokio::pin!(ended);
+      ended.as_mut().enable();
+      if self.owners.root.is_cancelled() {
+        return Err(Error::Stopped);
+      }
+      if self.admitted(provider) == 0 {
+        return Ok(());
+      }
+      tokio::select! {
+        biased;
+        _ = self.owners.root.cancelled() => return Err(Error::Stopped),
+        _ = ended => {}
+      }
+    }
+  }
+
+  /// The usage totals since the registrar was made.
+  pub fn usage(&self) -> UsageReport {
+    self.usage.lock().report()
   }
 
   /// Retires a task: no longer live, remembered by the replay guard, and
@@ -487,6 +754,7 @@ mod tests {
         context_window: None,
       },
       provider: Arc::new(Idle),
+      policy: Default::default(),
     }
   }
 

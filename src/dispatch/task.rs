@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::admission::{Admission, Lane, Slot};
@@ -31,7 +32,7 @@ use super::delivery::{deliver, Delivery, DeliverySignals};
 use super::relay::{relay_chunks, Outbox, Relayed};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
-use crate::openai::{self, AnswerIdentity, ErrorReply, PayloadForm, StreamEncoder};
+use crate::openai::{self, AnswerIdentity, ErrorReply, PayloadForm, StreamEncoder, Usage};
 use crate::provider::{AbortReason, Provider, ProviderCall};
 
 /// A task's tokens: mcpd's cancel (its own), the stop (a child of the
@@ -68,6 +69,17 @@ pub enum Decision {
   },
 }
 
+/// What a task spent, for the owner's books once it ended.
+#[derive(Debug, Default)]
+pub struct Spent {
+  /// The provider was called.
+  pub reached: bool,
+  /// The usage the provider reported.
+  pub usage: Option<Usage>,
+  /// The characters of the answer's text written, for the estimate.
+  pub text_chars: u64,
+}
+
 /// What a task needs from the dispatcher.
 pub struct TaskContext<'a> {
   pub client: &'a McpdClient,
@@ -76,6 +88,8 @@ pub struct TaskContext<'a> {
   /// The HTTP status mcpd got as the task's answer (0: none yet; 200 for a
   /// stream that began, whatever came in-band after), for the log line.
   pub answered: AtomicU16,
+  /// What the task spent (the dispatcher reads it when the task ended).
+  pub spent: Mutex<Spent>,
 }
 
 /// Why the provider's part of a task ended.
@@ -201,6 +215,7 @@ impl TaskContext<'_> {
   ) -> Outcome {
     let task_id = call.task_id.clone();
     let deadline = Instant::now() + self.task_timeout;
+    self.spent.lock().reached = true;
     let settled = self
       .decide(deadline, provider.complete(call), std::future::pending())
       .await;
@@ -220,6 +235,11 @@ impl TaskContext<'_> {
       .and_then(openai::parse_result)
     {
       Ok(result) => {
+        {
+          let mut spent = self.spent.lock();
+          spent.usage = result.usage;
+          spent.text_chars = openai::result_chars(&result);
+        }
         let body = openai::chat_completion(&identity, &result);
         self
           .post_result(&task_id, 200, &body, Outcome::Completed)
@@ -290,6 +310,13 @@ impl TaskContext<'_> {
       }
     };
     let (outcome, relayed) = tokio::join!(produce, relay);
+    {
+      let (usage, text_chars) = encoder.spent();
+      let mut spent = self.spent.lock();
+      spent.reached = called.load(Ordering::Relaxed);
+      spent.usage = usage;
+      spent.text_chars = text_chars;
+    }
     if encoder.started() && !matches!(relayed, Relayed::Cancelled) {
       self.answered.store(200, Ordering::Relaxed);
     }
@@ -304,7 +331,13 @@ impl TaskContext<'_> {
   async fn fail(&self, task_id: &str, reply: &ErrorReply) -> Outcome {
     tracing::debug!(task_id, status = reply.status, message = %reply.message, "answering with an error");
     self
-      .post_result(task_id, reply.status, &reply.body(), Outcome::Failed)
+      .post_result_with(
+        task_id,
+        reply.status,
+        &reply.body(),
+        reply.headers().as_ref(),
+        Outcome::Failed,
+      )
       .await
   }
 
@@ -316,8 +349,22 @@ impl TaskContext<'_> {
     body: &serde_json::Value,
     delivered: Outcome,
   ) -> Outcome {
+    self
+      .post_result_with(task_id, status, body, None, delivered)
+      .await
+  }
+
+  /// POSTs a result with response headers for mcpd to relay (`retry-after`).
+  async fn post_result_with(
+    &self,
+    task_id: &str,
+    status: u16,
+    body: &serde_json::Value,
+    headers: Option<&serde_json::Value>,
+    delivered: Outcome,
+  ) -> Outcome {
     let delivery = deliver(&self.signals, || {
-      self.client.post_result(task_id, status, body)
+      self.client.post_result_with(task_id, status, body, headers)
     })
     .await;
     match delivery {
@@ -459,6 +506,7 @@ mod tests {
       task_timeout: timeout,
       signals,
       answered: AtomicU16::new(0),
+      spent: Mutex::new(Spent::default()),
     };
     let silent = Arc::new(Silent::default());
     let provider: Arc<dyn Provider> = silent.clone();

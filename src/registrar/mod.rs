@@ -41,6 +41,7 @@ use crate::config::SessionStore;
 use crate::dispatch::{DispatchSettings, Owners, PublishedProvider, TaskDispatcher};
 use crate::error::{describe, Error, Result};
 use crate::mcpd::McpdClient;
+use crate::owner::usage::UsageReport;
 use crate::secret::Secret;
 
 /// How long `stop()` waits for the 503 answers of aborted tasks before it
@@ -132,6 +133,7 @@ impl Registrar {
       owners,
       span,
       kept: Mutex::new(Vec::new()),
+      beat_now: Arc::new(tokio::sync::Notify::new()),
       running_hold: Mutex::new(None),
     });
     let (commands, inbox) = mpsc::unbounded_channel();
@@ -289,6 +291,64 @@ impl Registrar {
         _ = root.cancelled() => Err(Error::Stopped),
       }
     }
+  }
+
+  /// Pauses one provider (`Some(name)`), or the whole registrar (`None`, providers
+  /// added by `update()` while it lasts included): new tasks for it are answered 503
+  /// `provider_paused`; tasks admitted (running or queued) go on. The heartbeat says
+  /// so at once. With `drain`, the future resolves once those tasks have ended.
+  /// Fails with `InvalidInput` for a name not published, and with `Stopped` after
+  /// `stop()`, or when `stop()` comes while it drains. The pause happens when
+  /// `pause` is called, not when the future is first polled.
+  pub fn pause(
+    &self,
+    provider: Option<String>,
+    drain: bool,
+  ) -> impl Future<Output = Result<()>> + Send + 'static {
+    let core = Arc::clone(&self.core);
+    let paused = if core.owners.root.is_cancelled() {
+      Err(Error::Stopped)
+    } else {
+      core.dispatcher.pause(provider.as_deref())
+    };
+    if paused.is_ok() {
+      core.span.in_scope(|| {
+        tracing::info!(
+          provider = provider.as_deref().unwrap_or("(all)"),
+          "paused by the owner"
+        )
+      });
+      core.beat_now.notify_one();
+    }
+    async move {
+      paused?;
+      if drain {
+        core.dispatcher.drained(provider.as_deref()).await?;
+      }
+      Ok(())
+    }
+  }
+
+  /// Resumes one provider (a pause of the whole registrar stays), or clears every
+  /// pause (`None`). The heartbeat says so at once. `InvalidInput` for a name not
+  /// published.
+  pub fn resume(&self, provider: Option<&str>) -> Result<()> {
+    let core = &self.core;
+    core.dispatcher.resume(provider)?;
+    core.span.in_scope(|| {
+      tracing::info!(
+        provider = provider.unwrap_or("(all)"),
+        "resumed by the owner"
+      )
+    });
+    core.beat_now.notify_one();
+    Ok(())
+  }
+
+  /// Tasks, tokens and refusals since the registrar was made, per provider and
+  /// per caller.
+  pub fn usage(&self) -> UsageReport {
+    self.core.dispatcher.usage()
   }
 
   /// Stops taking tasks, answers in-flight ones 503, closes the channel and

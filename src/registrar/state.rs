@@ -75,6 +75,8 @@ pub struct RegistrarStatus {
   pub reconnects: u64,
   /// The last failure, token redacted.
   pub last_error: Option<String>,
+  /// The published names paused by the owner (all of them when paused as a whole).
+  pub paused: Vec<String>,
 }
 
 /// The registrar's life as one value, published through one `watch` channel:
@@ -117,6 +119,8 @@ pub(crate) struct Core {
   pub span: tracing::Span,
   /// What must live as long as the registrar (its log route).
   pub kept: Mutex<Vec<Box<dyn Send + Sync>>>,
+  /// Wakes the heartbeat to send a beat at once (`pause()`, `resume()`).
+  pub beat_now: Arc<tokio::sync::Notify>,
   /// Held by the core, which the supervisor holds, not by the JavaScript
   /// object, so that garbage collection cannot release it while running.
   pub running_hold: Mutex<Option<RunningHold>>,
@@ -141,6 +145,7 @@ impl Core {
       cancelled: totals.cancelled,
       reconnects: life.reconnects,
       last_error: life.last_error.clone(),
+      paused: self.dispatcher.paused(),
     }
   }
 

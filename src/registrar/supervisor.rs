@@ -380,6 +380,7 @@ impl Supervisor {
       interval: core.heartbeat_interval.subscribe(),
       events: self.events.clone(),
       stop: core.owners.root.clone(),
+      now: Arc::clone(&core.beat_now),
     };
     core
       .owners

@@ -33,6 +33,7 @@ pub(crate) fn unused(descriptor: ProviderDescriptor) -> PublishedProvider {
   PublishedProvider {
     descriptor,
     provider: Arc::new(Unused),
+    policy: Default::default(),
   }
 }
 
