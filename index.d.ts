@@ -340,7 +340,10 @@ export interface PauseOptions {
   drain?: boolean
 }
 
-/** What one provider, or one caller, was used for since the registrar was made. */
+/**
+ * What one provider, or one caller, was used for since the registrar was made.
+ * Its maps are sorted by key, so `usage()` reads the same from call to call.
+ */
 export interface ProviderUsage {
   /** Tasks that reached the provider. */
   tasks: number

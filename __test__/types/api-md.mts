@@ -1,6 +1,6 @@
 // The package's types against the JavaScript contract mcplocal is written to (the
 // "API.md" document of the mcpctl project, not in this repository), copied here as it is written
-// there: each pair must be assignable both ways (a stricter or looser index.d.ts
+// there (its top part, and of its "Additions" what is built so far): each pair must be assignable both ways (a stricter or looser index.d.ts
 // fails), and no public declaration may be `any`.
 import type * as Pkg from '@mcpctl/registrar'
 import type { maybeStartVirtualLlmRegistrar, VirtualLlmRegistrar } from '@mcpctl/registrar'
@@ -141,6 +141,57 @@ declare namespace Api {
      *  clears timers. Idempotent. Afterwards nothing keeps the Node process alive. */
     stop(): Promise<void>
     status(): RegistrarStatus
+    pause(options?: { provider?: string; drain?: boolean }): Promise<void>
+    resume(options?: { provider?: string }): void
+    usage(): UsageReport
+  }
+
+  // Additions: the owner's controls (API.md "Additions"), as far as they are built.
+  /** Who sent the request to mcpd (PROTOCOL.md section 5), when mcpd says so. */
+  export interface Caller {
+    id: string
+    name?: string
+    groups?: string[]
+  }
+  export interface CompletionOptions {
+    /** Absent when mcpd sent no caller. */
+    caller?: Caller
+  }
+  export interface PublishLimits {
+    maxOutputTokens?: number
+    maxRequestBytes?: number
+    requestsPerMinute?: number
+    tokensPerMinute?: number
+    tokensPerDay?: number
+    perCaller?: { requestsPerMinute?: number; tokensPerMinute?: number; tokensPerDay?: number }
+  }
+  export interface LlmProviderFileEntry {
+    allowCallers?: string[]
+    limits?: PublishLimits
+  }
+  export interface ProviderUsage {
+    tasks: number
+    promptTokens: number
+    completionTokens: number
+    refused: Record<
+      | 'caller_not_allowed'
+      | 'requests_per_minute'
+      | 'tokens_per_minute'
+      | 'tokens_per_day'
+      | 'max_tokens_exceeded'
+      | 'request_too_large'
+      | 'provider_paused'
+      | 'queue_full',
+      number
+    >
+  }
+  export interface UsageReport {
+    since: string
+    providers: Record<string, ProviderUsage>
+    callers: Record<string, ProviderUsage>
+  }
+  export interface RegistrarStatus {
+    paused: string[]
   }
 
   /** mcplocal's boot hook. Resolves null (after a logger.warn) when no provider is
@@ -176,6 +227,10 @@ export type Checks = [
   Yes<Same<Pkg.RegistrarOptions, Api.RegistrarOptions>>,
   Yes<Same<Pkg.RegistrarState, Api.RegistrarState>>,
   Yes<Same<Pkg.RegistrarStatus, Api.RegistrarStatus>>,
+  Yes<Same<Pkg.Caller, Api.Caller>>,
+  Yes<Same<Required<Pkg.PublishLimits>, Required<Api.PublishLimits>>>,
+  Yes<Same<Pkg.ProviderUsage, Api.ProviderUsage>>,
+  Yes<Same<Pkg.UsageReport, Api.UsageReport>>,
   Yes<Same<VirtualLlmRegistrar, Api.VirtualLlmRegistrar>>,
   Yes<
     Same<ConstructorParameters<typeof Pkg.VirtualLlmRegistrar>, ConstructorParameters<typeof Api.VirtualLlmRegistrar>>

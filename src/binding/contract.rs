@@ -2,6 +2,8 @@
 //! addon, declared once as Rust types: index.d.ts is generated from them, and so are
 //! the name lists for "did you mean" and the readers (options.rs `js_object!`).
 
+use std::collections::BTreeMap;
+
 use napi::bindgen_prelude::{Function, Object, Unknown};
 
 use super::options::{js_object, Required};
@@ -200,6 +202,7 @@ pub struct ResumeOptions {
 js_object!(ResumeOptions { provider });
 
 /// What one provider, or one caller, was used for since the registrar was made.
+/// Its maps are sorted by key, so `usage()` reads the same from call to call.
 #[napi(object, object_from_js = false)]
 #[derive(Debug)]
 pub struct ProviderUsage {
@@ -213,7 +216,7 @@ pub struct ProviderUsage {
   #[napi(
     ts_type = "Record<'caller_not_allowed' | 'requests_per_minute' | 'tokens_per_minute' | 'tokens_per_day' | 'max_tokens_exceeded' | 'request_too_large' | 'provider_paused' | 'queue_full', number>"
   )]
-  pub refused: std::collections::HashMap<String, i64>,
+  pub refused: BTreeMap<String, i64>,
 }
 
 /// What `usage()` answers.
@@ -223,10 +226,10 @@ pub struct UsageReport {
   /// When the registrar was made, as ISO 8601 (`Date.prototype.toISOString`).
   pub since: String,
   /// Per provider name.
-  pub providers: std::collections::HashMap<String, ProviderUsage>,
+  pub providers: BTreeMap<String, ProviderUsage>,
   /// Per caller id, for tasks that carried a caller; at most 10,000 callers (the
   /// least recently seen are folded into "(other)").
-  pub callers: std::collections::HashMap<String, ProviderUsage>,
+  pub callers: BTreeMap<String, ProviderUsage>,
 }
 
 impl From<crate::owner::usage::Tally> for ProviderUsage {
