@@ -23,6 +23,7 @@
 // It is checked against testing/fake-mcpd.js and the official openai client in
 // __test__/bench-peer.test.mjs, so its speed is not bought with wrong bytes.
 import http from 'node:http'
+import { completionOptions } from './completion-options.mjs'
 
 const MAX_BATCH_PAYLOADS = 1024
 const MAX_BATCH_BYTES = 1024 * 1024
@@ -462,29 +463,6 @@ function wireUsage(usage) {
     prompt_tokens: usage.promptTokens,
     total_tokens: usage.totalTokens ?? usage.promptTokens + usage.completionTokens,
   }
-}
-
-function completionOptions(body, model, signal) {
-  const options = { messages: body.messages.map(toMessage), request: body, signal }
-  if (model !== undefined) options.model = model
-  if (body.temperature !== undefined) options.temperature = body.temperature
-  const maxTokens = body.max_tokens ?? body.max_completion_tokens
-  if (maxTokens !== undefined) options.maxTokens = maxTokens
-  if (body.top_p !== undefined) options.topP = body.top_p
-  if (body.stop !== undefined) options.stop = Array.isArray(body.stop) ? body.stop : [body.stop]
-  if (body.tools !== undefined) options.tools = body.tools
-  if (body.tool_choice !== undefined) options.toolChoice = body.tool_choice
-  if (body.response_format !== undefined) options.responseFormat = body.response_format
-  if (body.seed !== undefined) options.seed = body.seed
-  return options
-}
-
-function toMessage(message) {
-  const out = { role: message.role, content: message.content ?? null }
-  if (message.name !== undefined) out.name = message.name
-  if (message.tool_call_id !== undefined) out.toolCallId = message.tool_call_id
-  if (message.tool_calls !== undefined) out.toolCalls = message.tool_calls
-  return out
 }
 
 function chatCompletion(identity, result) {
