@@ -341,6 +341,9 @@ test('a pino logger at info sees the state changes, the set change, and each tas
   assert.equal((await mcpd.outcome(failed)).status, 502)
   await mcpd.waitFor(() => lines.filter((line) => line.msg === 'task answered').length === 2)
   await registrar.stop()
+  // The 'stopped' line is logged before stop() resolves, but it reaches JavaScript through
+  // the logger's threadsafe function, which need not run before the promise's settlement.
+  await mcpd.waitFor(() => lines.some((line) => line.msg === 'state changed' && line.state === 'stopped'))
 
   const connected = lines.find((line) => line.msg === 'state changed' && line.state === 'connected')
   assert.ok(connected, JSON.stringify(lines))
