@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
@@ -39,6 +39,34 @@ struct Route {
 #[derive(Default)]
 struct Routes {
   by_registrar: HashMap<u64, Route>,
+}
+
+/// The most verbose level any route (or, outside every registrar, `MCPCTL_LOG`
+/// as read when the last registrar was made) takes, as `level_rank`: an event
+/// below it is dropped at its call site, before its fields or its spans' are
+/// gathered. Most events are `debug!`s on the task path that no route wants.
+static MAX_EVENT_RANK: AtomicUsize = AtomicUsize::new(0);
+
+/// 1 (error) to 5 (trace); 0 lets nothing through.
+fn level_rank(level: Level) -> usize {
+  match level {
+    Level::ERROR => 1,
+    Level::WARN => 2,
+    Level::INFO => 3,
+    Level::DEBUG => 4,
+    Level::TRACE => 5,
+  }
+}
+
+/// Recomputes [`MAX_EVENT_RANK`] from the routes (under their lock).
+fn update_max_rank(routes: &Routes) {
+  let unrouted = level_from_env(Some(Level::WARN)).map_or(0, level_rank);
+  let max = routes
+    .by_registrar
+    .values()
+    .map(|route| level_rank(route.level))
+    .fold(unrouted, usize::max);
+  MAX_EVENT_RANK.store(max, Ordering::Relaxed);
 }
 
 fn routes() -> &'static RwLock<Routes> {
@@ -81,10 +109,11 @@ impl LogRoute {
       Some(level) => (level, sink),
       None => (Level::ERROR, Some(Arc::new(|_, _, _| {}) as LogSink)),
     };
-    routes()
-      .write()
-      .by_registrar
-      .insert(id, Route { sink, level, token });
+    {
+      let mut routes = routes().write();
+      routes.by_registrar.insert(id, Route { sink, level, token });
+      update_max_rank(&routes);
+    }
     let span = tracing::info_span!(target: "mcpctl_registrar", "registrar", registrar = id);
     Self { id, span }
   }
@@ -103,7 +132,9 @@ impl LogRoute {
 
 impl Drop for LogRoute {
   fn drop(&mut self) {
-    routes().write().by_registrar.remove(&self.id);
+    let mut routes = routes().write();
+    routes.by_registrar.remove(&self.id);
+    update_max_rank(&routes);
   }
 }
 
@@ -129,11 +160,20 @@ where
   S: Subscriber + for<'a> LookupSpan<'a>,
 {
   fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
-    if metadata.target().starts_with(OWN_TARGET) {
+    if !metadata.target().starts_with(OWN_TARGET) {
+      Interest::never()
+    } else if metadata.is_span() {
+      // Spans are always kept: they carry the route and the fields of the events
+      // inside them, whatever level those come at.
       Interest::always()
     } else {
-      Interest::never()
+      // Asked per event (`enabled` below), since the routes' levels change.
+      Interest::sometimes()
     }
+  }
+
+  fn enabled(&self, metadata: &Metadata<'_>, _: Context<'_, S>) -> bool {
+    metadata.is_span() || level_rank(*metadata.level()) <= MAX_EVENT_RANK.load(Ordering::Relaxed)
   }
 
   fn on_new_span(&self, attributes: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
@@ -164,21 +204,13 @@ where
   }
 
   fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-    // The registrar the event belongs to, and the fields of the spans it is in
-    // (outermost first, so that an inner span's value wins).
-    let mut registrar = None;
-    let mut span_fields = Map::new();
-    if let Some(scope) = ctx.event_scope(event) {
-      for span in scope.from_root() {
-        let extensions = span.extensions();
-        if let Some(id) = extensions.get::<RegistrarId>() {
-          registrar.get_or_insert(id.0);
-        }
-        if let Some(fields) = extensions.get::<SpanFields>() {
-          span_fields.extend(fields.0.clone());
-        }
-      }
-    }
+    // The registrar the event belongs to (the outermost registrar span), and
+    // whether its route takes the event's level, before anything is copied.
+    let registrar = ctx.event_scope(event).and_then(|scope| {
+      scope
+        .from_root()
+        .find_map(|span| span.extensions().get::<RegistrarId>().map(|id| id.0))
+    });
     let level = *event.metadata().level();
     let routes = routes().read();
     let route = registrar.and_then(|id| routes.by_registrar.get(&id));
@@ -188,6 +220,16 @@ where
     );
     if !enabled {
       return;
+    }
+    // The fields of the spans the event is in, outermost first, so that an
+    // inner span's value wins.
+    let mut span_fields = Map::new();
+    if let Some(scope) = ctx.event_scope(event) {
+      for span in scope.from_root() {
+        if let Some(fields) = span.extensions().get::<SpanFields>() {
+          span_fields.extend(fields.0.clone());
+        }
+      }
     }
     let mut visitor = Fields::default();
     event.record(&mut visitor);
