@@ -617,6 +617,21 @@ mod tests {
     }
   }
 
+  /// Two registrars in one mcplocal count apart (no global default registry).
+  #[test]
+  fn each_registrar_has_its_own_registry() {
+    let (one, two) = (RegistrarMetrics::new(), RegistrarMetrics::new());
+    one.provider("p").task_ended(&record(Outcome::Completed));
+    let completed = r#"mcpctl_registrar_requests_total{outcome="completed",provider="p"}"#;
+    assert_eq!(parse(&one.render(&scrape()))[completed], 1.0);
+    two.provider("p");
+    assert_eq!(parse(&two.render(&scrape()))[completed], 0.0);
+    assert!(
+      prometheus::gather().is_empty(),
+      "nothing in the default registry"
+    );
+  }
+
   #[test]
   fn a_label_value_is_escaped() {
     let metrics = RegistrarMetrics::new();
