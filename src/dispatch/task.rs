@@ -290,7 +290,8 @@ impl TaskContext<'_> {
         provider.as_ref(),
         call,
         &called,
-        (&mut encoder, &self.clock),
+        &mut encoder,
+        &self.clock,
         &outbox,
       );
       let ending = self.decide(deadline, produced, outbox.relay_gone()).await;
@@ -425,7 +426,8 @@ async fn produce(
   provider: &dyn Provider,
   call: ProviderCall,
   called: &AtomicBool,
-  (encoder, clock): (&mut StreamEncoder, &TaskClock),
+  encoder: &mut StreamEncoder,
+  clock: &TaskClock,
   outbox: &Outbox,
 ) -> Result<(), Produced> {
   let provider_failed = |message: String| {
