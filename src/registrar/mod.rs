@@ -24,6 +24,7 @@ mod updates;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ use crate::config::SessionStore;
 use crate::dispatch::{DispatchSettings, Owners, PublishedProvider, TaskDispatcher};
 use crate::error::{describe, Error, Result};
 use crate::mcpd::McpdClient;
+use crate::observe::metrics::Scrape;
+use crate::observe::TaskObserver;
 use crate::owner::usage::UsageReport;
 use crate::secret::Secret;
 
@@ -76,6 +79,9 @@ pub struct Registrar {
   /// To the supervisor. Only the handle sends: once it is gone, an idle
   /// supervisor ends, as nothing can start it any more.
   commands: mpsc::UnboundedSender<Command>,
+  /// Audit lines dropped (queue full, write failed): the audit log counts,
+  /// `metrics()` reads.
+  audit_lines_dropped: Arc<AtomicU64>,
 }
 
 impl Registrar {
@@ -142,7 +148,11 @@ impl Registrar {
       .owners
       .tracker
       .spawn_on(supervisor.run().instrument(core.span.clone()), &runtime);
-    Ok(Self { core, commands })
+    Ok(Self {
+      core,
+      commands,
+      audit_lines_dropped: Arc::new(AtomicU64::new(0)),
+    })
   }
 
   /// A snapshot of the state and the counters.
@@ -349,6 +359,30 @@ impl Registrar {
   /// per caller.
   pub fn usage(&self) -> UsageReport {
     self.core.dispatcher.usage()
+  }
+
+  /// The Prometheus text exposition (format 0.0.4) of this registrar's metrics
+  /// (observe/metrics.rs), with the lanes, the state, the reconnects and the
+  /// audit log's dropped lines read now.
+  pub fn metrics(&self) -> String {
+    let status = self.core.status();
+    let dropped = self.audit_lines_dropped.load(Ordering::Relaxed);
+    self.core.dispatcher.metrics_text(|lanes| Scrape {
+      lanes,
+      state: status.state,
+      reconnects: status.reconnects,
+      audit_lines_dropped: dropped,
+    })
+  }
+
+  /// Adds an observer told about every task that ends from now on (the audit log).
+  pub fn add_observer(&self, observer: Arc<dyn TaskObserver>) {
+    self.core.dispatcher.add_observer(observer);
+  }
+
+  /// The count of dropped audit lines, for the audit log to increment.
+  pub fn audit_lines_dropped(&self) -> Arc<AtomicU64> {
+    Arc::clone(&self.audit_lines_dropped)
   }
 
   /// Stops taking tasks, answers in-flight ones 503, closes the channel and
