@@ -19,6 +19,7 @@
 
 mod admission;
 mod delivery;
+mod failure;
 mod relay;
 mod replay;
 mod task;
