@@ -19,7 +19,9 @@ use mcpctl_registrar::openai::{
   ErrorReply, FunctionCall, FunctionDelta, FunctionKind, PayloadForm, StreamEncoder, ToolCall,
   ToolCallDelta, Usage, DONE,
 };
-use mcpctl_registrar::wire::{parse_caller, parse_task, MAX_CALLER_BYTES, MAX_CALLER_GROUPS};
+use mcpctl_registrar::wire::{
+  parse_caller, parse_task, replace_lone_surrogates, MAX_CALLER_BYTES, MAX_CALLER_GROUPS,
+};
 
 /// `PROPTEST_CASES` when set, else `default`; no regression files (a shrunk
 /// failure is kept as an example test instead).
@@ -580,8 +582,54 @@ fn encode(
 
 // Cases per test in `cargo test`: about 1 to 2 s each in a debug build on this
 // project's loaded 2-core machine (the JSON strategies are the cost).
+/// JSON text for a JavaScript string (UTF-16 code units) as `JSON.stringify`
+/// writes it: a lone surrogate as a `\u` escape (lower-case hex, or upper when
+/// `upper`), everything else as serde_json escapes it.
+fn js_stringify(units: &[u16], upper: bool) -> String {
+  let mut json = String::from("\"");
+  for decoded in char::decode_utf16(units.iter().copied()) {
+    match decoded {
+      Ok(c) => {
+        let escaped = serde_json::to_string(&c.to_string()).unwrap();
+        json.push_str(&escaped[1..escaped.len() - 1]);
+      }
+      Err(lone) if upper => json.push_str(&format!("\\u{:04X}", lone.unpaired_surrogate())),
+      Err(lone) => json.push_str(&format!("\\u{:04x}", lone.unpaired_surrogate())),
+    }
+  }
+  json.push('"');
+  json
+}
+
+/// JavaScript strings: any code units, surrogates (paired, lone, reversed) often.
+fn js_string() -> impl Strategy<Value = Vec<u16>> {
+  prop::collection::vec(
+    prop_oneof![
+      2 => any::<u16>(),
+      1 => prop::sample::select(vec![0xD800u16, 0xDBFF, 0xDC00, 0xDFFF, 0xD83D, 0xDE00, 0x5C, 0x75, 0x22]),
+    ],
+    0..24,
+  )
+}
+
 proptest! {
   #![proptest_config(config(1000))]
+
+  /// Any JavaScript string a provider sends, lone surrogates included, reads as
+  /// `toWellFormed()` of it: each lone surrogate U+FFFD, the rest as it was.
+  #[test]
+  fn any_javascript_string_reads_as_its_well_formed_self(
+    units in js_string(),
+    upper in any::<bool>(),
+  ) {
+    let text = format!(r#"{{"content":{}}}"#, js_stringify(&units, upper));
+    let repaired = replace_lone_surrogates(&text);
+    let read: CompletionChunk = serde_json::from_str(repaired.as_deref().unwrap_or(&text))
+      .map_err(|error| TestCaseError::fail(format!("{error}: {text}")))?;
+    prop_assert_eq!(read.content, Some(String::from_utf16_lossy(&units)));
+    let lone = char::decode_utf16(units.iter().copied()).any(|decoded| decoded.is_err());
+    prop_assert_eq!(repaired.is_some(), lone, "repaired only when needed");
+  }
 
   /// Any frame text, and any JSON at all: no panic. A frame that is an object
   /// with a string `taskId` always yields that id, parsed or not, so the task
