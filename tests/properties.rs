@@ -1,10 +1,14 @@
 //! Property tests (proptest) of the decoders and encoders on the public core: the
 //! task frame (`parse_task`, `parse_caller`), the OpenAI request → `CompletionOptions`
-//! conversion, and the chunk encoder (`StreamEncoder`) checked against async-openai's
-//! typed stream objects, as a typed client reads them. A few thousand cases each in
-//! `cargo test`; `PROPTEST_CASES` (set by scripts/stress.sh) runs more.
+//! conversion, the chunk encoder (`StreamEncoder`) checked against async-openai's
+//! typed objects (as a typed client reads them), a JavaScript string's lone
+//! surrogates, and drawn task frames through a registrar and the fake mcpd (each
+//! answered exactly once). 700 cases each in `cargo test`; `PROPTEST_CASES` (set by
+//! scripts/stress.sh) runs more.
 //! The SSE parser's and the task-id encoder's properties need private access and
 //! live beside them (src/sse.rs, src/mcpd.rs).
+
+mod support;
 
 use std::collections::BTreeMap;
 
@@ -580,8 +584,6 @@ fn encode(
   out
 }
 
-// Cases per test in `cargo test`: about 1 to 2 s each in a debug build on this
-// project's loaded 2-core machine (the JSON strategies are the cost).
 /// JSON text for a JavaScript string (UTF-16 code units) as `JSON.stringify`
 /// writes it: a lone surrogate as a `\u` escape (lower-case hex, or upper when
 /// `upper`), everything else as serde_json escapes it.
@@ -612,8 +614,11 @@ fn js_string() -> impl Strategy<Value = Vec<u16>> {
   )
 }
 
+// 700 cases per test in `cargo test`: the file's tests take about 15 s in all in
+// a debug build on this project's 2-core machine under the other builds' load
+// (the JSON strategies are the cost).
 proptest! {
-  #![proptest_config(config(1000))]
+  #![proptest_config(config(700))]
 
   /// Any JavaScript string a provider sends, lone surrogates included, reads as
   /// `toWellFormed()` of it: each lone surrogate U+FFFD, the rest as it was.
@@ -784,4 +789,178 @@ proptest! {
     prop_assert_eq!(typed_calls.len(), calls.len());
     prop_assert!(typed.choices[0].finish_reason.is_some());
   }
+}
+
+// ---------------------------------------------------------------------------
+// Every task gets one answer: arbitrary task frames through a registrar.
+
+const PROVIDER: &str = "local-qwen";
+
+/// A task frame with `taskId` = `id` and everything else drawn: the provider
+/// (the published one, another, or any JSON), `stream`, `body` (a valid request,
+/// or any JSON), `caller` and extra fields, each present or not.
+fn task_frame(id: String) -> impl Strategy<Value = Value> {
+  // Mostly frames that reach the provider, so that every ending is drawn often.
+  (
+    prop_oneof![
+      8 => Just(Some(json!(PROVIDER))),
+      1 => Just(None),
+      1 => Just(Some(json!("not-published"))),
+      1 => json_value().prop_map(Some),
+    ],
+    prop_oneof![
+      6 => any::<bool>().prop_map(|stream| Some(Value::Bool(stream))),
+      1 => Just(None),
+      1 => json_leaf().prop_map(Some),
+    ],
+    prop_oneof![
+      6 => valid_request().prop_map(Some),
+      1 => Just(None),
+      1 => json_value().prop_map(Some),
+    ],
+    prop_oneof![4 => Just(None), 1 => json_value().prop_map(Some)],
+    prop::collection::btree_map(key(), json_leaf(), 0..3),
+  )
+    .prop_map(move |(provider, stream, body, caller, extra)| {
+      let mut frame: Map<String, Value> = extra.into_iter().collect();
+      frame.insert("taskId".into(), json!(id));
+      for (name, value) in [
+        ("provider", provider),
+        ("stream", stream),
+        ("body", body),
+        ("caller", caller),
+      ] {
+        match value {
+          Some(value) => frame.insert(name.into(), value),
+          None => frame.remove(name),
+        };
+      }
+      Value::Object(frame)
+    })
+}
+
+/// Every frame with a usable task id is answered exactly once: one result POST,
+/// or chunk POSTs ending in `[DONE]`, never both (docs/protocol.md section 4),
+/// whatever else the frame holds and however the provider ends; frames without a
+/// readable id, in between, change nothing. The frames are drawn by proptest (no
+/// shrinking: a failure prints the frame), half of `PROPTEST_CASES` (350 by
+/// default), all through one registrar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_drawn_task_frame_is_answered_exactly_once() {
+  use proptest::strategy::ValueTree;
+  use proptest::test_runner::TestRunner;
+  use support::provider::{Behavior, MockProvider};
+  use support::{wait_for, FakeMcpd, Route, TempDir, WAIT};
+
+  let count = (config(700).cases / 2).max(1) as usize;
+  let mut runner = TestRunner::new(config(700));
+  let mut draw =
+    |strategy: BoxedStrategy<Value>| strategy.new_tree(&mut runner).expect("a value").current();
+  let frames: Vec<(String, Value)> = (0..count)
+    .map(|index| {
+      let id = format!(
+        "t{index}-{}",
+        draw(text().prop_map(Value::String).boxed())
+          .as_str()
+          .unwrap()
+      );
+      let id: String = id.chars().take(64).collect();
+      (id.clone(), draw(task_frame(id).boxed()))
+    })
+    .collect();
+
+  let fake = FakeMcpd::start().await;
+  let dir = TempDir::new("frames");
+  // Every kind of ending, in turn: an answer, a rejection, a stream, a stream
+  // that fails after its first chunks.
+  let behaviors = [
+    Behavior::Answer(json!({ "content": "hello", "finishReason": "stop" })),
+    Behavior::Reject("boom".to_owned()),
+    Behavior::Stream {
+      count: 3,
+      delay: std::time::Duration::ZERO,
+      fail: None,
+    },
+    Behavior::Stream {
+      count: 2,
+      delay: std::time::Duration::ZERO,
+      fail: Some("mid-stream".to_owned()),
+    },
+  ];
+  let script = behaviors.iter().cycle().take(count + 1).cloned().collect();
+  let provider = MockProvider::new(true, script);
+  let registrar = mcpctl_registrar::registrar::Registrar::new(
+    mcpctl_registrar::registrar::RegistrarConfig {
+      mcpd_url: fake.url.clone(),
+      token: mcpctl_registrar::secret::Secret::new("sk-frames-token"),
+      providers: vec![mcpctl_registrar::dispatch::PublishedProvider {
+        descriptor: mcpctl_registrar::wire::ProviderDescriptor {
+          name: PROVIDER.to_owned(),
+          kind: "ollama".to_owned(),
+          model: None,
+          description: None,
+          context_window: None,
+        },
+        provider,
+        policy: Default::default(),
+      }],
+      config_dir: dir.path().to_owned(),
+      heartbeat_interval: std::time::Duration::from_secs(60),
+      idle_timeout: None,
+      backoff: mcpctl_registrar::backoff::BackoffPolicy::default(),
+      dispatch: mcpctl_registrar::dispatch::DispatchSettings {
+        task_timeout: std::time::Duration::from_secs(30),
+        max_concurrency: 8,
+        max_queue: 10_000,
+      },
+      allow_insecure_http: false,
+    },
+    None,
+    tracing::Span::none(),
+  )
+  .expect("valid config");
+  registrar.start().await.expect("start");
+  fake.wait_stream(1).await;
+
+  for (index, (_, frame)) in frames.iter().enumerate() {
+    fake.send("task", frame);
+    if index % 7 == 0 {
+      // Frames without a usable task id: logged and dropped, nothing else.
+      fake.push(format!(
+        "event: task\ndata: {}\n\n",
+        json!({ "taskId": index })
+      ));
+      fake.push("event: task\ndata: {\"taskId\n\n");
+    }
+  }
+  let answered = |id: &str| {
+    !fake.for_task(Route::Result, id).is_empty()
+      || fake.payloads(id).last().map(String::as_str) == Some(DONE)
+  };
+  for (id, frame) in &frames {
+    wait_for(&format!("an answer to {frame}"), WAIT * 4, || answered(id)).await;
+  }
+  // Every POST a task makes is made before its answer is complete (the result
+  // POST is the last; `[DONE]` is the last payload), so once all are answered
+  // the counts are final for these tasks.
+  for (id, frame) in &frames {
+    let results = fake.for_task(Route::Result, id);
+    let payloads = fake.payloads(id);
+    match (results.len(), payloads.is_empty()) {
+      (1, true) => {}
+      (0, false) => {
+        assert_eq!(
+          payloads.iter().filter(|p| p.as_str() == DONE).count(),
+          1,
+          "{frame}"
+        );
+      }
+      _ => panic!(
+        "{} result POSTs and {} payloads for {frame}",
+        results.len(),
+        payloads.len()
+      ),
+    }
+  }
+  registrar.stop().await;
 }
