@@ -24,7 +24,8 @@ use mcpctl_registrar::openai::{
   ToolCallDelta, Usage, DONE,
 };
 use mcpctl_registrar::wire::{
-  parse_caller, parse_task, replace_lone_surrogates, MAX_CALLER_BYTES, MAX_CALLER_GROUPS,
+  parse_caller, parse_task, replace_lone_surrogates, write_json_str, ChunkPost, MAX_CALLER_BYTES,
+  MAX_CALLER_GROUPS,
 };
 
 /// `PROPTEST_CASES` when set, else `default`; no regression files (a shrunk
@@ -729,6 +730,22 @@ proptest! {
     for (escaped, payload) in escaped.iter().zip(&payloads) {
       let unescaped: String = serde_json::from_str(&format!("\"{escaped}\"")).unwrap();
       prop_assert_eq!(&unescaped, payload);
+    }
+  }
+
+  /// The chunk POST's body, built by hand in one pass, is the bytes serde_json
+  /// writes for it, whatever the payloads hold.
+  #[test]
+  fn every_chunk_post_body_is_serde_jsons_bytes(
+    seq in any::<u64>(),
+    chunks in prop::collection::vec(any::<String>(), 0..6),
+  ) {
+    let post = ChunkPost { seq, chunks: &chunks };
+    prop_assert_eq!(post.to_json(), serde_json::to_string(&post).unwrap());
+    for chunk in &chunks {
+      let mut ours = String::new();
+      write_json_str(&mut ours, chunk);
+      prop_assert_eq!(ours, serde_json::to_string(chunk).unwrap());
     }
   }
 
