@@ -350,6 +350,16 @@ export interface LlmProviderFileEntry {
   allowCallers?: Array<string>
   /** The owner's limits for this provider. @default undefined (no limits) */
   limits?: PublishLimits
+  /**
+   * What a remote caller sees when this provider fails (throws, rejects, or
+   * answers something unusable): `'message'`, the provider's error message;
+   * `'generic'`, "the provider failed (error id e-…)", where the id is also on
+   * the local `provider failed` warn line (`errorId`), beside the real message.
+   * Either way the token is scrubbed from every answer. The registrar's own
+   * answers (503 stopping, 504 timeout, refusals) are the same for both.
+   * @default 'message'
+   */
+  errorDetail?: 'message' | 'generic'
 }
 
 /**

@@ -28,6 +28,12 @@ for _ in $(seq "$cores"); do
 done
 echo "$cores CPU hogs running; $rounds rounds; logs in $logs"
 
+# The property tests (proptest) run 700 to 3,000 cases each in a plain
+# `cargo test`; a stress round runs 5,000 each (override with PROPTEST_CASES),
+# about 1.5 min more per round on a loaded 2-core machine (stress rounds differ
+# in their random seeds too, so 20 rounds cover 20 times as many cases).
+export PROPTEST_CASES="${PROPTEST_CASES:-5000}"
+
 passed=0
 failed=0
 for round in $(seq "$rounds"); do

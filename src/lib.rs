@@ -30,6 +30,22 @@ pub mod sse;
 pub mod stream;
 pub mod wire;
 
+/// The property tests' settings: `PROPTEST_CASES` cases when set (scripts/stress.sh
+/// sets it higher), else `default`; no regression files (a shrunk failure is kept
+/// as an example test instead).
+#[cfg(test)]
+pub(crate) fn proptest_config(default: u32) -> proptest::test_runner::Config {
+  let cases = std::env::var("PROPTEST_CASES")
+    .ok()
+    .and_then(|cases| cases.parse().ok())
+    .unwrap_or(default);
+  proptest::test_runner::Config {
+    cases,
+    failure_persistence: None,
+    ..proptest::test_runner::Config::default()
+  }
+}
+
 /// The registrar runs on its own small runtime with named threads, so that its
 /// threads are recognisable in a profiler or a thread dump of mcplocal. Two
 /// workers: one was measured (`npm run bench`, docs/benchmark.md) and is no

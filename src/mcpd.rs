@@ -667,4 +667,71 @@ mod tests {
     assert_eq!(encode_segment(".."), "%2E%2E");
     assert_eq!(encode_segment("..."), "...");
   }
+
+  /// Property test (proptest): whatever the task id mcpd sends, the URL a result
+  /// or chunk POST goes to parses back (by the url crate, as reqwest sends it) to
+  /// the prefix, the one segment that decodes to the id, and the endpoint; an
+  /// id that cannot be one segment gives no URL at all.
+  mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn task_id() -> impl Strategy<Value = String> {
+      prop_oneof![
+        // Any text at all (control characters, surrogate-free Unicode, `%`, `/`).
+        any::<String>(),
+        // Mostly URL syntax, where an encoder's mistakes would show.
+        prop::collection::vec(
+          prop::sample::select(vec![
+            ".", "..", "/", "%", "%2e", "%2F", "?", "#", ";", "\\", " ", "+", "&", "=", "@", ":",
+            "a", "Z", "9", "-", "_", "~", "é", "😀", "\u{0}", "\u{7f}", "[", "]",
+          ]),
+          0..12,
+        )
+        .prop_map(|pieces| pieces.concat()),
+        "[.]{0,4}",
+      ]
+    }
+
+    /// One client for every case: building one loads the OS's root certificates,
+    /// which took about 40 ms a case here.
+    static CLIENT: std::sync::LazyLock<McpdClient> = std::sync::LazyLock::new(|| {
+      McpdClient::new(
+        "http://127.0.0.1:9/mcpd/",
+        Secret::new("tok".to_owned()),
+        false,
+      )
+      .unwrap()
+    });
+
+    proptest! {
+      #![proptest_config(crate::proptest_config(3000))]
+
+      #[test]
+      fn every_task_path_parses_back_to_its_one_segment(
+        id in task_id(),
+        endpoint in prop::sample::select(vec!["result", "chunks"]),
+      ) {
+        let built = CLIENT.endpoint_url(&task_path(&id, endpoint));
+        if matches!(id.as_str(), "" | "." | "..") {
+          prop_assert!(built.is_err(), "{id:?} gave {built:?}");
+          return Ok(());
+        }
+        let built = built.unwrap();
+        let parsed = Url::parse(built.as_str()).unwrap();
+        prop_assert_eq!(&parsed, &built);
+        let segments: Vec<&str> = parsed.path_segments().unwrap().collect();
+        prop_assert_eq!(
+          &segments[..5],
+          &["mcpd", "api", "v1", "llms", "_provider-tasks"][..]
+        );
+        prop_assert_eq!(segments.len(), 7, "{:?}", segments);
+        prop_assert_eq!(segments[6], endpoint);
+        let decoded = percent_encoding::percent_decode_str(segments[5]).decode_utf8().unwrap();
+        prop_assert_eq!(decoded, id.as_str());
+        prop_assert_eq!(parsed.query(), None);
+        prop_assert_eq!(parsed.fragment(), None);
+      }
+    }
+  }
 }

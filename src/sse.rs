@@ -1059,4 +1059,132 @@ mod tests {
     next.feed(b"id\n\n", &mut out).unwrap();
     assert_eq!(next.dispatched_event_id(), None);
   }
+
+  /// Property tests (proptest): a valid stream read in any split gives the
+  /// reference reading's items; arbitrary bytes never panic, give the same
+  /// outcome whatever the split, and never hold more than the frame limit.
+  mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Lines of the WHATWG grammar (and near misses of it), with every line end.
+    fn valid_stream() -> impl Strategy<Value = String> {
+      let name = prop::sample::select(vec![
+        "data", "data", "data", "event", "id", "retry", "foo", "", "dat", "DATA",
+      ]);
+      let separator = prop::sample::select(vec![": ", ":", ":  ", "", " :"]);
+      let value = prop::collection::vec(
+        prop_oneof![
+          prop::sample::select(vec![
+            "a", "é", "😀", ":", " ", "\0", "12", "\u{FEFF}", "\u{2028}"
+          ])
+          .prop_map(str::to_owned),
+          // Any text without a line end: the value of a field may hold anything else.
+          "[^\r\n]{0,8}",
+        ],
+        0..5,
+      );
+      let end = prop::sample::select(vec!["\n", "\r", "\r\n"]);
+      let line = prop_oneof![
+        1 => Just(String::new()),
+        1 => Just(": ping".to_owned()),
+        6 => (name, separator, value).prop_map(|(name, separator, value)| {
+          format!("{name}{separator}{}", value.concat())
+        }),
+      ];
+      (
+        any::<bool>(),
+        prop::collection::vec((line, end), 0..40),
+        prop::option::of("[^\r\n]{0,8}"),
+      )
+        .prop_map(|(bom, lines, unfinished)| {
+          let mut stream = if bom {
+            "\u{FEFF}".to_owned()
+          } else {
+            String::new()
+          };
+          for (line, end) in lines {
+            stream.push_str(&line);
+            stream.push_str(end);
+          }
+          if let Some(unfinished) = unfinished {
+            stream.push_str("data: ");
+            stream.push_str(&unfinished);
+          }
+          stream
+        })
+    }
+
+    /// A stream and sorted cut points in it.
+    fn with_cuts<T: std::fmt::Debug + Clone + AsRef<[u8]>>(
+      stream: impl Strategy<Value = T>,
+    ) -> impl Strategy<Value = (T, Vec<usize>)> {
+      stream.prop_flat_map(|stream| {
+        let len = stream.as_ref().len();
+        let cuts = prop::collection::vec(0..=len, 0..12).prop_map(|mut cuts| {
+          cuts.sort_unstable();
+          cuts
+        });
+        (Just(stream), cuts)
+      })
+    }
+
+    /// Bytes that are mostly stream syntax, with any byte now and then.
+    fn arbitrary_bytes() -> impl Strategy<Value = Vec<u8>> {
+      let piece = prop_oneof![
+        3 => prop::sample::select(vec![
+          &b"data: "[..], b"event:", b"id:", b"retry: 1", b": ", b"x", b"\xc3\xa9",
+          b"\r", b"\n", b"\r\n", b"\xEF\xBB\xBF",
+        ])
+        .prop_map(<[u8]>::to_vec),
+        1 => prop::collection::vec(any::<u8>(), 0..8),
+      ];
+      prop::collection::vec(piece, 0..48).prop_map(|pieces| pieces.concat())
+    }
+
+    proptest! {
+      #![proptest_config(crate::proptest_config(3000))]
+
+      #[test]
+      fn any_split_of_a_valid_stream_gives_the_reference_items(
+        (stream, cuts) in with_cuts(valid_stream())
+      ) {
+        let (expected, expected_id) = reference(&stream);
+        let (items, result, parser) = parse_split(stream.as_bytes(), &cuts, DEFAULT_MAX_FRAME_BYTES);
+        prop_assert_eq!(result, Ok(()));
+        prop_assert_eq!(items, expected);
+        prop_assert_eq!(parser.last_event_id(), expected_id.as_deref());
+      }
+
+      #[test]
+      fn arbitrary_bytes_never_panic_and_stay_within_the_limit(
+        (stream, cuts) in with_cuts(arbitrary_bytes()),
+        limit in 1usize..256,
+      ) {
+        let whole = parse_split(&stream, &[], limit);
+        // Fed in pieces, checking the buffers after every feed.
+        let mut parser = SseParser::new(limit);
+        let mut items = Vec::new();
+        let mut result = Ok(());
+        let mut start = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&stream.len())) {
+          result = parser.feed(&stream[start..cut], &mut items);
+          prop_assert!(parser.line.len() <= limit, "line {} > {limit}", parser.line.len());
+          prop_assert!(parser.data.len() <= limit, "data {} > {limit}", parser.data.len());
+          prop_assert!(parser.event_type.len() <= limit);
+          if result.is_err() {
+            break;
+          }
+          start = cut;
+        }
+        prop_assert_eq!(&items, &whole.0);
+        prop_assert_eq!(&result, &whole.1);
+        // Once failed, it stays failed and holds nothing.
+        if let Err(error) = &result {
+          prop_assert_eq!(parser.feed(b"data: x\n\n", &mut items), Err(error.clone()));
+          prop_assert_eq!(parser.line.capacity() + parser.data.capacity(), 0);
+        }
+      }
+    }
+  }
 }

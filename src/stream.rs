@@ -235,6 +235,11 @@ fn parse_chunk_text(text: &str) -> Result<CompletionChunk, ProviderFailure> {
       return Ok(chunk);
     }
   }
+  // A lone surrogate from JavaScript becomes U+FFFD (docs/protocol.md, "Streaming");
+  // the text repaired has none left, so this recurses once at most.
+  if let Some(repaired) = crate::wire::replace_lone_surrogates(text) {
+    return parse_chunk_text(&repaired);
+  }
   match serde_json::from_str::<Value>(text) {
     Ok(value) => parse_chunk(value).map_err(ProviderFailure),
     Err(error) => Err(ProviderFailure(format!(
@@ -676,5 +681,22 @@ mod tests {
       .unwrap_err()
       .0
       .starts_with("provider.stream: unreadable chunk: "));
+  }
+
+  /// Found by the Node sample of the encoder's Unicode property
+  /// (__test__/unicode.test.mjs, through the openai client): a JavaScript
+  /// string with a lone surrogate failed the whole stream ("unexpected end of
+  /// hex escape"); it now reads as String.prototype.toWellFormed() would.
+  #[test]
+  fn a_lone_surrogate_from_javascript_reads_as_u_fffd() {
+    let chunk =
+      parse_chunk_text(r#"{"content":"lone high \ud800! pair \ud83d\ude00 low \uDC00"}"#).unwrap();
+    assert_eq!(
+      chunk.content.as_deref(),
+      Some("lone high \u{FFFD}! pair 😀 low \u{FFFD}")
+    );
+    // An escaped backslash before "ud800" is text, not an escape.
+    let chunk = parse_chunk_text(r#"{"content":"\\ud800"}"#).unwrap();
+    assert_eq!(chunk.content.as_deref(), Some("\\ud800"));
   }
 }

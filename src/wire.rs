@@ -266,6 +266,60 @@ pub fn write_json_str_content(out: &mut String, text: &str) {
   out.push_str(&text[run..]);
 }
 
+/// `text` (JSON) with every `\u` escape of a lone UTF-16 surrogate replaced by
+/// `\ufffd`; `None` when it has none. A JavaScript string may hold a lone
+/// surrogate, and `JSON.stringify` writes it as such an escape, which no JSON
+/// parser turns into a Rust string (serde_json refuses it): this is
+/// `String.prototype.toWellFormed()` done on the JSON text, run only after a
+/// parse failed. Escapes are found by scanning backslashes, so `\\ud800` (an
+/// escaped backslash and then text) is left alone.
+pub fn replace_lone_surrogates(text: &str) -> Option<String> {
+  let bytes = text.as_bytes();
+  let unit_at = |at: usize| -> Option<u16> {
+    if bytes.get(at) != Some(&b'\\') || bytes.get(at + 1) != Some(&b'u') {
+      return None;
+    }
+    let digits = text.get(at + 2..at + 6)?;
+    if !digits.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+      return None;
+    }
+    u16::from_str_radix(digits, 16).ok()
+  };
+  let mut out = String::new();
+  let mut copied = 0;
+  let mut at = 0;
+  while at < bytes.len() {
+    if bytes[at] != b'\\' {
+      at += 1;
+      continue;
+    }
+    let lone = match unit_at(at) {
+      None => {
+        // Another escape (`\"`, `\\`...): its second byte is never the start of one.
+        at += 2;
+        continue;
+      }
+      Some(0xD800..=0xDBFF) if matches!(unit_at(at + 6), Some(0xDC00..=0xDFFF)) => {
+        at += 12;
+        continue;
+      }
+      Some(unit) => (0xD800..=0xDFFF).contains(&unit),
+    };
+    if lone {
+      // `at` is a backslash, so a char boundary.
+      out.push_str(&text[copied..at]);
+      out.push_str("\\ufffd");
+      copied = at + 6;
+    }
+    at += 6;
+  }
+  if copied == 0 {
+    return None;
+  }
+  out.push_str(&text[copied..]);
+  Some(out)
+}
+
 #[cfg(test)]
 mod tests {
   use super::*;

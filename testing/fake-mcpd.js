@@ -296,6 +296,7 @@ class FakeMcpd {
       query: Object.fromEntries(url.searchParams),
       headers: { ...req.headers },
       body: '',
+      raw: '',
       at: Date.now(),
     }
     this.requests.push(record)
@@ -304,7 +305,8 @@ class FakeMcpd {
     const auth = this.#authenticate(req)
     // A caller's API key opens the OpenAI front only, never the registrar routes.
     if (auth === null || (auth.caller !== null && (path === null || route !== null))) {
-      record.body = parseMaybeJson((await readBody(req).catch(() => Buffer.alloc(0))).toString('utf8'))
+      record.raw = (await readBody(req).catch(() => Buffer.alloc(0))).toString('utf8')
+      record.body = parseMaybeJson(record.raw)
       return sendJson(res, 401, {
         error: {
           message: 'Incorrect or missing bearer token',
@@ -355,6 +357,7 @@ class FakeMcpd {
       return sendJson(res, 413, { error: { message: error.message, type: 'invalid_request_error' } })
     }
     const text = raw.toString('utf8')
+    record.raw = text
     record.body = parseMaybeJson(text)
 
     if (!route) {

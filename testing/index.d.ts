@@ -48,6 +48,8 @@ export interface RecordedRequest {
   headers: RecordedHeaders
   /** Parsed JSON when the body is JSON, else the raw text (`''` when empty). */
   body: unknown
+  /** The body as it arrived (UTF-8 text), for checks on the exact bytes. */
+  raw: string
   /** `Date.now()` at arrival. */
   at: number
 }

@@ -158,7 +158,7 @@ async fn one_record_per_task_that_reached_the_registrar_and_metrics_that_agree()
   let streaming = MockProvider::new(true, vec![Behavior::GatedStream { count: 3 }]);
   let closed = OwnerPolicy {
     allow_callers: Some(vec!["alice".to_owned()]),
-    limits: Default::default(),
+    ..OwnerPolicy::default()
   };
   let recorder = Arc::new(Recorder::default());
   let rig = Rig::connected(

@@ -133,6 +133,7 @@ fn limits(limits: PublishLimits) -> OwnerPolicy {
   OwnerPolicy {
     allow_callers: None,
     limits,
+    ..OwnerPolicy::default()
   }
 }
 
@@ -186,6 +187,7 @@ async fn every_refusal_is_posted_as_the_protocol_says_and_never_reaches_the_prov
       all: rpm(Some(2)),
       ..PublishLimits::default()
     },
+    ..OwnerPolicy::default()
   };
   let rig = Rig::one("refusals", &provider, policy).await;
   let alice = || Some(json!({ "id": "u-1", "groups": ["ml-team"] }));
@@ -306,6 +308,7 @@ async fn the_checks_run_in_the_protocols_order() {
       all: rpm(Some(1)),
       ..PublishLimits::default()
     },
+    ..OwnerPolicy::default()
   };
   // One slot, no queue: the concurrency check comes last.
   let rig = Rig::connected("order", vec![published(PROVIDER, &provider, policy)], 1, 0).await;

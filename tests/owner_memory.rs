@@ -109,6 +109,7 @@ async fn a_hostile_mcpd_sending_100000_caller_ids_grows_no_memory_past_the_bound
       },
       ..PublishLimits::default()
     },
+    ..OwnerPolicy::default()
   };
   let config = RegistrarConfig {
     mcpd_url: server.url.clone(),

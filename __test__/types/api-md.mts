@@ -168,6 +168,8 @@ declare namespace Api {
   export interface LlmProviderFileEntry {
     allowCallers?: string[]
     limits?: PublishLimits
+    /** What a remote caller sees of this provider's failures; default 'message'. */
+    errorDetail?: 'message' | 'generic'
   }
   export interface ProviderUsage {
     tasks: number

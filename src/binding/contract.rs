@@ -108,6 +108,15 @@ pub struct LlmProviderFileEntry {
   pub allow_callers: Option<Vec<String>>,
   /// The owner's limits for this provider. @default undefined (no limits)
   pub limits: Option<PublishLimits>,
+  /// What a remote caller sees when this provider fails (throws, rejects, or
+  /// answers something unusable): `'message'`, the provider's error message;
+  /// `'generic'`, "the provider failed (error id e-…)", where the id is also on
+  /// the local `provider failed` warn line (`errorId`), beside the real message.
+  /// Either way the token is scrubbed from every answer. The registrar's own
+  /// answers (503 stopping, 504 timeout, refusals) are the same for both.
+  /// @default 'message'
+  #[napi(ts_type = "'message' | 'generic'")]
+  pub error_detail: Option<String>,
 }
 js_object!(LlmProviderFileEntry {
   name,
@@ -117,7 +126,8 @@ js_object!(LlmProviderFileEntry {
   description,
   context_window,
   allow_callers,
-  limits
+  limits,
+  error_detail
 });
 
 /// The owner's limits for one published provider. Every field is optional (absent:
@@ -363,6 +373,10 @@ fn defaults() -> Vec<(&'static str, String)> {
     ("maxConcurrency", dispatch.max_concurrency.to_string()),
     ("maxQueue", dispatch.max_queue.to_string()),
     ("allowInsecureHttp", "false".to_owned()),
+    (
+      "errorDetail",
+      format!("'{}'", crate::owner::ErrorDetail::default().name()),
+    ),
   ]
 }
 

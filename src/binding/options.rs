@@ -15,7 +15,7 @@ use super::contract::{
 use crate::backoff::BackoffPolicy;
 use crate::dispatch::DispatchSettings;
 use crate::error::{Error, Result};
-use crate::owner::{self, OwnerPolicy, RateLimits};
+use crate::owner::{self, ErrorDetail, OwnerPolicy, RateLimits};
 use crate::wire::ProviderDescriptor;
 
 /// The largest duration an option may ask for (about 24 days, a JS timer's limit).
@@ -536,6 +536,7 @@ pub fn provider_entry(entry: &Object, path: &str) -> Result<ProviderEntry> {
   let policy = OwnerPolicy {
     allow_callers: read.allow_callers,
     limits: publish_limits(read.limits, &format!("{path}limits."))?,
+    error_detail: error_detail(read.error_detail.as_deref(), path)?,
   };
   Ok(ProviderEntry {
     descriptor: ProviderDescriptor {
@@ -548,6 +549,21 @@ pub fn provider_entry(entry: &Object, path: &str) -> Result<ProviderEntry> {
     publish: read.publish,
     policy,
   })
+}
+
+/// `errorDetail`, checked: absent is `'message'`.
+fn error_detail(value: Option<&str>, path: &str) -> Result<ErrorDetail> {
+  match value {
+    None => Ok(ErrorDetail::default()),
+    Some(name) => ErrorDetail::from_name(name).ok_or_else(|| {
+      invalid(format!(
+        "{path}errorDetail must be {}; got '{name}'",
+        ErrorDetail::NAMES
+          .map(|name| format!("'{name}'"))
+          .join(" or ")
+      ))
+    }),
+  }
 }
 
 /// Names must be unique: mcpd routes by name.

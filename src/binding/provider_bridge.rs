@@ -445,7 +445,12 @@ impl Provider for ProviderBridge {
         })
         .await?
         .ok_or_else(|| ProviderFailure("provider.complete: no value".to_owned()))?;
+      // A lone surrogate from JavaScript becomes U+FFFD, as in a streamed chunk.
       serde_json::from_str(&text)
+        .or_else(|error| match crate::wire::replace_lone_surrogates(&text) {
+          Some(repaired) => serde_json::from_str(&repaired),
+          None => Err(error),
+        })
         .map_err(|error| ProviderFailure(format!("provider.complete: unreadable value: {error}")))
     })
   }

@@ -19,6 +19,7 @@
 
 mod admission;
 mod delivery;
+mod failure;
 mod observed;
 mod relay;
 mod replay;

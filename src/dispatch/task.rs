@@ -29,11 +29,13 @@ use tokio::time::Instant;
 
 use super::admission::{Admission, Lane, Slot};
 use super::delivery::{deliver, Delivery, DeliverySignals};
+use super::failure;
 use super::observed::TaskClock;
 use super::relay::{relay_chunks, Outbox, Relayed};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
 use crate::openai::{self, AnswerIdentity, ErrorReply, PayloadForm, StreamEncoder, Usage};
+use crate::owner::ErrorDetail;
 use crate::provider::{AbortReason, Provider, ProviderCall};
 
 /// A task's tokens: mcpd's cancel (its own), the stop (a child of the
@@ -175,12 +177,13 @@ impl TaskContext<'_> {
       options: options.into_value(),
     };
     let provider = &published.provider;
+    let detail = published.policy.error_detail;
     if stream {
       self.clock.answered_by(&identity.model);
       let encoder = StreamEncoder::new(identity, request.include_usage);
-      self.stream_task(provider, call, encoder).await
+      self.stream_task(provider, call, encoder, detail).await
     } else {
-      self.complete_task(provider, call, identity).await
+      self.complete_task(provider, call, identity, detail).await
     }
   }
 
@@ -217,6 +220,7 @@ impl TaskContext<'_> {
     provider: &Arc<dyn Provider>,
     call: ProviderCall,
     identity: AnswerIdentity,
+    detail: ErrorDetail,
   ) -> Outcome {
     let task_id = call.task_id.clone();
     let deadline = Instant::now() + self.task_timeout;
@@ -255,10 +259,8 @@ impl TaskContext<'_> {
           .await
       }
       Err(message) => {
-        tracing::warn!(task_id = %task_id, error = %message, "provider failed");
-        self
-          .fail(&task_id, &ErrorReply::provider_error(message))
-          .await
+        let reply = failure::provider_failed(detail, message);
+        self.fail(&task_id, &reply).await
       }
     }
   }
@@ -268,6 +270,7 @@ impl TaskContext<'_> {
     provider: &Arc<dyn Provider>,
     call: ProviderCall,
     encoder: StreamEncoder,
+    detail: ErrorDetail,
   ) -> Outcome {
     let task_id = call.task_id.clone();
     let deadline = Instant::now() + self.task_timeout;
@@ -293,6 +296,7 @@ impl TaskContext<'_> {
         &mut encoder,
         &self.clock,
         &outbox,
+        detail,
       );
       let ending = self.decide(deadline, produced, outbox.relay_gone()).await;
       let reply = match ending {
@@ -317,7 +321,7 @@ impl TaskContext<'_> {
       if encoder.started() {
         // Payloads went out: the error goes in-band, then [DONE].
         let mut out = Vec::new();
-        encoder.fail(&reply, &mut out);
+        encoder.fail(&failure::scrubbed(&reply, self.client.token()), &mut out);
         let _ = outbox.push_escaped(&mut out).await;
         Outcome::Failed
       } else {
@@ -343,8 +347,10 @@ impl TaskContext<'_> {
     }
   }
 
-  /// Answers a task with an OpenAI error body on the result endpoint.
+  /// Answers a task with an OpenAI error body on the result endpoint, its
+  /// message scrubbed of the token.
   async fn fail(&self, task_id: &str, reply: &ErrorReply) -> Outcome {
+    let reply = &failure::scrubbed(reply, self.client.token());
     tracing::debug!(task_id, status = reply.status, message = %reply.message, "answering with an error");
     self
       .post_result_with(
@@ -429,11 +435,10 @@ async fn produce(
   encoder: &mut StreamEncoder,
   clock: &TaskClock,
   outbox: &Outbox,
+  detail: ErrorDetail,
 ) -> Result<(), Produced> {
-  let provider_failed = |message: String| {
-    tracing::warn!(error = %message, "provider failed");
-    Produced::Failed(ErrorReply::provider_error(message))
-  };
+  let provider_failed =
+    |message: String| Produced::Failed(failure::provider_failed(detail, message));
   let mut out = Vec::new();
   called.store(true, Ordering::Relaxed);
   if provider.can_stream() {
@@ -535,7 +540,9 @@ mod tests {
       options: Value::Null,
     };
     let identity = AnswerIdentity::new("t", "m".into());
-    let outcome = context.complete_task(&provider, call, identity).await;
+    let outcome = context
+      .complete_task(&provider, call, identity, ErrorDetail::Message)
+      .await;
     let aborts = silent.0.lock().clone();
     (outcome, aborts)
   }

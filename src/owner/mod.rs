@@ -50,12 +50,48 @@ pub struct PublishLimits {
   pub per_caller: RateLimits,
 }
 
-/// What the owner set on an entry: `allowCallers` and `limits`.
+/// What the owner set on an entry: `allowCallers`, `limits` and `errorDetail`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OwnerPolicy {
   /// `None`: everyone (with or without a caller). Empty: nobody.
   pub allow_callers: Option<Vec<String>>,
   pub limits: PublishLimits,
+  /// What a remote caller sees of the provider's failures.
+  pub error_detail: ErrorDetail,
+}
+
+/// An entry's `errorDetail`: what a remote caller sees when the provider fails
+/// (docs/protocol.md, "What a remote caller sees of a provider's failure").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ErrorDetail {
+  /// The provider's own message, token scrubbed (`'message'`, the default).
+  #[default]
+  Message,
+  /// "the provider failed" and an error id that the local warn line carries too
+  /// (`'generic'`).
+  Generic,
+}
+
+impl ErrorDetail {
+  /// The option's JavaScript values, in the order of its type.
+  pub const NAMES: [&'static str; 2] = ["message", "generic"];
+
+  /// The value of `errorDetail` named `name`.
+  pub fn from_name(name: &str) -> Option<Self> {
+    match name {
+      "message" => Some(Self::Message),
+      "generic" => Some(Self::Generic),
+      _ => None,
+    }
+  }
+
+  /// This value's JavaScript name.
+  pub fn name(self) -> &'static str {
+    match self {
+      Self::Message => "message",
+      Self::Generic => "generic",
+    }
+  }
 }
 
 impl OwnerPolicy {
