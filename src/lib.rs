@@ -19,6 +19,7 @@ pub mod error;
 pub mod heartbeat;
 pub mod logging;
 pub mod mcpd;
+pub mod observe;
 pub mod openai;
 pub mod owner;
 pub mod provider;
