@@ -2,6 +2,8 @@
 //! once it ended: one record per task that reached the registrar (docs/protocol.md).
 //! A refused task id or a replay makes no record.
 
+pub mod audit;
+
 use std::time::{Duration, SystemTime};
 
 use crate::dispatch::Outcome;
