@@ -724,7 +724,7 @@ mod tests {
       ("/var/log/a.jsonl".into(), 4096, 0)
     );
     let refused = |result: Result<Option<AuditSettings>>, wanted: &str| {
-      let message = result.err().expect(wanted).to_string();
+      let message = result.expect_err(wanted).to_string();
       assert!(message.contains(wanted), "{message}");
     };
     refused(on(Some(""), None, None), "audit.path must be a non-empty");

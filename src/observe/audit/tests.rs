@@ -49,7 +49,7 @@ fn record(n: usize) -> TaskRecord {
     caller_id: Some("alice".to_owned()),
     request_model: Some("local".to_owned()),
     response_model: Some("llama3".to_owned()),
-    stream: n % 2 == 0,
+    stream: n.is_multiple_of(2),
     outcome: Outcome::Completed,
     status: 200,
     refused: None,
