@@ -5,7 +5,7 @@
 // `content: true`; never the token. The writer is flushed by stop(), so the file is read after it.
 
 import assert from 'node:assert/strict'
-import { lstat, mkdir, readFile, readlink, stat, symlink, writeFile } from 'node:fs/promises'
+import { lstat, mkdir, readdir, readFile, readlink, stat, symlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import test from 'node:test'
 import { addon, chatBody, startMcpd, startRegistrar, TOKEN, tempConfigDir } from './helpers.mjs'
@@ -20,10 +20,6 @@ const PROMPT_CANARY = 'prompt-canary-7f3a9c'
 const ANSWER_CANARY = 'answer-canary-51be02'
 const USAGE = { promptTokens: 3, completionTokens: 4 }
 const unix = process.platform !== 'win32'
-// The lines come from the per-task record the dispatcher builds (issue 17, with metrics());
-// until that is merged, the tests that need lines say so instead of failing.
-const needsRecords =
-  typeof VirtualLlmRegistrar.prototype.metrics === 'function' ? false : 'needs the per-task record (issue 17)'
 
 /** Answers at once, with the answer canary (and, when asked, the token echoed in it). */
 function canaryProvider({ echoToken = false } = {}) {
@@ -115,9 +111,7 @@ async function runTasks({ mcpd, alice, bob }) {
   assert.equal((await mcpd.outcome('audit-direct-2')).status, 200)
 }
 
-test('audit: one line per task that reached the registrar, refusals included, without prompt, answer or token', {
-  skip: needsRecords,
-}, async (t) => {
+test('audit: one line per task that reached the registrar, refusals included, without prompt, answer or token', async (t) => {
   const setup = await auditSetup(t, {})
   await runTasks(setup)
   await setup.registrar.stop()
@@ -162,9 +156,7 @@ test('audit: one line per task that reached the registrar, refusals included, wi
   assert.deepEqual(setup.mcpd.violations, [])
 })
 
-test('audit: content: true adds the messages and the answer, with the token scrubbed from both', {
-  skip: needsRecords,
-}, async (t) => {
+test('audit: content: true adds the messages and the answer, with the token scrubbed from both', async (t) => {
   const setup = await auditSetup(t, { content: true }, { provider: canaryProvider({ echoToken: true }) })
   await setup.alice.chat.completions.create(
     ask({ messages: [{ role: 'user', content: `${PROMPT_CANARY} my key is ${TOKEN}` }] }),
@@ -176,6 +168,65 @@ test('audit: content: true adds the messages and the answer, with the token scru
   assert.equal(lines[0].messages[0].role, 'user')
   assert.equal(lines[0].messages[0].content, `${PROMPT_CANARY} my key is ***`)
   assert.equal(lines[0].content, `${ANSWER_CANARY} you sent ***`)
+})
+
+/** Sends `n` tasks straight from mcpd (as alice), `batch` at a time (below maxQueue), each awaited. */
+async function sendTasks(mcpd, n, prefix, batch = 50) {
+  const body = { ...chatBody(), messages: [{ role: 'user', content: PROMPT_CANARY }] }
+  for (let from = 0; from < n; from += batch) {
+    const ids = []
+    for (let i = from; i < Math.min(n, from + batch); i++) {
+      ids.push(mcpd.sendTask({ provider: 'local', body, taskId: `${prefix}-${i}`, caller: ALICE }))
+    }
+    for (const id of ids) assert.equal((await mcpd.outcome(id)).status, 200, id)
+  }
+}
+
+/** Every audit file in `dir` (the file and its rotations), with its size and parsed lines. */
+async function auditFiles(dir) {
+  const names = (await readdir(dir)).filter((name) => /^audit\.jsonl(\.\d+)?$/.test(name)).sort()
+  return Promise.all(
+    names.map(async (name) => ({
+      name,
+      size: (await stat(join(dir, name))).size,
+      mode: (await stat(join(dir, name))).mode & 0o777,
+      ...(await auditLines(join(dir, name))),
+    })),
+  )
+}
+
+test('audit: 1,000 tasks make 1,000 valid lines; rotation keeps `keep` files, each within maxBytes', async (t) => {
+  const all = await auditSetup(t, { maxBytes: 16_384, keep: 1000 })
+  await sendTasks(all.mcpd, 1000, 'many')
+  await all.registrar.stop()
+  const files = await auditFiles(all.configDir)
+  assert.ok(files.length > 2, `rotated: ${files.map((file) => file.name)}`)
+  const ids = files.flatMap((file) => file.lines.map((line) => line.taskId))
+  assert.equal(ids.length, 1000)
+  assert.equal(new Set(ids).size, 1000)
+  for (const file of files) {
+    assert.ok(file.size <= 16_384, `${file.name}: ${file.size} bytes`)
+    if (unix) assert.equal(file.mode, 0o600, file.name)
+    assert.ok(!file.text.includes(PROMPT_CANARY) && !file.text.includes(TOKEN), file.name)
+  }
+
+  const few = await auditSetup(t, { maxBytes: 2048, keep: 2 })
+  // One at a time, so that at most two tasks overlap: a line is written when its task has
+  // ended, a moment after mcpd has its answer, so neighbours may swap.
+  await sendTasks(few.mcpd, 100, 'few', 1)
+  await few.registrar.stop()
+  const kept = await auditFiles(few.configDir)
+  assert.deepEqual(
+    kept.map((file) => file.name),
+    ['audit.jsonl', 'audit.jsonl.1', 'audit.jsonl.2'],
+  )
+  for (const file of kept) assert.ok(file.size <= 2048, `${file.name}: ${file.size} bytes`)
+  // The newest lines are kept, the oldest gone.
+  const keptIds = kept.flatMap((file) => file.lines.map((line) => Number(line.taskId.slice('few-'.length))))
+  assert.equal(new Set(keptIds).size, keptIds.length)
+  assert.ok(keptIds.includes(99) && keptIds.includes(98), `${keptIds}`)
+  assert.ok(Math.min(...keptIds) >= 100 - keptIds.length - 1, `${keptIds}`)
+  assert.ok(keptIds.length < 100, 'older lines were rotated away')
 })
 
 test('audit: off by default, no file', async (t) => {

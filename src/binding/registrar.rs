@@ -675,3 +675,44 @@ impl Registry for JsRegistry<'_, '_> {
       .map(Some)
   }
 }
+
+// metrics(): issue 17, item 2 (observe/metrics.rs).
+#[napi]
+impl VirtualLlmRegistrar {
+  /// This registrar's metrics, in the Prometheus text exposition format 0.0.4 (not
+  /// OpenMetrics: no `# EOF`), for mcplocal to serve joined with its own
+  /// (prom-client's) text on one route. Each registrar has its own registry.
+  /// Meanings follow vLLM's; times are measured from a task's arrival at the
+  /// registrar. Counts follow `status()`: every task that reached the registrar
+  /// (not a refused task id or a replay), by outcome.
+  ///
+  /// Labelled `provider` (a published name; "(unknown)" for a task naming no
+  /// provider this registrar serves, never mcpd's string):
+  /// - `mcpctl_registrar_requests_running` (gauge): tasks holding a concurrency slot now.
+  /// - `mcpctl_registrar_requests_waiting` (gauge): tasks in the provider's queue now.
+  /// - `mcpctl_registrar_requests_total{outcome}` (counter): tasks ended, `outcome`
+  ///   'completed' | 'failed' | 'cancelled'.
+  /// - `mcpctl_registrar_requests_refused_total{reason}` (counter): refused by the
+  ///   owner's controls, `reason` as in `usage()` ('caller_not_allowed',
+  ///   'requests_per_minute', 'tokens_per_minute', 'tokens_per_day',
+  ///   'max_tokens_exceeded', 'request_too_large', 'provider_paused', 'queue_full').
+  /// - `mcpctl_registrar_request_queue_time_seconds` (histogram): arrival to slot.
+  /// - `mcpctl_registrar_time_to_first_token_seconds` (histogram): arrival to first
+  ///   content, one sample per streamed task that produced content.
+  /// - `mcpctl_registrar_inter_token_latency_seconds` (histogram): gaps between a
+  ///   stream's content reads.
+  /// - `mcpctl_registrar_e2e_request_latency_seconds` (histogram): arrival to end,
+  ///   per task that got a slot.
+  /// - `mcpctl_registrar_prompt_tokens_total`, `mcpctl_registrar_generation_tokens_total`
+  ///   (counters): tokens as `usage()` books them.
+  ///
+  /// Without a provider label:
+  /// - `mcpctl_registrar_reconnects_total` (counter): `status().reconnects`.
+  /// - `mcpctl_registrar_state{state}` (gauge): 1 for the current `RegistrarState`,
+  ///   0 for the others.
+  /// - `mcpctl_registrar_audit_lines_dropped_total` (counter): audit log lines dropped.
+  #[napi]
+  pub fn metrics(&self) -> String {
+    self.core.metrics()
+  }
+}

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::PublishedProvider;
+use crate::observe::metrics::ProviderMetrics;
 use crate::owner::{Meter, OwnerPolicy};
 use crate::wire::ProviderLoad;
 
@@ -33,6 +34,8 @@ pub struct Lane {
   pub meter: Mutex<Meter>,
   /// Tasks admitted (running or queued) and not yet ended, for `pause({ drain })`.
   admitted: AtomicU32,
+  /// This lane's metric handles, resolved at its first task (`observed.rs`).
+  pub metrics: std::sync::OnceLock<Arc<ProviderMetrics>>,
 }
 
 #[derive(Default)]
@@ -87,6 +90,7 @@ impl Lane {
       failed: AtomicU64::new(0),
       meter: Mutex::new(Meter::new()),
       admitted: AtomicU32::new(0),
+      metrics: std::sync::OnceLock::new(),
     }
   }
 

@@ -19,6 +19,7 @@
 
 mod admission;
 mod delivery;
+mod observed;
 mod relay;
 mod replay;
 mod task;
@@ -39,6 +40,8 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::mcpd::McpdClient;
+use crate::observe::metrics::RegistrarMetrics;
+use crate::observe::TaskObserver;
 use crate::openai::{self, Caller, ErrorReply};
 use crate::owner::usage::{UsageBook, UsageReport};
 use crate::owner::{estimate_tokens, Charge, OwnerPolicy, Refusal};
@@ -46,6 +49,7 @@ use crate::provider::Provider;
 use crate::wire::{self, CancelEvent, ProviderDescriptor, ProviderLoad, TaskEvent};
 
 pub use delivery::{deliver, Delivery, DeliverySignals, DELIVERY_DEADLINE};
+pub use observed::TaskClock;
 pub use replay::{ReplayGuard, MAX_IDS, MAX_ID_BYTES, REPLAY_WINDOW};
 pub use task::Outcome;
 
@@ -156,6 +160,10 @@ pub struct TaskDispatcher {
   usage: Mutex<UsageBook>,
   /// Told each time an admitted task ends (for `pause({ drain })`).
   task_ended: Notify,
+  /// Told about every task that ended (observed.rs); swapped whole, read per task.
+  observers: RwLock<Arc<[Arc<dyn TaskObserver>]>>,
+  /// This registrar's own metrics (no global registry).
+  metrics: RegistrarMetrics,
 }
 
 impl TaskDispatcher {
@@ -174,6 +182,8 @@ impl TaskDispatcher {
       pauses: Mutex::new(Pauses::default()),
       usage: Mutex::new(UsageBook::default()),
       task_ended: Notify::new(),
+      observers: RwLock::new(Arc::new([])),
+      metrics: RegistrarMetrics::new(),
     };
     dispatcher.serve(&providers, &[]);
     dispatcher
@@ -329,8 +339,8 @@ impl TaskDispatcher {
       .unwrap_or_default();
     let span = tracing::info_span!("task", task_id = %task_id, provider = %provider);
     let started = tokio::time::Instant::now();
-    let (decision, lane, metering) = match parsed {
-      Ok(event) => span.in_scope(|| self.decide(&event)),
+    let (decision, lane, metering) = match &parsed {
+      Ok(event) => span.in_scope(|| self.decide(event)),
       Err(error) => (
         Decision::Answer(ErrorReply::invalid_request(format!(
           "the task event is malformed: {error}"
@@ -346,6 +356,14 @@ impl TaskDispatcher {
     if counted {
       Self::count(&mut self.book.lock(), lane.as_deref(), Outcome::Failed);
     }
+    let (clock, arrival) = self.arrived(
+      started,
+      parsed.as_ref().ok(),
+      &decision,
+      lane.as_deref(),
+      metering.as_ref(),
+    );
+    drop(parsed);
     let dispatcher = Arc::clone(self);
     self.owners.tracker.spawn(
       async move {
@@ -356,6 +374,7 @@ impl TaskDispatcher {
           signals,
           answered: AtomicU16::new(0),
           spent: Mutex::new(Spent::default()),
+          clock,
         };
         let run = AssertUnwindSafe(context.run(&task_id, decision)).catch_unwind();
         let outcome = match run.await {
@@ -372,6 +391,7 @@ impl TaskDispatcher {
               },
               answered: AtomicU16::new(0),
               spent: Mutex::new(Spent::default()),
+              clock: TaskClock::new(started, None, false, false),
             };
             let reply = ErrorReply::provider_error("internal error in the registrar");
             fallback.run(&task_id, Decision::Answer(reply)).await;
@@ -395,10 +415,21 @@ impl TaskDispatcher {
             "task answered"
           ),
         }
-        if let (Some(lane), Some(metering)) = (lane.as_deref(), metering) {
-          let spent = std::mem::take(&mut *context.spent.lock());
-          dispatcher.settle(lane, metering, spent);
-        }
+        let tokens = match (lane.as_deref(), metering) {
+          (Some(lane), Some(metering)) => {
+            let spent = std::mem::take(&mut *context.spent.lock());
+            dispatcher.settle(lane, metering, spent)
+          }
+          _ => None,
+        };
+        dispatcher.ended(
+          &task_id,
+          lane.as_deref(),
+          arrival,
+          &context,
+          tokens,
+          outcome,
+        );
         dispatcher.finish(&task_id, lane.as_deref(), (!counted).then_some(outcome));
       }
       .instrument(span),
@@ -565,13 +596,14 @@ impl TaskDispatcher {
   }
 
   /// Books an admitted task that ended: its tokens (the provider's usage, else the
-  /// estimate) when it reached the provider, else its request taken back.
-  fn settle(&self, lane: &Lane, metering: Metering, spent: Spent) {
+  /// estimate) when it reached the provider, else its request taken back. Returns
+  /// the tokens booked (for the metrics and the record).
+  fn settle(&self, lane: &Lane, metering: Metering, spent: Spent) -> Option<(u64, u64)> {
     lane.hold(false);
     self.task_ended.notify_waiters();
     if !spent.reached {
       lane.meter.lock().refund(&metering.charge);
-      return;
+      return None;
     }
     let (prompt, completion) = match spent.usage {
       Some(usage) => (usage.prompt_tokens, usage.completion_tokens),
@@ -590,6 +622,7 @@ impl TaskDispatcher {
       prompt,
       completion,
     );
+    Some((prompt, completion))
   }
 
   fn is_paused(&self, name: &str) -> bool {

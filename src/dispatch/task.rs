@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::admission::{Admission, Lane, Slot};
 use super::delivery::{deliver, Delivery, DeliverySignals};
+use super::observed::TaskClock;
 use super::relay::{relay_chunks, Outbox, Relayed};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
@@ -90,6 +91,8 @@ pub struct TaskContext<'a> {
   pub answered: AtomicU16,
   /// What the task spent (the dispatcher reads it when the task ended).
   pub spent: Mutex<Spent>,
+  /// Its queue time, first content and gaps, for the metrics and its record.
+  pub clock: TaskClock,
 }
 
 /// Why the provider's part of a task ended.
@@ -147,6 +150,7 @@ impl TaskContext<'_> {
         }
       }
     };
+    self.clock.slot_granted();
     // A slot handed over just as the task was cancelled or stopped.
     if self.signals.cancel.is_cancelled() {
       return Outcome::Cancelled;
@@ -172,6 +176,7 @@ impl TaskContext<'_> {
     };
     let provider = &published.provider;
     if stream {
+      self.clock.answered_by(&identity.model);
       let encoder = StreamEncoder::new(identity, request.include_usage);
       self.stream_task(provider, call, encoder).await
     } else {
@@ -235,6 +240,10 @@ impl TaskContext<'_> {
       .and_then(openai::parse_result)
     {
       Ok(result) => {
+        self.clock.result_read(&result);
+        self
+          .clock
+          .answered_by(result.model.as_deref().unwrap_or(&identity.model));
         {
           let mut spent = self.spent.lock();
           spent.usage = result.usage;
@@ -277,7 +286,13 @@ impl TaskContext<'_> {
     let produce = async {
       // However this block ends, the relay then posts what is left and ends.
       let producer = Producer(&outbox);
-      let produced = produce(provider.as_ref(), call, &called, &mut encoder, &outbox);
+      let produced = produce(
+        provider.as_ref(),
+        call,
+        &called,
+        (&mut encoder, &self.clock),
+        &outbox,
+      );
       let ending = self.decide(deadline, produced, outbox.relay_gone()).await;
       let reply = match ending {
         Ending::Settled(Ok(())) => return Outcome::Completed,
@@ -410,7 +425,7 @@ async fn produce(
   provider: &dyn Provider,
   call: ProviderCall,
   called: &AtomicBool,
-  encoder: &mut StreamEncoder,
+  (encoder, clock): (&mut StreamEncoder, &TaskClock),
   outbox: &Outbox,
 ) -> Result<(), Produced> {
   let provider_failed = |message: String| {
@@ -432,6 +447,7 @@ async fn produce(
       .await
       .map_err(|failure| provider_failed(failure.0))?
     {
+      clock.chunks_read(&chunks);
       for chunk in chunks.drain(..) {
         encoder.push(chunk, &mut out);
       }
@@ -443,6 +459,7 @@ async fn produce(
       .await
       .map_err(|failure| provider_failed(failure.0))?;
     let result = openai::parse_result(value).map_err(provider_failed)?;
+    clock.result_read(&result);
     encoder.push_result(result, &mut out);
   }
   encoder.finish(&mut out);
@@ -507,6 +524,7 @@ mod tests {
       signals,
       answered: AtomicU16::new(0),
       spent: Mutex::new(Spent::default()),
+      clock: TaskClock::new(Instant::now(), None, false, false),
     };
     let silent = Arc::new(Silent::default());
     let provider: Arc<dyn Provider> = silent.clone();

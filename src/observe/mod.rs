@@ -3,6 +3,7 @@
 //! A refused task id or a replay makes no record.
 
 pub mod audit;
+pub mod metrics;
 
 use std::time::{Duration, SystemTime};
 

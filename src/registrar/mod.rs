@@ -24,7 +24,7 @@ mod updates;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,7 @@ use crate::dispatch::{DispatchSettings, Owners, PublishedProvider, TaskDispatche
 use crate::error::{describe, Error, Result};
 use crate::mcpd::McpdClient;
 use crate::observe::audit::{AuditConfig, AuditLog};
+use crate::observe::metrics::Scrape;
 use crate::observe::TaskObserver;
 use crate::owner::usage::UsageReport;
 use crate::secret::Secret;
@@ -79,9 +80,12 @@ pub struct Registrar {
   /// To the supervisor. Only the handle sends: once it is gone, an idle
   /// supervisor ends, as nothing can start it any more.
   commands: mpsc::UnboundedSender<Command>,
-  /// The audit log (issue 17), when the `audit` option asked for one and its
-  /// file could be had.
-  audit: RegistrarAudit,
+  /// Audit lines dropped (queue full, write failed): the audit log counts,
+  /// `metrics()` reads.
+  audit_lines_dropped: Arc<AtomicU64>,
+  /// The audit log, when the `audit` option asked for one and its file could
+  /// be had: `stop()` closes it.
+  audit: Mutex<Option<Arc<AuditLog>>>,
 }
 
 impl Registrar {
@@ -151,7 +155,8 @@ impl Registrar {
     Ok(Self {
       core,
       commands,
-      audit: RegistrarAudit::default(),
+      audit_lines_dropped: Arc::new(AtomicU64::new(0)),
+      audit: Mutex::new(None),
     })
   }
 
@@ -361,6 +366,30 @@ impl Registrar {
     self.core.dispatcher.usage()
   }
 
+  /// The Prometheus text exposition (format 0.0.4) of this registrar's metrics
+  /// (observe/metrics.rs), with the lanes, the state, the reconnects and the
+  /// audit log's dropped lines read now.
+  pub fn metrics(&self) -> String {
+    let status = self.core.status();
+    let dropped = self.audit_lines_dropped.load(Ordering::Relaxed);
+    self.core.dispatcher.metrics_text(|lanes| Scrape {
+      lanes,
+      state: status.state,
+      reconnects: status.reconnects,
+      audit_lines_dropped: dropped,
+    })
+  }
+
+  /// Adds an observer told about every task that ends from now on (the audit log).
+  pub fn add_observer(&self, observer: Arc<dyn TaskObserver>) {
+    self.core.dispatcher.add_observer(observer);
+  }
+
+  /// The count of dropped audit lines, for the audit log to increment.
+  pub fn audit_lines_dropped(&self) -> Arc<AtomicU64> {
+    Arc::clone(&self.audit_lines_dropped)
+  }
+
   /// Stops taking tasks, answers in-flight ones 503, closes the channel and
   /// ends every task of this registrar: when it returns, nothing of it is in
   /// flight, will be sent, or alive. Idempotent.
@@ -387,14 +416,6 @@ impl Registrar {
   }
 }
 
-/// The registrar's audit log and the count of its lines that never reached the
-/// file (for `metrics()`'s `audit_lines_dropped_total`).
-#[derive(Default)]
-struct RegistrarAudit {
-  log: Mutex<Option<Arc<AuditLog>>>,
-  dropped: Arc<AtomicU64>,
-}
-
 // The audit log (the `audit` option; observe/audit.rs).
 impl Registrar {
   /// Opens the audit log and tells it every task that ends from now on; call it
@@ -403,31 +424,25 @@ impl Registrar {
   /// `token` is scrubbed from every line. Once per registrar: a second call is
   /// ignored.
   pub fn open_audit(&self, config: &AuditConfig, token: Secret) {
-    let mut slot = self.audit.log.lock();
+    let mut slot = self.audit.lock();
     if slot.is_some() {
       return;
     }
     let opened = AuditLog::open(
       config,
       Some(token),
-      Arc::clone(&self.audit.dropped),
+      Arc::clone(&self.audit_lines_dropped),
       self.core.span.clone(),
     );
     if let Some(log) = opened.map(Arc::new) {
-      // TODO(wt-metrics merge): self.core.dispatcher.add_observer(Arc::clone(&log) as Arc<dyn TaskObserver>);
-      let _: &dyn TaskObserver = &*log;
+      self.add_observer(Arc::clone(&log) as Arc<dyn TaskObserver>);
       *slot = Some(log);
     }
   }
 
-  /// Audit lines dropped so far (a full queue, a failed write, or after stop()).
-  pub fn audit_lines_dropped(&self) -> Arc<AtomicU64> {
-    Arc::clone(&self.audit.dropped)
-  }
-
   /// Writes what the audit log holds and closes its file (bounded: `CLOSE_GRACE`).
   async fn close_audit(&self) {
-    let log = self.audit.log.lock().clone();
+    let log = self.audit.lock().clone();
     if let Some(log) = log {
       log.close().await;
     }
