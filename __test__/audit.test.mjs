@@ -229,6 +229,30 @@ test('audit: 1,000 tasks make 1,000 valid lines; rotation keeps `keep` files, ea
   assert.ok(keptIds.length < 100, 'older lines were rotated away')
 })
 
+test('audit: a provider failure echoing the token is a failed line, without the token or the error text', async (t) => {
+  const failing = {
+    async complete() {
+      throw new Error(`upstream refused key ${TOKEN} (error-canary-0d41)`)
+    },
+  }
+  const setup = await auditSetup(t, { content: true }, { provider: failing })
+  const error = await setup.alice.chat.completions.create(ask()).then(
+    () => assert.fail('the failing provider answered'),
+    (caught) => caught,
+  )
+  assert.ok(error instanceof OpenAI.APIError)
+  // (The answer's own scrubbing is the errorDetail work's, issue 17 item 5: not checked here.)
+  await setup.registrar.stop()
+  const { text, lines } = await auditLines(join(setup.configDir, 'audit.jsonl'))
+  assert.ok(!text.includes(TOKEN), text)
+  assert.ok(!text.includes('error-canary-0d41'), text)
+  assert.equal(lines.length, 1, text)
+  assert.equal(lines[0].outcome, 'failed')
+  assert.equal(lines[0].status, error.status)
+  assert.equal(lines[0].callerId, 'u-alice')
+  assert.equal(lines[0].content, null, 'no answer text')
+})
+
 test('audit: off by default, no file', async (t) => {
   const setup = await auditSetup(t, undefined)
   await setup.alice.chat.completions.create(ask())

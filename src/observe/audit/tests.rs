@@ -477,3 +477,65 @@ async fn close_leaves_every_queued_line_on_disk() {
   assert_eq!(lines[499]["taskId"], "task-499");
   assert!(warnings.all().is_empty(), "{:?}", warnings.all());
 }
+
+/// The registrar's side: `open_audit` opens the file at once (0600, empty), a
+/// second call changes nothing, and lines dropped into the registrar's counter
+/// are the count `metrics()` shows.
+#[tokio::test]
+async fn a_registrars_audit_log_counts_its_drops_into_metrics() {
+  let dir = tempfile::tempdir().unwrap();
+  // Nobody listens there; the registrar is never started.
+  let url = "http://127.0.0.1:9".to_owned();
+  let warnings = Warnings::new();
+  let registrar = crate::registrar::Registrar::new(
+    crate::registrar::tests::config(url, dir.path()),
+    None,
+    warnings.span(),
+  )
+  .unwrap();
+  let path = dir.path().join("audit.jsonl");
+  let audit = config(&path, DEFAULT_MAX_BYTES, DEFAULT_KEEP);
+  registrar.open_audit(&audit, Secret::new("sk-unit-token"));
+  assert_eq!(fs::read_to_string(&path).unwrap(), "");
+  #[cfg(unix)]
+  {
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+      fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+      0o600
+    );
+  }
+  registrar.open_audit(
+    &config(&dir.path().join("other.jsonl"), 1, 1),
+    Secret::new("x"),
+  );
+  assert!(!dir.path().join("other.jsonl").exists());
+
+  // A second log on a full disk, counting into the registrar's counter.
+  let full = AuditLog::with_sink(
+    Box::new(FullDisk {
+      attempts: Arc::default(),
+    }),
+    false,
+    QUEUE_LINES,
+    None,
+    registrar.audit_lines_dropped(),
+    warnings.span(),
+  );
+  for n in 0..3 {
+    full.task_ended(&record(n));
+  }
+  full.close().await;
+  let text = registrar.metrics();
+  assert!(
+    text
+      .lines()
+      .any(|line| line == "mcpctl_registrar_audit_lines_dropped_total 3"),
+    "{text}"
+  );
+  registrar.stop().await;
+  assert!(warnings
+    .all()
+    .iter()
+    .any(|line| line.contains("3 line(s) dropped")));
+}
