@@ -125,6 +125,15 @@ test('npm run demo: every step, the streamed tokens live, and a clean exit 0 by 
       out,
       /\n {2}usage\(\) demo-llm: 3 tasks, \d+ \+ \d+ tokens, refused: provider_paused 1\n {2}usage\(\) demo-llm-2: 1 tasks, \d+ \+ 4 tokens, refused: caller_not_allowed 1, requests_per_minute 1\n/,
     )
+    // A few lines of metrics(), as Prometheus text.
+    assert.match(
+      out,
+      /\n {2}metrics\(\) mcpctl_registrar_requests_total\{outcome="completed",provider="demo-llm"\} \d+\n/,
+    )
+    assert.match(
+      out,
+      /\n {2}metrics\(\) mcpctl_registrar_requests_refused_total\{provider="demo-llm-2",reason="caller_not_allowed"\} 1\n/,
+    )
   } else {
     assert.ok(out.includes('  skipped: this build of the registrar has no owner controls yet (issue 16)\n'), out)
   }

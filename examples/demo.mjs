@@ -347,6 +347,13 @@ async function ownerControlsStep({
       `  usage() ${name}: ${usage.tasks} tasks, ${usage.promptTokens} + ${usage.completionTokens} tokens, refused: ${refused.join(', ') || 'none'}`,
     )
   }
+  // A few lines of metrics(): what mcplocal serves for Prometheus beside its own.
+  const shown = /^mcpctl_registrar_(requests_total|requests_refused_total|time_to_first_token_seconds_count)\{/
+  const lines = registrar
+    .metrics()
+    .split('\n')
+    .filter((line) => shown.test(line) && !line.endsWith(' 0'))
+  for (const line of lines) say(`  metrics() ${line}`)
 }
 
 /** Runs the clean-ups newest first (registrar, then mcpd, then the temp dir); each runs once. */

@@ -1,7 +1,8 @@
-//! What the dispatcher tells about each task that reached it (issue 17): the
-//! [`TaskRecord`] built from what was known at its arrival ([`Arrival`]) and what
-//! its run measured ([`TaskClock`]), handed to the metrics and to the observers
-//! once it ended. A refused task id or a replay never gets here (`accept`).
+//! What the dispatcher tells about each task that reached it (issue 17): what its
+//! run measured ([`TaskClock`]), counted in the metrics ([`Measures`]) when it ended,
+//! and, while observers are registered, the [`TaskRecord`] built from that and from
+//! what was known at its arrival ([`Arrival`]), handed to them. A refused task id or
+//! a replay never gets here (`accept`).
 //!
 //! Kept apart from `decide`/`settle`: it reads their results, never changes them.
 
@@ -141,6 +142,7 @@ impl TaskClock {
 /// What is known of a task when it arrives: what the metrics need (always, and
 /// cheap), and what a record needs (only while an observer is registered).
 pub struct Arrival {
+  /// A streamed task that runs: its first token and gaps are measured.
   stream: bool,
   refused: Option<Refusal>,
   /// Counted in `status()` (and so in the metrics) at admission: answered
@@ -152,6 +154,8 @@ pub struct Arrival {
 /// The part of an [`Arrival`] that only a [`TaskRecord`] carries.
 struct ArrivalDetail {
   provider: String,
+  /// Whether the task asked for a stream (also for a task answered without running).
+  stream: bool,
   caller_id: Option<String>,
   request_model: Option<String>,
   messages: Option<Value>,
@@ -247,6 +251,7 @@ impl TaskDispatcher {
       match decision {
         Decision::Run { request, .. } => ArrivalDetail {
           provider,
+          stream,
           caller_id: metering
             .and_then(|metering| metering.caller.as_ref())
             .map(|caller| caller.id.clone()),
@@ -257,6 +262,10 @@ impl TaskDispatcher {
           let peek = Peek::of(event);
           ArrivalDetail {
             provider,
+            stream: event
+              .and_then(|event| event.stream)
+              .or_else(|| peek.stream.as_ref().and_then(Value::as_bool))
+              .unwrap_or(false),
             // Only a caller that parses: a malformed one is mcpd's string unchecked.
             caller_id: event
               .and_then(|event| event.caller.as_deref())
@@ -270,18 +279,10 @@ impl TaskDispatcher {
         }
       }
     });
-    // The stream flag of an answered task is for its record only.
-    let record_stream = match (decision, detail.is_some()) {
-      (Decision::Answer(_), true) => event
-        .and_then(|event| event.stream)
-        .or_else(|| Peek::of(event).stream.as_ref().and_then(Value::as_bool))
-        .unwrap_or(false),
-      _ => stream,
-    };
     let gaps = stream.then(|| Arc::clone(self.provider_metrics(lane)));
     let clock = TaskClock::new(started, gaps, content, observed);
     let arrival = Arrival {
-      stream: record_stream,
+      stream,
       refused,
       counted,
       detail,
@@ -325,7 +326,7 @@ impl TaskDispatcher {
       caller_id: detail.caller_id,
       request_model: detail.request_model,
       response_model: clock.model.as_ref().and_then(|model| model.lock().take()),
-      stream: arrival.stream,
+      stream: detail.stream,
       outcome,
       status: context.answered.load(Ordering::Relaxed),
       refused: arrival.refused,
@@ -436,7 +437,7 @@ mod tests {
   async fn a_clock_without_content_wanted_keeps_no_text() {
     let clock = TaskClock::new(Instant::now(), None, false, false);
     clock.result_read(&CompletionResult {
-      content: Some("secret".to_owned()).into(),
+      content: Some("secret".to_owned()),
       tool_calls: None,
       finish_reason: None,
       usage: None,

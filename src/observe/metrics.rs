@@ -379,6 +379,157 @@ mod tests {
       .collect()
   }
 
+  /// Every sample of an exposition, by series; fails on a line that is not a
+  /// HELP, a TYPE or `series value`, and on a series given twice.
+  fn parse(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut samples = std::collections::BTreeMap::new();
+    for line in text.lines() {
+      if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+        continue;
+      }
+      let (series, value) = line.rsplit_once(' ').expect("a sample line");
+      let value: f64 = value.parse().expect("a number");
+      assert!(samples.insert(series.to_owned(), value).is_none(), "{line}");
+    }
+    samples
+  }
+
+  /// A scripted set of tasks, their durations taken on tokio's paused clock, read
+  /// back from the text: exactly these series, with exactly these values.
+  #[tokio::test(start_paused = true)]
+  async fn the_exposition_parses_back_to_exactly_the_scripted_series() {
+    use tokio::time::{advance, Instant};
+    let metrics = RegistrarMetrics::new();
+    let p = metrics.provider("p");
+    // A stream: 20 ms queued, first token at 70 ms, one 30 ms gap, ended at 900 ms.
+    let arrival = Instant::now();
+    advance(Duration::from_millis(20)).await;
+    let queue = arrival.elapsed();
+    advance(Duration::from_millis(50)).await;
+    let first = arrival.elapsed();
+    p.inter_token_gap(Duration::from_millis(30));
+    advance(Duration::from_millis(830)).await;
+    p.task_ended(&Measures {
+      outcome: Outcome::Completed,
+      refused: None,
+      stream: true,
+      queue: Some(queue),
+      time_to_first_token: Some(first),
+      duration: arrival.elapsed(),
+      tokens: Some((3, 5)),
+    });
+    // Not streamed: no slot wait, 250 ms; its whole answer is no "first token".
+    let arrival = Instant::now();
+    advance(Duration::from_millis(250)).await;
+    p.task_ended(&Measures {
+      outcome: Outcome::Completed,
+      refused: None,
+      stream: false,
+      queue: Some(Duration::ZERO),
+      time_to_first_token: Some(arrival.elapsed()),
+      duration: arrival.elapsed(),
+      tokens: Some((10, 1)),
+    });
+    // Refused at admission; cancelled in the queue.
+    let nothing = Measures {
+      outcome: Outcome::Failed,
+      refused: Some(Refusal::RequestsPerMinute),
+      stream: false,
+      queue: None,
+      time_to_first_token: None,
+      duration: Duration::ZERO,
+      tokens: None,
+    };
+    p.task_ended(&nothing);
+    p.task_ended(&Measures {
+      outcome: Outcome::Cancelled,
+      refused: None,
+      stream: true,
+      ..nothing
+    });
+    let samples = parse(&metrics.render(&scrape()));
+    let (buckets, rest): (Vec<_>, Vec<_>) = samples
+      .iter()
+      .partition(|(series, _)| series.contains("_bucket{"));
+    let p = |name: &str| format!("mcpctl_registrar_{name}{{provider=\"p\"}}");
+    let mut expected: Vec<(String, f64)> = vec![
+      (p("requests_running"), 1.0),
+      (p("requests_waiting"), 2.0),
+      (p("request_queue_time_seconds_sum"), 0.02),
+      (p("request_queue_time_seconds_count"), 2.0),
+      (p("time_to_first_token_seconds_sum"), 0.07),
+      (p("time_to_first_token_seconds_count"), 1.0),
+      (p("inter_token_latency_seconds_sum"), 0.03),
+      (p("inter_token_latency_seconds_count"), 1.0),
+      (p("e2e_request_latency_seconds_sum"), 1.15),
+      (p("e2e_request_latency_seconds_count"), 2.0),
+      (p("prompt_tokens_total"), 13.0),
+      (p("generation_tokens_total"), 6.0),
+      ("mcpctl_registrar_reconnects_total".into(), 3.0),
+      ("mcpctl_registrar_audit_lines_dropped_total".into(), 0.0),
+    ];
+    for (outcome, n) in [("completed", 2.0), ("failed", 1.0), ("cancelled", 1.0)] {
+      let series =
+        format!(r#"mcpctl_registrar_requests_total{{outcome="{outcome}",provider="p"}}"#);
+      expected.push((series, n));
+    }
+    for reason in Refusal::ALL {
+      let n = if reason == Refusal::RequestsPerMinute {
+        1.0
+      } else {
+        0.0
+      };
+      let series = format!(
+        r#"mcpctl_registrar_requests_refused_total{{provider="p",reason="{}"}}"#,
+        reason.as_str()
+      );
+      expected.push((series, n));
+    }
+    for state in STATES {
+      let on = if state == RegistrarState::Connected {
+        1.0
+      } else {
+        0.0
+      };
+      let series = format!(r#"mcpctl_registrar_state{{state="{}"}}"#, state.as_str());
+      expected.push((series, on));
+    }
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    let got: Vec<(&String, &f64)> = rest;
+    assert_eq!(
+      got
+        .iter()
+        .map(|(series, _)| series.as_str())
+        .collect::<Vec<_>>(),
+      expected
+        .iter()
+        .map(|(series, _)| series.as_str())
+        .collect::<Vec<_>>()
+    );
+    for ((series, value), (_, want)) in got.iter().zip(&expected) {
+      assert!((**value - want).abs() < 1e-9, "{series} {value} != {want}");
+    }
+    // Buckets: cumulative, one per bound plus +Inf, for each of the four histograms.
+    let ttft: Vec<(&str, f64)> = buckets
+      .iter()
+      .filter(|(series, _)| {
+        series.starts_with("mcpctl_registrar_time_to_first_token_seconds_bucket")
+      })
+      .map(|(series, value)| (series.rsplit_once("le=").unwrap().1, **value))
+      .collect();
+    assert_eq!(ttft.len(), TTFT_BUCKETS.len() + 1);
+    for (le, value) in ttft {
+      let bound: f64 = le
+        .trim_end_matches("\"}")
+        .trim_start_matches('"')
+        .parse()
+        .unwrap_or(f64::INFINITY);
+      assert_eq!(value, if bound >= 0.07 { 1.0 } else { 0.0 }, "le={le}");
+    }
+    let histograms = TTFT_BUCKETS.len() + ITL_BUCKETS.len() + 2 * LATENCY_BUCKETS.len() + 4;
+    assert_eq!(buckets.len(), histograms);
+  }
+
   #[test]
   fn a_task_is_counted_once_by_outcome_and_its_times_and_tokens_observed() {
     let metrics = RegistrarMetrics::new();
@@ -449,6 +600,21 @@ mod tests {
     assert!(
       text.contains(r#"mcpctl_registrar_requests_total{outcome="failed",provider="(unknown)"} 1"#)
     );
+  }
+
+  /// index.d.ts's doc comment of `metrics()` (written on the binding fn) names
+  /// every family registered.
+  #[test]
+  fn the_binding_doc_names_every_family() {
+    let binding = include_str!("../binding/registrar.rs");
+    let doc_start = binding.find("pub fn metrics(").expect("the binding fn");
+    let doc = &binding[..doc_start];
+    let metrics = RegistrarMetrics::new();
+    metrics.unknown();
+    for family in metrics.registry.gather() {
+      let named = format!("`{}", family.name());
+      assert!(doc.contains(&named), "{} is not in the doc", family.name());
+    }
   }
 
   #[test]
