@@ -144,6 +144,7 @@ declare namespace Api {
     pause(options?: { provider?: string; drain?: boolean }): Promise<void>
     resume(options?: { provider?: string }): void
     usage(): UsageReport
+    metrics(): string
   }
 
   // Additions: the owner's controls (API.md "Additions"), as far as they are built.
