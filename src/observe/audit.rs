@@ -2,16 +2,17 @@
 //! registrar, written when it ended (API.md `AuditRecord`). No prompt or answer
 //! text unless `content: true`; never the token.
 //!
-//! A task only hands its record to a bounded queue (`try_send`: a full queue drops
-//! the line and counts it); one writer thread per registrar encodes, redacts and
-//! appends, so a slow or full disk never slows a task. `close()` (from `stop()`)
+//! A task only hands its record to a bounded queue (`try_send`; bounded in
+//! lines, and with content in text bytes: a full queue drops the line and counts
+//! it); one writer thread per registrar encodes, redacts and appends, so a slow
+//! or full disk never slows a task. `close()` (from `stop()`)
 //! lets the writer drain the queue and sync the file, waiting a bounded time.
 
 mod file;
 
 use std::borrow::Cow;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,9 +33,28 @@ pub const DEFAULT_FILE_NAME: &str = "audit.jsonl";
 pub const DEFAULT_MAX_BYTES: u64 = 10 * 1024 * 1024;
 /// `audit.keep`'s default.
 pub const DEFAULT_KEEP: u32 = 5;
-/// Lines waiting for the writer. A record is small without content; with
-/// content it holds the request's messages, so the bound is on lines, kept low.
+/// Lines waiting for the writer. A record is small without content.
 pub const QUEUE_LINES: usize = 1024;
+/// With content a record holds the request's messages, which may be large: the
+/// text waiting for the writer is bounded too (counted as the strings' bytes).
+pub const QUEUE_TEXT_BYTES: usize = 64 * 1024 * 1024;
+
+/// How much may wait for the writer before lines are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBounds {
+  pub lines: usize,
+  /// The bytes of the strings in the records' messages and content.
+  pub text_bytes: usize,
+}
+
+impl Default for QueueBounds {
+  fn default() -> Self {
+    Self {
+      lines: QUEUE_LINES,
+      text_bytes: QUEUE_TEXT_BYTES,
+    }
+  }
+}
 /// How long `close()` waits for the writer to drain the queue and sync the file.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// At most one warning about dropped lines this often (plus one at close for
@@ -247,8 +267,25 @@ impl DropReport {
   }
 }
 
-/// What the writer thread is told.
-type Line = Box<AuditRecord>;
+/// What the writer thread is told: a record and the text bytes it holds.
+struct Line {
+  record: Box<AuditRecord>,
+  text_bytes: usize,
+}
+
+/// The bytes of every string in `value` (keys too): what a record with content
+/// holds beyond its fixed fields.
+fn text_bytes(value: &Value) -> usize {
+  match value {
+    Value::String(text) => text.len(),
+    Value::Array(items) => items.iter().map(text_bytes).sum(),
+    Value::Object(map) => map
+      .iter()
+      .map(|(key, item)| key.len() + text_bytes(item))
+      .sum(),
+    Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+  }
+}
 
 /// The audit log: a `TaskObserver` that queues each ended task's line for its
 /// writer thread.
@@ -256,6 +293,9 @@ pub struct AuditLog {
   content: bool,
   /// `None` once closed.
   queue: Mutex<Option<SyncSender<Line>>>,
+  /// Text bytes queued (`text_budget` at most); the writer takes off what it wrote.
+  queued_text: Arc<AtomicUsize>,
+  text_budget: usize,
   /// The writer's "drained and synced", taken by `close()`.
   finished: Mutex<Option<Receiver<()>>>,
   report: Arc<DropReport>,
@@ -276,7 +316,7 @@ impl AuditLog {
       Ok(file) => Some(Self::with_sink(
         Box::new(file),
         config.content,
-        QUEUE_LINES,
+        QueueBounds::default(),
         token,
         dropped,
         span,
@@ -295,11 +335,11 @@ impl AuditLog {
   }
 
   /// The audit log over any sink (tests inject a full or a slow disk), with a
-  /// queue of `capacity` lines.
+  /// queue within `bounds`.
   pub fn with_sink(
     sink: Box<dyn AuditSink>,
     content: bool,
-    capacity: usize,
+    bounds: QueueBounds,
     token: Option<Secret>,
     dropped: Arc<AtomicU64>,
     span: tracing::Span,
@@ -314,12 +354,14 @@ impl AuditLog {
     report
       .reported
       .store(report.dropped.load(Ordering::Relaxed), Ordering::Relaxed);
-    let (queue, lines) = mpsc::sync_channel::<Line>(capacity);
+    let (queue, lines) = mpsc::sync_channel::<Line>(bounds.lines);
     let (done, finished) = mpsc::channel();
+    let queued_text = Arc::new(AtomicUsize::new(0));
     let writer = Writer {
       sink,
       token,
       report: Arc::clone(&report),
+      queued_text: Arc::clone(&queued_text),
     };
     let spawned = std::thread::Builder::new()
       .name("mcpctl-audit".to_owned())
@@ -336,6 +378,8 @@ impl AuditLog {
     Self {
       content,
       queue: Mutex::new(queue),
+      queued_text,
+      text_budget: bounds.text_bytes,
       finished: Mutex::new(Some(finished)),
       report,
     }
@@ -362,22 +406,48 @@ impl AuditLog {
   }
 }
 
+impl AuditLog {
+  /// Queues `record`'s line, or says why not. The text is measured (a walk, no
+  /// copy) before the record is copied, so a line over the budget costs little.
+  fn enqueue(&self, record: &TaskRecord) -> Result<(), &'static str> {
+    let text = if self.content {
+      record.messages.as_ref().map_or(0, text_bytes)
+        + record.content.as_ref().map_or(0, String::len)
+    } else {
+      0
+    };
+    let queue = self.queue.lock();
+    let Some(queue) = queue.as_ref() else {
+      return Err("the audit log was closed");
+    };
+    if text > 0 {
+      let before = self.queued_text.fetch_add(text, Ordering::Relaxed);
+      if before + text > self.text_budget {
+        self.queued_text.fetch_sub(text, Ordering::Relaxed);
+        return Err("the text waiting for the writer was over its bound");
+      }
+    }
+    let line = Line {
+      record: Box::new(AuditRecord::new(record, self.content)),
+      text_bytes: text,
+    };
+    queue.try_send(line).map_err(|error| {
+      self.queued_text.fetch_sub(text, Ordering::Relaxed);
+      match error {
+        TrySendError::Full(_) => "the writer's queue was full",
+        TrySendError::Disconnected(_) => "the writer had stopped",
+      }
+    })
+  }
+}
+
 impl TaskObserver for AuditLog {
   fn wants_content(&self) -> bool {
     self.content
   }
 
   fn task_ended(&self, record: &TaskRecord) {
-    let line = Box::new(AuditRecord::new(record, self.content));
-    let sent = match &*self.queue.lock() {
-      Some(queue) => match queue.try_send(line) {
-        Ok(()) => Ok(()),
-        Err(TrySendError::Full(_)) => Err("the writer's queue was full"),
-        Err(TrySendError::Disconnected(_)) => Err("the writer had stopped"),
-      },
-      None => Err("the audit log was closed"),
-    };
-    if let Err(why) = sent {
+    if let Err(why) = self.enqueue(record) {
       self.report.drop_line(Cow::Borrowed(why));
     }
   }
@@ -390,15 +460,19 @@ struct Writer {
   /// its last lines are written.
   token: Option<Secret>,
   report: Arc<DropReport>,
+  /// The log's count of queued text bytes, which the writer takes down.
+  queued_text: Arc<AtomicUsize>,
 }
 
 impl Writer {
   /// Writes every line until the queue is closed and empty, then syncs.
   fn run(mut self, lines: Receiver<Line>, done: mpsc::Sender<()>) {
     let mut buffer = Vec::with_capacity(1024);
-    for record in lines {
+    for Line { record, text_bytes } in lines {
       buffer.clear();
-      let written = match record.encode(self.token.as_ref(), &mut buffer) {
+      let encoded = record.encode(self.token.as_ref(), &mut buffer);
+      self.queued_text.fetch_sub(text_bytes, Ordering::Relaxed);
+      let written = match encoded {
         Ok(()) => self
           .sink
           .append(&buffer)

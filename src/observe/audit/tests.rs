@@ -349,7 +349,10 @@ async fn a_full_queue_drops_and_counts_without_waiting() {
   let log = AuditLog::with_sink(
     Box::new(disk),
     false,
-    2,
+    QueueBounds {
+      lines: 2,
+      ..QueueBounds::default()
+    },
     None,
     Arc::clone(&dropped),
     warnings.span(),
@@ -388,6 +391,66 @@ async fn a_full_queue_drops_and_counts_without_waiting() {
   assert_eq!(dropped.load(Ordering::Relaxed), 9);
 }
 
+#[tokio::test]
+async fn with_content_the_queued_text_is_bounded_too() {
+  let (entered, entered_rx) = mpsc::channel();
+  let (release, release_rx) = mpsc::channel();
+  let written = Arc::new(Mutex::new(Vec::new()));
+  let disk = SlowDisk {
+    entered,
+    release: release_rx,
+    written: Arc::clone(&written),
+  };
+  let warnings = Warnings::new();
+  let dropped = Arc::new(AtomicU64::new(0));
+  // record(n)'s text: "role", "user", "content", "PROMPT-CANARY" in its
+  // messages (28 bytes) and "ANSWER-CANARY" (13): 41 bytes a line.
+  let log = AuditLog::with_sink(
+    Box::new(disk),
+    true,
+    QueueBounds {
+      lines: 100,
+      text_bytes: 100,
+    },
+    None,
+    Arc::clone(&dropped),
+    warnings.span(),
+  );
+  let wait_for_a_write = || entered_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+  log.task_ended(&record(0));
+  // Line 0 is encoded (its text off the count) and stuck in its write: two
+  // more fit (82 bytes), a third would make 123.
+  wait_for_a_write();
+  for n in 1..=5 {
+    log.task_ended(&record(n));
+  }
+  assert_eq!(dropped.load(Ordering::Relaxed), 3);
+  assert!(
+    warnings.all()[0].contains("the text waiting for the writer was over its bound"),
+    "{:?}",
+    warnings.all()
+  );
+  // Line 0 written, line 1 encoded: 41 bytes queued, room for one more.
+  release.send(()).unwrap();
+  wait_for_a_write();
+  log.task_ended(&record(6));
+  log.task_ended(&record(7));
+  assert_eq!(dropped.load(Ordering::Relaxed), 4);
+  for _ in 0..3 {
+    release.send(()).unwrap();
+  }
+  log.close().await;
+  let ids: Vec<String> = written
+    .lock()
+    .iter()
+    .map(|line| serde_json::from_slice::<Value>(line).unwrap()["taskId"].to_string())
+    .collect();
+  assert_eq!(
+    ids,
+    ["\"task-0\"", "\"task-1\"", "\"task-2\"", "\"task-6\""]
+  );
+}
+
 /// A disk that is full: every write fails.
 struct FullDisk {
   attempts: Arc<AtomicU64>,
@@ -417,7 +480,7 @@ async fn a_failing_write_drops_and_counts_each_line() {
       attempts: Arc::clone(&attempts),
     }),
     true,
-    QUEUE_LINES,
+    QueueBounds::default(),
     None,
     Arc::clone(&dropped),
     warnings.span(),
@@ -517,7 +580,7 @@ async fn a_registrars_audit_log_counts_its_drops_into_metrics() {
       attempts: Arc::default(),
     }),
     false,
-    QUEUE_LINES,
+    QueueBounds::default(),
     None,
     registrar.audit_lines_dropped(),
     warnings.span(),
