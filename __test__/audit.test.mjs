@@ -8,10 +8,19 @@ import assert from 'node:assert/strict'
 import { lstat, mkdir, readdir, readFile, readlink, stat, symlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import test from 'node:test'
-import { addon, chatBody, startMcpd, startRegistrar, TOKEN, tempConfigDir } from './helpers.mjs'
+import {
+  addon,
+  captureLogger,
+  chatBody,
+  recordingProvider,
+  startMcpd,
+  startRegistrar,
+  TOKEN,
+  tempConfigDir,
+} from './helpers.mjs'
 import { OpenAI } from './providers.mjs'
 
-const { VirtualLlmRegistrar, RegistrarError } = addon
+const { VirtualLlmRegistrar, RegistrarError, maybeStartVirtualLlmRegistrar } = addon
 
 const ALICE = { id: 'u-alice', name: 'alice@example.com', groups: ['ml-team'] }
 const BOB = { id: 'u-bob', name: 'bob@example.com', groups: ['ops'] }
@@ -290,6 +299,41 @@ test('audit: a symlink, or a directory, at the path is a clear warn, no audit, a
     }
     assert.equal(await readFile(target, 'utf8'), 'precious\n', 'the target is untouched')
   }
+})
+
+test('audit: the boot hook takes the option too; a bad one is a warning and null', async (t) => {
+  const mcpd = await startMcpd(t)
+  const configDir = await tempConfigDir(t)
+  await writeFile(join(configDir, 'credentials'), JSON.stringify({ mcpdUrl: mcpd.url, token: TOKEN }), {
+    mode: 0o600,
+  })
+  const boot = (audit, logger = captureLogger()) =>
+    maybeStartVirtualLlmRegistrar({
+      providers: [{ name: 'local', type: 'ollama', publish: true }],
+      registry: new Map([['local', recordingProvider()]]),
+      configDir,
+      logger,
+      backoff: { initialMs: 50, maxMs: 200 },
+      audit,
+    })
+  const logger = captureLogger()
+  assert.equal(await boot({ keep: -1 }, logger), null)
+  assert.ok(
+    logger.lines.some((line) => line.level === 'warn' && /audit\.keep/.test(line.fields.error ?? '')),
+    JSON.stringify(logger.lines),
+  )
+  const registrar = await boot({ path: join(configDir, 'boot-audit.jsonl') })
+  t.after(() => registrar.stop())
+  assert.equal(
+    (await mcpd.outcome(mcpd.sendTask({ provider: 'local', body: chatBody(), taskId: 'boot-1' }))).status,
+    200,
+  )
+  await registrar.stop()
+  const { lines } = await auditLines(join(configDir, 'boot-audit.jsonl'))
+  assert.deepEqual(
+    lines.map((line) => [line.taskId, line.outcome, line.status]),
+    [['boot-1', 'completed', 200]],
+  )
 })
 
 test('audit: a bad option is ERR_INVALID_OPTION naming it', async (t) => {
