@@ -189,6 +189,69 @@ export declare class VirtualLlmRegistrar {
   metrics(): string
 }
 
+/** The `audit` option: where the audit log goes and what it holds. */
+export interface AuditOptions {
+  /**
+   * The file, created 0600 (its directory 0700 when missing) and opened without
+   * following a symlink; a relative path is from the process's working directory.
+   * @default <configDir>/audit.jsonl
+   */
+  path?: string
+  /**
+   * Past this size (in bytes, a positive integer) the file is rotated to
+   * `<path>.1`, `.1` to `.2`, and so on. @default 10485760
+   */
+  maxBytes?: number
+  /**
+   * Rotated files kept (an integer from 0 to 1000; 0: the file is just emptied
+   * when full). @default 5
+   */
+  keep?: number
+  /**
+   * Also write the request's messages and the answer's text. Without it no
+   * prompt or completion text is written anywhere. The token is never written.
+   * @default false
+   */
+  content?: boolean
+}
+
+/**
+ * One line of the audit log (camelCase; times in ms, `time` as ISO 8601). No line
+ * for a refused task id or a replay. The package may add fields.
+ */
+export interface AuditRecord {
+  /** When the task ended (`Date.prototype.toISOString`'s form). */
+  time: string
+  taskId: string
+  /** The served provider's name, or "(unknown)". */
+  provider: string
+  /** mcpd's id for the caller, when it sent one. */
+  callerId?: string
+  /** The OpenAI request's `model`. */
+  requestModel?: string
+  /** The model the provider's answer named. */
+  responseModel?: string
+  stream: boolean
+  outcome: 'completed' | 'failed' | 'cancelled'
+  /** The HTTP status posted to mcpd (200 for a stream that began); 0 when none was. */
+  status: number
+  /** Why the owner's controls refused the task (`usage().refused`'s names). */
+  refused?: string
+  promptTokens?: number
+  completionTokens?: number
+  /** Time in the provider's queue. */
+  queueMs?: number
+  timeToFirstTokenMs?: number
+  /** From the task's arrival at the registrar to its end. */
+  durationMs: number
+  /** The W3C trace id of mcpd's `traceparent`, when it sent a valid one. */
+  traceId?: string
+  /** The request's messages: only with `audit: { content: true }`. */
+  messages?: unknown
+  /** The answer's text (null when it had none): only with `audit: { content: true }`. */
+  content?: string | null
+}
+
 /** The `backoff` option: retry delays, doubling from `initialMs` to `maxMs`. */
 export interface BackoffOptions {
   /** The first delay, in ms. @default 5000 */
@@ -513,6 +576,13 @@ export interface RegistrarOptions {
    * @default undefined
    */
   onStateChange?: (status: RegistrarStatus) => void
+  /**
+   * The audit log: one JSON line (`AuditRecord`) per task that reached the
+   * registrar, written when it ends, off the JavaScript thread. A path that is a
+   * symlink, a directory or cannot be written is warned about and the registrar
+   * serves on without it. @default false (no audit file)
+   */
+  audit?: AuditOptions | false
 }
 
 /** Where the registrar is in its life. */

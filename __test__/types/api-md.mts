@@ -144,6 +144,7 @@ declare namespace Api {
     pause(options?: { provider?: string; drain?: boolean }): Promise<void>
     resume(options?: { provider?: string }): void
     usage(): UsageReport
+    metrics(): string
   }
 
   // Additions: the owner's controls (API.md "Additions"), as far as they are built.
@@ -196,6 +197,42 @@ declare namespace Api {
     paused: string[]
   }
 
+  // Additions: the audit log (API.md "Additions").
+  export interface AuditOptions {
+    /** One JSON line per task that reached the registrar, written when it ends. */
+    path?: string // default <configDir>/audit.jsonl; created 0600
+    maxBytes?: number // default 10 MiB; then rotated to .1, .2, ...
+    keep?: number // rotated files kept, default 5
+    /** Also write the request's messages and the answer's text. Default false:
+     *  by default no prompt or completion text is written anywhere. */
+    content?: boolean
+  }
+  export interface RegistrarOptions {
+    audit?: AuditOptions | false // default false (no audit file)
+  }
+  /** One line of the audit log (camelCase; times in ms, `time` as ISO 8601). No line for
+   *  a refused task id or a replay. The package may add fields. */
+  export interface AuditRecord {
+    time: string
+    taskId: string
+    provider: string
+    callerId?: string
+    requestModel?: string
+    responseModel?: string
+    stream: boolean
+    outcome: 'completed' | 'failed' | 'cancelled'
+    status: number
+    refused?: string
+    promptTokens?: number
+    completionTokens?: number
+    queueMs?: number
+    timeToFirstTokenMs?: number
+    durationMs: number
+    traceId?: string
+    messages?: unknown
+    content?: string | null // only with `content: true`
+  }
+
   /** mcplocal's boot hook. Resolves null (after a logger.warn) when no provider is
    *  opted in, none of the opted-in ones is in the registry, or the credentials
    *  file (<configDir>/credentials: { "mcpdUrl": string, "token": string }) is
@@ -233,6 +270,8 @@ export type Checks = [
   Yes<Same<Required<Pkg.PublishLimits>, Required<Api.PublishLimits>>>,
   Yes<Same<Pkg.ProviderUsage, Api.ProviderUsage>>,
   Yes<Same<Pkg.UsageReport, Api.UsageReport>>,
+  Yes<Same<Required<Pkg.AuditOptions>, Required<Api.AuditOptions>>>,
+  Yes<Same<Required<Pkg.AuditRecord>, Required<Api.AuditRecord>>>,
   Yes<Same<VirtualLlmRegistrar, Api.VirtualLlmRegistrar>>,
   Yes<
     Same<ConstructorParameters<typeof Pkg.VirtualLlmRegistrar>, ConstructorParameters<typeof Api.VirtualLlmRegistrar>>

@@ -65,8 +65,14 @@ pub struct RegistrarOptions<'env> {
   /// @default undefined
   #[napi(ts_type = "(status: RegistrarStatus) => void")]
   pub on_state_change: Option<Function<'env>>,
+  /// The audit log: one JSON line (`AuditRecord`) per task that reached the
+  /// registrar, written when it ends, off the JavaScript thread. A path that is a
+  /// symlink, a directory or cannot be written is warned about and the registrar
+  /// serves on without it. @default false (no audit file)
+  #[napi(ts_type = "AuditOptions | false")]
+  pub audit: Option<AuditChoice>,
 }
-js_object!(RegistrarOptions<'env> { mcpd_url, token, providers, config_dir, heartbeat_interval_ms, idle_timeout_ms, backoff, task_timeout_ms, max_concurrency, max_queue, allow_insecure_http, logger, on_state_change });
+js_object!(RegistrarOptions<'env> { mcpd_url, token, providers, config_dir, heartbeat_interval_ms, idle_timeout_ms, backoff, task_timeout_ms, max_concurrency, max_queue, allow_insecure_http, logger, on_state_change, audit });
 
 /// The `backoff` option: retry delays, doubling from `initialMs` to `maxMs`.
 #[napi(object, object_from_js = false, object_to_js = false)]
@@ -77,6 +83,38 @@ pub struct BackoffOptions {
   pub max_ms: Option<f64>,
 }
 js_object!(BackoffOptions { initial_ms, max_ms });
+
+/// The `audit` option: where the audit log goes and what it holds.
+#[napi(object, object_from_js = false, object_to_js = false)]
+pub struct AuditOptions {
+  /// The file, created 0600 (its directory 0700 when missing) and opened without
+  /// following a symlink; a relative path is from the process's working directory.
+  /// @default <configDir>/audit.jsonl
+  pub path: Option<String>,
+  /// Past this size (in bytes, a positive integer) the file is rotated to
+  /// `<path>.1`, `.1` to `.2`, and so on. @default 10485760
+  pub max_bytes: Option<f64>,
+  /// Rotated files kept (an integer from 0 to 1000; 0: the file is just emptied
+  /// when full). @default 5
+  pub keep: Option<f64>,
+  /// Also write the request's messages and the answer's text. Without it no
+  /// prompt or completion text is written anywhere. The token is never written.
+  /// @default false
+  pub content: Option<bool>,
+}
+js_object!(AuditOptions {
+  path,
+  max_bytes,
+  keep,
+  content
+});
+
+/// The `audit` option as given: `false`, or the audit log's settings (options.rs
+/// reads it; its TypeScript is `AuditOptions | false`).
+pub enum AuditChoice {
+  Off,
+  On(AuditOptions),
+}
 
 /// One entry of ~/.mcpctl/config.json's provider list, as mcplocal reads it.
 /// Fields of mcplocal's own (`url`, `apiKey`...) may be present and are ignored;
@@ -377,6 +415,16 @@ fn defaults() -> Vec<(&'static str, String)> {
       "errorDetail",
       format!("'{}'", crate::owner::ErrorDetail::default().name()),
     ),
+    ("audit", "false (no audit file)".to_owned()),
+    (
+      "maxBytes",
+      crate::observe::audit::DEFAULT_MAX_BYTES.to_string(),
+    ),
+    ("keep", crate::observe::audit::DEFAULT_KEEP.to_string()),
+    (
+      "path",
+      format!("<configDir>/{}", crate::observe::audit::DEFAULT_FILE_NAME),
+    ),
   ]
 }
 
@@ -426,6 +474,7 @@ mod tests {
       .chain(PublishLimits::fields())
       .chain(CallerLimits::fields())
       .chain(PauseOptions::fields())
+      .chain(AuditOptions::fields())
     {
       doc_of(field);
     }

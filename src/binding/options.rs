@@ -9,8 +9,8 @@ use napi::bindgen_prelude::{Array, FromNapiValue, Function, JsValue, Object, Unk
 use napi::{sys, ValueType};
 
 use super::contract::{
-  CallerLimits, LlmProviderFileEntry, PublishLimits, RegistrarOptions, DEFAULT_HEARTBEAT_INTERVAL,
-  DEFAULT_IDLE_TIMEOUT, PROVIDER,
+  AuditChoice, AuditOptions, CallerLimits, LlmProviderFileEntry, PublishLimits, RegistrarOptions,
+  DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT, PROVIDER,
 };
 use crate::backoff::BackoffPolicy;
 use crate::dispatch::DispatchSettings;
@@ -31,6 +31,8 @@ pub struct Settings {
   pub backoff: BackoffPolicy,
   pub dispatch: DispatchSettings,
   pub allow_insecure_http: bool,
+  /// The `audit` option, checked; `None` when off.
+  pub audit: Option<AuditSettings>,
 }
 
 /// A field the class requires and the boot hook's `Partial<>` does not: read as
@@ -496,6 +498,7 @@ pub fn settings(options: &RegistrarOptions) -> Result<Settings> {
     backoff,
     dispatch,
     allow_insecure_http: options.allow_insecure_http.unwrap_or(false),
+    audit: audit_settings(options.audit.as_ref())?,
   })
 }
 
@@ -577,6 +580,90 @@ pub fn check_unique<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<()> 
   Ok(())
 }
 
+/// The `audit` option, checked; the path is resolved once the config dir is
+/// known (`AuditSettings::config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+  /// `None`: `<configDir>/audit.jsonl`.
+  pub path: Option<std::path::PathBuf>,
+  pub max_bytes: u64,
+  pub keep: u32,
+  pub content: bool,
+}
+
+impl AuditSettings {
+  /// The audit log's configuration, its default path in `config_dir`.
+  pub fn config(&self, config_dir: &std::path::Path) -> crate::observe::audit::AuditConfig {
+    crate::observe::audit::AuditConfig {
+      path: self
+        .path
+        .clone()
+        .unwrap_or_else(|| config_dir.join(crate::observe::audit::DEFAULT_FILE_NAME)),
+      max_bytes: self.max_bytes,
+      keep: self.keep,
+      content: self.content,
+    }
+  }
+}
+
+/// `audit: false` or `audit: { ... }`; `true` is refused (the contract's type is
+/// `AuditOptions | false`), with the way to ask for the defaults.
+impl<'env> JsField<'env> for AuditChoice {
+  fn from_field(value: Option<Unknown<'env>>, name: &str) -> Result<Self> {
+    match value.as_ref().map(type_of) {
+      Some(ValueType::Boolean) => match bool::from_field(value, name)? {
+        false => Ok(Self::Off),
+        true => Err(invalid(format!(
+          "{name} must be an object or false; for the defaults, pass {{}}"
+        ))),
+      },
+      Some(ValueType::Object) => AuditOptions::from_field(value, name).map(Self::On),
+      _ => Err(invalid(format!("{name} must be an object or false"))),
+    }
+  }
+}
+
+/// The `audit` option checked, defaults filled in (contract.rs `AuditOptions`).
+fn audit_settings(choice: Option<&AuditChoice>) -> Result<Option<AuditSettings>> {
+  use crate::observe::audit::{DEFAULT_KEEP, DEFAULT_MAX_BYTES};
+  let Some(AuditChoice::On(options)) = choice else {
+    return Ok(None);
+  };
+  let path = match options.path.as_deref() {
+    None => None,
+    Some(path) if path.trim().is_empty() => {
+      return Err(invalid(
+        "audit.path must be a non-empty file path".to_owned(),
+      ))
+    }
+    Some(path) if path.contains('\0') => {
+      return Err(invalid("audit.path must not contain a NUL byte".to_owned()))
+    }
+    Some(path) if path.ends_with('/') || path.ends_with(std::path::MAIN_SEPARATOR) => {
+      return Err(invalid(format!(
+        "audit.path must name a file, not a directory; got '{path}'"
+      )))
+    }
+    Some(path) => Some(std::path::PathBuf::from(path)),
+  };
+  let max_bytes = limit(options.max_bytes, "audit.maxBytes")?.unwrap_or(DEFAULT_MAX_BYTES);
+  let keep = match options.keep {
+    None => DEFAULT_KEEP,
+    Some(keep) if keep.fract() == 0.0 && (0.0..=1000.0).contains(&keep) => keep as u32,
+    Some(keep) => {
+      return Err(invalid(format!(
+        "audit.keep must be an integer from 0 to 1000; got {keep}"
+      )))
+    }
+  };
+  Ok(Some(AuditSettings {
+    path,
+    max_bytes,
+    keep,
+    content: options.content.unwrap_or(false),
+  }))
+}
+
 #[cfg(test)]
 mod tests {
   use super::*;
@@ -615,6 +702,62 @@ mod tests {
     );
     for own in ["url", "apiKey", "baseUrl", "binaryPath", "temperature"] {
       assert_eq!(near(own), None, "{own}");
+    }
+  }
+  #[test]
+  fn audit_options_are_checked_and_defaulted() {
+    use crate::observe::audit::{DEFAULT_KEEP, DEFAULT_MAX_BYTES};
+    let on = |path: Option<&str>, max_bytes: Option<f64>, keep: Option<f64>| {
+      audit_settings(Some(&AuditChoice::On(AuditOptions {
+        path: path.map(str::to_owned),
+        max_bytes,
+        keep,
+        content: None,
+      })))
+    };
+    assert_eq!(audit_settings(None).unwrap(), None);
+    assert_eq!(audit_settings(Some(&AuditChoice::Off)).unwrap(), None);
+    let defaults = on(None, None, None).unwrap().unwrap();
+    assert_eq!(
+      defaults,
+      AuditSettings {
+        path: None,
+        max_bytes: DEFAULT_MAX_BYTES,
+        keep: DEFAULT_KEEP,
+        content: false,
+      }
+    );
+    let dir = std::path::Path::new("/cfg");
+    assert_eq!(
+      defaults.config(dir).path,
+      std::path::Path::new("/cfg/audit.jsonl")
+    );
+    let given = on(Some("/var/log/a.jsonl"), Some(4096.0), Some(0.0))
+      .unwrap()
+      .unwrap();
+    assert_eq!(
+      (given.config(dir).path, given.max_bytes, given.keep),
+      ("/var/log/a.jsonl".into(), 4096, 0)
+    );
+    let refused = |result: Result<Option<AuditSettings>>, wanted: &str| {
+      let message = result.expect_err(wanted).to_string();
+      assert!(message.contains(wanted), "{message}");
+    };
+    refused(on(Some(""), None, None), "audit.path must be a non-empty");
+    refused(on(Some("  "), None, None), "audit.path must be a non-empty");
+    refused(on(Some("/tmp/logs/"), None, None), "not a directory");
+    refused(on(Some("a\0b"), None, None), "NUL");
+    for bad in [0.0, -1.0, 1.5, 1e300] {
+      refused(
+        on(None, Some(bad), None),
+        "audit.maxBytes must be a positive integer",
+      );
+    }
+    for bad in [-1.0, 0.5, 1001.0] {
+      refused(
+        on(None, None, Some(bad)),
+        "audit.keep must be an integer from 0 to 1000",
+      );
     }
   }
 }

@@ -223,11 +223,16 @@ impl<'env> Setup<'env> {
   ) -> Result<VirtualLlmRegistrar> {
     self.log_route.set_token(credentials.token.clone());
     let token = credentials.token.clone();
+    let config_dir = resolve_config_dir(settings.config_dir.as_deref())?;
+    let audit = settings
+      .audit
+      .as_ref()
+      .map(|audit| audit.config(&config_dir));
     let config = RegistrarConfig {
       mcpd_url: credentials.mcpd_url,
       token: credentials.token,
       providers,
-      config_dir: resolve_config_dir(settings.config_dir.as_deref())?,
+      config_dir,
       heartbeat_interval: settings.heartbeat_interval,
       idle_timeout: settings.idle_timeout,
       backoff: settings.backoff,
@@ -243,6 +248,9 @@ impl<'env> Setup<'env> {
       )
     })?;
     let span = self.log_route.span();
+    if let Some(audit) = &audit {
+      core.open_audit(audit, token.clone());
+    }
     core.keep_for_life(Box::new(self.log_route));
     Ok(VirtualLlmRegistrar {
       core: Arc::new(core),

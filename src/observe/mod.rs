@@ -2,6 +2,7 @@
 //! once it ended: one record per task that reached the registrar (docs/protocol.md).
 //! A refused task id or a replay makes no record.
 
+pub mod audit;
 pub mod metrics;
 
 use std::time::{Duration, SystemTime};

@@ -42,6 +42,7 @@ use crate::config::SessionStore;
 use crate::dispatch::{DispatchSettings, Owners, PublishedProvider, TaskDispatcher};
 use crate::error::{describe, Error, Result};
 use crate::mcpd::McpdClient;
+use crate::observe::audit::{AuditConfig, AuditLog};
 use crate::observe::metrics::Scrape;
 use crate::observe::TaskObserver;
 use crate::owner::usage::UsageReport;
@@ -82,6 +83,9 @@ pub struct Registrar {
   /// Audit lines dropped (queue full, write failed): the audit log counts,
   /// `metrics()` reads.
   audit_lines_dropped: Arc<AtomicU64>,
+  /// The audit log, when the `audit` option asked for one and its file could
+  /// be had: `stop()` closes it.
+  audit: Mutex<Option<Arc<AuditLog>>>,
 }
 
 impl Registrar {
@@ -152,6 +156,7 @@ impl Registrar {
       core,
       commands,
       audit_lines_dropped: Arc::new(AtomicU64::new(0)),
+      audit: Mutex::new(None),
     })
   }
 
@@ -404,8 +409,43 @@ impl Registrar {
       }
       core.set_state(RegistrarState::Stopped);
     }
+    // After the tasks: their lines are queued by then, and written before this returns.
+    self.close_audit().await;
     // Releasing the hold is what lets Node exit.
     core.release_hold();
+  }
+}
+
+// The audit log (the `audit` option; observe/audit.rs).
+impl Registrar {
+  /// Opens the audit log and tells it every task that ends from now on; call it
+  /// before `start()`. A file that cannot be had (a symlink, a directory, an
+  /// unwritable place) is warned about and the registrar serves on without it.
+  /// `token` is scrubbed from every line. Once per registrar: a second call is
+  /// ignored.
+  pub fn open_audit(&self, config: &AuditConfig, token: Secret) {
+    let mut slot = self.audit.lock();
+    if slot.is_some() {
+      return;
+    }
+    let opened = AuditLog::open(
+      config,
+      Some(token),
+      Arc::clone(&self.audit_lines_dropped),
+      self.core.span.clone(),
+    );
+    if let Some(log) = opened.map(Arc::new) {
+      self.add_observer(Arc::clone(&log) as Arc<dyn TaskObserver>);
+      *slot = Some(log);
+    }
+  }
+
+  /// Writes what the audit log holds and closes its file (bounded: `CLOSE_GRACE`).
+  async fn close_audit(&self) {
+    let log = self.audit.lock().clone();
+    if let Some(log) = log {
+      log.close().await;
+    }
   }
 }
 
