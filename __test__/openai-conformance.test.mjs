@@ -425,9 +425,12 @@ test('over maxConcurrency + maxQueue: one of two concurrent requests is 429 Rate
     assert.equal(error.type, 'rate_limit_exceeded')
     return true
   })
-  assert.equal(provider.calls.length, 1)
+  // The admitted task's call reaches JavaScript through the threadsafe function, which
+  // may come after the refusal's answer: wait for it, then check it was the only one.
+  await mcpd.waitFor(() => provider.calls.length >= 1)
   release()
   const answered = await requests[1 - first]
   assert.equal(answered.choices[0].message.content, 'slow answer')
+  assert.equal(provider.calls.length, 1, 'the refused request never reached the provider')
   assert.deepEqual(mcpd.violations, [])
 })
