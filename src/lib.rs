@@ -27,6 +27,7 @@ pub mod secret;
 pub mod shape;
 pub mod sse;
 pub mod stream;
+pub mod trace;
 pub mod wire;
 
 /// The registrar runs on its own small runtime with named threads, so that its
