@@ -2088,7 +2088,11 @@ async fn mcpds_traceparent_reaches_the_provider_and_every_post_of_its_task() {
   let result = rig.fake.result("t-1").await;
   assert_eq!(result.body["status"], json!(200));
   assert_eq!(result.header("traceparent"), Some(TRACEPARENT));
-  assert_eq!(result.header("tracestate"), None, "only traceparent is sent");
+  assert_eq!(
+    result.header("tracestate"),
+    None,
+    "only traceparent is sent"
+  );
   assert_eq!(
     provider.call(0).options["trace"],
     json!({ "traceparent": TRACEPARENT, "tracestate": "vendor=value" })

@@ -160,17 +160,19 @@ type SpansFactory<'env> = Function<'env, FnArgs<(Option<String>, Object<'env>)>,
 /// How a provider call settled, as `native.settle` reports it.
 type Settled = Result<Option<String>, String>;
 
+/// A waiting call: where its reply goes, and its task's trace, where
+/// `native.traced` records the task's span.
+type Waiting = (oneshot::Sender<Settled>, Arc<TaskTrace>);
+
 /// Provider calls waiting for their JavaScript reply, by call id. The reply
 /// comes back through `native.settle({ callId, value, error })`, a plain
 /// synchronous call, rather than as a Promise handed back through the
 /// threadsafe function (which costs an extra wake-up of the runtime and a pair
 /// of callbacks per call).
-/// Each waiting call also holds its task's trace, where `native.traced`
-/// records the task's span.
 #[derive(Default)]
 struct PendingCalls {
   next_id: AtomicU32,
-  waiting: Mutex<HashMap<u32, (oneshot::Sender<Settled>, Arc<TaskTrace>)>>,
+  waiting: Mutex<HashMap<u32, Waiting>>,
 }
 
 impl PendingCalls {
