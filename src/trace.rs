@@ -129,16 +129,11 @@ impl TraceContext {
   }
 }
 
-/// At most 512 bytes of visible ASCII (spaces and tabs allowed around members),
-/// at most 32 non-empty list-members, each `key=value`.
+/// At most 512 bytes, at most 32 list-members (empty ones, and spaces and tabs
+/// around members, allowed), each a valid `key=value` (W3C Trace Context level 1,
+/// 3.3.1), no key twice. Anything else drops the whole tracestate, as the spec says.
 fn valid_tracestate(state: &str) -> bool {
   if state.is_empty() || state.len() > MAX_TRACESTATE_BYTES {
-    return false;
-  }
-  if !state
-    .bytes()
-    .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
-  {
     return false;
   }
   let members: Vec<&str> = state
@@ -146,13 +141,50 @@ fn valid_tracestate(state: &str) -> bool {
     .map(|member| member.trim_matches([' ', '\t']))
     .filter(|member| !member.is_empty())
     .collect();
-  !members.is_empty()
-    && members.len() <= MAX_TRACESTATE_MEMBERS
-    && members.iter().all(|member| {
-      member
-        .split_once('=')
-        .is_some_and(|(key, value)| !key.is_empty() && !value.is_empty())
-    })
+  if members.is_empty() || members.len() > MAX_TRACESTATE_MEMBERS {
+    return false;
+  }
+  let mut keys = Vec::with_capacity(members.len());
+  for member in members {
+    let Some((key, value)) = member.split_once('=') else {
+      return false;
+    };
+    if !(valid_tracestate_key(key) && valid_tracestate_value(value)) || keys.contains(&key) {
+      return false;
+    }
+    keys.push(key);
+  }
+  true
+}
+
+/// `simple-key` (lcalpha, then up to 255 of lcalpha, digits, `_-*/`), or
+/// `tenant@system` (tenant: lcalpha or digit, then up to 240; system: lcalpha,
+/// then up to 13).
+fn valid_tracestate_key(key: &str) -> bool {
+  let part = |text: &str, first_digit: bool, most: usize| match text.as_bytes().split_first() {
+    Some((first, rest)) => {
+      (first.is_ascii_lowercase() || (first_digit && first.is_ascii_digit()))
+        && rest.len() <= most
+        && rest
+          .iter()
+          .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/".contains(b))
+    }
+    None => false,
+  };
+  match key.split_once('@') {
+    None => part(key, false, 255),
+    Some((tenant, system)) => part(tenant, true, 240) && part(system, false, 13),
+  }
+}
+
+/// Up to 256 printable ASCII characters but `,` and `=`, not ending in a space.
+fn valid_tracestate_value(value: &str) -> bool {
+  !value.is_empty()
+    && value.len() <= 256
+    && !value.ends_with(' ')
+    && value
+      .bytes()
+      .all(|b| (b' '..=b'~').contains(&b) && b != b',' && b != b'=')
 }
 
 /// How a task whose span was recorded ended, for the span's last attributes
@@ -415,24 +447,47 @@ mod tests {
 
   #[test]
   fn tracestate_over_512_bytes_or_malformed_is_dropped_alone() {
-    let at_limit = format!("k={}", "v".repeat(MAX_TRACESTATE_BYTES - 2));
-    let over = format!("k={}", "v".repeat(MAX_TRACESTATE_BYTES - 1));
+    // At 512 bytes: two members, each value at most 256 characters.
+    let at_limit = format!("a={},b={}", "v".repeat(254), "v".repeat(253));
+    let over = format!("a={},b={}", "v".repeat(254), "v".repeat(254));
+    assert_eq!(at_limit.len(), MAX_TRACESTATE_BYTES);
     let many = (0..33)
       .map(|i| format!("k{i}=v"))
       .collect::<Vec<_>>()
       .join(",");
+    let long_value = format!("k={}", "v".repeat(257));
     let parse = |state: &str| TraceContext::parse(VALID, Some(state)).unwrap();
-    assert_eq!(parse(&at_limit).tracestate(), Some(at_limit.as_str()));
-    assert_eq!(parse("a=1, b=2").tracestate(), Some("a=1, b=2"));
-    for bad in [
+    let valid = [
+      at_limit.as_str(),
+      "a=1, b=2",
+      "a=1,,b=2",
+      "t3n@sys=x y",
+      "k_-*/9=v!",
+      "0tenant@s=1",
+      "t@s234567890abcd=1",
+    ];
+    for good in valid {
+      assert_eq!(parse(good).tracestate(), Some(good), "{good:?}");
+    }
+    let invalid = [
       over.as_str(),
       many.as_str(),
+      long_value.as_str(),
       "",
       "novalue",
       "a=1\n",
       "=x",
       "ä=1",
-    ] {
+      "A=1",
+      "1a=1",
+      "a=1,a=2",
+      "a=x=y",
+      "a=x\ty",
+      "@sys=1",
+      "t@Sys=1",
+      "t@s234567890abcde=1",
+    ];
+    for bad in invalid {
       let context = parse(bad);
       assert_eq!(context.tracestate(), None, "{bad:?}");
       assert_eq!(context.traceparent(), VALID);
