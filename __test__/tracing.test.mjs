@@ -3,8 +3,9 @@
 // attributes as an in-memory exporter records them, the provider's instrumented HTTP
 // call to a loopback server as its child, `options.trace`, and the `traceparent`
 // header on the result and chunk POSTs as the fake mcpd received them. The tests run
-// in order: the first, before any tracer provider is registered, checks that nothing
-// is recorded then and that mcpd's context is passed through as sent.
+// in order: the first two run before any tracer provider is registered (nothing is
+// recorded, mcpd's context is passed through as sent); the second then registers one
+// while its registrar runs, and the tests after it keep it.
 
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
@@ -35,7 +36,7 @@ const ANSWER_CANARY = 'answer-canary-51be20'
 
 const exporter = new InMemorySpanExporter()
 const tracerProvider = new NodeTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] })
-// Patches `http` once enabled (in the second test), as mcplocal's SDK setup would.
+// Patches `http` once enabled (at the end of the second test), as mcplocal's SDK setup would.
 const httpInstrumentation = new HttpInstrumentation({ enabled: false })
 httpInstrumentation.setTracerProvider(tracerProvider)
 // Until then, the plain module.
@@ -130,7 +131,29 @@ function assertNoText(spans) {
   assert.ok(!recorded.includes(ANSWER_CANARY), 'completion text on a span')
 }
 
-test('without a tracer provider nothing is recorded, and mcpd’s context is passed through as sent', async (t) => {
+test('the fake mcpd sends the client’s traceparent in the task frame, else a fresh one', async (t) => {
+  const mcpd = await startMcpd(t)
+  const provider = tracedProvider({ url: null })
+  provider.complete = async (options) => {
+    provider.calls.push(options)
+    return { content: 'hi' }
+  }
+  await startRegistrar(t, mcpd, { local: provider })
+  const client = new OpenAI({ baseURL: `${mcpd.url}/v1`, apiKey: TOKEN, maxRetries: 0 })
+  const messages = [{ role: 'user', content: 'hi' }]
+
+  await client.chat.completions.create({ model: 'local', messages }, { headers: { traceparent: MCPD_TRACEPARENT } })
+  assert.deepEqual(provider.calls[0].trace, { traceparent: MCPD_TRACEPARENT })
+  // A client without one (or with a malformed one) gets a fresh trace from mcpd.
+  for (const headers of [{}, { traceparent: MCPD_TRACEPARENT.toUpperCase() }]) {
+    await client.chat.completions.create({ model: 'local', messages }, { headers })
+    const { traceparent } = provider.calls.at(-1).trace
+    assert.match(traceparent, /^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/)
+    assert.ok(!traceparent.includes(TRACE_ID))
+  }
+})
+
+test('without a tracer provider nothing is recorded and mcpd’s context is passed through; one registered after start() is used', async (t) => {
   const mcpd = await startMcpd(t)
   const upstream = await startUpstream(t)
   const provider = tracedProvider(upstream)
@@ -164,35 +187,20 @@ test('without a tracer provider nothing is recorded, and mcpd’s context is pas
   assert.equal(provider.calls.at(-1).trace, undefined)
   assert.deepEqual(postHeaders(mcpd, none, 'result'), [null])
   assert.deepEqual(exporter.getFinishedSpans(), [])
-})
 
-test('the fake mcpd sends the client’s traceparent in the task frame, else a fresh one', async (t) => {
-  const mcpd = await startMcpd(t)
-  const provider = tracedProvider({ url: null })
-  provider.complete = async (options) => {
-    provider.calls.push(options)
-    return { content: 'hi' }
-  }
-  await startRegistrar(t, mcpd, { local: provider })
-  const client = new OpenAI({ baseURL: `${mcpd.url}/v1`, apiKey: TOKEN, maxRetries: 0 })
-  const messages = [{ role: 'user', content: 'hi' }]
-
-  await client.chat.completions.create({ model: 'local', messages }, { headers: { traceparent: MCPD_TRACEPARENT } })
-  assert.deepEqual(provider.calls[0].trace, { traceparent: MCPD_TRACEPARENT })
-  // A client without one (or with a malformed one) gets a fresh trace from mcpd.
-  for (const headers of [{}, { traceparent: MCPD_TRACEPARENT.toUpperCase() }]) {
-    await client.chat.completions.create({ model: 'local', messages }, { headers })
-    const { traceparent } = provider.calls.at(-1).trace
-    assert.match(traceparent, /^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/)
-    assert.ok(!traceparent.includes(TRACE_ID))
-  }
-})
-
-test('a task’s span: mcpd’s span as parent, GenAI attributes, the provider’s HTTP call as its child', async (t) => {
-  // Registered after the registrar module loaded: the tracer is looked up per task.
+  // A tracer provider registered after start(): the same registrar's next task has a
+  // span (the tracer is looked up for each task). The tests after this one keep it.
   tracerProvider.register()
   httpInstrumentation.enable()
   instrumentedHttp = require('node:http')
+  const later = mcpd.sendTask({ provider: 'local', body: body(), traceparent: MCPD_TRACEPARENT })
+  await mcpd.outcome(later)
+  const span = await spanOf(mcpd, later)
+  assert.equal(parentId(span), MCPD_SPAN)
+  assert.deepEqual(postHeaders(mcpd, later, 'result'), [traceparentOf(span)])
+})
+
+test('a task’s span: mcpd’s span as parent, GenAI attributes, the provider’s HTTP call as its child', async (t) => {
   exporter.reset()
   const mcpd = await startMcpd(t)
   const upstream = await startUpstream(t)
