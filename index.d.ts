@@ -6,7 +6,12 @@
 // declarations after them are generated from the Rust types
 // (src/binding/contract.rs, src/openai.rs).
 
-/** What mcplocal already has: one LlmProvider per configured provider. */
+/** What mcplocal already has: one LlmProvider per configured provider. When
+ *  mcplocal has `@opentelemetry/api` (an optional peer dependency) and a tracer
+ *  provider registered, `complete()` and `stream()` run with the task's span active
+ *  ("chat {model}", kind INTERNAL, a child of mcpd's span, with the GenAI attributes and
+ *  no prompt or completion text), so the provider's instrumented calls nest under it;
+ *  `options.trace` then names that span. */
 export interface LlmProvider {
   readonly name?: string
   complete(options: CompletionOptions): Promise<CompletionResult>
@@ -331,6 +336,16 @@ export interface CompletionOptions {
    * section 6). Absent when mcpd sent no caller, or a malformed one.
    */
   caller?: Caller
+  /**
+   * W3C trace context for the provider's own outgoing calls (docs/protocol.md,
+   * "Trace context"): a child of the registrar's span for this task when spans
+   * are recorded (mcplocal has `@opentelemetry/api` and a tracer provider), else
+   * mcpd's context as sent; absent when mcpd sent none (or a malformed one) and
+   * no span is recorded. A provider whose HTTP client is instrumented needs
+   * none of it: its calls already nest under the span, which is active while
+   * `complete()` or `stream()` runs.
+   */
+  trace?: CompletionTrace
   /** The OpenAI request as mcpd sent it, for providers that forward it as is. */
   request: Record<string, unknown>
 }
@@ -344,6 +359,17 @@ export interface CompletionResult {
   usage?: Usage
   /** The model that answered; the answer's `model` is the request's otherwise. */
   model?: string
+}
+
+/**
+ * A W3C trace context, as `CompletionOptions.trace` hands it to a provider: the
+ * values of the `traceparent` and `tracestate` headers to send on its own calls.
+ */
+export interface CompletionTrace {
+  /** A valid version 00 `traceparent`: `00-{trace id}-{span id}-{flags}`. */
+  traceparent: string
+  /** Present when there is a valid `tracestate` (at most 512 bytes). */
+  tracestate?: string
 }
 
 /** One part of a message's content. */

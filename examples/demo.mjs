@@ -166,9 +166,12 @@ async function main() {
     header(2, 'client.chat.completions.create(...), non-streaming')
     say(`  you: ${PROMPTS.ask}`)
     const started = performance.now()
+    // The client's own trace context: mcpd puts it in the task frame, and the registrar's
+    // result POST comes back in the same trace (docs/protocol.md, "Trace context").
+    const traceId = randomBytes(16).toString('hex')
     const completion = await client.chat.completions.create(
       { model, messages: [{ role: 'user', content: PROMPTS.ask }], max_tokens: 200 },
-      requestOptions,
+      { ...requestOptions, headers: { traceparent: `00-${traceId}-${randomBytes(8).toString('hex')}-01` } },
     )
     const answer = completion.choices[0]?.message?.content
     if (!answer) throw new DemoError('the non-streaming answer is empty')
@@ -176,6 +179,15 @@ async function main() {
     const usage = completion.usage
     say(
       `  (finish_reason ${completion.choices[0].finish_reason}, usage ${usage?.prompt_tokens} prompt + ${usage?.completion_tokens} completion = ${usage?.total_tokens} tokens, ${seconds(started)})`,
+    )
+
+    const taskId = completion.id.replace(/^chatcmpl-/, '')
+    const resultPost = mcpd.requests.find((r) => r.path.endsWith(`/${taskId}/result`))
+    const relayed = resultPost?.headers.traceparent?.split('-')[1]
+    say(
+      relayed === traceId
+        ? `  (trace ${traceId}: the client's, carried by mcpd in the task; the result POST came back in it)`
+        : `  (trace ${traceId} sent by the client; the result POST carried ${resultPost?.headers.traceparent ?? 'no traceparent'})`,
     )
 
     // Step 3: the same path, token by token. Nothing but the tokens is printed while they arrive.

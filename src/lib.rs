@@ -28,6 +28,7 @@ pub mod secret;
 pub mod shape;
 pub mod sse;
 pub mod stream;
+pub mod trace;
 pub mod wire;
 
 /// The property tests' settings: `PROPTEST_CASES` cases when set (scripts/stress.sh

@@ -19,6 +19,8 @@ use crate::wire::{
 };
 
 const SESSION_HEADER: &str = "x-mcpctl-provider-session";
+/// The W3C Trace Context header on result and chunk POSTs (docs/protocol.md section 5).
+const TRACEPARENT: &str = "traceparent";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Register, heartbeat, result and chunk requests; the stream has no total timeout.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -137,11 +139,27 @@ impl McpdClient {
     path: &str,
     body: impl Into<reqwest::Body>,
   ) -> Result<Response> {
-    self
+    self.send_traced(operation, path, body, None).await
+  }
+
+  /// [`Self::send_json`] with a task's `traceparent` header, when it has one
+  /// (docs/protocol.md section 5).
+  async fn send_traced(
+    &self,
+    operation: &'static str,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+    traceparent: Option<HeaderValue>,
+  ) -> Result<Response> {
+    let mut request = self
       .http
       .post(self.endpoint_url(path)?)
       .headers(self.headers())
-      .header(CONTENT_TYPE, "application/json")
+      .header(CONTENT_TYPE, "application/json");
+    if let Some(traceparent) = traceparent {
+      request = request.header(TRACEPARENT, traceparent);
+    }
+    request
       .timeout(REQUEST_TIMEOUT)
       .body(body)
       .send()
@@ -282,16 +300,20 @@ impl McpdClient {
 
   /// One result POST; the retries are the caller's (`dispatch::delivery`).
   pub async fn post_result(&self, task_id: &str, status: u16, body: &Value) -> PostOutcome {
-    self.post_result_with(task_id, status, body, None).await
+    self
+      .post_result_with(task_id, status, body, None, None)
+      .await
   }
 
-  /// One result POST carrying response headers for mcpd to relay (`retry-after`).
+  /// One result POST carrying response headers for mcpd to relay (`retry-after`)
+  /// and the task's `traceparent` header.
   pub async fn post_result_with(
     &self,
     task_id: &str,
     status: u16,
     body: &Value,
     headers: Option<&Value>,
+    traceparent: Option<HeaderValue>,
   ) -> PostOutcome {
     let path = task_path(task_id, "result");
     let post = ResultPost {
@@ -299,7 +321,9 @@ impl McpdClient {
       body,
       headers,
     };
-    self.post_once("result POST", &path, &post).await
+    self
+      .post_once("result POST", &path, &post, traceparent)
+      .await
   }
 
   /// One chunk POST; the retries are the caller's (`dispatch::delivery`).
@@ -308,14 +332,22 @@ impl McpdClient {
     // Built by hand, not by serde: the payloads are escaped in one pass.
     let body = ChunkPost { seq, chunks }.to_json();
     self
-      .post_once_encoded("chunk POST", &path, body.into_bytes())
+      .post_once_encoded("chunk POST", &path, body.into_bytes(), None)
       .await
   }
 
-  /// One attempt of a chunk POST whose body ([`ChunkPost`]'s JSON) is built.
-  pub async fn post_chunk_body(&self, task_id: &str, body: bytes::Bytes) -> PostOutcome {
+  /// One attempt of a chunk POST whose body ([`ChunkPost`]'s JSON) is built,
+  /// with the task's `traceparent` header.
+  pub async fn post_chunk_body(
+    &self,
+    task_id: &str,
+    body: bytes::Bytes,
+    traceparent: Option<HeaderValue>,
+  ) -> PostOutcome {
     let path = task_path(task_id, "chunks");
-    self.post_once_encoded("chunk POST", &path, body).await
+    self
+      .post_once_encoded("chunk POST", &path, body, traceparent)
+      .await
   }
 
   /// A single attempt; a failure carries mcpd's `Retry-After` when it sent one.
@@ -324,13 +356,16 @@ impl McpdClient {
     operation: &'static str,
     path: &str,
     body: &T,
+    traceparent: Option<HeaderValue>,
   ) -> PostOutcome {
     let fail = |error: Error| PostFailure {
       error,
       retry_after: None,
     };
     let body = encode(operation, body).map_err(fail)?;
-    self.post_once_encoded(operation, path, body).await
+    self
+      .post_once_encoded(operation, path, body, traceparent)
+      .await
   }
 
   /// [`Self::post_once`] with the body already encoded as JSON.
@@ -339,12 +374,16 @@ impl McpdClient {
     operation: &'static str,
     path: &str,
     body: impl Into<reqwest::Body>,
+    traceparent: Option<HeaderValue>,
   ) -> PostOutcome {
     let fail = |error: Error| PostFailure {
       error,
       retry_after: None,
     };
-    let response = self.send_json(operation, path, body).await.map_err(fail)?;
+    let response = self
+      .send_traced(operation, path, body, traceparent)
+      .await
+      .map_err(fail)?;
     if response.status().is_success() {
       // Read (bounded) so the connection can be reused; the status decides.
       read_bounded(response, ANSWER_BODY_LIMIT).await;

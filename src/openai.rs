@@ -203,6 +203,15 @@ pub struct CompletionOptions {
   /// section 6). Absent when mcpd sent no caller, or a malformed one.
   #[serde(skip_serializing_if = "Option::is_none")]
   pub caller: Option<Caller>,
+  /// W3C trace context for the provider's own outgoing calls (docs/protocol.md,
+  /// "Trace context"): a child of the registrar's span for this task when spans
+  /// are recorded (mcplocal has `@opentelemetry/api` and a tracer provider), else
+  /// mcpd's context as sent; absent when mcpd sent none (or a malformed one) and
+  /// no span is recorded. A provider whose HTTP client is instrumented needs
+  /// none of it: its calls already nest under the span, which is active while
+  /// `complete()` or `stream()` runs.
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub trace: Option<CompletionTrace>,
   /// The OpenAI request as mcpd sent it, for providers that forward it as is.
   #[napi(ts_type = "Record<string, unknown>")]
   pub request: Value,
@@ -218,6 +227,27 @@ impl CompletionOptions {
       fields.insert("request".into(), request);
     }
     value
+  }
+}
+
+/// A W3C trace context, as `CompletionOptions.trace` hands it to a provider: the
+/// values of the `traceparent` and `tracestate` headers to send on its own calls.
+#[napi(object, object_from_js = false, object_to_js = false)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CompletionTrace {
+  /// A valid version 00 `traceparent`: `00-{trace id}-{span id}-{flags}`.
+  pub traceparent: String,
+  /// Present when there is a valid `tracestate` (at most 512 bytes).
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub tracestate: Option<String>,
+}
+
+impl From<&crate::trace::TraceContext> for CompletionTrace {
+  fn from(context: &crate::trace::TraceContext) -> Self {
+    Self {
+      traceparent: context.traceparent().to_owned(),
+      tracestate: context.tracestate().map(str::to_owned),
+    }
   }
 }
 
@@ -506,6 +536,7 @@ pub fn to_completion_options(body: &Value) -> Result<ChatRequest, Invalid> {
       frequency_penalty,
       user,
       caller: None,
+      trace: None,
       request: body.clone(),
     }),
     model,
@@ -863,6 +894,20 @@ impl AnswerIdentity {
   }
 }
 
+/// A result's finish reason as its answer states it: the provider's, mapped
+/// onto OpenAI's four, else "tool_calls" when it called tools, else "stop".
+pub fn result_finish_reason(result: &CompletionResult) -> &'static str {
+  let called = result
+    .tool_calls
+    .as_deref()
+    .is_some_and(|calls| !calls.is_empty());
+  normalize_finish_reason(result.finish_reason.as_deref()).unwrap_or(if called {
+    "tool_calls"
+  } else {
+    "stop"
+  })
+}
+
 /// The `chat.completion` object for a non-streaming answer.
 pub fn chat_completion(identity: &AnswerIdentity, result: &CompletionResult) -> Value {
   let mut message = Map::new();
@@ -877,12 +922,7 @@ pub fn chat_completion(identity: &AnswerIdentity, result: &CompletionResult) -> 
       .collect();
     message.insert("tool_calls".into(), Value::Array(calls));
   }
-  let finish_reason =
-    normalize_finish_reason(result.finish_reason.as_deref()).unwrap_or(if tool_calls.is_empty() {
-      "stop"
-    } else {
-      "tool_calls"
-    });
+  let finish_reason = result_finish_reason(result);
   let mut completion = json!({
     "id": identity.id,
     "object": "chat.completion",
@@ -1101,6 +1141,19 @@ impl StreamEncoder {
   /// written (content and tool-call arguments).
   pub fn spent(&self) -> (Option<Usage>, u64) {
     (self.usage, self.text_chars)
+  }
+
+  /// The model the chunks name, and the finish reason the last one carries
+  /// (once finished), for the task's span.
+  pub fn answer(&self) -> (&str, Option<&'static str>) {
+    let reason = self.finish_reason.or_else(|| {
+      self.started.then_some(if self.tool_indices.is_empty() {
+        "stop"
+      } else {
+        "tool_calls"
+      })
+    });
+    (&self.identity.model, reason)
   }
 
   fn tool_call_delta(&mut self, call: ToolCallDelta) -> Option<Value> {

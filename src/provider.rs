@@ -5,10 +5,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use crate::stream::ChunkReader;
+use crate::trace::{SpanEnd, TaskTrace};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -18,6 +20,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct ProviderCall {
   pub task_id: String,
   pub options: Value,
+  /// The task's trace: the bridge records the registrar's span in it, if it
+  /// makes one, before the call settles.
+  pub trace: Arc<TaskTrace>,
 }
 
 /// The provider threw, rejected, or handed back something unusable.
@@ -66,4 +71,9 @@ pub trait Provider: Send + Sync + 'static {
   /// Fires the task's `AbortSignal` and lets go of the task's call; a no-op for
   /// a task the provider no longer knows.
   fn abort(&self, task_id: &str, reason: AbortReason);
+
+  /// The task whose call recorded a span in its `TaskTrace` has ended: the
+  /// bridge ends the span. Called only for such tasks, so a registrar without
+  /// spans pays nothing for it.
+  fn span_ended(&self, _task_id: &str, _end: SpanEnd) {}
 }

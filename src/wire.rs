@@ -87,6 +87,12 @@ pub struct TaskEvent {
   /// is dropped by [`parse_caller`] instead of failing the frame.
   #[serde(default)]
   pub caller: Option<Box<RawValue>>,
+  /// mcpd's W3C trace context (docs/protocol.md section 5); kept raw so that a
+  /// malformed one is dropped by [`crate::trace::TraceContext::from_frame`].
+  #[serde(default)]
+  pub traceparent: Option<Box<RawValue>>,
+  #[serde(default)]
+  pub tracestate: Option<Box<RawValue>>,
 }
 
 /// Only the `taskId` of a task event, for a frame that does not parse as a whole.

@@ -84,6 +84,7 @@ class FakeMcpd {
         sendTask: (task) => this.sendTask(task),
         cancel: (taskId) => this.cancel(taskId),
         watchTask: (taskId, observer) => this.#watchTask(taskId, observer),
+        log: (line) => this.#log(line),
       },
       { taskTimeoutMs },
     )
@@ -185,7 +186,7 @@ class FakeMcpd {
     return this.#broadcast(bytes)
   }
 
-  sendTask({ provider, body, stream, taskId, eventId, sessionId, caller } = {}) {
+  sendTask({ provider, body, stream, taskId, eventId, sessionId, caller, traceparent, tracestate } = {}) {
     if (typeof provider !== 'string') throw new TypeError('sendTask: provider must be a string')
     if (!isObject(body)) throw new TypeError('sendTask: body must be an object')
     const target = this.#streamFor(sessionId, provider)
@@ -207,6 +208,9 @@ class FakeMcpd {
     // Sent as given, unchecked: a test may send a malformed caller on purpose.
     const frame = { taskId: id, provider, stream: isStream, body }
     if (caller !== undefined) frame.caller = caller
+    // mcpd's span for the request (docs/protocol.md section 5), also unchecked.
+    if (traceparent !== undefined) frame.traceparent = traceparent
+    if (tracestate !== undefined) frame.tracestate = tracestate
     writeTo(target.res, sseFrame('task', frame, eventId))
     const who = isObject(caller) && typeof caller.id === 'string' ? ` for caller ${caller.id}` : ''
     this.#log(`task ${id} (${provider}${isStream ? ', stream' : ''})${who} sent to session ${target.sessionId}`)

@@ -151,6 +151,14 @@ export interface SendTaskOptions {
    * malformed one on purpose (a registrar treats that as absent). Absent when undefined.
    */
   caller?: unknown
+  /**
+   * Extension: sent as the frame's `traceparent` and `tracestate` (docs/protocol.md, "Trace
+   * context"), as given and unchecked, so a test may send a malformed one. Absent when
+   * undefined. Tasks made by the OpenAI front carry the client's `traceparent` header when
+   * it is valid, else a fresh one; each result and chunk POST's headers are in `requests`.
+   */
+  traceparent?: unknown
+  tracestate?: unknown
 }
 
 export type TaskOutcome =

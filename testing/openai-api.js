@@ -2,6 +2,8 @@
 // publish to OpenAI clients, turning each chat request into a registrar task.
 'use strict'
 
+const { randomBytes } = require('node:crypto')
+
 const FINISHED = Symbol('finished')
 
 /**
@@ -52,7 +54,7 @@ class OpenAiFront {
     }
     if (path === '/v1/chat/completions') {
       if (req.method !== 'POST') return methodNotAllowed(res, 'POST')
-      this.#chat(res, body, caller)
+      this.#chat(res, body, caller, traceOf(req))
       return true
     }
     return false
@@ -65,7 +67,7 @@ class OpenAiFront {
     }
   }
 
-  #chat(res, body, caller) {
+  #chat(res, body, caller, trace) {
     if (!isObject(body)) {
       return sendJson(res, 400, invalidRequest('the request body must be a JSON object'))
     }
@@ -83,7 +85,9 @@ class OpenAiFront {
       stream: streaming,
       sessionId,
       ...(caller === null ? {} : { caller }),
+      ...trace,
     })
+    this.#core.log(`task ${taskId} is in trace ${trace.traceparent.slice(3, 35)}`)
     const exchange = {
       res,
       taskId,
@@ -258,6 +262,23 @@ function safeDecode(text) {
   } catch {
     return text
   }
+}
+
+/** A version 00 traceparent of W3C Trace Context: lower-case hex, ids not all zero. */
+const TRACEPARENT = /^00-(?!0{32}-)[0-9a-f]{32}-(?!0{16}-)[0-9a-f]{16}-[0-9a-f]{2}$/
+
+/**
+ * What the task frame carries as mcpd's span for this request (docs/protocol.md
+ * section 5): the client's own traceparent (and tracestate) when it sent a valid
+ * one, so the registrar's span joins the client's trace; else a fresh trace.
+ */
+function traceOf(req) {
+  const sent = req.headers.traceparent
+  if (typeof sent === 'string' && TRACEPARENT.test(sent)) {
+    const state = req.headers.tracestate
+    return typeof state === 'string' && state !== '' ? { traceparent: sent, tracestate: state } : { traceparent: sent }
+  }
+  return { traceparent: `00-${randomBytes(16).toString('hex')}-${randomBytes(8).toString('hex')}-01` }
 }
 
 module.exports = { OpenAiFront, sendJson, isObject, safeDecode, RELAYED_HEADERS }

@@ -2065,3 +2065,52 @@ async fn task_posts_refuse_redirects_without_leaking_the_token() {
     assert!(received.recv().await.unwrap().contains(endpoint));
   }
 }
+
+// ---------------------------------------------------------------- trace context
+
+/// mcpd's `traceparent` in a task frame (docs/protocol.md, "Trace context"): the
+/// provider gets it as `options.trace`, and every result and chunk POST of the task
+/// carries it as a header (no span is recorded by a Rust provider). A malformed one is
+/// ignored: the task runs, with neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcpds_traceparent_reaches_the_provider_and_every_post_of_its_task() {
+  const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::one("trace", &provider, roomy()).await;
+  let task = |id: &str, stream: bool, traceparent: &str| {
+    json!({
+      "taskId": id, "provider": PROVIDER, "stream": stream, "body": chat(stream),
+      "traceparent": traceparent, "tracestate": "vendor=value",
+    })
+  };
+
+  rig.fake.send("task", &task("t-1", false, TRACEPARENT));
+  let result = rig.fake.result("t-1").await;
+  assert_eq!(result.body["status"], json!(200));
+  assert_eq!(result.header("traceparent"), Some(TRACEPARENT));
+  assert_eq!(
+    result.header("tracestate"),
+    None,
+    "only traceparent is sent"
+  );
+  assert_eq!(
+    provider.call(0).options["trace"],
+    json!({ "traceparent": TRACEPARENT, "tracestate": "vendor=value" })
+  );
+
+  rig.fake.send("task", &task("t-2", true, TRACEPARENT));
+  rig.fake.done("t-2").await;
+  let posts = rig.fake.for_task(Route::Chunks, "t-2");
+  assert!(!posts.is_empty());
+  for post in &posts {
+    assert_eq!(post.header("traceparent"), Some(TRACEPARENT));
+  }
+
+  let upper = TRACEPARENT.to_uppercase();
+  rig.fake.send("task", &task("t-3", false, &upper));
+  let result = rig.fake.result("t-3").await;
+  assert_eq!(result.body["status"], json!(200), "never refused for it");
+  assert_eq!(result.header("traceparent"), None);
+  assert_eq!(provider.call(2).options.get("trace"), None);
+  rig.stop().await;
+}

@@ -157,6 +157,10 @@ declare namespace Api {
   export interface CompletionOptions {
     /** Absent when mcpd sent no caller. */
     caller?: Caller
+    /** W3C trace context for the provider's own outgoing calls: a child of the
+     *  registrar's span for this task when spans are recorded, else mcpd's context as
+     *  sent; absent when mcpd sent none and no span is recorded. */
+    trace?: { traceparent: string; tracestate?: string }
   }
   export interface PublishLimits {
     maxOutputTokens?: number

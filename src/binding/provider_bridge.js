@@ -7,10 +7,15 @@
 // mcplocal. A stream's `for await` loop runs here too (pump below): it hands
 // chunks to Rust in batches through `native.push`, plain synchronous calls into
 // the core's stream window (src/stream.rs), never one threadsafe-function round
-// trip per chunk.
-;(function createProviderBridge(logger, onStateChange, native) {
+// trip per chunk. `spans` (spans.js) records the task's OpenTelemetry span
+// when mcplocal has a tracer provider, and runs the provider inside it.
+;(function createProviderBridge(logger, onStateChange, native, taskSpans) {
   'use strict'
+  // No spans at all (a bridge made without spans.js, as the pump tests make it).
+  const spans = taskSpans ?? { begin: () => null, run: (_active, fn) => fn(), end() {} }
   const providers = new Map()
+  // name -> the entry's `type`, for the span's gen_ai.provider.name.
+  const kinds = new Map()
   const tasks = new Map()
   // Aborts that arrived before their task began (the abort and the call
   // travel on different threadsafe functions, so either may come first):
@@ -186,8 +191,9 @@
   }
 
   return {
-    publish(name, provider) {
+    publish(name, provider, kind) {
       providers.set(name, provider)
+      kinds.set(name, kind)
     },
 
     // mcplocal's registry is a Map or any object with get(name); its errors
@@ -206,7 +212,8 @@
       new Promise((resolve) => {
         const provider = providers.get(call.provider)
         const { options } = begin(taskId, call.optionsJson)
-        resolve(provider.complete(options))
+        const active = spans.begin(call, options, kinds.get(call.provider))
+        resolve(spans.run(active, () => provider.complete(options)))
       })
         .then(
           (value) => encode(callId, value),
@@ -222,13 +229,17 @@
       new Promise((resolve) => {
         const provider = providers.get(call.provider)
         const { task, options } = begin(taskId, call.optionsJson)
-        const iterable = provider.stream(options)
-        const open = iterable?.[Symbol.asyncIterator]
-        if (typeof open !== 'function') {
-          throw new Error("the provider's stream() did not return an async iterable")
-        }
-        task.iterator = open.call(iterable)
-        pump(taskId, task, streamId, call.credit)
+        const active = spans.begin(call, options, kinds.get(call.provider))
+        // The loop runs in the span too: the iterator's steps are the provider's work.
+        spans.run(active, () => {
+          const iterable = provider.stream(options)
+          const open = iterable?.[Symbol.asyncIterator]
+          if (typeof open !== 'function') {
+            throw new Error("the provider's stream() did not return an async iterable")
+          }
+          task.iterator = open.call(iterable)
+          pump(taskId, task, streamId, call.credit)
+        })
         resolve({ callId })
       })
         .catch((error) => {
@@ -238,6 +249,11 @@
           return reply
         })
         .then(settle)
+    },
+
+    // The core says how a task whose span was recorded ended (src/trace.rs).
+    endSpan({ taskId, endJson }) {
+      spans.end(taskId, endJson)
     },
 
     // Rust gave credit back to a pump that used it all (CLOSED, -1: the task ended).

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use napi::bindgen_prelude::{
-  FnArgs, Function, FunctionRef, JsObjectValue, JsValuesTupleIntoVec, Object, ToNapiValue, Unknown,
+  Either3, FnArgs, Function, FunctionRef, JsObjectValue, JsValuesTupleIntoVec, Null, Object,
+  ToNapiValue, Unknown,
 };
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::{sys, Env, Status};
@@ -28,8 +29,11 @@ use crate::shape::Shape;
 use crate::stream::{
   ChunkReader, Credit, End, StreamWindow, WakeProducer, CLOSED, FLUSH_BYTES, WINDOW,
 };
+use crate::trace::{Recorded, SpanEnd, TaskTrace};
 
 const SOURCE: &str = include_str!("provider_bridge.js");
+/// The task spans, handed to provider_bridge.js (spans.js says why it is apart).
+const SPANS: &str = include_str!("spans.js");
 
 /// A struct handed to JavaScript as a plain object with these named fields.
 /// Written out rather than `#[napi(object)]`, which would publish the bridge's
@@ -61,6 +65,8 @@ js_object! {
     options_json: String = "optionsJson",
     /// What `native.settle` names when it answers.
     call_id: u32 = "callId",
+    /// When the task reached the registrar (ms since the epoch): the span's start.
+    arrived_at: Option<f64> = "arrivedAt",
   }
 }
 
@@ -71,6 +77,7 @@ js_object! {
     task_id: String = "taskId",
     options_json: String = "optionsJson",
     call_id: u32 = "callId",
+    arrived_at: Option<f64> = "arrivedAt",
     /// The stream's id in `native.push`.
     stream_id: u32 = "streamId",
     /// The chunks the loop may push before it must wait.
@@ -99,6 +106,15 @@ js_object! {
 }
 
 js_object! {
+  /// `endSpan(ended)`: how a task whose span was recorded ended.
+  struct SpanEnded {
+    task_id: String = "taskId",
+    /// src/trace.rs `SpanEnd` as JSON.
+    end_json: String = "endJson",
+  }
+}
+
+js_object! {
   /// `log(line)`: one line for the `logger`, pino's order.
   struct LogLine {
     level: String = "level",
@@ -118,6 +134,8 @@ type OpenStreamFn =
 type CreditFn = ThreadsafeFunction<CreditGrant, Unknown<'static>, CreditGrant, Status, false, true>;
 /// `abort(abort)`.
 type AbortFn = ThreadsafeFunction<Abort, Unknown<'static>, Abort, Status, false, true>;
+/// `endSpan(ended)`.
+type EndSpanFn = ThreadsafeFunction<SpanEnded, Unknown<'static>, SpanEnded, Status, false, true>;
 /// `log(line)`.
 type LogFn = ThreadsafeFunction<LogLine, Unknown<'static>, LogLine, Status, false, true>;
 /// `stateChange(status)`.
@@ -125,15 +143,26 @@ type StateFn = ThreadsafeFunction<JsStatus, Unknown<'static>, JsStatus, Status, 
 /// A strong reference that keeps Node's event loop alive while the registrar runs.
 pub type KeepAlive = ThreadsafeFunction<(), Unknown<'static>, (), Status, false, false>;
 pub type KeepAliveSource = FunctionRef<(), Unknown<'static>>;
-/// provider_bridge.js evaluates to `createProviderBridge(logger, onStateChange, native)`.
+/// provider_bridge.js evaluates to `createProviderBridge(logger, onStateChange, native, spans)`.
 type BridgeFactory<'env> = Function<
   'env,
-  FnArgs<(Option<Object<'env>>, Option<Function<'env>>, Object<'env>)>,
+  FnArgs<(
+    Option<Object<'env>>,
+    Option<Function<'env>>,
+    Object<'env>,
+    Object<'env>,
+  )>,
   Object<'env>,
 >;
+/// spans.js evaluates to `createTaskSpans(addonUrl, native)`.
+type SpansFactory<'env> = Function<'env, FnArgs<(Option<String>, Object<'env>)>, Object<'env>>;
 
 /// How a provider call settled, as `native.settle` reports it.
 type Settled = Result<Option<String>, String>;
+
+/// A waiting call: where its reply goes, and its task's trace, where
+/// `native.traced` records the task's span.
+type Waiting = (oneshot::Sender<Settled>, Arc<TaskTrace>);
 
 /// Provider calls waiting for their JavaScript reply, by call id. The reply
 /// comes back through `native.settle({ callId, value, error })`, a plain
@@ -143,14 +172,14 @@ type Settled = Result<Option<String>, String>;
 #[derive(Default)]
 struct PendingCalls {
   next_id: AtomicU32,
-  waiting: Mutex<HashMap<u32, oneshot::Sender<Settled>>>,
+  waiting: Mutex<HashMap<u32, Waiting>>,
 }
 
 impl PendingCalls {
-  fn open(self: &Arc<Self>) -> PendingCall {
+  fn open(self: &Arc<Self>, trace: Arc<TaskTrace>) -> PendingCall {
     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
     let (sender, receiver) = oneshot::channel();
-    self.waiting.lock().insert(id, sender);
+    self.waiting.lock().insert(id, (sender, trace));
     PendingCall {
       id,
       receiver,
@@ -159,8 +188,38 @@ impl PendingCalls {
   }
 
   fn settle(&self, id: u32, settled: Settled) {
-    if let Some(sender) = self.waiting.lock().remove(&id) {
+    if let Some((sender, _)) = self.waiting.lock().remove(&id) {
       let _ = sender.send(settled);
+    }
+  }
+
+  /// `native.traced(callId, traceparent, tracestate)`: records the span
+  /// spans.js made for a call's task. Answers null (live: `endSpan` will
+  /// come), a `SpanEnd`'s JSON (the task already ended: end it now, so), or
+  /// false (refused: not a valid traceparent).
+  fn traced(
+    &self,
+    id: u32,
+    traceparent: &str,
+    tracestate: Option<&str>,
+  ) -> Either3<Null, String, bool> {
+    let trace = self
+      .waiting
+      .lock()
+      .get(&id)
+      .map(|(_, trace)| Arc::clone(trace));
+    let Some(trace) = trace else {
+      // The task let go of its call: it ended before the provider began.
+      let end = SpanEnd {
+        error_type: Some("_OTHER"),
+        ..SpanEnd::default()
+      };
+      return Either3::B(serde_json::to_string(&end).unwrap_or_default());
+    };
+    match trace.record_span(traceparent, tracestate) {
+      Recorded::Live => Either3::A(Null),
+      Recorded::AlreadyEnded(end) => Either3::B(serde_json::to_string(&end).unwrap_or_default()),
+      Recorded::Refused => Either3::C(false),
     }
   }
 }
@@ -232,6 +291,15 @@ impl StreamTable {
       Ok(())
     })?;
     native.set_named_property("settle", settle)?;
+    let pending = Arc::clone(calls);
+    let traced = env.create_function_from_closure::<FnArgs<(u32, String, Option<String>)>, _, _>(
+      "traced",
+      move |call| {
+        let (id, traceparent, tracestate): (u32, String, Option<String>) = call.args()?;
+        Ok(pending.traced(id, &traceparent, tracestate.as_deref()))
+      },
+    )?;
+    native.set_named_property("traced", traced)?;
     let table = Arc::clone(self);
     let push = env.create_function_from_closure::<FnArgs<(u32, String, u32)>, _, _>(
       "push",
@@ -275,6 +343,7 @@ pub struct JsBridge {
   streams: Arc<StreamTable>,
   calls: Arc<PendingCalls>,
   abort: AbortFn,
+  end_span: EndSpanFn,
   log: LogFn,
   state_change: StateFn,
   /// The session id of the last status seen, added to every log line.
@@ -299,7 +368,16 @@ impl JsBridge {
     let streams = Arc::new(StreamTable::default());
     let calls = Arc::new(PendingCalls::default());
     let native = streams.native(&calls, env)?;
-    let object = factory.call(FnArgs::from((logger, on_state_change, native)))?;
+    let spans_factory: SpansFactory = env.run_script(SPANS)?;
+    // Where `@opentelemetry/api` is looked for first (spans.js); absent on a
+    // Node that cannot say, which then falls back to the main module and cwd.
+    let addon_url = env
+      .get_module_file_name()
+      .ok()
+      .filter(|url| !url.is_empty());
+    // `Object` is a handle (Copy): both halves get the same `native`.
+    let spans = spans_factory.call(FnArgs::from((addon_url, native)))?;
+    let object = factory.call(FnArgs::from((logger, on_state_change, native, spans)))?;
     let bridge = JsBridge {
       complete: weak_function(&object, "complete")?,
       open_stream: weak_function(&object, "openStream")?,
@@ -307,6 +385,7 @@ impl JsBridge {
       streams,
       calls,
       abort: weak_function(&object, "abort")?,
+      end_span: weak_function(&object, "endSpan")?,
       log: weak_function(&object, "log")?,
       state_change: weak_function(&object, "stateChange")?,
       session_id: parking_lot::Mutex::new(None),
@@ -367,9 +446,10 @@ impl JsBridge {
     &self,
     function: &ThreadsafeFunction<T, Unknown<'static>, T, Status, false, true>,
     what: &str,
+    trace: Arc<TaskTrace>,
     make: impl FnOnce(u32) -> T,
   ) -> Result<Option<String>, ProviderFailure> {
-    let mut pending = self.calls.open();
+    let mut pending = self.calls.open(trace);
     let status = function.call(make(pending.id), ThreadsafeFunctionCallMode::NonBlocking);
     if status != Status::Ok {
       return Err(ProviderFailure(format!(
@@ -435,13 +515,15 @@ impl Provider for ProviderBridge {
   fn complete(&self, call: ProviderCall) -> BoxFuture<'static, Result<Value, ProviderFailure>> {
     let bridge = Arc::clone(&self.bridge);
     let provider = self.name.clone();
+    let arrived_at = call.trace.arrived_ms();
     Box::pin(async move {
       let text = bridge
-        .call_provider(&bridge.complete, "complete", |call_id| Call {
+        .call_provider(&bridge.complete, "complete", call.trace, |call_id| Call {
           provider,
           task_id: call.task_id,
           options_json: call.options.to_string(),
           call_id,
+          arrived_at,
         })
         .await?
         .ok_or_else(|| ProviderFailure("provider.complete: no value".to_owned()))?;
@@ -458,19 +540,23 @@ impl Provider for ProviderBridge {
   fn stream(&self, call: ProviderCall) -> BoxFuture<'static, Result<ChunkReader, ProviderFailure>> {
     let bridge = Arc::clone(&self.bridge);
     let provider = self.name.clone();
+    let arrived_at = call.trace.arrived_ms();
     Box::pin(async move {
       let (stream_id, window) = bridge.open_window();
       let credit = window.initial_credit();
       // The reader owns the window from here: a failed open drops it.
       let reader = ChunkReader::new(window);
       let opened = bridge
-        .call_provider(&bridge.open_stream, "stream", |call_id| StreamCall {
-          provider,
-          task_id: call.task_id,
-          options_json: call.options.to_string(),
-          call_id,
-          stream_id,
-          credit,
+        .call_provider(&bridge.open_stream, "stream", call.trace, |call_id| {
+          StreamCall {
+            provider,
+            task_id: call.task_id,
+            options_json: call.options.to_string(),
+            call_id,
+            arrived_at,
+            stream_id,
+            credit,
+          }
         })
         .await;
       if opened.is_err() {
@@ -490,5 +576,19 @@ impl Provider for ProviderBridge {
       .bridge
       .abort
       .call(abort, ThreadsafeFunctionCallMode::NonBlocking);
+  }
+
+  fn span_ended(&self, task_id: &str, end: SpanEnd) {
+    let Ok(end_json) = serde_json::to_string(&end) else {
+      return;
+    };
+    let ended = SpanEnded {
+      task_id: task_id.to_owned(),
+      end_json,
+    };
+    self
+      .bridge
+      .end_span
+      .call(ended, ThreadsafeFunctionCallMode::NonBlocking);
   }
 }

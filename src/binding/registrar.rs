@@ -45,8 +45,9 @@ struct Setup<'env> {
   log_route: Arc<LogRoute>,
 }
 
-/// `publish(name, provider)` of provider_bridge.js; the provider is passed as is.
-type PublishFn = FunctionRef<FnArgs<(String, Unknown<'static>)>, Unknown<'static>>;
+/// `publish(name, provider, type)` of provider_bridge.js; the provider is passed
+/// as is, the entry's `type` names it on its spans.
+type PublishFn = FunctionRef<FnArgs<(String, Unknown<'static>, String)>, Unknown<'static>>;
 
 /// Hands providers to the JavaScript side of the bridge and wraps them for the
 /// core: at construction, and again for each `update()`.
@@ -107,7 +108,14 @@ impl Publisher {
     // SAFETY: a live value of this environment, used within this call only.
     let provider = unsafe { Unknown::from_raw_unchecked(env.raw(), provider.raw()) };
     publish
-      .call((entry.descriptor.name.clone(), provider).into())
+      .call(
+        (
+          entry.descriptor.name.clone(),
+          provider,
+          entry.descriptor.kind.clone(),
+        )
+          .into(),
+      )
       .map_err(napi_failure)?;
     Ok(PublishedProvider {
       provider: Arc::new(ProviderBridge {
@@ -183,7 +191,7 @@ impl<'env> Setup<'env> {
     let has_logger = logger.is_some();
     let parts = JsBridge::create(env, logger, on_state_change).map_err(napi_failure)?;
     let sink = has_logger.then(|| parts.bridge.log_sink());
-    let publish: Function<FnArgs<(String, Unknown<'static>)>, Unknown<'static>> = parts
+    let publish: Function<FnArgs<(String, Unknown<'static>, String)>, Unknown<'static>> = parts
       .object
       .get_named_property("publish")
       .map_err(napi_failure)?;

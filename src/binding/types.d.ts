@@ -6,7 +6,12 @@
 // declarations after them are generated from the Rust types
 // (src/binding/contract.rs, src/openai.rs).
 
-/** What mcplocal already has: one LlmProvider per configured provider. */
+/** What mcplocal already has: one LlmProvider per configured provider. When
+ *  mcplocal has `@opentelemetry/api` (an optional peer dependency) and a tracer
+ *  provider registered, `complete()` and `stream()` run with the task's span active
+ *  ("chat {model}", kind INTERNAL, a child of mcpd's span, with the GenAI attributes and
+ *  no prompt or completion text), so the provider's instrumented calls nest under it;
+ *  `options.trace` then names that span. */
 export interface LlmProvider {
   readonly name?: string
   complete(options: CompletionOptions): Promise<CompletionResult>

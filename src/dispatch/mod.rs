@@ -43,10 +43,11 @@ use crate::error::{Error, Result};
 use crate::mcpd::McpdClient;
 use crate::observe::metrics::RegistrarMetrics;
 use crate::observe::TaskObserver;
-use crate::openai::{self, Caller, ErrorReply};
+use crate::openai::{self, Caller, CompletionTrace, ErrorReply};
 use crate::owner::usage::{UsageBook, UsageReport};
 use crate::owner::{estimate_tokens, Charge, OwnerPolicy, Refusal};
 use crate::provider::Provider;
+use crate::trace::{SpanEnd, TaskTrace, TraceContext};
 use crate::wire::{self, CancelEvent, ProviderDescriptor, ProviderLoad, TaskEvent};
 
 pub use delivery::{deliver, Delivery, DeliverySignals, DELIVERY_DEADLINE};
@@ -340,7 +341,13 @@ impl TaskDispatcher {
       .unwrap_or_default();
     let span = tracing::info_span!("task", task_id = %task_id, provider = %provider);
     let started = tokio::time::Instant::now();
-    let (decision, lane, metering) = match &parsed {
+    let trace = Arc::new(TaskTrace::new(
+      parsed
+        .as_ref()
+        .ok()
+        .and_then(|event| span.in_scope(|| received_trace(event))),
+    ));
+    let (mut decision, lane, metering) = match &parsed {
       Ok(event) => span.in_scope(|| self.decide(event)),
       Err(error) => (
         Decision::Answer(ErrorReply::invalid_request(format!(
@@ -353,6 +360,9 @@ impl TaskDispatcher {
     // A task answered with an error without running (404, 400, 429, 503) is
     // failed from this moment: it never counts as in flight, whatever its
     // POST meets.
+    if let Decision::Run { request, .. } = &mut decision {
+      request.options.trace = trace.received().map(CompletionTrace::from);
+    }
     let counted = matches!(decision, Decision::Answer(_));
     if counted {
       Self::count(&mut self.book.lock(), lane.as_deref(), Outcome::Failed);
@@ -376,6 +386,8 @@ impl TaskDispatcher {
           answered: AtomicU16::new(0),
           spent: Mutex::new(Spent::default()),
           clock,
+          trace: Arc::clone(&trace),
+          failure: Mutex::new(None),
         };
         let run = AssertUnwindSafe(context.run(&task_id, decision)).catch_unwind();
         let outcome = match run.await {
@@ -393,6 +405,8 @@ impl TaskDispatcher {
               answered: AtomicU16::new(0),
               spent: Mutex::new(Spent::default()),
               clock: TaskClock::new(started, None, false, false),
+              trace: Arc::clone(&trace),
+              failure: Mutex::new(None),
             };
             let reply = ErrorReply::provider_error("internal error in the registrar");
             fallback.run(&task_id, Decision::Answer(reply)).await;
@@ -416,6 +430,7 @@ impl TaskDispatcher {
             "task answered"
           ),
         }
+        end_span(lane.as_deref(), &task_id, &context, outcome);
         let tokens = match (lane.as_deref(), metering) {
           (Some(lane), Some(metering)) => {
             let spent = std::mem::take(&mut *context.spent.lock());
@@ -751,6 +766,30 @@ impl TaskDispatcher {
         cancel.cancel();
       }
       None => tracing::debug!(task_id = %event.task_id, "cancel for a task not running; ignored"),
+    }
+  }
+}
+
+/// mcpd's trace context from a task frame (docs/protocol.md section 5); a
+/// malformed one is ignored with a debug line, never refusing the task.
+fn received_trace(event: &TaskEvent) -> Option<TraceContext> {
+  TraceContext::from_frame(event.traceparent.as_deref(), event.tracestate.as_deref())
+    .unwrap_or_else(|why| {
+      tracing::debug!(reason = why, "ignoring a malformed trace context");
+      None
+    })
+}
+
+/// Ends the task's span, when its provider call recorded one (src/trace.rs);
+/// a task without one only leaves its `error.type` for a span recorded late.
+fn end_span(lane: Option<&Lane>, task_id: &str, context: &TaskContext<'_>, outcome: Outcome) {
+  let early = SpanEnd {
+    error_type: context.error_type(outcome),
+    ..SpanEnd::default()
+  };
+  if let Some(end) = context.trace.end(early, || context.span_end(outcome)) {
+    if let Some(lane) = lane {
+      lane.published().provider.span_ended(task_id, end);
     }
   }
 }

@@ -335,8 +335,7 @@ impl TaskDispatcher {
       queue: measures.queue,
       time_to_first_token: measures.time_to_first_token,
       duration: measures.duration,
-      // Filled once the traceparent is read from the task frame (issue 17, item 1).
-      trace_id: None,
+      trace_id: context.trace.trace_id().map(str::to_owned),
       messages: detail.messages,
       // No text read (a task answered without running, a tool call): none.
       content: clock

@@ -22,6 +22,7 @@ use super::delivery::{deliver, Delivery, DeliverySignals};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
 use crate::openai::{PayloadForm, DONE};
+use crate::trace::TaskTrace;
 use crate::wire::write_json_str;
 
 /// The most payloads and bytes (of payloads as the body holds them) one chunk
@@ -274,6 +275,7 @@ pub async fn relay_chunks(
   task_id: &str,
   outbox: &Outbox,
   signals: &DeliverySignals,
+  trace: &TaskTrace,
 ) -> Relayed {
   let _end = RelayEnd(outbox);
   let mut seq = 0u64;
@@ -291,7 +293,8 @@ pub async fn relay_chunks(
       return Relayed::Finished;
     };
     match deliver(signals, || {
-      client.post_chunk_body(task_id, batch.body.clone())
+      // Read per POST: the registrar's span is recorded before the first chunk.
+      client.post_chunk_body(task_id, batch.body.clone(), trace.header())
     })
     .await
     {

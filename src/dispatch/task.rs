@@ -37,6 +37,7 @@ use crate::mcpd::McpdClient;
 use crate::openai::{self, AnswerIdentity, ErrorReply, PayloadForm, StreamEncoder, Usage};
 use crate::owner::ErrorDetail;
 use crate::provider::{AbortReason, Provider, ProviderCall};
+use crate::trace::{SpanEnd, TaskTrace};
 
 /// A task's tokens: mcpd's cancel (its own), the stop (a child of the
 /// registrar's root) and the hard stop after the stop's grace.
@@ -81,6 +82,9 @@ pub struct Spent {
   pub usage: Option<Usage>,
   /// The characters of the answer's text written, for the estimate.
   pub text_chars: u64,
+  /// The model the answer named and its finish reason, for the task's span.
+  pub answer_model: Option<String>,
+  pub finish_reason: Option<&'static str>,
 }
 
 /// What a task needs from the dispatcher.
@@ -95,6 +99,12 @@ pub struct TaskContext<'a> {
   pub spent: Mutex<Spent>,
   /// Its queue time, first content and gaps, for the metrics and its record.
   pub clock: TaskClock,
+  /// mcpd's trace context and the registrar's span (src/trace.rs): the
+  /// `traceparent` header of the task's POSTs.
+  pub trace: Arc<TaskTrace>,
+  /// The OpenAI error type the task was last answered with (in-band too), for
+  /// the span's `error.type`.
+  pub failure: Mutex<Option<&'static str>>,
 }
 
 /// Why the provider's part of a task ended.
@@ -175,6 +185,7 @@ impl TaskContext<'_> {
     let call = ProviderCall {
       task_id: task_id.to_owned(),
       options: options.into_value(),
+      trace: Arc::clone(&self.trace),
     };
     let provider = &published.provider;
     let detail = published.policy.error_detail;
@@ -252,6 +263,13 @@ impl TaskContext<'_> {
           let mut spent = self.spent.lock();
           spent.usage = result.usage;
           spent.text_chars = openai::result_chars(&result);
+          spent.finish_reason = Some(openai::result_finish_reason(&result));
+          spent.answer_model = Some(
+            result
+              .model
+              .clone()
+              .unwrap_or_else(|| identity.model.clone()),
+          );
         }
         let body = openai::chat_completion(&identity, &result);
         self
@@ -277,7 +295,7 @@ impl TaskContext<'_> {
     // Payloads are made ready-escaped for the chunk POST's body.
     let mut encoder = encoder.into_form(PayloadForm::JsonStringContent);
     let outbox = Outbox::new();
-    let relay = relay_chunks(self.client, &task_id, &outbox, &self.signals);
+    let relay = relay_chunks(self.client, &task_id, &outbox, &self.signals, &self.trace);
     // `produce` calls the provider on its first poll: an ending that wins
     // before that has no call to abort.
     let called = AtomicBool::new(false);
@@ -321,6 +339,7 @@ impl TaskContext<'_> {
       if encoder.started() {
         // Payloads went out: the error goes in-band, then [DONE].
         let mut out = Vec::new();
+        *self.failure.lock() = Some(reply.kind);
         encoder.fail(&failure::scrubbed(&reply, self.client.token()), &mut out);
         let _ = outbox.push_escaped(&mut out).await;
         Outcome::Failed
@@ -332,10 +351,15 @@ impl TaskContext<'_> {
     let (outcome, relayed) = tokio::join!(produce, relay);
     {
       let (usage, text_chars) = encoder.spent();
+      let (model, finish_reason) = encoder.answer();
       let mut spent = self.spent.lock();
       spent.reached = called.load(Ordering::Relaxed);
       spent.usage = usage;
       spent.text_chars = text_chars;
+      if encoder.started() {
+        spent.answer_model = Some(model.to_owned());
+        spent.finish_reason = finish_reason;
+      }
     }
     if encoder.started() && !matches!(relayed, Relayed::Cancelled) {
       self.answered.store(200, Ordering::Relaxed);
@@ -347,9 +371,33 @@ impl TaskContext<'_> {
     }
   }
 
+  /// The span's `error.type` for `outcome`: none when it completed.
+  pub fn error_type(&self, outcome: Outcome) -> Option<&'static str> {
+    match outcome {
+      Outcome::Completed => None,
+      Outcome::Cancelled => Some("cancelled"),
+      Outcome::Failed => Some(self.failure.lock().unwrap_or("_OTHER")),
+    }
+  }
+
+  /// How the task's span ends, once `outcome` is known (built only for a
+  /// task whose span was recorded).
+  pub fn span_end(&self, outcome: Outcome) -> SpanEnd {
+    let error_type = self.error_type(outcome);
+    let spent = self.spent.lock();
+    SpanEnd {
+      error_type,
+      response_model: spent.answer_model.clone(),
+      finish_reason: spent.finish_reason,
+      input_tokens: spent.usage.map(|usage| usage.prompt_tokens),
+      output_tokens: spent.usage.map(|usage| usage.completion_tokens),
+    }
+  }
+
   /// Answers a task with an OpenAI error body on the result endpoint, its
   /// message scrubbed of the token.
   async fn fail(&self, task_id: &str, reply: &ErrorReply) -> Outcome {
+    *self.failure.lock() = Some(reply.kind);
     let reply = &failure::scrubbed(reply, self.client.token());
     tracing::debug!(task_id, status = reply.status, message = %reply.message, "answering with an error");
     self
@@ -386,7 +434,9 @@ impl TaskContext<'_> {
     delivered: Outcome,
   ) -> Outcome {
     let delivery = deliver(&self.signals, || {
-      self.client.post_result_with(task_id, status, body, headers)
+      self
+        .client
+        .post_result_with(task_id, status, body, headers, self.trace.header())
     })
     .await;
     match delivery {
@@ -532,12 +582,15 @@ mod tests {
       answered: AtomicU16::new(0),
       spent: Mutex::new(Spent::default()),
       clock: TaskClock::new(Instant::now(), None, false, false),
+      trace: Arc::default(),
+      failure: Mutex::new(None),
     };
     let silent = Arc::new(Silent::default());
     let provider: Arc<dyn Provider> = silent.clone();
     let call = ProviderCall {
       task_id: "t".into(),
       options: Value::Null,
+      trace: Arc::default(),
     };
     let identity = AnswerIdentity::new("t", "m".into());
     let outcome = context
