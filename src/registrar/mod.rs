@@ -161,6 +161,19 @@ impl Registrar {
     self.core.dispatcher.remembered()
   }
 
+  /// How many tasks mcpd sent are still alive (diagnostics and tests). A task
+  /// leaves after its last POST, so at 0 nothing more is posted for any task
+  /// received so far: tests use it as the barrier after which counts are final.
+  pub fn live_tasks(&self) -> usize {
+    self.core.dispatcher.live()
+  }
+
+  /// How many tokio tasks the registrar owns now (diagnostics and tests): the
+  /// supervisor, the heartbeat and one per live task. 0 once `stop()` returned.
+  pub fn owned_tasks(&self) -> usize {
+    self.core.owners.tracker.len()
+  }
+
   /// Keeps `resource` alive as long as the registrar (its loops included).
   pub fn keep_for_life(&self, resource: Box<dyn Send + Sync>) {
     self.core.kept.lock().push(resource);
