@@ -97,7 +97,8 @@ impl Registrar {
       config.allow_insecure_http,
     )?);
     let store = SessionStore::new(config.config_dir);
-    match store.load() {
+    // Sweeps the temp files of saves a kill interrupted, then reads the id.
+    match store.recover() {
       Ok(id) => client.set_session_id(id),
       Err(error) => span.in_scope(|| {
         tracing::warn!(error = %describe(&error), "ignoring the stored session id; registering afresh")
