@@ -28,6 +28,47 @@ const WAIT: Duration = Duration::from_secs(20);
 /// The child stops by itself after this many saves, should its parent be gone.
 const MAX_SAVES: u64 = 100_000;
 
+/// The command that runs this test binary again: through cargo's runner for the target
+/// when one is set (scripts/test-arm64.sh runs the tests under `timeout 600 qemu-aarch64
+/// ...`, and cargo's environment reaches this process), else the binary itself. In a
+/// process group of its own, so that the kill reaches the runner's children too.
+fn writer_command() -> Command {
+  use std::os::unix::process::CommandExt;
+  let me = std::env::current_exe().unwrap();
+  let runners: Vec<(String, String)> = std::env::vars()
+    .filter(|(name, _)| name.starts_with("CARGO_TARGET_") && name.ends_with("_RUNNER"))
+    .collect();
+  let arch = std::env::consts::ARCH.to_uppercase();
+  let runner = runners
+    .iter()
+    .find(|(name, _)| name.contains(&arch))
+    .or(runners.first())
+    .map(|(_, runner)| {
+      runner
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+    })
+    .filter(|words| !words.is_empty());
+  let mut command = match runner {
+    Some(words) => {
+      let mut command = Command::new(&words[0]);
+      command.args(&words[1..]).arg(&me);
+      command
+    }
+    None => Command::new(&me),
+  };
+  command.process_group(0);
+  command
+}
+
+/// SIGKILL to the child's whole process group (the runner and what it runs).
+fn kill_9(child: &std::process::Child) {
+  let group = -(child.id() as libc::pid_t);
+  // SAFETY: kill(2) with a process group this test made and has not reaped yet.
+  assert_eq!(unsafe { libc::kill(group, libc::SIGKILL) }, 0, "kill -9");
+}
+
 /// The temp files a save writes through: `.provider-session-<12 alphanumerics>.tmp`
 /// (src/config.rs). Checked here from the outside, so a change of the pattern that
 /// the sweep does not follow fails this test.
@@ -147,13 +188,12 @@ fn session_file_survives_kill_9_mid_write() {
     });
   eprintln!("{SEED}={seed}");
   let mut spread = Spread(seed);
-  let me = std::env::current_exe().unwrap();
   let started = Instant::now();
   let (mut in_a_save, mut saves, mut temp_left) = (0, 0, 0);
   let mut current = session_id(0);
 
   for kill in 0..KILLS {
-    let mut child = Command::new(&me)
+    let mut child = writer_command()
       .args([
         "session_writer_child",
         "--exact",
@@ -197,7 +237,7 @@ fn session_file_survives_kill_9_mid_write() {
       }
     }
     std::thread::sleep(Duration::from_micros(spread.next(MAX_KILL_DELAY_MICROS)));
-    child.kill().unwrap();
+    kill_9(&child);
     child.wait().unwrap();
     reader.join().unwrap();
     for line in lines.try_iter() {
