@@ -115,7 +115,10 @@ test("a redirect loop within mcpd's origin is refused at its first hop, without 
 })
 
 test('an endless register answer is cut at 1 MiB and start() rejects', async (t) => {
-  let closed = 0
+  let connectionClosed
+  const closed = new Promise((resolve) => {
+    connectionClosed = resolve
+  })
   const mcpd = await rawServer(t, (_req, res) => {
     res.writeHead(200, { 'content-type': 'application/json' })
     res.write('{"providerSessionId":"ps-1","pad":"')
@@ -124,13 +127,22 @@ test('an endless register answer is cut at 1 MiB and start() rejects', async (t)
       while (!res.destroyed && res.write(block)) {}
       if (!res.destroyed) res.once('drain', pump)
     }
-    res.on('close', () => closed++)
+    res.on('close', connectionClosed)
     pump()
   })
   const { error } = await startAgainst(t, mcpd.origin)
   assert.match(error.message, /over 1048576 bytes/)
-  await new Promise((resolve) => {
-    const check = () => (closed > 0 ? resolve() : setTimeout(check, 10))
-    check()
-  })
+  // The registrar dropped the response before start() rejected, so the close is
+  // already on its way: no timer of the registrar is involved. The bound only turns
+  // a connection left open into a clear failure instead of the suite's 120 s timeout.
+  const boundMs = 5000
+  let timer
+  const outcome = await Promise.race([
+    closed.then(() => 'closed'),
+    new Promise((resolve) => {
+      timer = setTimeout(() => resolve('open'), boundMs)
+    }),
+  ])
+  clearTimeout(timer)
+  assert.equal(outcome, 'closed', `the endless answer's connection was still open ${boundMs} ms after start() rejected`)
 })

@@ -3,7 +3,7 @@
 
 import assert from 'node:assert/strict'
 import test from 'node:test'
-import { recordingProvider, scaledMs, sleep, startMcpd, startRegistrar } from './helpers.mjs'
+import { recordingProvider, scaledMs, startMcpd, startRegistrar } from './helpers.mjs'
 import { answeredTaskIds, OpenAI, openAiClient, parkedProvider, streamingProvider, tokenChunks } from './providers.mjs'
 
 const messages = [
@@ -387,7 +387,9 @@ test('a client-side abort reaches the provider signal promptly (under 1 s), stre
   assert.ok(plainLag < scaledMs(1000), `the provider's signal fired ${plainLag.toFixed(1)} ms after abort()`)
 
   // Both were cancels: nothing more posted for either task, though complete() resolved 'late'.
-  await sleep(200)
+  // A task is counted cancelled when it ends, after its last POST: from then on the
+  // requests are final, without a pause that a later POST could outlast.
+  await mcpd.waitFor(() => registrar.status().cancelled === 2, { timeoutMs: 5000 })
   assert.equal(mcpd.requests.filter((r) => r.path.endsWith('/result')).length, 0, 'no result POST')
   const [streamedTaskId] = answeredTaskIds(mcpd)
   assert.equal((await mcpd.outcome(streamedTaskId)).kind, 'cancelled')

@@ -271,7 +271,7 @@ test('a replayed taskId runs once, while running and after it was answered', asy
     await gate
     return { content: 'once' }
   })
-  await startRegistrar(t, mcpd, { local: provider })
+  const { registrar } = await startRegistrar(t, mcpd, { local: provider })
   mcpd.sendTask({ provider: 'local', body: chatBody(), taskId: 't-replayed' })
   mcpd.sendTask({ provider: 'local', body: chatBody(), taskId: 't-replayed' })
   await mcpd.waitFor(() => provider.calls.length === 1)
@@ -279,8 +279,15 @@ test('a replayed taskId runs once, while running and after it was answered', asy
   const outcome = await mcpd.outcome('t-replayed')
   assert.equal(outcome.status, 200)
   mcpd.sendTask({ provider: 'local', body: chatBody(), taskId: 't-replayed' })
-  await sleep(200)
-  assert.equal(provider.calls.length, 1)
+  // A sentinel task after the replay: the channel's events are handled in order, so once
+  // it is answered the replay was handled too, and a task admitted is counted at once
+  // (in flight, queued, or ended). Once the sentinel ended, only t-replayed (once) and the
+  // sentinel were ever received, so the provider was called for nothing else.
+  assert.equal((await mcpd.outcome(mcpd.sendTask({ provider: 'local', body: chatBody() }))).status, 200)
+  await mcpd.waitFor(() => registrar.status().completed >= 2)
+  const { completed, failed, cancelled, inFlight, queued } = registrar.status()
+  assert.equal(completed + failed + cancelled + inFlight + queued, 2, 'tasks received')
+  assert.equal(provider.calls.length, 2)
   assert.deepEqual(mcpd.violations, [])
 })
 
@@ -387,6 +394,9 @@ test('invalid UTF-8 or an over-limit frame on the stream causes a reconnect, not
 test('no byte for idleTimeoutMs reconnects; keep-alive comments hold the channel open', async (t) => {
   const mcpd = await startMcpd(t, { keepAliveMs: 50 })
   const { registrar } = await startRegistrar(t, mcpd, { local: recordingProvider() }, { idleTimeoutMs: 300 })
+  // Cannot be exact: what must not happen is the addon's idle timer firing, on the real
+  // clock (no paused clock across napi). 700 ms is over twice idleTimeoutMs, so an idle
+  // timer that keep-alives did not reset would have fired at least twice by then.
   await sleep(700)
   assert.equal(mcpd.connections.length, 1, 'keep-alives kept the channel')
   const idle = await startMcpd(t, { keepAliveMs: 0 })

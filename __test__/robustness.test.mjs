@@ -87,8 +87,12 @@ test('a cancel stops the retries of a result POST', async (t) => {
   // The task ends, counted cancelled, the moment the cancel reaches it.
   await mcpd.waitFor(() => registrar.status().cancelled === 1)
   const atCancel = attempts()
-  // Retries came every 200-400 ms; a second with none shows they stopped. One
-  // POST may already have been on its way when the cancel arrived.
+  // Counted cancelled means the task ended, and its retry loop with it: no POST can start
+  // after this (the exact check, with the retries' own clock paused, is tests/core.rs's
+  // nothing_arrives_after_stop_resolved_while_results_keep_failing). What cannot be exact
+  // here is a POST already written to the socket when the cancel landed, which the fake
+  // may read later: it is allowed, and a pause of several retry intervals (200-400 ms)
+  // lets a retry loop that outlived the task show itself.
   await sleep(1000)
   assert.ok(attempts() <= atCancel + 1, `${attempts() - atCancel} result POSTs after the cancel`)
   assert.equal(registrar.status().completed + registrar.status().failed, 0)
@@ -136,6 +140,9 @@ test('maybeStart: a refused token on the first register means unauthorized, retr
   })
   t.after(() => registrar.stop())
   assert.equal(registrar.status().state, 'unauthorized')
+  // Cannot be exact: what must not happen is a backoff timer firing, on the addon's real
+  // clock. 500 ms is ten initial backoffs (50 ms): a registrar that retried a 401 would
+  // have registered again several times by then.
   await sleep(500)
   const registers = mcpd.requests.filter((r) => r.path.endsWith('/_provider-register'))
   assert.equal(registers.length, 1, 'not retried at the initial backoff')
@@ -184,6 +191,8 @@ test('a started registrar keeps Node alive even when its JS object is garbage-co
   })
   // Bounds the child's start too: seconds under emulation (scripts/test-arm64.sh).
   await mcpd.waitFor(() => out.includes('collected'), { timeoutMs: scaledMs(10_000) })
+  // Cannot be exact: "the process did not exit" is an absence over time. A second is
+  // far longer than Node takes to exit once its loop is empty (a few ms after the GC).
   await sleep(1000)
   assert.equal(exited, false, 'the process exited while its registrar was running')
 })

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the Rust and the Node suites N rounds (default 20) while a CPU hog keeps
 # every core busy, and reports "N passed, M failed". Both suites run every
-# round, so a Rust failure never hides the Node result. Exits non-zero when any
-# round failed. Usage: scripts/stress.sh [rounds]   (npm run test:stress -- 3)
+# round, so a Rust failure never hides the Node result. Before the rounds, once
+# per run, the 100,000-task soak (tests/soak.rs) runs on idle cores and prints
+# its figures. Exits non-zero when the soak or any round failed.
+# Usage: scripts/stress.sh [rounds]   (npm run test:stress -- 3)
 set -u
 rounds="${1:-${STRESS_ROUNDS:-20}}"
 cd "$(dirname "$0")/.."
@@ -20,6 +22,18 @@ trap 'exit 130' INT TERM
 host="$(rustc -vV | sed -n 's/^host: //p')"
 echo "building (the debug addon and the Rust tests) before loading the cores"
 node scripts/test.mjs rust >"$logs/build.log" 2>&1 || { echo "build or first Rust run failed: $logs/build.log"; exit 1; }
+
+# The soak is about memory, descriptors and tasks over many tasks, not about load:
+# it runs once, before the hogs start, so that it takes minutes, not tens of them.
+echo "soak: 100,000 mixed tasks after a 200,000-task warm-up (minutes)"
+soak_ok=1
+if cargo test --quiet --target "$host" --test soak -- --ignored --nocapture >"$logs/soak.log" 2>&1; then
+  grep '^soak:' "$logs/soak.log"
+else
+  soak_ok=0
+  grep '^soak:' "$logs/soak.log"
+  echo "soak FAILED (see $logs/soak.log)"
+fi
 
 cores="$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc 2>/dev/null || echo 2)"
 for _ in $(seq "$cores"); do
@@ -54,5 +68,5 @@ for round in $(seq "$rounds"); do
   fi
 done
 
-echo "$passed passed, $failed failed"
-[ "$failed" = 0 ]
+echo "$passed passed, $failed failed; soak $([ "$soak_ok" = 1 ] && echo passed || echo FAILED)"
+[ "$failed" = 0 ] && [ "$soak_ok" = 1 ]

@@ -16,6 +16,12 @@ const CREDENTIALS_FILE: &str = "credentials";
 const MAX_SESSION_ID_BYTES: usize = 512;
 /// A session file larger than this is not read (an id plus its JSON wrapper is far less).
 const MAX_SESSION_FILE_BYTES: usize = 4096;
+/// The temp files a save writes through are `.provider-session-<12 letters or digits>.tmp`.
+/// A save killed mid-write leaves one behind; the next start removes names of exactly this
+/// shape, and nothing else in the config dir (which mcplocal and others share).
+const TEMP_PREFIX: &str = ".provider-session-";
+const TEMP_SUFFIX: &str = ".tmp";
+const TEMP_RANDOM_CHARS: usize = 12;
 
 /// The config dir: the option when given, else `$MCPCTL_HOME`, else `~/.mcpctl`.
 pub fn resolve_config_dir(option: Option<&str>) -> Result<PathBuf> {
@@ -125,10 +131,57 @@ impl SessionStore {
     Ok(Some(id))
   }
 
+  /// What a registrar does with the file when it is made: removes the temp files
+  /// saves killed mid-write left ([`SessionStore::sweep_temp_files`]), then
+  /// [`SessionStore::load`]s the id. A sweep that fails is logged, never fatal.
+  pub fn recover(&self) -> Result<Option<String>> {
+    match self.sweep_temp_files() {
+      Ok(0) => {}
+      Ok(removed) => tracing::debug!(removed, "removed temp files of interrupted session saves"),
+      Err(error) => {
+        tracing::warn!(dir = %self.dir.display(), %error, "cannot look for temp files of interrupted session saves")
+      }
+    }
+    self.load()
+  }
+
+  /// Removes the temp files a killed save left: regular files (never a symlink)
+  /// whose name has the exact shape a save gives its temp file (`TEMP_PREFIX`),
+  /// and that no live save holds. A save holds an exclusive `flock` on its temp
+  /// file while it writes (a killed one's lock died with it), so a registrar
+  /// starting beside another on the same config dir leaves that one's save alone.
+  /// Answers how many were removed.
+  pub fn sweep_temp_files(&self) -> std::io::Result<usize> {
+    let entries = match fs::read_dir(&self.dir) {
+      Ok(entries) => entries,
+      Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+      Err(error) => return Err(error),
+    };
+    let mut removed = 0;
+    for entry in entries {
+      let entry = entry?;
+      let name = entry.file_name();
+      if !name.to_str().is_some_and(is_temp_name) {
+        continue;
+      }
+      let path = entry.path();
+      // Skipped quietly: whatever it is (a link, a directory), it is not ours.
+      if !fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file()) {
+        continue;
+      }
+      if temp_file_is_abandoned(&path) && fs::remove_file(&path).is_ok() {
+        removed += 1;
+      }
+    }
+    Ok(removed)
+  }
+
   /// Writes the id atomically with mode 0600: a temp file with a random name,
   /// created with `O_EXCL` in the config dir (so a planted symlink is never
   /// written through), fsynced, then renamed over the session file. The rename
-  /// replaces a symlink itself, never its target.
+  /// replaces a symlink itself, never its target. A kill at any point leaves
+  /// the old file or the new one (tests/session_kill.rs), and at most the temp
+  /// file, which the next start sweeps.
   pub fn save(&self, id: &str) -> Result<()> {
     let path = self.path();
     create_private_dir(&self.dir)?;
@@ -140,7 +193,15 @@ impl SessionStore {
       tracing::warn!(path = %path.display(), "the session file is a symbolic link; replacing it with a regular file");
     }
     let write = || -> std::io::Result<()> {
-      let mut temp = tempfile::NamedTempFile::new_in(&self.dir)?;
+      let mut temp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
+        .rand_bytes(TEMP_RANDOM_CHARS)
+        .tempfile_in(&self.dir)?;
+      // Held until the file is renamed (or dropped): a sweep by another registrar
+      // starting now leaves the file alone (see `sweep_temp_files`).
+      #[cfg(unix)]
+      lock_exclusive(temp.as_file(), true)?;
       #[cfg(unix)]
       {
         use std::os::unix::fs::PermissionsExt;
@@ -154,7 +215,67 @@ impl SessionStore {
       // On failure the temp file is removed when `PersistError` drops it.
       temp.persist(&path).map(drop).map_err(|error| error.error)
     };
-    write().map_err(|source| Error::io(format!("cannot write {}", path.display()), source))
+    // A sweep can remove the temp file in the moment between its creation and its
+    // lock (two registrars on one config dir, one starting): the rename then finds
+    // no file, and the save is made again once under a new name.
+    let written = match write() {
+      Err(error) if error.kind() == std::io::ErrorKind::NotFound && self.dir.is_dir() => write(),
+      written => written,
+    };
+    written.map_err(|source| Error::io(format!("cannot write {}", path.display()), source))
+  }
+}
+
+/// Whether `name` has the exact shape of a save's temp file.
+fn is_temp_name(name: &str) -> bool {
+  name
+    .strip_prefix(TEMP_PREFIX)
+    .and_then(|rest| rest.strip_suffix(TEMP_SUFFIX))
+    .is_some_and(|random| {
+      random.len() == TEMP_RANDOM_CHARS && random.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
+/// Takes (or, not `wait`ing, tries to take) an exclusive `flock` on `file`.
+#[cfg(unix)]
+fn lock_exclusive(file: &fs::File, wait: bool) -> std::io::Result<()> {
+  use std::os::unix::io::AsRawFd;
+  let operation = if wait {
+    libc::LOCK_EX
+  } else {
+    libc::LOCK_EX | libc::LOCK_NB
+  };
+  loop {
+    // SAFETY: flock on a descriptor `file` owns and keeps open for the call.
+    if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+      return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.kind() != std::io::ErrorKind::Interrupted {
+      return Err(error);
+    }
+  }
+}
+
+/// Whether no live save holds the temp file at `path` (its writer was killed).
+/// Opened without following a link; elsewhere than on unix there is no lock to
+/// ask, and a file of the temp files' shape is taken as abandoned.
+fn temp_file_is_abandoned(path: &Path) -> bool {
+  #[cfg(unix)]
+  {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+      .read(true)
+      .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+      .open(path);
+    // Taking the lock proves no save holds it now; a save that creates its file
+    // and is about to lock it may lose the file, and `save` then writes again.
+    file.is_ok_and(|file| lock_exclusive(&file, false).is_ok())
+  }
+  #[cfg(not(unix))]
+  {
+    let _ = path;
+    true
   }
 }
 
@@ -336,6 +457,41 @@ mod tests {
     store.save("ps-3").unwrap();
     assert!(!temp.path().join("nowhere").exists());
     assert_eq!(store.load().unwrap().as_deref(), Some("ps-3"));
+  }
+
+  /// The sweep at start removes an abandoned temp file of a save, but not one a live
+  /// save holds (another registrar on the same config dir), nor names of another shape.
+  #[cfg(unix)]
+  #[test]
+  fn the_sweep_removes_only_abandoned_temp_files_of_saves() {
+    let temp = temp_dir();
+    let dir = temp.path().to_path_buf();
+    let store = SessionStore::new(dir.clone());
+    store.save("ps-1").unwrap();
+    let held = dir.join(".provider-session-HeldByASave0.tmp");
+    let abandoned = dir.join(".provider-session-Abandoned000.tmp");
+    let foreign = dir.join(".tmpXyZ123");
+    for path in [&held, &abandoned, &foreign] {
+      fs::write(path, "{\"providerSessionId\":\"ps-").unwrap();
+    }
+    let holder = fs::File::open(&held).unwrap();
+    lock_exclusive(&holder, true).unwrap();
+    assert_eq!(store.recover().unwrap().as_deref(), Some("ps-1"));
+    assert!(held.exists() && foreign.exists());
+    assert!(!abandoned.exists());
+    drop(holder);
+    assert_eq!(store.sweep_temp_files().unwrap(), 1);
+    assert!(!held.exists() && foreign.exists());
+    assert!(is_temp_name(".provider-session-abcDEF012345.tmp"));
+    for name in [
+      ".provider-session-abcDEF01234.tmp",
+      ".provider-session-abcDEF0123456.tmp",
+      ".provider-session-abcDEF01234-.tmp",
+      ".provider-session.1234.tmp",
+      "provider-session",
+    ] {
+      assert!(!is_temp_name(name), "{name}");
+    }
   }
 
   #[test]

@@ -198,8 +198,28 @@ fn error_of(request: &Request) -> (u64, String, String) {
   )
 }
 
-async fn settle() {
-  tokio::time::sleep(Duration::from_millis(300)).await;
+/// The barrier after which "nothing more happened" is exact, instead of a
+/// pause that a later event outlives. The control channel handles its events
+/// one by one, in order, and a task leaves the dispatcher's live set only at
+/// the very end of its life, after its last POST (`Registrar::live_tasks`).
+/// So once a sentinel task sent after the events under test has been answered,
+/// every earlier event has been handled; and once no task is live but the
+/// `still_running` ones, every other task has posted all it ever will. The
+/// sentinel names a provider nobody publishes: it is answered 404 without
+/// running, counts as one failed task, and posts one result for its own id.
+async fn quiesce(rig: &Rig, sentinel: &str, still_running: usize) {
+  rig
+    .fake
+    .send_task(sentinel, "sentinel-unknown", false, chat(false));
+  assert_eq!(rig.fake.result(sentinel).await.body["status"], json!(404));
+  tasks_ended(rig, still_running).await;
+}
+
+/// Waits until only `still_running` tasks are live: every other task received
+/// so far has ended, its POSTs included (see [`quiesce`]).
+async fn tasks_ended(rig: &Rig, still_running: usize) {
+  let what = format!("{still_running} live tasks");
+  wait_for(&what, WAIT, || rig.registrar.live_tasks() == still_running).await;
 }
 
 // ---------------------------------------------------------------- register
@@ -560,7 +580,8 @@ async fn unknown_provider_is_answered_404_model_not_found() {
       .unwrap()
       .contains("nope"));
   }
-  settle().await;
+  // Both refused tasks have ended: nothing more is posted for them.
+  tasks_ended(&rig, 0).await;
   assert!(rig.fake.for_task(Route::Chunks, "t-2").is_empty());
   assert!(provider.calls().is_empty());
   rig.stop().await;
@@ -602,7 +623,7 @@ async fn invalid_body_is_answered_400() {
       .unwrap()
       .contains("'messages'")
   );
-  settle().await;
+  tasks_ended(&rig, 0).await;
   assert!(provider.calls().is_empty());
   assert!(rig.fake.for_task(Route::Chunks, "t-2").is_empty());
   rig.stop().await;
@@ -632,7 +653,7 @@ async fn provider_rejection_is_answered_502() {
     (502, "provider_error".into(), "provider_error".into())
   );
   assert_eq!(result.body["body"]["error"]["message"], json!("bang"));
-  settle().await;
+  tasks_ended(&rig, 0).await;
   assert!(
     rig.fake.for_task(Route::Chunks, "t-2").is_empty(),
     "nothing was streamed"
@@ -662,7 +683,7 @@ async fn provider_error_after_chunks_goes_in_band_then_done() {
     json!({ "error": { "message": "broke mid-stream", "type": "provider_error", "code": "provider_error" } })
   );
   assert_eq!(payloads[5], "[DONE]");
-  settle().await;
+  tasks_ended(&rig, 0).await;
   assert!(rig.fake.for_task(Route::Result, "t-1").is_empty());
   rig.stop().await;
 }
@@ -781,7 +802,8 @@ async fn cancel_aborts_a_running_task_and_posts_nothing() {
   // The slot is free: the next task reaches the provider.
   rig.fake.send_task("t-2", PROVIDER, false, chat(false));
   wait_for("t-2 running", WAIT, || provider.calls().len() == 2).await;
-  settle().await;
+  // t-2 hangs; t-1 has ended, so its POSTs (none) are final.
+  tasks_ended(&rig, 1).await;
   assert!(
     rig.fake.posts_for("t-1").is_empty(),
     "{:?}",
@@ -808,7 +830,9 @@ async fn cancel_stops_a_stream_without_done() {
   );
   // The relay never has two POSTs in flight and starts none after the
   // cancel: at most the one on its way when the cancel landed arrives later.
-  settle().await;
+  // The task is counted when it ends, after its last POST; the live set says
+  // the same without relying on where the count is taken.
+  tasks_ended(&rig, 0).await;
   let posted = rig.fake.posts_for("t-1").len();
   assert!(
     posted <= before_cancel + 1,
@@ -841,7 +865,8 @@ async fn cancel_of_a_queued_task_never_calls_the_provider() {
   wait_for("t-1 aborted", WAIT, || !provider.aborts().is_empty()).await;
   rig.fake.send_task("t-3", PROVIDER, false, chat(false));
   wait_for("t-3 running", WAIT, || provider.calls().len() == 2).await;
-  settle().await;
+  // t-3 hangs; t-1 and t-2 have ended and can neither call nor post.
+  tasks_ended(&rig, 1).await;
   assert_eq!(provider.calls(), ["t-1", "t-3"]);
   assert_eq!(
     provider.aborts(),
@@ -863,7 +888,9 @@ async fn cancel_of_an_unknown_task_is_a_no_op() {
   assert_eq!(rig.fake.result("t-1").await.body["status"], json!(200));
   // Cancelling a task already answered changes nothing either.
   rig.fake.cancel("t-1");
-  settle().await;
+  // The sentinel's answer means every cancel above was handled (and that the
+  // channel they came on is still the one being read).
+  quiesce(&rig, "sentinel", 0).await;
   assert!(provider.aborts().is_empty());
   assert!(rig.fake.posts_for("t-unknown").is_empty());
   assert_eq!(rig.fake.posts_for("t-1").len(), 1);
@@ -879,12 +906,13 @@ async fn replayed_task_id_runs_once() {
   rig.fake.send_task("t-1", PROVIDER, false, chat(false));
   rig.fake.send_task("t-1", PROVIDER, false, chat(false));
   wait_for("t-1 running", WAIT, || provider.calls().len() == 1).await;
-  settle().await;
+  // The second t-1 was handled before the sentinel; only the gated t-1 lives.
+  quiesce(&rig, "sentinel-1", 1).await;
   assert_eq!(provider.calls().len(), 1, "a replay while running");
   provider.release(4);
   rig.fake.result("t-1").await;
   rig.fake.send_task("t-1", PROVIDER, true, chat(true));
-  settle().await;
+  quiesce(&rig, "sentinel-2", 0).await;
   assert_eq!(provider.calls().len(), 1, "a replay after the answer");
   assert_eq!(rig.fake.posts_for("t-1").len(), 1);
   rig.stop().await;
@@ -933,19 +961,11 @@ async fn stop_answers_running_and_queued_tasks_503() {
   assert_eq!(rig.registrar.status().state, RegistrarState::Stopped);
   assert!(rig.registrar.start().await.is_err());
   wait_for("the channel closed", WAIT, || !fake.stream_is_open(0)).await;
-  // A heartbeat (every 50 ms here) that stop() dropped mid-request may still be
-  // read by the fake after stop() returned: it was sent before, and abandoned.
-  // Nothing else may arrive.
-  let answers = || {
-    fake
-      .requests()
-      .iter()
-      .filter(|r| r.route != Route::Heartbeat)
-      .count()
-  };
-  let requests = answers();
-  settle().await;
-  assert_eq!(answers(), requests, "requests after stop()");
+  // Nothing can arrive later: the registrar owns no task any more (the
+  // supervisor, the heartbeat and every task have ended), so no code of it is
+  // left to send. Every task's answer was awaited before its task ended.
+  assert_eq!(rig.registrar.owned_tasks(), 0, "tasks alive after stop()");
+  assert_eq!(rig.registrar.live_tasks(), 0);
 }
 
 // ----------------------------------------------------- channel and session
@@ -1101,7 +1121,9 @@ async fn dropped_stream_reconnects_with_last_event_id() {
   fake.send_task("t-1", PROVIDER, false, chat(false));
   fake.send_task("t-2", PROVIDER, false, chat(false));
   assert_eq!(fake.result("t-2").await.body["status"], json!(200));
-  settle().await;
+  // The re-sent t-1 came before t-2 on the channel, so it was handled; t-2's
+  // answer is posted before it ends.
+  tasks_ended(&rig, 0).await;
   assert_eq!(provider.calls(), ["t-1", "t-2"]);
   assert_eq!(fake.posts_for("t-1").len(), 1);
   rig.stop().await;
@@ -1192,7 +1214,8 @@ async fn result_post_is_retried_on_503() {
     posts[2].body["body"]["choices"][0]["message"]["content"],
     json!("hello")
   );
-  settle().await;
+  // Delivered on the third POST: the task ends, so no fourth can follow.
+  tasks_ended(&rig, 0).await;
   assert_eq!(rig.fake.for_task(Route::Result, "t-1").len(), 3);
   rig.stop().await;
 }
@@ -1204,8 +1227,9 @@ async fn result_post_404_is_given_up_quietly() {
   rig.fake.script(Route::Result, [Answer::Status(404)]);
   rig.fake.send_task("t-1", PROVIDER, false, chat(false));
   rig.fake.result("t-1").await;
-  // Longer than the first retry pause (200 ms): no retry comes.
-  tokio::time::sleep(Duration::from_millis(500)).await;
+  // A delivery that retried would keep the task live through its pause; it
+  // ended, so no retry comes.
+  tasks_ended(&rig, 0).await;
   assert_eq!(rig.fake.for_task(Route::Result, "t-1").len(), 1);
   assert_eq!(rig.registrar.status().state, RegistrarState::Connected);
   assert_eq!(rig.fake.streams_opened(), 1);
@@ -1261,8 +1285,12 @@ async fn nothing_arrives_after_stop_resolved_while_results_keep_failing() {
   let stopping = Instant::now();
   rig.registrar.stop().await;
   let stopped = Instant::now();
-  // Longer than several retry pauses (200 ms, 400 ms, ...).
-  tokio::time::sleep(Duration::from_millis(1500)).await;
+  // Instead of a pause longer than several retry pauses: when stop() returns,
+  // the registrar owns no task (the retrying delivery included), and every
+  // request of this registrar is sent from one of them, so none can come
+  // later. Not exact only for bytes already handed to the kernel by a
+  // request stop() dropped, which the graceful stop here never does.
+  assert_eq!(rig.registrar.owned_tasks(), 0, "tasks alive after stop()");
   let requests = fake.requests();
   let late: Vec<_> = requests
     .iter()
@@ -1291,7 +1319,9 @@ async fn nothing_arrives_after_stop_resolved_while_results_keep_failing() {
   assert_eq!(status.state, RegistrarState::Stopped);
   assert_eq!((status.in_flight, status.queued), (0, 0));
   assert_eq!(status.completed + status.failed + status.cancelled, 2);
-  assert!(!fake.stream_is_open(0));
+  // The registrar dropped the channel before stop() returned; the fake sees the
+  // close when its writer next fails, which may come a moment later.
+  wait_for("the channel closed", WAIT, || !fake.stream_is_open(0)).await;
 }
 
 /// The provider's signal says which ending won: cancel, stop and timeout have
@@ -1433,7 +1463,8 @@ async fn cancels_racing_the_start_of_tasks_are_exact() {
     );
   }
   assert_eq!(aborts.len(), provider.calls().len(), "{aborts:?}");
-  settle().await;
+  // Each task is counted cancelled as it ends; none is live, none can post.
+  tasks_ended(&rig, 0).await;
   let posted: Vec<_> = rig
     .fake
     .requests()
@@ -1470,7 +1501,9 @@ async fn refused_task_ids_are_never_run_posted_or_remembered() {
     rig.registrar.status().completed == 1
   })
   .await;
-  settle().await;
+  // The edge task came after every refused frame on the channel, so they were
+  // all handled before its answer; refused ids never become tasks at all.
+  tasks_ended(&rig, 0).await;
   assert_eq!(provider.calls(), vec![edge.clone()]);
   let posted: Vec<_> = rig
     .fake

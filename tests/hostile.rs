@@ -157,15 +157,31 @@ fn status_kib(field: &str) -> u64 {
     .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
 }
 
-/// Resets the peak RSS (VmHWM) to the current RSS; false where the kernel cannot.
-fn reset_peak_rss() -> bool {
-  std::fs::write("/proc/self/clear_refs", "5").is_ok()
+/// Resets the peak RSS (VmHWM) to the current RSS. Panics where the kernel
+/// cannot: a test that measured the final RSS instead of the peak would pass
+/// while a transient spike went unseen.
+fn reset_peak_rss() {
+  if let Err(error) = std::fs::write("/proc/self/clear_refs", "5") {
+    panic!(
+      "cannot reset the peak RSS through /proc/self/clear_refs ({error}); \
+       these tests measure the peak (VmHWM) and have no honest fallback"
+    );
+  }
 }
 
-/// The cases share one process and its RSS, so they run one at a time.
+/// The cases share one process and its RSS, so every test of this binary
+/// takes this lock: none runs beside an RSS-measuring one.
 fn serial() -> parking_lot::MutexGuard<'static, ()> {
   static LOCK: Mutex<()> = parking_lot::const_mutex(());
   LOCK.lock()
+}
+
+/// What `#[tokio::test]` builds, for the tests that take `serial()` first.
+fn current_thread() -> tokio::runtime::Runtime {
+  tokio::runtime::Builder::new_current_thread()
+    .enable_all()
+    .build()
+    .unwrap()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -213,7 +229,7 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
       registrar.stop().await;
     }
     let baseline = status_kib("VmRSS");
-    let exact_peak = reset_peak_rss();
+    reset_peak_rss();
     let beats_before = server.count(Endpoint::Heartbeat);
 
     server.set(endpoint, hostile);
@@ -253,7 +269,7 @@ fn endless_case(endpoint: Endpoint, status: u16, pace: Pace) {
     let what = format!("{DROPS} dropped {endpoint:?} bodies");
     wait_for(&what, WAIT, || server.dropped(endpoint) >= DROPS).await;
     let after = status_kib("VmRSS");
-    let peak = if exact_peak { status_kib("VmHWM") } else { after };
+    let peak = status_kib("VmHWM");
     eprintln!(
       "RSS {endpoint:?} {status} {pace:?}: baseline {baseline} KiB, peak {peak} KiB (+{} KiB), after {after} KiB; \
        most body bytes the server got out before the drop: {}",
@@ -338,8 +354,20 @@ fn client(server: &FakeMcpd) -> McpdClient {
 /// A body that trickles one byte every 100 ms never reaches a bound: the 30 s
 /// request timeout of register and heartbeat still ends it (the bytes do not
 /// restart the clock). Paused clock: the 30 s pass at once.
-#[tokio::test(start_paused = true)]
-async fn request_timeouts_bound_a_trickling_body() {
+/// Serial like every test here (see `serial()`): the lock is held outside the
+/// runtime, never across an await.
+#[test]
+fn request_timeouts_bound_a_trickling_body() {
+  let _serial = serial();
+  tokio::runtime::Builder::new_current_thread()
+    .enable_all()
+    .start_paused(true)
+    .build()
+    .unwrap()
+    .block_on(trickling_body_case());
+}
+
+async fn trickling_body_case() {
   let server = hostile_mcpd().await;
   let client = client(&server);
   let cases = [
@@ -417,8 +445,13 @@ fn token_forms() -> Vec<String> {
 /// A redirect to another origin, and a redirect loop within mcpd's own, each with
 /// the token in its `Location`: start() rejects naming the origin, and no
 /// message, status or log field carries the token; nothing is sent elsewhere.
-#[tokio::test]
-async fn redirects_are_refused_and_never_leak_the_token() {
+#[test]
+fn redirects_are_refused_and_never_leak_the_token() {
+  let _serial = serial();
+  current_thread().block_on(redirects_case());
+}
+
+async fn redirects_case() {
   let server = hostile_mcpd().await;
   let (other, connections) = elsewhere().await;
   let dir = tempfile::tempdir().unwrap();
@@ -500,8 +533,13 @@ async fn redirects_are_refused_and_never_leak_the_token() {
 /// A transport error names the URL it failed on; when that URL holds the token
 /// (here in mcpdUrl's path prefix, as is and percent-encoded), the text the
 /// error becomes does not.
-#[tokio::test]
-async fn transport_errors_are_redacted() {
+#[test]
+fn transport_errors_are_redacted() {
+  let _serial = serial();
+  current_thread().block_on(transport_errors_case());
+}
+
+async fn transport_errors_case() {
   let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
   let address = listener.local_addr().unwrap();
   drop(listener);

@@ -303,6 +303,12 @@ impl TaskDispatcher {
     self.book.lock().guard.len()
   }
 
+  /// How many tasks are admitted and not yet ended (for tests and diagnostics):
+  /// a task leaves only at the very end of its life, after its last POST.
+  pub fn live(&self) -> usize {
+    self.book.lock().live.len()
+  }
+
   /// A `task` event: runs it unless its id is refused or was seen in the last 10 minutes.
   pub fn accept(self: &Arc<Self>, data: &str) {
     let (task_id, parsed) = match wire::parse_task(data) {

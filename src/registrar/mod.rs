@@ -107,7 +107,8 @@ impl Registrar {
       config.allow_insecure_http,
     )?);
     let store = SessionStore::new(config.config_dir);
-    match store.load() {
+    // Sweeps the temp files of saves a kill interrupted, then reads the id.
+    match store.recover() {
       Ok(id) => client.set_session_id(id),
       Err(error) => span.in_scope(|| {
         tracing::warn!(error = %describe(&error), "ignoring the stored session id; registering afresh")
@@ -174,6 +175,19 @@ impl Registrar {
   /// How many task ids the replay guard remembers (diagnostics and tests).
   pub fn remembered_task_ids(&self) -> usize {
     self.core.dispatcher.remembered()
+  }
+
+  /// How many tasks mcpd sent are still alive (diagnostics and tests). A task
+  /// leaves after its last POST, so at 0 nothing more is posted for any task
+  /// received so far: tests use it as the barrier after which counts are final.
+  pub fn live_tasks(&self) -> usize {
+    self.core.dispatcher.live()
+  }
+
+  /// How many tokio tasks the registrar owns now (diagnostics and tests): the
+  /// supervisor, the heartbeat and one per live task. 0 once `stop()` returned.
+  pub fn owned_tasks(&self) -> usize {
+    self.core.owners.tracker.len()
   }
 
   /// Keeps `resource` alive as long as the registrar (its loops included).
