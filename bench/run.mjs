@@ -20,6 +20,13 @@
 // measures one kind (plain, seed or addon). `--paced RATE` sets the paced scenario's
 // task rate (tasks/s; default 2,000): tasks sent at that rate, below what either
 // side saturates at, so mcpd is not the cap and each side's CPU per task is its own.
+//
+// `--audit` measures every addon twice in the same interleaved rounds: as given (the
+// audit log off) and as `<name>+audit`, with `audit: { path, content: false }` in a
+// fresh temp dir per child, removed after. `--audit-content` adds `<name>+audit-content`
+// (`content: true`). Each such column's ratio is against its own addon with the audit
+// log off (`addon+audit/addon`): the audit log's cost. The child counts the log's lines
+// once stopped; lines written + lines dropped must equal the tasks sent, or the run fails.
 import { spawn } from 'node:child_process'
 import { existsSync, readdirSync } from 'node:fs'
 import http from 'node:http'
@@ -40,6 +47,8 @@ const { values } = parseArgs({
     only: { type: 'string' },
     seed: { type: 'boolean', default: false },
     paced: { type: 'string' },
+    audit: { type: 'boolean', default: false },
+    'audit-content': { type: 'boolean', default: false },
   },
 })
 const smoke = values.smoke
@@ -84,6 +93,21 @@ const registrars = [
   ...(values.seed ? [{ name: 'seed', kind: 'seed' }] : []),
   ...addonPaths.map((path, i) => ({ name: addonPaths.length === 1 ? 'addon' : `addon${i + 1}`, kind: 'addon', path })),
 ]
+// --audit / --audit-content: each addon's twin(s) with the audit log on, right after it,
+// compared with it (`base`). The default run is unchanged.
+const auditModes = [
+  ...(values.audit ? [['audit', 'meta']] : []),
+  ...(values['audit-content'] ? [['audit-content', 'content']] : []),
+]
+for (const addon of registrars.filter((registrar) => registrar.kind === 'addon')) {
+  const twins = auditModes.map(([suffix, audit]) => ({
+    ...addon,
+    name: `${addon.name}+${suffix}`,
+    audit,
+    base: addon.name,
+  }))
+  registrars.splice(registrars.indexOf(addon) + 1, 0, ...twins)
+}
 
 /** The mcpd stand-in: one command a line in, one JSON line out. */
 async function startMcpd() {
@@ -112,8 +136,9 @@ async function startMcpd() {
 }
 
 /** A registrar in its child process, with `snap()` for its CPU and RSS. */
-async function startChild({ kind, path }, url) {
+async function startChild({ kind, path, audit }, url) {
   const args = [join(here, 'child.mjs'), '--kind', kind, '--url', url, ...(path ? ['--addon', path] : [])]
+  if (audit) args.push('--audit', audit)
   const child = spawn(process.execPath, args, {
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
   })
@@ -138,10 +163,12 @@ async function startChild({ kind, path }, url) {
       child.send({ type: 'floor', tasks, tokens })
       return receive()
     },
+    /** Stops the registrar; its answer holds the audit log's figures when it was on. */
     async stop() {
       child.send({ type: 'stop' })
-      await receive()
+      const stopped = await receive()
       await exited
+      return stopped
     },
     kill() {
       child.kill()
@@ -202,8 +229,12 @@ async function measure(registrar) {
   try {
     child = await startChild(registrar, mcpd.url)
     const figures = { load: loadavg()[0] }
-    const run = async (what, tasks, inFlight, tokens, rate) =>
-      check(kind, what, await mcpd.command(`run ${tasks} ${inFlight} ${tokens}${rate ? ` ${rate}` : ''}`), tokens)
+    let sent = 0
+    const run = async (what, tasks, inFlight, tokens, rate) => {
+      sent += tasks
+      const answer = await mcpd.command(`run ${tasks} ${inFlight} ${tokens}${rate ? ` ${rate}` : ''}`)
+      return check(kind, what, answer, tokens)
+    }
     /** Runs a scenario between two snaps: the run's answer and the child's CPU over it. */
     const measured = async (what, tasks, inFlight, tokens, rate) => {
       const before = await child.snap()
@@ -280,7 +311,18 @@ async function measure(registrar) {
       figures.sharedMainUsPerTask = shared.mainUsPerTask
       figures.sharedMainUsPerToken = shared.mainUsPerToken
     }
-    await child.stop()
+    const { audit } = await child.stop()
+    if (audit) {
+      // Every task that reached the registrar has its line, or was counted as dropped.
+      figures.auditLines = audit.lines
+      figures.auditDropped = audit.dropped
+      figures.auditBytesPerLine = audit.bytes / audit.lines
+      if (audit.lines + audit.dropped !== sent) {
+        errors.push(
+          `${kind}: the audit log holds ${audit.lines} lines and counted ${audit.dropped} dropped, for ${sent} tasks`,
+        )
+      }
+    }
     return figures
   } catch (error) {
     child?.kill()
@@ -359,6 +401,13 @@ const others = [
   ['mcpd CPU per task, paced', 'mcpdUsPerTaskPaced', 'µs'],
   ['mcpd CPU per streamed token', 'mcpdUsPerToken', 'µs'],
   ['load average (1 min) at the measurement', 'load', ''],
+  ...(auditModes.length
+    ? [
+        ['audit log lines written', 'auditLines', ''],
+        ['audit log lines dropped (queue full)', 'auditDropped', ''],
+        ['audit log bytes per line', 'auditBytesPerLine', 'B'],
+      ]
+    : []),
 ]
 const format = (value) =>
   !Number.isFinite(value)
@@ -388,12 +437,13 @@ const peers = measured.filter((registrar) => registrar.kind !== 'addon')
 const addons = measured.filter((registrar) => registrar.kind === 'addon')
 const first = addons[0]
 const compared = addons.slice(1)
+const baseOf = (registrar) => registrar.base ?? first.name
 const header = [
   'figure',
   ...peers.map(({ name }) => (name === 'plain' ? 'plain Node' : `${name} (fetch)`)),
   ...addons.map(({ name }) => name),
   ...addons.map(({ name }) => `${name}/plain`),
-  ...compared.map(({ name }) => `${name}/${first.name}`),
+  ...compared.map((registrar) => `${registrar.name}/${baseOf(registrar)}`),
   'goal',
   'met',
 ]
@@ -403,7 +453,7 @@ const rowOf = (label, key, unit, goal, lower) => [
   ...peers.map(({ name }) => shownFigure(name, key)),
   ...addons.map(({ name }) => shownFigure(name, key)),
   ...addons.map(({ name }) => shownRatio(name, 'plain', key)),
-  ...compared.map(({ name }) => shownRatio(name, first.name, key)),
+  ...compared.map((registrar) => shownRatio(registrar.name, baseOf(registrar), key)),
   goal === undefined ? '' : `${lower ? '≤' : '≥'} ${goal}`,
   goal === undefined || !first ? '' : met(first.name, key, goal, lower),
 ]
@@ -446,12 +496,13 @@ console.log(
     addon: first ? result[first.name] : undefined,
     addonPath: first ? shortPath(first.path) : undefined,
     ratios: first ? ratiosOf(first.name, 'plain') : undefined,
-    addons: addons.map(({ name, path }) => ({
+    addons: addons.map(({ name, path, audit, base }) => ({
       name,
       path: shortPath(path),
       figures: result[name],
       ratios: ratiosOf(name, 'plain'),
       ...(name === first.name ? {} : { againstFirst: ratiosOf(name, first.name) }),
+      ...(base ? { audit, base, againstBase: ratiosOf(name, base) } : {}),
     })),
     samples,
     errors,
