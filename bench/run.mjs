@@ -359,7 +359,9 @@ function summary(name, key) {
   const numbers = (samples[name] ?? []).map((figures) => figures?.[key]).filter(Number.isFinite)
   if (!numbers.length) return null
   const value = median(numbers)
-  const spread = numbers.length > 1 ? (Math.max(...numbers) - Math.min(...numbers)) / 2 / Math.abs(value) : 0
+  // No spread when every round agrees (a count of 0 would otherwise be ±NaN%).
+  const range = Math.max(...numbers) - Math.min(...numbers)
+  const spread = range ? range / 2 / Math.abs(value) : 0
   return { value, spread, values: numbers }
 }
 /** The per-round ratios `name`/`base` of a figure: their median, min and max. */
@@ -438,11 +440,13 @@ const addons = measured.filter((registrar) => registrar.kind === 'addon')
 const first = addons[0]
 const compared = addons.slice(1)
 const baseOf = (registrar) => registrar.base ?? first.name
+// `addon/plain` columns only when plain Node was measured (not under `--only addon`).
+const againstPlain = measured.some(({ name }) => name === 'plain') ? addons : []
 const header = [
   'figure',
   ...peers.map(({ name }) => (name === 'plain' ? 'plain Node' : `${name} (fetch)`)),
   ...addons.map(({ name }) => name),
-  ...addons.map(({ name }) => `${name}/plain`),
+  ...againstPlain.map(({ name }) => `${name}/plain`),
   ...compared.map((registrar) => `${registrar.name}/${baseOf(registrar)}`),
   'goal',
   'met',
@@ -452,7 +456,7 @@ const rowOf = (label, key, unit, goal, lower) => [
   `${label}${unit ? ` (${unit})` : ''}`,
   ...peers.map(({ name }) => shownFigure(name, key)),
   ...addons.map(({ name }) => shownFigure(name, key)),
-  ...addons.map(({ name }) => shownRatio(name, 'plain', key)),
+  ...againstPlain.map(({ name }) => shownRatio(name, 'plain', key)),
   ...compared.map((registrar) => shownRatio(registrar.name, baseOf(registrar), key)),
   goal === undefined ? '' : `${lower ? '≤' : '≥'} ${goal}`,
   goal === undefined || !first ? '' : met(first.name, key, goal, lower),
