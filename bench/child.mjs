@@ -73,6 +73,21 @@ function auditFigures(dropped) {
   }
   return { lines, bytes, dropped }
 }
+/** The audit log's writer thread (named `mcpctl-audit`): its CPU time (µs) and how
+ *  often it blocked (voluntary switches: about one per wake-up for a line). */
+function writerThread() {
+  let writerUs = 0
+  let writerSwitches = 0
+  for (const tid of readdirSync('/proc/self/task')) {
+    try {
+      if (readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim() !== 'mcpctl-audit') continue
+      const sched = readFileSync(`/proc/self/task/${tid}/sched`, 'utf8')
+      writerUs += Number(/se\.sum_exec_runtime\s*:\s*([\d.]+)/.exec(sched)?.[1]) * 1000
+      writerSwitches += Number(/nr_voluntary_switches\s*:\s*(\d+)/.exec(sched)?.[1])
+    } catch {}
+  }
+  return { writerUs, writerSwitches }
+}
 const entry = { name: 'bench', type: 'bench', model: 'bench', publish: true, provider }
 let registrar
 if (values.kind === 'plain') {
@@ -133,6 +148,7 @@ process.on('message', async (message) => {
       processUs: cpu.user + cpu.system,
       rss: process.memoryUsage.rss(),
       at: performance.now(),
+      ...(auditDir ? writerThread() : {}),
     })
   } else if (message.type === 'stop') {
     // Read before stop(): the drops are counted when a line is queued, and every task has ended.

@@ -240,7 +240,14 @@ async function measure(registrar) {
       const before = await child.snap()
       const answer = await run(what, tasks, inFlight, tokens, rate)
       const after = await child.snap()
-      return { answer, mainUs: after.mainUs - before.mainUs, processUs: after.processUs - before.processUs }
+      return {
+        answer,
+        mainUs: after.mainUs - before.mainUs,
+        processUs: after.processUs - before.processUs,
+        // --audit: the log's writer thread (NaN without it).
+        writerUs: after.writerUs - before.writerUs,
+        writerSwitches: after.writerSwitches - before.writerSwitches,
+      }
     }
 
     // Idle: a registrar that is connected and has nothing to do, once start-up
@@ -317,6 +324,13 @@ async function measure(registrar) {
       figures.auditLines = audit.lines
       figures.auditDropped = audit.dropped
       figures.auditBytesPerLine = audit.bytes / audit.lines
+      // Its writer thread's share of the process CPU, and its wake-ups, per task.
+      figures.auditWriterUsPerTask = latency.writerUs / scale.latency
+      figures.auditWriterUsPerTask64 = throughput.writerUs / scale.throughput
+      figures.auditWriterUsPerTaskPaced = paced.writerUs / scale.paced
+      figures.auditWakeupsPerTask = latency.writerSwitches / scale.latency
+      figures.auditWakeupsPerTask64 = throughput.writerSwitches / scale.throughput
+      figures.auditWakeupsPerTaskPaced = paced.writerSwitches / scale.paced
       if (audit.lines + audit.dropped !== sent) {
         errors.push(
           `${kind}: the audit log holds ${audit.lines} lines and counted ${audit.dropped} dropped, for ${sent} tasks`,
@@ -408,6 +422,12 @@ const others = [
         ['audit log lines written', 'auditLines', ''],
         ['audit log lines dropped (queue full)', 'auditDropped', ''],
         ['audit log bytes per line', 'auditBytesPerLine', 'B'],
+        ['audit writer thread CPU per task, sequential', 'auditWriterUsPerTask', 'µs'],
+        ['audit writer thread CPU per task, 64 in flight', 'auditWriterUsPerTask64', 'µs'],
+        ['audit writer thread CPU per task, paced', 'auditWriterUsPerTaskPaced', 'µs'],
+        ['audit writer wake-ups per task, sequential', 'auditWakeupsPerTask', ''],
+        ['audit writer wake-ups per task, 64 in flight', 'auditWakeupsPerTask64', ''],
+        ['audit writer wake-ups per task, paced', 'auditWakeupsPerTaskPaced', ''],
       ]
     : []),
 ]
@@ -422,7 +442,10 @@ const format = (value) =>
 const shownFigure = (name, key) => {
   const figure = summary(name, key)
   if (!figure) return '–'
-  return rounds > 1 ? `${format(figure.value)} ±${Math.round(figure.spread * 100)}%` : format(figure.value)
+  if (rounds === 1) return format(figure.value)
+  // A median of 0 (say, no audit lines dropped in most rounds) has no relative spread: show the range.
+  if (!Number.isFinite(figure.spread)) return `${format(figure.value)} [${figure.values.map(format).join(', ')}]`
+  return `${format(figure.value)} ±${Math.round(figure.spread * 100)}%`
 }
 const shownRatio = (name, base, key) => {
   const r = ratio(name, base, key)
