@@ -27,6 +27,8 @@
 // (`content: true`). Each such column's ratio is against its own addon with the audit
 // log off (`addon+audit/addon`): the audit log's cost. The child counts the log's lines
 // once stopped; lines written + lines dropped must equal the tasks sent, or the run fails.
+// Rows of their own: the log's lines, drops, bytes per line, and its writer thread's
+// (`mcpctl-audit`) CPU and wake-ups per task.
 import { spawn } from 'node:child_process'
 import { existsSync, readdirSync } from 'node:fs'
 import http from 'node:http'
