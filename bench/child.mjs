@@ -2,7 +2,9 @@
 // (`--kind addon`), the plain-Node peer (`--kind plain`) or the seed-style one (`--kind seed`), with the same
 // bench provider. Answers the parent's `snap` messages with its CPU and memory;
 // nothing else crosses the IPC channel while a scenario runs.
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+// `--audit meta|content` (the addon only) turns the audit log on, in a temp dir of its
+// own, with `content: false` or `true`; `stop` then reports its lines and drops.
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -12,7 +14,7 @@ import { PlainRegistrar } from './plain-registrar.mjs'
 import { SeedRegistrar } from './seed-registrar.mjs'
 
 const { values } = parseArgs({
-  options: { kind: { type: 'string' }, url: { type: 'string' }, addon: { type: 'string' } },
+  options: { kind: { type: 'string' }, url: { type: 'string' }, addon: { type: 'string' }, audit: { type: 'string' } },
 })
 
 /** Answers at once; the latency scenario times the registrar, not a model. */
@@ -47,6 +49,45 @@ function mainThreadCpuUs() {
 }
 
 const configDir = mkdtempSync(join(tmpdir(), 'mcpctl-bench-'))
+
+// --audit: the audit log on, in a fresh dir removed at `stop`; off (no option at all) otherwise.
+const auditDir = values.audit ? mkdtempSync(join(tmpdir(), 'mcpctl-bench-audit-')) : undefined
+function auditOption() {
+  if (!auditDir) return {}
+  if (values.audit !== 'meta' && values.audit !== 'content') throw new Error(`--audit ${values.audit}: meta or content`)
+  return { audit: { path: join(auditDir, 'audit.jsonl'), content: values.audit === 'content' } }
+}
+/** The audit log once stopped (every queued line written): its lines over the rotated files, bytes and drops. */
+function auditFigures(dropped) {
+  let lines = 0
+  let bytes = 0
+  for (const name of readdirSync(auditDir)) {
+    const text = readFileSync(join(auditDir, name), 'utf8')
+    bytes += Buffer.byteLength(text)
+    // Each line must be JSON: a bad one throws, and the child's death fails the run.
+    for (const line of text.split('\n')) {
+      if (!line) continue
+      JSON.parse(line)
+      lines++
+    }
+  }
+  return { lines, bytes, dropped }
+}
+/** The audit log's writer thread (named `mcpctl-audit`): its CPU time (µs) and how
+ *  often it blocked (voluntary switches: about one per wake-up for a line). */
+function writerThread() {
+  let writerUs = 0
+  let writerSwitches = 0
+  for (const tid of readdirSync('/proc/self/task')) {
+    try {
+      if (readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim() !== 'mcpctl-audit') continue
+      const sched = readFileSync(`/proc/self/task/${tid}/sched`, 'utf8')
+      writerUs += Number(/se\.sum_exec_runtime\s*:\s*([\d.]+)/.exec(sched)?.[1]) * 1000
+      writerSwitches += Number(/nr_voluntary_switches\s*:\s*(\d+)/.exec(sched)?.[1])
+    } catch {}
+  }
+  return { writerUs, writerSwitches }
+}
 const entry = { name: 'bench', type: 'bench', model: 'bench', publish: true, provider }
 let registrar
 if (values.kind === 'plain') {
@@ -62,6 +103,7 @@ if (values.kind === 'plain') {
     configDir,
     maxConcurrency: 64,
     maxQueue: 4096,
+    ...auditOption(),
   })
 }
 await registrar.start()
@@ -106,11 +148,18 @@ process.on('message', async (message) => {
       processUs: cpu.user + cpu.system,
       rss: process.memoryUsage.rss(),
       at: performance.now(),
+      ...(auditDir ? writerThread() : {}),
     })
   } else if (message.type === 'stop') {
+    // Read before stop(): the drops are counted when a line is queued, and every task has ended.
+    const dropped = auditDir
+      ? Number(/^mcpctl_registrar_audit_lines_dropped_total (\S+)$/m.exec(registrar.metrics())?.[1] ?? NaN)
+      : undefined
     await registrar.stop()
+    const audit = auditDir ? auditFigures(dropped) : undefined
     rmSync(configDir, { recursive: true, force: true })
-    process.send({ type: 'stopped' })
+    if (auditDir) rmSync(auditDir, { recursive: true, force: true })
+    process.send({ type: 'stopped', audit })
     process.disconnect()
   }
 })

@@ -20,6 +20,15 @@
 // measures one kind (plain, seed or addon). `--paced RATE` sets the paced scenario's
 // task rate (tasks/s; default 2,000): tasks sent at that rate, below what either
 // side saturates at, so mcpd is not the cap and each side's CPU per task is its own.
+//
+// `--audit` measures every addon twice in the same interleaved rounds: as given (the
+// audit log off) and as `<name>+audit`, with `audit: { path, content: false }` in a
+// fresh temp dir per child, removed after. `--audit-content` adds `<name>+audit-content`
+// (`content: true`). Each such column's ratio is against its own addon with the audit
+// log off (`addon+audit/addon`): the audit log's cost. The child counts the log's lines
+// once stopped; lines written + lines dropped must equal the tasks sent, or the run fails.
+// Rows of their own: the log's lines, drops, bytes per line, and its writer thread's
+// (`mcpctl-audit`) CPU and wake-ups per task.
 import { spawn } from 'node:child_process'
 import { existsSync, readdirSync } from 'node:fs'
 import http from 'node:http'
@@ -40,6 +49,8 @@ const { values } = parseArgs({
     only: { type: 'string' },
     seed: { type: 'boolean', default: false },
     paced: { type: 'string' },
+    audit: { type: 'boolean', default: false },
+    'audit-content': { type: 'boolean', default: false },
   },
 })
 const smoke = values.smoke
@@ -84,6 +95,21 @@ const registrars = [
   ...(values.seed ? [{ name: 'seed', kind: 'seed' }] : []),
   ...addonPaths.map((path, i) => ({ name: addonPaths.length === 1 ? 'addon' : `addon${i + 1}`, kind: 'addon', path })),
 ]
+// --audit / --audit-content: each addon's twin(s) with the audit log on, right after it,
+// compared with it (`base`). The default run is unchanged.
+const auditModes = [
+  ...(values.audit ? [['audit', 'meta']] : []),
+  ...(values['audit-content'] ? [['audit-content', 'content']] : []),
+]
+for (const addon of registrars.filter((registrar) => registrar.kind === 'addon')) {
+  const twins = auditModes.map(([suffix, audit]) => ({
+    ...addon,
+    name: `${addon.name}+${suffix}`,
+    audit,
+    base: addon.name,
+  }))
+  registrars.splice(registrars.indexOf(addon) + 1, 0, ...twins)
+}
 
 /** The mcpd stand-in: one command a line in, one JSON line out. */
 async function startMcpd() {
@@ -112,8 +138,9 @@ async function startMcpd() {
 }
 
 /** A registrar in its child process, with `snap()` for its CPU and RSS. */
-async function startChild({ kind, path }, url) {
+async function startChild({ kind, path, audit }, url) {
   const args = [join(here, 'child.mjs'), '--kind', kind, '--url', url, ...(path ? ['--addon', path] : [])]
+  if (audit) args.push('--audit', audit)
   const child = spawn(process.execPath, args, {
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
   })
@@ -138,10 +165,12 @@ async function startChild({ kind, path }, url) {
       child.send({ type: 'floor', tasks, tokens })
       return receive()
     },
+    /** Stops the registrar; its answer holds the audit log's figures when it was on. */
     async stop() {
       child.send({ type: 'stop' })
-      await receive()
+      const stopped = await receive()
       await exited
+      return stopped
     },
     kill() {
       child.kill()
@@ -202,14 +231,25 @@ async function measure(registrar) {
   try {
     child = await startChild(registrar, mcpd.url)
     const figures = { load: loadavg()[0] }
-    const run = async (what, tasks, inFlight, tokens, rate) =>
-      check(kind, what, await mcpd.command(`run ${tasks} ${inFlight} ${tokens}${rate ? ` ${rate}` : ''}`), tokens)
+    let sent = 0
+    const run = async (what, tasks, inFlight, tokens, rate) => {
+      sent += tasks
+      const answer = await mcpd.command(`run ${tasks} ${inFlight} ${tokens}${rate ? ` ${rate}` : ''}`)
+      return check(kind, what, answer, tokens)
+    }
     /** Runs a scenario between two snaps: the run's answer and the child's CPU over it. */
     const measured = async (what, tasks, inFlight, tokens, rate) => {
       const before = await child.snap()
       const answer = await run(what, tasks, inFlight, tokens, rate)
       const after = await child.snap()
-      return { answer, mainUs: after.mainUs - before.mainUs, processUs: after.processUs - before.processUs }
+      return {
+        answer,
+        mainUs: after.mainUs - before.mainUs,
+        processUs: after.processUs - before.processUs,
+        // --audit: the log's writer thread (NaN without it).
+        writerUs: after.writerUs - before.writerUs,
+        writerSwitches: after.writerSwitches - before.writerSwitches,
+      }
     }
 
     // Idle: a registrar that is connected and has nothing to do, once start-up
@@ -280,7 +320,25 @@ async function measure(registrar) {
       figures.sharedMainUsPerTask = shared.mainUsPerTask
       figures.sharedMainUsPerToken = shared.mainUsPerToken
     }
-    await child.stop()
+    const { audit } = await child.stop()
+    if (audit) {
+      // Every task that reached the registrar has its line, or was counted as dropped.
+      figures.auditLines = audit.lines
+      figures.auditDropped = audit.dropped
+      figures.auditBytesPerLine = audit.bytes / audit.lines
+      // Its writer thread's share of the process CPU, and its wake-ups, per task.
+      figures.auditWriterUsPerTask = latency.writerUs / scale.latency
+      figures.auditWriterUsPerTask64 = throughput.writerUs / scale.throughput
+      figures.auditWriterUsPerTaskPaced = paced.writerUs / scale.paced
+      figures.auditWakeupsPerTask = latency.writerSwitches / scale.latency
+      figures.auditWakeupsPerTask64 = throughput.writerSwitches / scale.throughput
+      figures.auditWakeupsPerTaskPaced = paced.writerSwitches / scale.paced
+      if (audit.lines + audit.dropped !== sent) {
+        errors.push(
+          `${kind}: the audit log holds ${audit.lines} lines and counted ${audit.dropped} dropped, for ${sent} tasks`,
+        )
+      }
+    }
     return figures
   } catch (error) {
     child?.kill()
@@ -317,7 +375,9 @@ function summary(name, key) {
   const numbers = (samples[name] ?? []).map((figures) => figures?.[key]).filter(Number.isFinite)
   if (!numbers.length) return null
   const value = median(numbers)
-  const spread = numbers.length > 1 ? (Math.max(...numbers) - Math.min(...numbers)) / 2 / Math.abs(value) : 0
+  // No spread when every round agrees (a count of 0 would otherwise be ±NaN%).
+  const range = Math.max(...numbers) - Math.min(...numbers)
+  const spread = range ? range / 2 / Math.abs(value) : 0
   return { value, spread, values: numbers }
 }
 /** The per-round ratios `name`/`base` of a figure: their median, min and max. */
@@ -359,6 +419,19 @@ const others = [
   ['mcpd CPU per task, paced', 'mcpdUsPerTaskPaced', 'µs'],
   ['mcpd CPU per streamed token', 'mcpdUsPerToken', 'µs'],
   ['load average (1 min) at the measurement', 'load', ''],
+  ...(auditModes.length
+    ? [
+        ['audit log lines written', 'auditLines', ''],
+        ['audit log lines dropped (queue full)', 'auditDropped', ''],
+        ['audit log bytes per line', 'auditBytesPerLine', 'B'],
+        ['audit writer thread CPU per task, sequential', 'auditWriterUsPerTask', 'µs'],
+        ['audit writer thread CPU per task, 64 in flight', 'auditWriterUsPerTask64', 'µs'],
+        ['audit writer thread CPU per task, paced', 'auditWriterUsPerTaskPaced', 'µs'],
+        ['audit writer wake-ups per task, sequential', 'auditWakeupsPerTask', ''],
+        ['audit writer wake-ups per task, 64 in flight', 'auditWakeupsPerTask64', ''],
+        ['audit writer wake-ups per task, paced', 'auditWakeupsPerTaskPaced', ''],
+      ]
+    : []),
 ]
 const format = (value) =>
   !Number.isFinite(value)
@@ -371,7 +444,10 @@ const format = (value) =>
 const shownFigure = (name, key) => {
   const figure = summary(name, key)
   if (!figure) return '–'
-  return rounds > 1 ? `${format(figure.value)} ±${Math.round(figure.spread * 100)}%` : format(figure.value)
+  if (rounds === 1) return format(figure.value)
+  // A median of 0 (say, no audit lines dropped in most rounds) has no relative spread: show the range.
+  if (!Number.isFinite(figure.spread)) return `${format(figure.value)} [${figure.values.map(format).join(', ')}]`
+  return `${format(figure.value)} ±${Math.round(figure.spread * 100)}%`
 }
 const shownRatio = (name, base, key) => {
   const r = ratio(name, base, key)
@@ -388,12 +464,15 @@ const peers = measured.filter((registrar) => registrar.kind !== 'addon')
 const addons = measured.filter((registrar) => registrar.kind === 'addon')
 const first = addons[0]
 const compared = addons.slice(1)
+const baseOf = (registrar) => registrar.base ?? first.name
+// `addon/plain` columns only when plain Node was measured (not under `--only addon`).
+const againstPlain = measured.some(({ name }) => name === 'plain') ? addons : []
 const header = [
   'figure',
   ...peers.map(({ name }) => (name === 'plain' ? 'plain Node' : `${name} (fetch)`)),
   ...addons.map(({ name }) => name),
-  ...addons.map(({ name }) => `${name}/plain`),
-  ...compared.map(({ name }) => `${name}/${first.name}`),
+  ...againstPlain.map(({ name }) => `${name}/plain`),
+  ...compared.map((registrar) => `${registrar.name}/${baseOf(registrar)}`),
   'goal',
   'met',
 ]
@@ -402,8 +481,8 @@ const rowOf = (label, key, unit, goal, lower) => [
   `${label}${unit ? ` (${unit})` : ''}`,
   ...peers.map(({ name }) => shownFigure(name, key)),
   ...addons.map(({ name }) => shownFigure(name, key)),
-  ...addons.map(({ name }) => shownRatio(name, 'plain', key)),
-  ...compared.map(({ name }) => shownRatio(name, first.name, key)),
+  ...againstPlain.map(({ name }) => shownRatio(name, 'plain', key)),
+  ...compared.map((registrar) => shownRatio(registrar.name, baseOf(registrar), key)),
   goal === undefined ? '' : `${lower ? '≤' : '≥'} ${goal}`,
   goal === undefined || !first ? '' : met(first.name, key, goal, lower),
 ]
@@ -446,12 +525,13 @@ console.log(
     addon: first ? result[first.name] : undefined,
     addonPath: first ? shortPath(first.path) : undefined,
     ratios: first ? ratiosOf(first.name, 'plain') : undefined,
-    addons: addons.map(({ name, path }) => ({
+    addons: addons.map(({ name, path, audit, base }) => ({
       name,
       path: shortPath(path),
       figures: result[name],
       ratios: ratiosOf(name, 'plain'),
       ...(name === first.name ? {} : { againstFirst: ratiosOf(name, first.name) }),
+      ...(base ? { audit, base, againstBase: ratiosOf(name, base) } : {}),
     })),
     samples,
     errors,
