@@ -464,25 +464,61 @@ struct Writer {
   queued_text: Arc<AtomicUsize>,
 }
 
+/// The most lines, and about the most bytes, one write takes.
+const BATCH_LINES: usize = 256;
+const BATCH_BYTES: usize = 256 * 1024;
+/// How long the writer lets lines gather after a write: a line reaches the file
+/// at most this late, and at load the writer wakes once per this, not per line.
+const LINGER: Duration = Duration::from_millis(5);
+
 impl Writer {
-  /// Writes every line until the queue is closed and empty, then syncs.
-  fn run(mut self, lines: Receiver<Line>, done: mpsc::Sender<()>) {
-    let mut buffer = Vec::with_capacity(1024);
-    for Line { record, text_bytes } in lines {
-      buffer.clear();
-      let encoded = record.encode(self.token.as_ref(), &mut buffer);
-      self.queued_text.fetch_sub(text_bytes, Ordering::Relaxed);
-      let written = match encoded {
-        Ok(()) => self
-          .sink
-          .append(&buffer)
-          .map_err(|error| Cow::Owned(format!("a write failed: {}", describe(&error)))),
-        Err(error) => Err(Cow::Owned(format!("it could not be encoded: {error}"))),
-      };
-      match written {
-        Ok(()) => self.report.warn_if_due(false),
-        Err(why) => self.report.drop_line(why),
+  /// Encodes one line after those in `batch`, or counts it dropped.
+  fn take(&mut self, line: Line, batch: &mut Vec<u8>, ends: &mut Vec<usize>) {
+    let Line { record, text_bytes } = line;
+    let start = batch.len();
+    let encoded = record.encode(self.token.as_ref(), batch);
+    self.queued_text.fetch_sub(text_bytes, Ordering::Relaxed);
+    match encoded {
+      Ok(()) => ends.push(batch.len()),
+      Err(error) => {
+        batch.truncate(start);
+        self
+          .report
+          .drop_line(Cow::Owned(format!("it could not be encoded: {error}")));
       }
+    }
+  }
+
+  /// Writes every line until the queue is closed and empty, then syncs. The
+  /// lines queued while it wrote or lingered go in one write: at load, one
+  /// write and one wake-up for many lines, not one each.
+  fn run(mut self, lines: Receiver<Line>, done: mpsc::Sender<()>) {
+    let mut batch = Vec::with_capacity(BATCH_BYTES + 1024);
+    let mut ends = Vec::with_capacity(BATCH_LINES);
+    while let Ok(first) = lines.recv() {
+      batch.clear();
+      ends.clear();
+      self.take(first, &mut batch, &mut ends);
+      while ends.len() < BATCH_LINES && batch.len() < BATCH_BYTES {
+        match lines.try_recv() {
+          Ok(line) => self.take(line, &mut batch, &mut ends),
+          Err(_) => break,
+        }
+      }
+      if ends.is_empty() {
+        continue;
+      }
+      let report = &self.report;
+      let mut failures = 0;
+      self.sink.append_lines(&batch, &ends, &mut |error| {
+        failures += 1;
+        report.drop_line(Cow::Owned(format!("a write failed: {}", describe(error))));
+      });
+      if failures < ends.len() {
+        report.warn_if_due(false);
+      }
+      // Let the next lines gather (a task never waits on this thread).
+      std::thread::sleep(LINGER);
     }
     if let Err(error) = self.sink.close() {
       self.report.span.in_scope(

@@ -15,6 +15,18 @@ use std::path::{Path, PathBuf};
 pub trait AuditSink: Send {
   /// Appends one whole line (it ends with `\n`).
   fn append(&mut self, line: &[u8]) -> io::Result<()>;
+  /// Appends whole lines (`batch` holds them back to back; `ends[i]` is where
+  /// line `i` ends), trying each one, and calls `failed` once for every line
+  /// that is not whole in the sink. One line at a time unless the sink can do better.
+  fn append_lines(&mut self, batch: &[u8], ends: &[usize], failed: &mut dyn FnMut(&io::Error)) {
+    let mut start = 0;
+    for &end in ends {
+      if let Err(error) = self.append(&batch[start..end]) {
+        failed(&error);
+      }
+      start = end;
+    }
+  }
   /// Puts what was appended on disk, before the writer ends.
   fn close(&mut self) -> io::Result<()>;
 }
@@ -75,6 +87,44 @@ impl RotatingFile {
     self.reopen()
   }
 
+  /// An open file with room for `length` more bytes (rotated when it has none
+  /// and is not empty).
+  fn make_room(&mut self, length: u64) -> io::Result<()> {
+    if self.file.is_none() {
+      self.reopen()?;
+    }
+    if self.size > 0 && self.size + length > self.max_bytes {
+      self.rotate()?;
+    }
+    Ok(())
+  }
+
+  /// One write of whole lines. After a failure the file may end inside a line:
+  /// `size` is re-read, and the next write starts on a line of its own.
+  fn write_whole(&mut self, lines: &[u8]) -> io::Result<()> {
+    let Some(file) = self.file.as_mut() else {
+      return Err(io::Error::other("the audit file is not open"));
+    };
+    if self.torn {
+      file.write_all(b"\n")?;
+      self.size += 1;
+      self.torn = false;
+    }
+    match file.write_all(lines) {
+      Ok(()) => {
+        self.size += lines.len() as u64;
+        Ok(())
+      }
+      Err(error) => {
+        self.torn = true;
+        if let Ok(meta) = file.metadata() {
+          self.size = meta.len();
+        }
+        Err(error)
+      }
+    }
+  }
+
   fn reopen(&mut self) -> io::Result<()> {
     let file = open_append(&self.path)?;
     self.size = file.metadata()?.len();
@@ -86,35 +136,48 @@ impl RotatingFile {
 
 impl AuditSink for RotatingFile {
   fn append(&mut self, line: &[u8]) -> io::Result<()> {
-    let length = line.len() as u64;
-    if self.file.is_none() {
-      self.reopen()?;
-    }
-    if self.size > 0 && self.size + length > self.max_bytes {
-      self.rotate()?;
-    }
-    let Some(file) = self.file.as_mut() else {
-      return Err(io::Error::other("the audit file is not open"));
-    };
-    if self.torn {
-      file.write_all(b"\n")?;
-      self.size += 1;
-      self.torn = false;
-    }
-    // One write per line (O_APPEND): a line is either whole in the file or
-    // counted as dropped, and readers never see two lines interleaved.
-    match file.write_all(line) {
-      Ok(()) => {
-        self.size += length;
-        Ok(())
+    self.make_room(line.len() as u64)?;
+    self.write_whole(line)
+  }
+
+  /// As few writes as the rotation allows: the lines that fit before the next
+  /// rotation go in one write (O_APPEND: whole lines, never interleaved). After
+  /// a failed write, the lines whose bytes all landed count as written, and the
+  /// next line is tried again as `append` would.
+  fn append_lines(&mut self, batch: &[u8], ends: &[usize], failed: &mut dyn FnMut(&io::Error)) {
+    let mut next = 0;
+    while next < ends.len() {
+      let start = if next == 0 { 0 } else { ends[next - 1] };
+      let first = ends[next] - start;
+      if let Err(error) = self.make_room(first as u64) {
+        failed(&error);
+        next += 1;
+        continue;
       }
-      Err(error) => {
-        self.torn = true;
-        // What did land still counts towards the size; re-read it.
-        if let Ok(meta) = file.metadata() {
-          self.size = meta.len();
+      // The lines that fit in this file (at least one: a line longer than
+      // max_bytes gets a file of its own, as `append` gives it).
+      let room = self.max_bytes.saturating_sub(self.size);
+      let mut last = next + 1;
+      while last < ends.len() && (ends[last] - start) as u64 <= room {
+        last += 1;
+      }
+      let before = self.size;
+      match self.write_whole(&batch[start..ends[last - 1]]) {
+        Ok(()) => next = last,
+        Err(error) => {
+          let landed = self.size.saturating_sub(before) as usize;
+          let whole = ends[next..last]
+            .iter()
+            .take_while(|&&end| end - start <= landed)
+            .count();
+          if whole < last - next {
+            // The line the write stopped in.
+            failed(&error);
+            next += whole + 1;
+          } else {
+            next = last;
+          }
         }
-        Err(error)
       }
     }
   }

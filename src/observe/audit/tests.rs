@@ -204,6 +204,47 @@ fn rotation_keeps_keep_files_each_below_max_bytes() {
 }
 
 #[test]
+fn lines_written_in_batches_rotate_exactly_as_one_at_a_time() {
+  // Lines of varied sizes (one longer than max_bytes), in batches of varied
+  // sizes: the files are the same bytes as when each line is appended alone.
+  let line = |n: usize| format!("{{\"n\":{n},\"pad\":\"{}\"}}\n", "x".repeat((n * 37) % 120));
+  let (one, batched) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+  let mut alone = RotatingFile::open(&one.path().join("audit.jsonl"), 300, 4).unwrap();
+  let mut many = RotatingFile::open(&batched.path().join("audit.jsonl"), 300, 4).unwrap();
+  let mut n = 0;
+  for size in [1, 5, 2, 9, 1, 13, 3] {
+    let (mut batch, mut ends) = (Vec::new(), Vec::new());
+    for _ in 0..size {
+      let text = if n == 17 {
+        format!("{{\"long\":\"{}\"}}\n", "y".repeat(400))
+      } else {
+        line(n)
+      };
+      alone.append(text.as_bytes()).unwrap();
+      batch.extend_from_slice(text.as_bytes());
+      ends.push(batch.len());
+      n += 1;
+    }
+    many.append_lines(&batch, &ends, &mut |error| panic!("{error}"));
+  }
+  alone.close().unwrap();
+  many.close().unwrap();
+  for name in [
+    "audit.jsonl",
+    "audit.jsonl.1",
+    "audit.jsonl.2",
+    "audit.jsonl.3",
+    "audit.jsonl.4",
+  ] {
+    assert_eq!(
+      fs::read(one.path().join(name)).unwrap(),
+      fs::read(batched.path().join(name)).unwrap(),
+      "{name}"
+    );
+  }
+}
+
+#[test]
 fn keep_zero_keeps_only_the_current_file() {
   let dir = tempfile::tempdir().unwrap();
   let path = dir.path().join("audit.jsonl");
@@ -430,13 +471,15 @@ async fn with_content_the_queued_text_is_bounded_too() {
     "{:?}",
     warnings.all()
   );
-  // Line 0 written, line 1 encoded: 41 bytes queued, room for one more.
+  // Line 0 written; lines 1 and 2 taken in one batch (their text off the
+  // count), line 1 stuck in its write: room for two more, not a third.
   release.send(()).unwrap();
   wait_for_a_write();
   log.task_ended(&record(6));
   log.task_ended(&record(7));
+  log.task_ended(&record(8));
   assert_eq!(dropped.load(Ordering::Relaxed), 4);
-  for _ in 0..3 {
+  for _ in 0..4 {
     release.send(()).unwrap();
   }
   log.close().await;
@@ -447,7 +490,13 @@ async fn with_content_the_queued_text_is_bounded_too() {
     .collect();
   assert_eq!(
     ids,
-    ["\"task-0\"", "\"task-1\"", "\"task-2\"", "\"task-6\""]
+    [
+      "\"task-0\"",
+      "\"task-1\"",
+      "\"task-2\"",
+      "\"task-6\"",
+      "\"task-7\""
+    ]
   );
 }
 
