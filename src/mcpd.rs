@@ -281,16 +281,21 @@ impl McpdClient {
   }
 
   /// One result POST; the retries are the caller's (`dispatch::delivery`).
-  pub async fn post_result(&self, task_id: &str, status: u16, body: &Value) -> PostOutcome {
+  pub async fn post_result<B: Serialize + ?Sized>(
+    &self,
+    task_id: &str,
+    status: u16,
+    body: &B,
+  ) -> PostOutcome {
     self.post_result_with(task_id, status, body, None).await
   }
 
   /// One result POST carrying response headers for mcpd to relay (`retry-after`).
-  pub async fn post_result_with(
+  pub async fn post_result_with<B: Serialize + ?Sized>(
     &self,
     task_id: &str,
     status: u16,
-    body: &Value,
+    body: &B,
     headers: Option<&Value>,
   ) -> PostOutcome {
     let path = task_path(task_id, "result");
