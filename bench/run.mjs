@@ -29,6 +29,12 @@
 // once stopped; lines written + lines dropped must equal the tasks sent, or the run fails.
 // Rows of their own: the log's lines, drops, bytes per line, and its writer thread's
 // (`mcpctl-audit`) CPU and wake-ups per task.
+//
+// `--scenario sequential|throughput` runs only that scenario (after the non-streaming
+// warm-ups; no idle, paced or streaming runs): for a profiler wrapped around the
+// bench, e.g. `perf record --call-graph dwarf -F 499 -- node bench/run.mjs --only
+// addon --scenario throughput`, whose samples then hold little else; the table shows
+// `–` for the figures not measured.
 import { spawn } from 'node:child_process'
 import { existsSync, readdirSync } from 'node:fs'
 import http from 'node:http'
@@ -51,8 +57,16 @@ const { values } = parseArgs({
     paced: { type: 'string' },
     audit: { type: 'boolean', default: false },
     'audit-content': { type: 'boolean', default: false },
+    scenario: { type: 'string' },
   },
 })
+const scenarios = ['sequential', 'throughput']
+if (values.scenario && !scenarios.includes(values.scenario)) {
+  console.error(`bench: --scenario is one of ${scenarios.join(', ')}`)
+  process.exit(2)
+}
+/** Whether a scenario runs: every one, unless `--scenario` names one. */
+const runs = (scenario) => !values.scenario || values.scenario === scenario
 const smoke = values.smoke
 const rounds = Math.max(1, Number(values.rounds ?? (smoke ? 1 : 3)) || 1)
 
@@ -254,31 +268,42 @@ async function measure(registrar) {
 
     // Idle: a registrar that is connected and has nothing to do, once start-up
     // (loading, JIT, the first GCs) has settled.
-    await new Promise((resolve) => setTimeout(resolve, scale.idleSettleMs))
-    const idleBefore = await child.snap()
-    await new Promise((resolve) => setTimeout(resolve, scale.idleMs))
-    const idleAfter = await child.snap()
-    const idleSeconds = (idleAfter.at - idleBefore.at) / 1000
-    figures.idleCpuUsPerS = (idleAfter.processUs - idleBefore.processUs) / idleSeconds
+    // (`--scenario` skips it, and everything but its own scenario.)
+    if (!values.scenario) {
+      await new Promise((resolve) => setTimeout(resolve, scale.idleSettleMs))
+      const idleBefore = await child.snap()
+      await new Promise((resolve) => setTimeout(resolve, scale.idleMs))
+      const idleAfter = await child.snap()
+      const idleSeconds = (idleAfter.at - idleBefore.at) / 1000
+      figures.idleCpuUsPerS = (idleAfter.processUs - idleBefore.processUs) / idleSeconds
+    }
 
     await run('warm-up', scale.warmup, 1, 0)
     await run('warm-up 64', scale.warmup * 4, 64, 0)
-    await run('warm-up streams', 4, 4, 200)
+    if (!values.scenario) await run('warm-up streams', 4, 4, 200)
 
-    const latency = await measured('latency', scale.latency, 1, 0)
-    figures.p50Us = latency.answer.p50Ns / 1000
-    figures.p99Us = latency.answer.p99Ns / 1000
-    figures.mainUsPerTask = latency.mainUs / scale.latency
-    figures.processUsPerTask = latency.processUs / scale.latency
-    figures.mcpdUsPerTask = latency.answer.mcpdCpuNs / 1000 / scale.latency
+    if (runs('sequential')) {
+      const latency = await measured('latency', scale.latency, 1, 0)
+      figures.p50Us = latency.answer.p50Ns / 1000
+      figures.p99Us = latency.answer.p99Ns / 1000
+      figures.mainUsPerTask = latency.mainUs / scale.latency
+      figures.processUsPerTask = latency.processUs / scale.latency
+      figures.mcpdUsPerTask = latency.answer.mcpdCpuNs / 1000 / scale.latency
+    }
 
-    const throughput = await measured('throughput', scale.throughput, 64, 0)
-    figures.tasksPerS = scale.throughput / (throughput.answer.elapsedNs / 1e9)
-    figures.mainUsPerTask64 = throughput.mainUs / scale.throughput
-    figures.processUsPerTask64 = throughput.processUs / scale.throughput
-    // mcpd's one thread busy this share of the run: near 1, mcpd was the cap.
-    figures.mcpdBusy64 = throughput.answer.mcpdCpuNs / throughput.answer.elapsedNs
-    figures.processBusy64 = (throughput.processUs * 1000) / throughput.answer.elapsedNs
+    if (runs('throughput')) {
+      const throughput = await measured('throughput', scale.throughput, 64, 0)
+      figures.tasksPerS = scale.throughput / (throughput.answer.elapsedNs / 1e9)
+      figures.mainUsPerTask64 = throughput.mainUs / scale.throughput
+      figures.processUsPerTask64 = throughput.processUs / scale.throughput
+      // mcpd's one thread busy this share of the run: near 1, mcpd was the cap.
+      figures.mcpdBusy64 = throughput.answer.mcpdCpuNs / throughput.answer.elapsedNs
+      figures.processBusy64 = (throughput.processUs * 1000) / throughput.answer.elapsedNs
+    }
+    if (values.scenario) {
+      await child.stop()
+      return figures
+    }
 
     // Paced: up to 64 in flight, sent at a rate neither side saturates at.
     const paced = await measured('paced', scale.paced, 64, 0, scale.pacedRate)

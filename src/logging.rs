@@ -150,8 +150,87 @@ fn install() {
 /// Marks a span as a registrar's, with its route id.
 struct RegistrarId(u64);
 
-/// A span's own fields, added to every event inside it.
-struct SpanFields(Map<String, Value>);
+/// A span's own fields, added to every event inside it, in the order
+/// recorded (a later record of a name replaces its value).
+struct SpanFields(Vec<(&'static str, SpanValue)>);
+
+/// A span field's value as recorded, turned into JSON only when an event in
+/// the span is routed.
+#[derive(Debug, Clone, PartialEq)]
+enum SpanValue {
+  Text(String),
+  I64(i64),
+  U64(u64),
+  F64(f64),
+  Bool(bool),
+}
+
+impl SpanValue {
+  fn as_u64(&self) -> Option<u64> {
+    match *self {
+      SpanValue::U64(value) => Some(value),
+      SpanValue::I64(value) => u64::try_from(value).ok(),
+      _ => None,
+    }
+  }
+
+  fn to_json(&self) -> Value {
+    match self {
+      SpanValue::Text(text) => Value::String(text.clone()),
+      SpanValue::I64(value) => Value::from(*value),
+      SpanValue::U64(value) => Value::from(*value),
+      SpanValue::F64(value) => Value::from(*value),
+      SpanValue::Bool(value) => Value::from(*value),
+    }
+  }
+}
+
+/// Records a span's fields as [`SpanValue`]s under their static names.
+#[derive(Default)]
+struct SpanVisitor {
+  fields: Vec<(&'static str, SpanValue)>,
+}
+
+impl SpanVisitor {
+  fn take(&mut self, name: &str) -> Option<SpanValue> {
+    let index = self.fields.iter().position(|(known, _)| *known == name)?;
+    Some(self.fields.remove(index).1)
+  }
+
+  fn record(&mut self, field: &Field, value: SpanValue) {
+    let name = field.name();
+    match self.fields.iter_mut().find(|(known, _)| *known == name) {
+      Some(slot) => slot.1 = value,
+      None => self.fields.push((name, value)),
+    }
+  }
+}
+
+impl Visit for SpanVisitor {
+  fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+    self.record(field, SpanValue::Text(format!("{value:?}")));
+  }
+
+  fn record_str(&mut self, field: &Field, value: &str) {
+    self.record(field, SpanValue::Text(value.to_owned()));
+  }
+
+  fn record_i64(&mut self, field: &Field, value: i64) {
+    self.record(field, SpanValue::I64(value));
+  }
+
+  fn record_u64(&mut self, field: &Field, value: u64) {
+    self.record(field, SpanValue::U64(value));
+  }
+
+  fn record_f64(&mut self, field: &Field, value: f64) {
+    self.record(field, SpanValue::F64(value));
+  }
+
+  fn record_bool(&mut self, field: &Field, value: bool) {
+    self.record(field, SpanValue::Bool(value));
+  }
+}
 
 struct RouteLayer;
 
@@ -180,26 +259,40 @@ where
     let Some(span) = ctx.span(id) else {
       return;
     };
-    let mut visitor = Fields::default();
+    // Runs for every task's span: the values are kept raw under their
+    // callsite's `&'static` names; a `Map` (and camelCase) is built only for
+    // an event a route takes.
+    let mut visitor = SpanVisitor::default();
     attributes.record(&mut visitor);
     let mut extensions = span.extensions_mut();
     if attributes.metadata().name() == SPAN_NAME {
-      if let Some(registrar) = visitor.fields.remove(SPAN_FIELD).and_then(|id| id.as_u64()) {
+      if let Some(registrar) = visitor.take(SPAN_FIELD).and_then(|value| value.as_u64()) {
         extensions.insert(RegistrarId(registrar));
       }
     }
-    extensions.insert(SpanFields(visitor.fields));
+    if !visitor.fields.is_empty() {
+      extensions.insert(SpanFields(visitor.fields));
+    }
   }
 
   fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
     let Some(span) = ctx.span(id) else {
       return;
     };
-    let mut visitor = Fields::default();
+    let mut visitor = SpanVisitor::default();
     values.record(&mut visitor);
     let mut extensions = span.extensions_mut();
-    if let Some(fields) = extensions.get_mut::<SpanFields>() {
-      fields.0.extend(visitor.fields);
+    match extensions.get_mut::<SpanFields>() {
+      Some(fields) => {
+        for (name, value) in visitor.fields {
+          match fields.0.iter_mut().find(|(known, _)| *known == name) {
+            Some(slot) => slot.1 = value,
+            None => fields.0.push((name, value)),
+          }
+        }
+      }
+      None if !visitor.fields.is_empty() => extensions.insert(SpanFields(visitor.fields)),
+      None => {}
     }
   }
 
@@ -227,7 +320,9 @@ where
     if let Some(scope) = ctx.event_scope(event) {
       for span in scope.from_root() {
         if let Some(fields) = span.extensions().get::<SpanFields>() {
-          span_fields.extend(fields.0.clone());
+          for (name, value) in &fields.0 {
+            span_fields.insert((*name).to_owned(), value.to_json());
+          }
         }
       }
     }
@@ -398,6 +493,48 @@ mod tests {
     assert_eq!(fields["provider"], Value::from("inner"));
     assert!(!fields.contains_key("registrar"), "{fields:?}");
     assert!(!fields.contains_key("task_id"), "{fields:?}");
+  }
+
+  #[test]
+  fn fields_recorded_on_a_span_later_reach_its_events() {
+    type Line = (String, Map<String, Value>);
+    let seen: Arc<Mutex<Vec<Line>>> = Arc::default();
+    let captured = Arc::clone(&seen);
+    let route = LogRoute::register(
+      Some(Arc::new(move |_, message, fields| {
+        captured.lock().push((message, fields))
+      })),
+      None,
+    );
+    route.span().in_scope(|| {
+      let task = tracing::info_span!(
+        target: "mcpctl_registrar",
+        "task",
+        task_id = "t-1",
+        model_name = tracing::field::Empty,
+        attempts = 1u64
+      );
+      task.in_scope(|| tracing::info!("before"));
+      task.record("model_name", "qwen");
+      task.record("attempts", 2u64);
+      task.in_scope(|| tracing::info!(ok = true, ratio = 0.5, delta = -3i64, "after"));
+    });
+    let seen = seen.lock();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let (message, before) = &seen[0];
+    assert_eq!(message, "before");
+    assert_eq!(before["taskId"], Value::from("t-1"));
+    assert_eq!(before["attempts"], Value::from(1u64));
+    assert!(!before.contains_key("modelName"), "{before:?}");
+    let (message, after) = &seen[1];
+    assert_eq!(message, "after");
+    assert_eq!(after["taskId"], Value::from("t-1"));
+    assert_eq!(after["modelName"], Value::from("qwen"));
+    assert_eq!(after["attempts"], Value::from(2u64));
+    assert_eq!(after["ok"], Value::from(true));
+    assert_eq!(after["ratio"], Value::from(0.5));
+    assert_eq!(after["delta"], Value::from(-3i64));
+    assert!(!after.contains_key("registrar"), "{after:?}");
   }
 
   #[test]

@@ -52,6 +52,23 @@ pub struct McpdClient {
   session: RwLock<Option<String>>,
 }
 
+/// Whether a path segment is `.` or `..` once `%2E`/`%2e` are decoded, as a
+/// URL parser reads it. Checked per segment of every POST's path, so without
+/// the two `replace` allocations a decode-then-compare would cost.
+fn is_dot_segment(segment: &str) -> bool {
+  let mut rest = segment.as_bytes();
+  let mut dots = 0;
+  while !rest.is_empty() && dots <= 2 {
+    rest = match rest {
+      [b'.', tail @ ..] => tail,
+      [b'%', b'2', b'e' | b'E', tail @ ..] => tail,
+      _ => return false,
+    };
+    dots += 1;
+  }
+  rest.is_empty() && (dots == 1 || dots == 2)
+}
+
 impl McpdClient {
   /// `mcpd_url` may carry a path prefix; plain http is accepted for loopback
   /// hosts, and for others only with `allow_insecure_http`.
@@ -112,10 +129,10 @@ impl McpdClient {
     let raw = format!("{}{path}", self.base);
     let exact = |url: &Url| {
       url.as_str() == raw
-        && path.split('/').skip(1).all(|segment| {
-          let decoded = segment.replace("%2E", ".").replace("%2e", ".");
-          !segment.is_empty() && decoded != "." && decoded != ".."
-        })
+        && path
+          .split('/')
+          .skip(1)
+          .all(|segment| !segment.is_empty() && !is_dot_segment(segment))
     };
     let mut url = self.base_url.clone();
     url.set_path(&format!("{}{path}", self.base_path));
@@ -299,7 +316,12 @@ impl McpdClient {
   }
 
   /// One result POST; the retries are the caller's (`dispatch::delivery`).
-  pub async fn post_result(&self, task_id: &str, status: u16, body: &Value) -> PostOutcome {
+  pub async fn post_result<B: Serialize + ?Sized>(
+    &self,
+    task_id: &str,
+    status: u16,
+    body: &B,
+  ) -> PostOutcome {
     self
       .post_result_with(task_id, status, body, None, None)
       .await
@@ -307,11 +329,11 @@ impl McpdClient {
 
   /// One result POST carrying response headers for mcpd to relay (`retry-after`)
   /// and the task's `traceparent` header.
-  pub async fn post_result_with(
+  pub async fn post_result_with<B: Serialize + ?Sized>(
     &self,
     task_id: &str,
     status: u16,
-    body: &Value,
+    body: &B,
     headers: Option<&Value>,
     traceparent: Option<HeaderValue>,
   ) -> PostOutcome {
@@ -670,6 +692,40 @@ mod tests {
     // A long error.message is cut to 500 bytes too, on a char boundary.
     let long = serde_json::json!({ "error": { "message": "é".repeat(400) } }).to_string();
     assert_eq!(error_message(long.as_bytes()), "é".repeat(250));
+  }
+
+  /// `is_dot_segment` refuses exactly what the decode-then-compare it replaced did.
+  #[test]
+  fn dot_segments_are_those_a_decode_then_compare_finds() {
+    let decoded = |segment: &str| {
+      let text = segment.replace("%2E", ".").replace("%2e", ".");
+      text == "." || text == ".."
+    };
+    for segment in [
+      ".",
+      "..",
+      "...",
+      "%2e",
+      "%2E",
+      "%2e%2E",
+      ".%2e",
+      "%2E.",
+      "%2e.%2e",
+      "%2",
+      "%2x",
+      "%",
+      "a",
+      ".a",
+      "a.",
+      "..%2",
+      "%2e%2e%2e",
+      "%%2E2e",
+      "%2E%2e",
+      "%2f",
+      "",
+    ] {
+      assert_eq!(is_dot_segment(segment), decoded(segment), "{segment:?}");
+    }
   }
 
   /// The URL is the base parsed once with the path set; what it refuses is the same

@@ -738,6 +738,16 @@ pub struct Usage {
 }
 
 impl Usage {
+  fn wire_typed(&self) -> UsageWire {
+    UsageWire {
+      completion_tokens: self.completion_tokens,
+      prompt_tokens: self.prompt_tokens,
+      total_tokens: self
+        .total_tokens
+        .unwrap_or(self.prompt_tokens.saturating_add(self.completion_tokens)),
+    }
+  }
+
   fn wire(&self) -> Value {
     json!({
       "prompt_tokens": self.prompt_tokens,
@@ -908,32 +918,104 @@ pub fn result_finish_reason(result: &CompletionResult) -> &'static str {
   })
 }
 
-/// The `chat.completion` object for a non-streaming answer.
+/// The `chat.completion` object for a non-streaming answer, as a `Value`
+/// (its JSON text is [`ChatCompletion`]'s, which the result POST writes).
 pub fn chat_completion(identity: &AnswerIdentity, result: &CompletionResult) -> Value {
-  let mut message = Map::new();
-  message.insert("role".into(), json!("assistant"));
-  message.insert("content".into(), json!(result.content));
-  message.insert("refusal".into(), Value::Null);
-  let tool_calls = result.tool_calls.as_deref().unwrap_or_default();
-  if !tool_calls.is_empty() {
-    let calls: Vec<Value> = tool_calls
+  serde_json::to_value(ChatCompletion::new(identity, result)).expect("a chat.completion serializes")
+}
+
+/// The `chat.completion` object for a non-streaming answer, written straight
+/// to JSON by serde: no `Value` is built and then walked again (this runs once
+/// per task). The fields are declared in the order serde_json's `Value` prints
+/// its keys (sorted), so the bytes are those of the `json!`-built object this
+/// replaced (a unit test compares them).
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion<'a> {
+  choices: [CompletionChoice<'a>; 1],
+  created: u64,
+  id: &'a str,
+  model: &'a str,
+  object: &'static str,
+  #[serde(skip_serializing_if = "Option::is_none")]
+  usage: Option<UsageWire>,
+}
+
+#[derive(Debug, Serialize)]
+struct CompletionChoice<'a> {
+  finish_reason: &'static str,
+  index: u32,
+  /// Always `null`.
+  logprobs: (),
+  message: CompletionMessage<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct CompletionMessage<'a> {
+  content: Option<&'a str>,
+  /// Always `null`.
+  refusal: (),
+  role: &'static str,
+  #[serde(skip_serializing_if = "<[ToolCallWire<'a>]>::is_empty")]
+  tool_calls: Vec<ToolCallWire<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct ToolCallWire<'a> {
+  function: FunctionWire<'a>,
+  id: &'a str,
+  r#type: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionWire<'a> {
+  arguments: &'a str,
+  name: &'a str,
+}
+
+/// Usage as OpenAI names it (snake_case), `total_tokens` always present.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct UsageWire {
+  completion_tokens: u64,
+  prompt_tokens: u64,
+  total_tokens: u64,
+}
+
+impl<'a> ChatCompletion<'a> {
+  pub fn new(identity: &'a AnswerIdentity, result: &'a CompletionResult) -> Self {
+    let tool_calls: Vec<ToolCallWire<'a>> = result
+      .tool_calls
+      .as_deref()
+      .unwrap_or_default()
       .iter()
-      .map(|call| json!({ "id": call.id, "type": "function", "function": { "name": call.function.name, "arguments": call.function.arguments } }))
+      .map(|call| ToolCallWire {
+        function: FunctionWire {
+          arguments: &call.function.arguments,
+          name: &call.function.name,
+        },
+        id: &call.id,
+        r#type: "function",
+      })
       .collect();
-    message.insert("tool_calls".into(), Value::Array(calls));
+    let finish_reason = result_finish_reason(result);
+    Self {
+      choices: [CompletionChoice {
+        finish_reason,
+        index: 0,
+        logprobs: (),
+        message: CompletionMessage {
+          content: result.content.as_deref(),
+          refusal: (),
+          role: "assistant",
+          tool_calls,
+        },
+      }],
+      created: identity.created,
+      id: &identity.id,
+      model: result.model.as_deref().unwrap_or(&identity.model),
+      object: "chat.completion",
+      usage: result.usage.map(|usage| usage.wire_typed()),
+    }
   }
-  let finish_reason = result_finish_reason(result);
-  let mut completion = json!({
-    "id": identity.id,
-    "object": "chat.completion",
-    "created": identity.created,
-    "model": result.model.as_deref().unwrap_or(&identity.model),
-    "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason }],
-  });
-  if let Some(usage) = result.usage {
-    completion["usage"] = usage.wire();
-  }
-  completion
 }
 
 /// Turns provider chunks into the payloads of an OpenAI stream, keeping the
@@ -1428,6 +1510,78 @@ mod tests {
       completion["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
       json!("{\"a\":1}")
     );
+  }
+
+  /// The `json!`-built `chat.completion` that [`ChatCompletion`] replaced,
+  /// kept as the reference its bytes are compared with.
+  fn chat_completion_by_json_macro(identity: &AnswerIdentity, result: &CompletionResult) -> Value {
+    let mut message = Map::new();
+    message.insert("role".into(), json!("assistant"));
+    message.insert("content".into(), json!(result.content));
+    message.insert("refusal".into(), Value::Null);
+    let tool_calls = result.tool_calls.as_deref().unwrap_or_default();
+    if !tool_calls.is_empty() {
+      let calls: Vec<Value> = tool_calls
+        .iter()
+        .map(|call| json!({ "id": call.id, "type": "function", "function": { "name": call.function.name, "arguments": call.function.arguments } }))
+        .collect();
+      message.insert("tool_calls".into(), Value::Array(calls));
+    }
+    let finish_reason = normalize_finish_reason(result.finish_reason.as_deref()).unwrap_or(
+      if tool_calls.is_empty() {
+        "stop"
+      } else {
+        "tool_calls"
+      },
+    );
+    let mut completion = json!({
+      "id": identity.id,
+      "object": "chat.completion",
+      "created": identity.created,
+      "model": result.model.as_deref().unwrap_or(&identity.model),
+      "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason }],
+    });
+    if let Some(usage) = result.usage {
+      completion["usage"] = usage.wire();
+    }
+    completion
+  }
+
+  #[test]
+  fn chat_completion_bytes_are_the_json_macros() {
+    let results = [
+      json!({ "content": "hello \"world\"\n\u{1F600} </script>" }),
+      json!({ "content": null }),
+      json!({}),
+      json!({ "content": "x", "finishReason": "max_tokens", "model": "other-model" }),
+      json!({ "content": "x", "usage": { "promptTokens": 3, "completionTokens": 4 } }),
+      json!({ "content": "x", "usage": { "promptTokens": 3, "completionTokens": 4, "totalTokens": 9 } }),
+      json!({ "content": "", "toolCalls": [] }),
+      json!({
+        "content": null,
+        "toolCalls": [
+          { "id": "c1", "type": "function", "function": { "name": "f", "arguments": { "a": [1, "\u{0}"] } } },
+          { "id": "c2", "function": { "name": "g\"", "arguments": "{}" } }
+        ],
+        "finishReason": "end_turn",
+        "usage": { "promptTokens": 0, "completionTokens": 18446744073709551615u64 }
+      }),
+    ];
+    for result in results {
+      let result = parse_result(result).unwrap();
+      let typed = serde_json::to_vec(&ChatCompletion::new(&identity(), &result)).unwrap();
+      let reference =
+        serde_json::to_vec(&chat_completion_by_json_macro(&identity(), &result)).unwrap();
+      assert_eq!(
+        String::from_utf8(typed).unwrap(),
+        String::from_utf8(reference).unwrap(),
+        "{result:?}"
+      );
+      assert_eq!(
+        chat_completion(&identity(), &result),
+        chat_completion_by_json_macro(&identity(), &result)
+      );
+    }
   }
 
   #[test]

@@ -197,10 +197,12 @@ pub struct CancelEvent {
   pub task_id: String,
 }
 
+/// A result POST's body; `body` is any serializable answer (a typed
+/// `chat.completion`, an error's `Value`).
 #[derive(Serialize)]
-pub struct ResultPost<'a> {
+pub struct ResultPost<'a, B: ?Sized = Value> {
   pub status: u16,
-  pub body: &'a Value,
+  pub body: &'a B,
   /// Response headers for mcpd to relay (`retry-after`); left out when none.
   #[serde(skip_serializing_if = "Option::is_none")]
   pub headers: Option<&'a Value>,

@@ -271,7 +271,7 @@ impl TaskContext<'_> {
               .unwrap_or_else(|| identity.model.clone()),
           );
         }
-        let body = openai::chat_completion(&identity, &result);
+        let body = openai::ChatCompletion::new(&identity, &result);
         self
           .post_result(&task_id, 200, &body, Outcome::Completed)
           .await
@@ -412,11 +412,11 @@ impl TaskContext<'_> {
   }
 
   /// POSTs a result; `delivered` is the outcome when it arrives.
-  async fn post_result(
+  async fn post_result<B: serde::Serialize + ?Sized + Sync>(
     &self,
     task_id: &str,
     status: u16,
-    body: &serde_json::Value,
+    body: &B,
     delivered: Outcome,
   ) -> Outcome {
     self
@@ -425,11 +425,11 @@ impl TaskContext<'_> {
   }
 
   /// POSTs a result with response headers for mcpd to relay (`retry-after`).
-  async fn post_result_with(
+  async fn post_result_with<B: serde::Serialize + ?Sized + Sync>(
     &self,
     task_id: &str,
     status: u16,
-    body: &serde_json::Value,
+    body: &B,
     headers: Option<&serde_json::Value>,
     delivered: Outcome,
   ) -> Outcome {
