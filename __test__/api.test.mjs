@@ -6,13 +6,13 @@ import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import test from 'node:test'
 import { fileURLToPath } from 'node:url'
-import pino from 'pino'
 import { RegistrarError as NamedExport } from '../index.js'
 import {
   addon,
   captureLogger,
   chatBody,
   nodeCommand,
+  pinoCapture,
   recordingProvider,
   startMcpd,
   startRegistrar,
@@ -22,22 +22,6 @@ import {
 
 const { VirtualLlmRegistrar, RegistrarError, maybeStartVirtualLlmRegistrar } = addon
 const INDEX = fileURLToPath(new URL('../index.js', import.meta.url))
-
-/** A real pino logger writing JSON lines into `lines`. */
-function pinoCapture(level = 'debug') {
-  const lines = []
-  let buffer = ''
-  const stream = {
-    write(chunk) {
-      buffer += chunk
-      for (let end = buffer.indexOf('\n'); end >= 0; end = buffer.indexOf('\n')) {
-        lines.push(JSON.parse(buffer.slice(0, end)))
-        buffer = buffer.slice(end + 1)
-      }
-    },
-  }
-  return { lines, logger: pino({ level }, stream) }
-}
 
 /** Sets MCPCTL_LOG (read when a registrar is constructed) until the test ends. */
 function setLogLevel(t, level) {

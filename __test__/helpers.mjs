@@ -5,6 +5,7 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { createRequire } from 'node:module'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import pino from 'pino'
 
 const require = createRequire(import.meta.url)
 export const addon = require('../index.js')
@@ -53,6 +54,22 @@ export function captureLogger() {
   const lines = []
   const record = (level) => (fields, msg) => lines.push({ level, msg, fields })
   return { lines, debug: record('debug'), info: record('info'), warn: record('warn'), error: record('error') }
+}
+
+/** A real pino logger at `level` writing JSON lines, each parsed into `lines`. */
+export function pinoCapture(level = 'debug') {
+  const lines = []
+  let buffer = ''
+  const stream = {
+    write(chunk) {
+      buffer += chunk
+      for (let end = buffer.indexOf('\n'); end >= 0; end = buffer.indexOf('\n')) {
+        lines.push(JSON.parse(buffer.slice(0, end)))
+        buffer = buffer.slice(end + 1)
+      }
+    },
+  }
+  return { lines, logger: pino({ level }, stream) }
 }
 
 /** A provider that answers `reply(options)` and records the options it got. */

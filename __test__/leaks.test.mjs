@@ -14,8 +14,7 @@ import { join } from 'node:path'
 import test from 'node:test'
 import { InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base'
 import { NodeTracerProvider } from '@opentelemetry/sdk-trace-node'
-import pino from 'pino'
-import { startMcpd, startRegistrar, TOKEN, tempConfigDir } from './helpers.mjs'
+import { pinoCapture, startMcpd, startRegistrar, TOKEN, tempConfigDir } from './helpers.mjs'
 
 const PROMPT_CANARY = 'prompt-canary-3d9e61c4'
 const ERROR_CANARY = 'error-canary-b7c410aa'
@@ -24,22 +23,6 @@ const TRACEPARENT = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'
 const exporter = new InMemorySpanExporter()
 const tracerProvider = new NodeTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] })
 tracerProvider.register()
-
-/** A real pino logger at trace level, its JSON lines kept as text. */
-function pinoAtTrace() {
-  const lines = []
-  let buffer = ''
-  const stream = {
-    write(chunk) {
-      buffer += chunk
-      for (let end = buffer.indexOf('\n'); end >= 0; end = buffer.indexOf('\n')) {
-        lines.push(buffer.slice(0, end))
-        buffer = buffer.slice(end + 1)
-      }
-    },
-  }
-  return { lines, logger: pino({ level: 'trace' }, stream) }
-}
 
 /** The request: the canary in the user's text and in a tool call's arguments. */
 function request(stream, fail) {
@@ -89,7 +72,7 @@ test('no prompt text and no token in the logs, spans, metrics or audit log; the 
     else process.env.MCPCTL_LOG = previous
   })
   const mcpd = await startMcpd(t)
-  const { lines, logger } = pinoAtTrace()
+  const { lines, logger } = pinoCapture('trace')
   const configDir = await tempConfigDir(t)
   const auditPath = join(configDir, 'audit.jsonl')
   const { registrar } = await startRegistrar(
@@ -127,17 +110,12 @@ test('no prompt text and no token in the logs, spans, metrics or audit log; the 
   assert.match(metrics, /mcpctl_registrar_requests_total\{[^}]*\} /, 'metrics counted the tasks')
   await registrar.stop()
   // The logger's lines reach JavaScript through a threadsafe function: wait for the last.
-  await mcpd.waitFor(() =>
-    lines.some((line) => {
-      const { msg, state } = JSON.parse(line)
-      return msg === 'state changed' && state === 'stopped'
-    }),
-  )
+  await mcpd.waitFor(() => lines.some((line) => line.msg === 'state changed' && line.state === 'stopped'))
   const audit = await readFile(auditPath, 'utf8')
   assert.equal(audit.trim().split('\n').length, 4, 'one audit line per task')
 
   const observed = {
-    'the log': lines.join('\n'),
+    'the log': lines.map((line) => JSON.stringify(line)).join('\n'),
     'the spans': JSON.stringify(
       spans.map((span) => ({
         name: span.name,
@@ -157,9 +135,7 @@ test('no prompt text and no token in the logs, spans, metrics or audit log; the 
     if (where !== 'the log') assert.ok(!text.includes(ERROR_CANARY), `the provider's error text is in ${where}`)
   }
   // The owner's warn line names what failed: both failures, with the token scrubbed.
-  const warned = lines
-    .map((line) => JSON.parse(line))
-    .filter((line) => line.level === 40 && line.msg?.includes('provider failed'))
+  const warned = lines.filter((line) => line.level === 40 && line.msg?.includes('provider failed'))
   assert.equal(warned.length, 2, `two 'provider failed' warn lines: ${JSON.stringify(warned)}`)
   for (const line of warned) assert.ok(JSON.stringify(line).includes(ERROR_CANARY), JSON.stringify(line))
 

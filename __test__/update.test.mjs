@@ -4,11 +4,11 @@
 import assert from 'node:assert/strict'
 import test from 'node:test'
 import OpenAI from 'openai'
-import pino from 'pino'
 import {
   addon,
   captureLogger,
   chatBody,
+  pinoCapture,
   recordingProvider,
   scaledMs,
   startMcpd,
@@ -307,23 +307,12 @@ test('a pino logger at info sees the state changes, the set change, and each tas
   skip,
 }, async (t) => {
   const mcpd = await startMcpd(t)
-  const lines = []
-  let buffer = ''
-  const stream = {
-    write(chunk) {
-      buffer += chunk
-      for (let end = buffer.indexOf('\n'); end >= 0; end = buffer.indexOf('\n')) {
-        lines.push(JSON.parse(buffer.slice(0, end)))
-        buffer = buffer.slice(end + 1)
-      }
-    },
-  }
+  const { lines, logger } = pinoCapture('info')
   const previous = process.env.MCPCTL_LOG
   delete process.env.MCPCTL_LOG
   t.after(() => {
     if (previous !== undefined) process.env.MCPCTL_LOG = previous
   })
-  const logger = pino({ level: 'info' }, stream)
   const first = recordingProvider()
   const { registrar } = await startRegistrar(t, mcpd, { first }, { logger })
   await registrar.update([

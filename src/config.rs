@@ -285,6 +285,13 @@ pub fn is_session_id(id: &str) -> bool {
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {
+  make_private_dir(dir)
+    .map_err(|source| Error::io(format!("cannot create {}", dir.display()), source))
+}
+
+/// Creates `dir` and its missing parents, mode 0700 on Unix; nothing when it
+/// is a directory already. (The session file's and the audit log's.)
+pub fn make_private_dir(dir: &Path) -> std::io::Result<()> {
   if dir.is_dir() {
     return Ok(());
   }
@@ -295,9 +302,7 @@ fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     builder.mode(0o700);
   }
-  builder
-    .create(dir)
-    .map_err(|source| Error::io(format!("cannot create {}", dir.display()), source))
+  builder.create(dir)
 }
 
 /// Reads a small regular file without following a symlink at `path` (checked

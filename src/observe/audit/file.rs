@@ -278,17 +278,7 @@ fn explain(path: &Path, error: io::Error) -> io::Error {
 }
 
 fn create_private_dir(dir: &Path) -> io::Result<()> {
-  if dir.is_dir() {
-    return Ok(());
-  }
-  let mut builder = fs::DirBuilder::new();
-  builder.recursive(true);
-  #[cfg(unix)]
-  {
-    use std::os::unix::fs::DirBuilderExt;
-    builder.mode(0o700);
-  }
-  builder.create(dir).map_err(|error| {
+  crate::config::make_private_dir(dir).map_err(|error| {
     io::Error::new(
       error.kind(),
       format!("cannot create {}: {error}", dir.display()),
