@@ -282,8 +282,11 @@ async function measure(registrar) {
     await run('warm-up 64', scale.warmup * 4, 64, 0)
     if (!values.scenario) await run('warm-up streams', 4, 4, 200)
 
+    // Both kept for the audit rows at the end (set whenever no --scenario returns early).
+    let latency
+    let throughput
     if (runs('sequential')) {
-      const latency = await measured('latency', scale.latency, 1, 0)
+      latency = await measured('latency', scale.latency, 1, 0)
       figures.p50Us = latency.answer.p50Ns / 1000
       figures.p99Us = latency.answer.p99Ns / 1000
       figures.mainUsPerTask = latency.mainUs / scale.latency
@@ -292,7 +295,7 @@ async function measure(registrar) {
     }
 
     if (runs('throughput')) {
-      const throughput = await measured('throughput', scale.throughput, 64, 0)
+      throughput = await measured('throughput', scale.throughput, 64, 0)
       figures.tasksPerS = scale.throughput / (throughput.answer.elapsedNs / 1e9)
       figures.mainUsPerTask64 = throughput.mainUs / scale.throughput
       figures.processUsPerTask64 = throughput.processUs / scale.throughput
