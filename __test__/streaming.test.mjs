@@ -139,17 +139,21 @@ test('backpressure: a provider faster than mcpd is held a bounded number of chun
   //   as it arrived, two copies of the stream (measured: both + 0.1-0.8 MiB). A copy kept
   //   on the JavaScript side (the provider bridge holding yielded chunks, say) adds the
   //   whole stream again.
-  // - Outside the JS heap (the registrar's native buffers, malloc's arenas, Node's socket
-  //   buffers) the registrar holds at most its bounded buffers: the credit window (1 MiB),
-  //   the next POST's body (1 MiB) and the POST in flight (1 MiB); measured +14-21 MiB with
-  //   malloc's retained arenas. A registrar that kept the stream natively adds at least a
-  //   whole copy of it, so the bound is one stream's size.
+  // - Outside the JS heap: the registrar's bounded buffers (the credit window, the next
+  //   POST's body and the POST in flight: 1 MiB each), malloc's retained arenas, and,
+  //   on newer Nodes, the fake's raw copy (Node 26 keeps a large decoded string outside
+  //   the heap) and the pages of its freed request buffers, which RSS still holds (one
+  //   more stream). Measured: +9.5 to +17.5 MiB (Node 20), -14.7 to +53 (Node 24), +59
+  //   to +63 (Node 26, about raw + one stream). The bound is that plus 16 MiB: it
+  //   catches a registrar that kept the stream natively on Node 26, and two such copies
+  //   on any Node, no less; the registrar's native memory itself is bounded exactly by
+  //   the Rust peak-RSS tests (tests/hostile.rs).
   assert.ok(
     heapGrowthMib < streamMib + rawMib + 8,
     `the JS heap kept ${heapGrowthMib.toFixed(1)} MiB for a ${streamMib.toFixed(1)} MiB stream (the fake's raw bodies: ${rawMib.toFixed(1)} MiB)`,
   )
   assert.ok(
-    outsideHeapGrowthMib < streamMib,
+    outsideHeapGrowthMib < rawMib + streamMib + 16,
     `memory outside the JS heap grew ${outsideHeapGrowthMib.toFixed(1)} MiB for a ${streamMib.toFixed(1)} MiB stream`,
   )
 
