@@ -11,15 +11,21 @@ import { scaledMs } from './helpers.mjs'
 const source = readFileSync(new URL('../src/binding/provider_bridge.js', import.meta.url), 'utf8')
 
 /** A bridge over a fake native side whose push answers what `credits` says. */
-function bridgeWith(credits) {
+function bridgeWith(credits, { flushBytes = 64 * 1024 } = {}) {
   const calls = { pushes: [], ends: [], fails: [], settles: [] }
   let pushed = () => {}
   const native = {
-    flushBytes: 64 * 1024,
+    flushBytes,
     // The part of the check generated from CompletionChunk (src/shape.rs) these tests use.
     chunkIsValid: (chunk) => chunk.content === undefined || typeof chunk.content === 'string',
     push(streamId, text, count) {
-      calls.pushes.push({ streamId, count, texts: text.split('\n') })
+      // A batch is one JSON array (src/stream.rs Batch): a string item is a chunk
+      // with only `content`. `texts` has each chunk as its own JSON object text.
+      const items = JSON.parse(text)
+      assert.ok(Array.isArray(items), `a push is a JSON array: ${text}`)
+      assert.equal(items.length, count, 'count is the number of items')
+      const texts = items.map((item) => JSON.stringify(typeof item === 'string' ? { content: item } : item))
+      calls.pushes.push({ streamId, count, text, texts })
       pushed()
       return credits(calls.pushes.length, count)
     },
@@ -78,6 +84,45 @@ test('chunks produced in one tick go to Rust in one push', async () => {
   assert.equal(calls.pushes[0].texts[999], '{"content":"999"}')
   assert.deepEqual(calls.ends, [7])
   assert.deepEqual(calls.settles, [{ callId: 1 }])
+})
+
+test('content-only chunks go as strings, the others as objects, every character kept', async () => {
+  const { bridge, calls, pushesReach } = bridgeWith(() => 10_000)
+  const contents = ['plain', 'line\nbreak, "quoted" \\ \u0001', '\ud83d\ude00 emoji', 'lone \ud800']
+  open(bridge, {
+    async *stream() {
+      for (const content of contents) yield { content }
+      yield { content: 'with a reason', finishReason: null }
+      yield { toolCalls: [{ index: 0, function: { arguments: '{"a":1}' } }] }
+      yield { finishReason: 'stop', usage: { promptTokens: 1, completionTokens: 5 } }
+    },
+  })
+  await within(pushesReach(1), 2000, 'the push')
+  assert.equal(calls.pushes.length, 1)
+  const items = JSON.parse(calls.pushes[0].text)
+  assert.deepEqual(items, [
+    ...contents,
+    { content: 'with a reason', finishReason: null },
+    { toolCalls: [{ index: 0, function: { arguments: '{"a":1}' } }] },
+    { finishReason: 'stop', usage: { promptTokens: 1, completionTokens: 5 } },
+  ])
+  // The lone surrogate stays escaped, for Rust to replace (src/stream.rs).
+  assert.match(calls.pushes[0].text, /"lone \\ud800"/)
+})
+
+test('a batch is pushed before its content could exceed flushBytes, counting 6 bytes a character', async () => {
+  const { bridge, calls, pushesReach } = bridgeWith(() => 10_000, { flushBytes: 100 })
+  open(bridge, {
+    async *stream() {
+      for (let i = 0; i < 5; i++) yield { content: 'x'.repeat(10) }
+    },
+  })
+  await within(pushesReach(3), 2000, 'three pushes')
+  // 63 bytes at most a chunk: the second reaches 100.
+  assert.deepEqual(
+    calls.pushes.map((push) => push.count),
+    [2, 2, 1],
+  )
 })
 
 test('the loop never pushes more than its credit, and waits for the wake-up', async () => {

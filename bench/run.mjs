@@ -30,11 +30,13 @@
 // Rows of their own: the log's lines, drops, bytes per line, and its writer thread's
 // (`mcpctl-audit`) CPU and wake-ups per task.
 //
-// `--scenario sequential|throughput` runs only that scenario (after the non-streaming
-// warm-ups; no idle, paced or streaming runs): for a profiler wrapped around the
-// bench, e.g. `perf record --call-graph dwarf -F 499 -- node bench/run.mjs --only
-// addon --scenario throughput`, whose samples then hold little else; the table shows
-// `–` for the figures not measured.
+// `--scenario sequential|throughput|stream` runs only that scenario (after the
+// warm-ups; no idle or paced runs; `stream` is the one-stream runs): for a profiler
+// wrapped around the bench, e.g. `perf record --call-graph dwarf -F 499 -- node
+// bench/run.mjs --only addon --scenario throughput`, whose samples then hold little
+// else; the table shows `–` for the figures not measured. `--node-arg FLAG` (any number
+// of times) is passed to node in every registrar child, e.g. `--node-arg=--cpu-prof
+// --node-arg=--cpu-prof-dir=/tmp/prof` for a profile of each child's main thread.
 import { spawn } from 'node:child_process'
 import { existsSync, readdirSync } from 'node:fs'
 import http from 'node:http'
@@ -58,9 +60,10 @@ const { values } = parseArgs({
     audit: { type: 'boolean', default: false },
     'audit-content': { type: 'boolean', default: false },
     scenario: { type: 'string' },
+    'node-arg': { type: 'string', multiple: true },
   },
 })
-const scenarios = ['sequential', 'throughput']
+const scenarios = ['sequential', 'throughput', 'stream']
 if (values.scenario && !scenarios.includes(values.scenario)) {
   console.error(`bench: --scenario is one of ${scenarios.join(', ')}`)
   process.exit(2)
@@ -155,7 +158,7 @@ async function startMcpd() {
 async function startChild({ kind, path, audit }, url) {
   const args = [join(here, 'child.mjs'), '--kind', kind, '--url', url, ...(path ? ['--addon', path] : [])]
   if (audit) args.push('--audit', audit)
-  const child = spawn(process.execPath, args, {
+  const child = spawn(process.execPath, [...(values['node-arg'] ?? []), ...args], {
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
   })
   const waiting = []
@@ -280,7 +283,7 @@ async function measure(registrar) {
 
     await run('warm-up', scale.warmup, 1, 0)
     await run('warm-up 64', scale.warmup * 4, 64, 0)
-    if (!values.scenario) await run('warm-up streams', 4, 4, 200)
+    if (!values.scenario || values.scenario === 'stream') await run('warm-up streams', 4, 4, 200)
 
     // Both kept for the audit rows at the end (set whenever no --scenario returns early).
     let latency
@@ -303,16 +306,19 @@ async function measure(registrar) {
       figures.mcpdBusy64 = throughput.answer.mcpdCpuNs / throughput.answer.elapsedNs
       figures.processBusy64 = (throughput.processUs * 1000) / throughput.answer.elapsedNs
     }
-    if (values.scenario) {
+    if (values.scenario && values.scenario !== 'stream') {
       await child.stop()
       return figures
     }
 
     // Paced: up to 64 in flight, sent at a rate neither side saturates at.
-    const paced = await measured('paced', scale.paced, 64, 0, scale.pacedRate)
-    figures.processUsPerTaskPaced = paced.processUs / scale.paced
-    figures.mainUsPerTaskPaced = paced.mainUs / scale.paced
-    figures.mcpdUsPerTaskPaced = paced.answer.mcpdCpuNs / 1000 / scale.paced
+    let paced
+    if (!values.scenario) {
+      paced = await measured('paced', scale.paced, 64, 0, scale.pacedRate)
+      figures.processUsPerTaskPaced = paced.processUs / scale.paced
+      figures.mainUsPerTaskPaced = paced.mainUs / scale.paced
+      figures.mcpdUsPerTaskPaced = paced.answer.mcpdCpuNs / 1000 / scale.paced
+    }
 
     // One stream at a time, a few times: the median stream's rate, the CPU of all.
     const rates = []
@@ -332,6 +338,10 @@ async function measure(registrar) {
     figures.processUsPerToken = (streamsAfter.processUs - streamsBefore.processUs) / tokensStreamed
     figures.mcpdUsPerToken = mcpdNs / 1000 / tokensStreamed
     figures.oneStreamPosts = posts / scale.oneStreamRuns
+    if (values.scenario) {
+      await child.stop()
+      return figures
+    }
 
     const tokens = scale.streams * scale.streamTokens
     const many = await measured('concurrent streams', scale.streams, scale.streams, scale.streamTokens)

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::Notify;
 
@@ -56,8 +57,9 @@ pub const CLOSED: Credit = -1;
 /// Wakes a producer that waits for credit, with its new credit (or [`CLOSED`]).
 pub type WakeProducer = Arc<dyn Fn(Credit) + Send + Sync>;
 
-/// Chunk texts pushed in one call, separated by "\n" (which JSON text never
-/// contains unescaped).
+/// The chunks pushed in one call: a JSON array, one item per chunk, each a
+/// `CompletionChunk` object or a string (a chunk with only `content`, which
+/// provider_bridge.js sends so: one `JSON.stringify` a batch, not one a chunk).
 #[derive(Debug)]
 struct Batch {
   text: String,
@@ -65,15 +67,31 @@ struct Batch {
 }
 
 impl Batch {
-  /// The next chunk's JSON text.
-  fn next_text(&mut self) -> Option<&str> {
-    if self.at >= self.text.len() {
-      return None;
-    }
-    let rest = &self.text[self.at..];
-    let end = rest.find('\n').unwrap_or(rest.len());
-    self.at += end + 1;
-    Some(&rest[..end])
+  /// The next item's JSON text, and the bytes of the batch it accounts for:
+  /// its separator before it, and the closing `]` after the last one, so the
+  /// items of a batch account for exactly its length (the window's byte credit
+  /// comes back whole). A batch that is not such an array hands the rest of it
+  /// over as one item, which then fails to parse as a chunk.
+  fn next_item(&mut self) -> Option<(&str, usize)> {
+    let rest = self.text.get(self.at..).filter(|rest| !rest.is_empty())?;
+    let skip = usize::from(matches!(rest.as_bytes()[0], b'[' | b','));
+    let body = &rest[skip..];
+    let mut items = serde_json::Deserializer::from_str(body).into_iter::<&RawValue>();
+    let (start, len, used) = match items.next() {
+      Some(Ok(item)) => {
+        let end = skip + items.byte_offset();
+        let at_end = rest[end..].trim_start() == "]";
+        let start = item.get().as_ptr() as usize - self.text.as_ptr() as usize;
+        (
+          start,
+          item.get().len(),
+          if at_end { rest.len() } else { end },
+        )
+      }
+      _ => (self.at + skip, body.len(), rest.len()),
+    };
+    self.at += used;
+    Some((&self.text[start..start + len], used))
   }
 }
 
@@ -135,7 +153,7 @@ impl StreamWindow {
     i64::from(self.window.chunks)
   }
 
-  /// `count` chunk texts joined by "\n", from the producer. Answers the
+  /// `count` chunks in one JSON array (see [`Batch`]), from the producer. Answers the
   /// chunks it may still push; at 0 it must wait for the wake-up.
   pub fn push(&self, text: String, count: u32) -> Credit {
     let mut state = self.state.lock();
@@ -234,6 +252,10 @@ fn parse_chunk_text(text: &str) -> Result<CompletionChunk, ProviderFailure> {
     if let Ok(chunk) = serde_json::from_str::<CompletionChunk>(text) {
       return Ok(chunk);
     }
+  } else if text.starts_with('"') {
+    if let Ok(content) = serde_json::from_str::<String>(text) {
+      return Ok(content_chunk(content));
+    }
   }
   // A lone surrogate from JavaScript becomes U+FFFD (docs/protocol.md, "Streaming");
   // the text repaired has none left, so this recurses once at most.
@@ -241,10 +263,19 @@ fn parse_chunk_text(text: &str) -> Result<CompletionChunk, ProviderFailure> {
     return parse_chunk_text(&repaired);
   }
   match serde_json::from_str::<Value>(text) {
+    Ok(Value::String(content)) => Ok(content_chunk(content)),
     Ok(value) => parse_chunk(value).map_err(ProviderFailure),
     Err(error) => Err(ProviderFailure(format!(
       "provider.stream: unreadable chunk: {error}"
     ))),
+  }
+}
+
+/// A batch's string item: a chunk with only `content`.
+fn content_chunk(content: String) -> CompletionChunk {
+  CompletionChunk {
+    content: Some(content),
+    ..CompletionChunk::default()
   }
 }
 
@@ -326,12 +357,12 @@ impl ChunkReader {
       if let Some(batch) = self.current.as_mut() {
         let mut handed = 0;
         while handed < max {
-          let Some(text) = batch.next_text() else {
+          let Some((text, bytes)) = batch.next_item() else {
             break;
           };
           handed += 1;
           self.taken_chunks += 1;
-          self.taken_bytes += text.len() + 1;
+          self.taken_bytes += bytes;
           let more = each(text);
           if self.taken_chunks >= GIVE_BACK_EVERY {
             self.window.give_back(self.taken_chunks, self.taken_bytes);
@@ -420,7 +451,7 @@ impl ChunkWriter {
     if self.credit < 0 {
       return Err(Closed);
     }
-    self.credit = self.window.push(chunk.to_string(), 1);
+    self.credit = self.window.push(format!("[{chunk}]"), 1);
     if self.credit < 0 {
       Err(Closed)
     } else {
@@ -463,11 +494,19 @@ mod tests {
     )
   }
 
+  /// A batch of `count` chunks, as provider_bridge.js pushes them: a JSON
+  /// array, each chunk an object or (every third) a bare content string.
   fn texts(from: usize, count: usize) -> String {
-    (from..from + count)
-      .map(|i| format!("{{\"content\":\"{i}\"}}"))
-      .collect::<Vec<_>>()
-      .join("\n")
+    let items: Vec<_> = (from..from + count)
+      .map(|i| {
+        if i % 3 == 0 {
+          format!("\"{i}\"")
+        } else {
+          format!("{{\"content\":\"{i}\"}}")
+        }
+      })
+      .collect();
+    format!("[{}]", items.join(","))
   }
 
   /// Reads the stream to its end: every chunk's content, and how it ended.
@@ -536,7 +575,7 @@ mod tests {
   async fn a_bad_chunk_fails_the_stream_after_the_good_ones_before_it() {
     let (window, _) = window(16, 1 << 20);
     window.push(
-      format!("{}\n{{\"content\":5}}\n{}", texts(0, 2), texts(2, 1)),
+      r#"[{"content":"0"},"1",{"content":5},{"content":"2"}]"#.to_owned(),
       4,
     );
     let mut reader = ChunkReader::new(Arc::clone(&window));
@@ -583,6 +622,60 @@ mod tests {
     let (window, _) = window(1000, 100);
     let big = format!("{{\"content\":\"{}\"}}", "x".repeat(120));
     assert_eq!(window.push(big, 1), 0, "over the byte window");
+  }
+
+  /// Every byte pushed comes back as credit once read, to the byte, however
+  /// the batches are split: a credit that leaked a byte a batch would, over a
+  /// long stream, stall it.
+  #[tokio::test]
+  async fn the_byte_credit_comes_back_whole() {
+    let (window, _) = window(512, 1 << 20);
+    let mut reader = ChunkReader::new(Arc::clone(&window));
+    let mut next = 0;
+    for count in [1, 2, 3, 7, 64, 65, 200] {
+      window.push(texts(next, count), count as u32);
+      next += count;
+      read(&mut reader, count).await;
+      // Runs of 64 give credit back on their own; the rest goes at the next wait.
+      reader.give_back();
+      let state = window.state.lock();
+      assert_eq!(state.byte_credit, 1 << 20, "after {count} chunks");
+      assert_eq!(state.chunk_credit, 512);
+    }
+  }
+
+  #[tokio::test]
+  async fn string_items_are_content_chunks_and_a_lone_surrogate_becomes_u_fffd() {
+    let (window, _) = window(16, 1 << 20);
+    window.push(
+      r#"["a\"b\n,]","\ud800x",{"content":"c","finishReason":"stop"}]"#.to_owned(),
+      3,
+    );
+    window.finish(End::Done);
+    let mut reader = ChunkReader::new(Arc::clone(&window));
+    let mut chunks = Vec::new();
+    assert!(reader.next_chunks(&mut chunks).await.unwrap());
+    let contents: Vec<_> = chunks.iter().map(|c| c.content.clone().unwrap()).collect();
+    assert_eq!(contents, ["a\"b\n,]", "\u{fffd}x", "c"]);
+    assert_eq!(chunks[0].finish_reason, None);
+    assert_eq!(chunks[2].finish_reason.as_deref(), Some("stop"));
+  }
+
+  #[tokio::test]
+  async fn a_batch_that_is_not_an_array_of_chunks_fails_the_stream() {
+    for text in [
+      "{\"content\":\"x\"}\n{",
+      "[{\"content\":\"x\"},nul]",
+      "[1]",
+      "not json",
+    ] {
+      let (window, _) = window(16, 1 << 20);
+      window.push(text.to_owned(), 2);
+      window.finish(End::Done);
+      let mut reader = ChunkReader::new(Arc::clone(&window));
+      let (_, end) = read_all(&mut reader).await;
+      assert!(end.is_err(), "{text} was read as chunks");
+    }
   }
 
   #[test]

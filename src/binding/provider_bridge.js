@@ -120,6 +120,38 @@
     wake?.()
   }
 
+  // A chunk whose one field Rust reads is its `content` (most of a stream's):
+  // pushed as that string alone, a JSON string in the batch's array, which Rust
+  // reads as `{ content }` (src/stream.rs). A provider's own yield is never a
+  // bare string there: checkChunk refuses one.
+  const contentOnly = (chunk) =>
+    typeof chunk.content === 'string' &&
+    chunk.toolCalls === undefined &&
+    chunk.finishReason === undefined &&
+    chunk.usage === undefined
+  // A chunk with more than content, as its JSON text, kept apart from the
+  // strings a batch still has to encode.
+  function Encoded(text) {
+    this.text = text
+  }
+  // The bytes a content string may take in the batch's JSON text, at most: six
+  // per UTF-16 unit (a control character's `\u00XX`), its quotes and a comma.
+  const contentBytes = (content) => content.length * 6 + 3
+
+  // A batch as the JSON array `native.push` takes: `JSON.stringify` once for
+  // the whole batch when it is all content (no string made per chunk), else
+  // each part in turn.
+  function encodeBatch(parts, mixed) {
+    if (!mixed) return JSON.stringify(parts)
+    let text = '['
+    for (let i = 0; i < parts.length; i++) {
+      const part = parts[i]
+      if (i > 0) text += ','
+      text += part instanceof Encoded ? part.text : JSON.stringify(part)
+    }
+    return `${text}]`
+  }
+
   // Runs a stream's `for await` loop. Chunks produced in the same tick go to Rust
   // in one `native.push` (at the end of the tick, or once the batch reaches the
   // credit left or FLUSH_BYTES). `push` answers the credit left; at 0 the loop
@@ -131,17 +163,29 @@
     const iterator = task.iterator
     const state = { credit, wake: null }
     pumps.set(streamId, state)
+    // Read once here and kept by the listener: the signal's getter costs more
+    // than a variable, and the loop asks at every chunk.
+    let aborted = signal.aborted
     // An abort also ends a wait for credit at once.
-    signal.addEventListener('abort', () => givePump(streamId, -1), { once: true })
+    signal.addEventListener(
+      'abort',
+      () => {
+        aborted = true
+        givePump(streamId, -1)
+      },
+      { once: true },
+    )
     let parts = []
+    let mixed = false
     let bytes = 0
     let scheduled = false
     const flush = () => {
       scheduled = false
       if (parts.length === 0) return
-      const text = parts.length === 1 ? parts[0] : parts.join('\n')
+      const text = encodeBatch(parts, mixed)
       const count = parts.length
       parts = []
+      mixed = false
       bytes = 0
       state.credit = native.push(streamId, text, count)
     }
@@ -149,7 +193,7 @@
     let stopped = false
     try {
       loop: for await (const chunk of { [Symbol.asyncIterator]: () => iterator }) {
-        if (signal.aborted) break
+        if (aborted) break
         while (state.credit <= parts.length) {
           if (parts.length > 0) {
             flush()
@@ -158,14 +202,19 @@
             break loop
           } else {
             await new Promise((resolve) => (state.wake = resolve))
-            if (signal.aborted) break loop
+            if (aborted) break loop
           }
         }
         checkChunk(chunk)
-        // JSON text never holds a raw "\n", so it separates the chunks of a push.
-        const text = JSON.stringify(chunk)
-        parts.push(text)
-        bytes += text.length
+        if (contentOnly(chunk)) {
+          parts.push(chunk.content)
+          bytes += contentBytes(chunk.content)
+        } else {
+          const text = JSON.stringify(chunk)
+          parts.push(new Encoded(text))
+          mixed = true
+          bytes += text.length + 1
+        }
         if (bytes >= FLUSH_BYTES) {
           flush()
         } else if (!scheduled) {
@@ -179,7 +228,7 @@
       pumps.delete(streamId)
       task.iterator = null
     }
-    if (signal.aborted || stopped) {
+    if (aborted || stopped) {
       // The task stays known until Rust's abort for it comes, so its signal fires.
       native.end(streamId, 'the stream was stopped')
       return
