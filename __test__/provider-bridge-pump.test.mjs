@@ -125,6 +125,47 @@ test('a batch is pushed before its content could exceed flushBytes, counting 6 b
   )
 })
 
+test('an object chunk counts 3 bytes a character toward flushBytes, as Rust counts UTF-8', async () => {
+  const { bridge, calls, pushesReach } = bridgeWith(() => 10_000, { flushBytes: 100 })
+  const chunk = { content: '中'.repeat(30), finishReason: null }
+  open(bridge, {
+    async *stream() {
+      for (let i = 0; i < 3; i++) yield chunk
+    },
+  })
+  await within(pushesReach(3), 2000, 'three pushes')
+  const one = Buffer.byteLength(JSON.stringify(chunk))
+  for (const push of calls.pushes) {
+    assert.ok(Buffer.byteLength(push.text) <= 100 + one + 2, `a push of ${Buffer.byteLength(push.text)} bytes`)
+  }
+  assert.deepEqual(
+    calls.pushes.map((push) => push.count),
+    [1, 1, 1],
+  )
+})
+
+test('a chunk whose toJSON answers a string fails the stream, as before', async () => {
+  const { bridge, calls } = bridgeWith(() => 512)
+  open(bridge, {
+    async *stream() {
+      yield { content: 'fine' }
+      yield { finishReason: 'stop', toJSON: () => 'not a chunk' }
+    },
+  })
+  await within(
+    (async () => {
+      while (!calls.fails.length) await new Promise((resolve) => setImmediate(resolve))
+    })(),
+    2000,
+    'the failure',
+  )
+  assert.match(calls.fails[0].message, /not a CompletionChunk object/)
+  assert.deepEqual(
+    calls.pushes.flatMap((push) => push.texts),
+    ['{"content":"fine"}'],
+  )
+})
+
 test('the loop never pushes more than its credit, and waits for the wake-up', async () => {
   let credit = 100
   const { bridge, calls, pushesReach } = bridgeWith((_, count) => (credit -= count))

@@ -122,8 +122,10 @@
 
   // A chunk whose one field Rust reads is its `content` (most of a stream's):
   // pushed as that string alone, a JSON string in the batch's array, which Rust
-  // reads as `{ content }` (src/stream.rs). A provider's own yield is never a
-  // bare string there: checkChunk refuses one.
+  // reads as `{ content }` (src/stream.rs); its fields are read as checkChunk
+  // read them (a `toJSON` is not asked). Any other chunk goes as its JSON text,
+  // which must be an object: a `toJSON` answering a string would otherwise read
+  // as content.
   const contentOnly = (chunk) =>
     typeof chunk.content === 'string' &&
     chunk.toolCalls === undefined &&
@@ -202,7 +204,7 @@
             break loop
           } else {
             await new Promise((resolve) => (state.wake = resolve))
-            if (aborted) break loop
+            if (signal.aborted) break loop
           }
         }
         checkChunk(chunk)
@@ -211,9 +213,13 @@
           bytes += contentBytes(chunk.content)
         } else {
           const text = JSON.stringify(chunk)
+          if (typeof text !== 'string' || text.charCodeAt(0) !== 123 /* { */) {
+            throw new Error("the provider's stream() yielded something that is not a CompletionChunk object")
+          }
           parts.push(new Encoded(text))
           mixed = true
-          bytes += text.length + 1
+          // Rust counts UTF-8 bytes: at most 3 a UTF-16 unit.
+          bytes += text.length * 3 + 1
         }
         if (bytes >= FLUSH_BYTES) {
           flush()
@@ -228,7 +234,9 @@
       pumps.delete(streamId)
       task.iterator = null
     }
-    if (aborted || stopped) {
+    // The signal itself here, not the variable: a listener of the provider's,
+    // added before ours, could have stopped the event reaching ours.
+    if (signal.aborted || stopped) {
       // The task stays known until Rust's abort for it comes, so its signal fires.
       native.end(streamId, 'the stream was stopped')
       return
