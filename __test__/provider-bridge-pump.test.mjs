@@ -32,7 +32,7 @@ function bridgeWith(credits, { flushBytes = 64 * 1024 } = {}) {
     // Once per loop, however it stopped: a failure message, or none when the provider ended.
     end: (streamId, failure) =>
       failure == null ? calls.ends.push(streamId) : calls.fails.push({ streamId, message: failure }),
-    settle: (reply) => calls.settles.push(reply),
+    settle: (callId, value, error) => calls.settles.push({ callId, value, error }),
   }
   const bridge = vm.runInThisContext(source)(null, null, native)
   /** Resolves once the pushes reach `count`. */
@@ -56,14 +56,7 @@ const within = (promise, ms, what) =>
 
 const open = (bridge, provider, { taskId = 't-1', streamId = 7, credit = 512 } = {}) => {
   bridge.publish('p', provider)
-  bridge.openStream({
-    provider: 'p',
-    taskId,
-    optionsJson: JSON.stringify({ messages: [] }),
-    callId: 1,
-    streamId,
-    credit,
-  })
+  bridge.openStream('p', taskId, JSON.stringify({ messages: [] }), 1, undefined, streamId, credit)
 }
 
 test('chunks produced in one tick go to Rust in one push', async () => {
@@ -83,7 +76,7 @@ test('chunks produced in one tick go to Rust in one push', async () => {
   assert.equal(calls.pushes[0].count, 1000)
   assert.equal(calls.pushes[0].texts[999], '{"content":"999"}')
   assert.deepEqual(calls.ends, [7])
-  assert.deepEqual(calls.settles, [{ callId: 1 }])
+  assert.deepEqual(calls.settles, [{ callId: 1, value: undefined, error: undefined }], 'opened: no value, no error')
 })
 
 test('content-only chunks go as strings, the others as objects, every character kept', async () => {

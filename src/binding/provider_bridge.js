@@ -2,7 +2,7 @@
 // provider_bridge.rs. It owns what only JavaScript can hold well: each task's
 // AbortController, the providers' async iterators, and calls made with the
 // right `this`. Rust calls each function with one object of named fields; a
-// provider call is answered through `native.settle({ callId, value, error })`,
+// provider call is answered through `native.settle(callId, value, error)`,
 // and nothing here throws or rejects, so a broken provider cannot crash
 // mcplocal. A stream's `for await` loop runs here too (pump below): it hands
 // chunks to Rust in batches through `native.push`, plain synchronous calls into
@@ -102,7 +102,7 @@
   // Answers a provider call (provider_bridge.rs PendingCalls).
   function settle(reply) {
     try {
-      native.settle(reply)
+      native.settle(reply.callId, reply.value, reply.error)
     } catch {
       // Only a bug could get here; Rust's task timeout still ends the task.
     }
@@ -263,13 +263,13 @@
       }
     },
 
-    // call: { provider, taskId, optionsJson, callId }
-    complete(call) {
-      const { taskId, callId } = call
+    // Positional, as Rust calls it (provider_bridge.rs CallArgs): an object
+    // would cost napi a key string and a store per field.
+    complete(name, taskId, optionsJson, callId, arrivedAt) {
       new Promise((resolve) => {
-        const provider = providers.get(call.provider)
-        const { options } = begin(taskId, call.optionsJson)
-        const active = spans.begin(call, options, kinds.get(call.provider))
+        const provider = providers.get(name)
+        const { options } = begin(taskId, optionsJson)
+        const active = spans.begin(taskId, callId, arrivedAt, options, kinds.get(name))
         resolve(spans.run(active, () => provider.complete(options)))
       })
         .then(
@@ -280,13 +280,12 @@
         .then(settle)
     },
 
-    // call: complete's, plus { streamId, credit } for the loop's pushes.
-    openStream(call) {
-      const { taskId, callId, streamId } = call
+    // complete's arguments, then the stream's id for the loop's pushes and its credit.
+    openStream(name, taskId, optionsJson, callId, arrivedAt, streamId, credit) {
       new Promise((resolve) => {
-        const provider = providers.get(call.provider)
-        const { task, options } = begin(taskId, call.optionsJson)
-        const active = spans.begin(call, options, kinds.get(call.provider))
+        const provider = providers.get(name)
+        const { task, options } = begin(taskId, optionsJson)
+        const active = spans.begin(taskId, callId, arrivedAt, options, kinds.get(name))
         // The loop runs in the span too: the iterator's steps are the provider's work.
         spans.run(active, () => {
           const iterable = provider.stream(options)
@@ -295,7 +294,7 @@
             throw new Error("the provider's stream() did not return an async iterable")
           }
           task.iterator = open.call(iterable)
-          pump(taskId, task, streamId, call.credit)
+          pump(taskId, task, streamId, credit)
         })
         resolve({ callId })
       })

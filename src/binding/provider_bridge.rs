@@ -1,8 +1,9 @@
 //! The JavaScript side of the registrar: `ProviderBridge` implements the core's
 //! `Provider` trait over an `LlmProvider`, and the logger and `onStateChange`
 //! callbacks are reached the same way, all through threadsafe functions into
-//! the functions of provider_bridge.js, each given one object with named
-//! fields. Provider calls answer, and a stream's chunks come, the other way:
+//! the functions of provider_bridge.js: the two per task (`complete`,
+//! `openStream`) with positional arguments, the others with one object of
+//! named fields. Provider calls answer, and a stream's chunks come, the other way:
 //! plain synchronous calls into `native` below, the chunks in batches into the
 //! core's stream window (src/stream.rs).
 
@@ -54,36 +55,23 @@ macro_rules! js_object {
   };
 }
 
-js_object! {
-  /// `complete(call)`: one provider call.
-  struct Call {
-    /// The provider's published name.
-    provider: String = "provider",
-    task_id: String = "taskId",
-    /// `CompletionOptions` as JSON text: `JSON.parse` builds the whole request,
-    /// however deep, in one call, where napi would take one call per property.
-    options_json: String = "optionsJson",
-    /// What `native.settle` names when it answers.
-    call_id: u32 = "callId",
-    /// When the task reached the registrar (ms since the epoch): the span's start.
-    arrived_at: Option<f64> = "arrivedAt",
-  }
-}
+/// `complete(provider, taskId, optionsJson, callId, arrivedAt)`: one provider
+/// call, its fields positional: an object would cost the main thread a key
+/// string and a property store per field, each call (as `native.push`'s do).
+/// - `provider`: the provider's published name;
+/// - `taskId`;
+/// - `optionsJson`: `CompletionOptions` as JSON text (`JSON.parse` builds the
+///   whole request, however deep, in one call, where napi would take one call
+///   per property);
+/// - `callId`: what `native.settle` names when it answers;
+/// - `arrivedAt`: when the task reached the registrar (ms since the epoch), the
+///   span's start, or undefined.
+type CallArgs = FnArgs<(String, String, String, u32, Option<f64>)>;
 
-js_object! {
-  /// `openStream(call)`: `complete`'s fields, plus where its loop pushes.
-  struct StreamCall {
-    provider: String = "provider",
-    task_id: String = "taskId",
-    options_json: String = "optionsJson",
-    call_id: u32 = "callId",
-    arrived_at: Option<f64> = "arrivedAt",
-    /// The stream's id in `native.push`.
-    stream_id: u32 = "streamId",
-    /// The chunks the loop may push before it must wait.
-    credit: Credit = "credit",
-  }
-}
+/// `openStream(provider, taskId, optionsJson, callId, arrivedAt, streamId,
+/// credit)`: `complete`'s arguments, then the stream's id in `native.push` and
+/// the chunks its loop may push before it must wait.
+type StreamCallArgs = FnArgs<(String, String, String, u32, Option<f64>, u32, Credit)>;
 
 js_object! {
   /// `credit(grant)`: wakes a stream's loop that waits for credit.
@@ -124,12 +112,12 @@ js_object! {
   }
 }
 
-/// `complete(call)`: the provider's answer comes back through `native.settle`.
-type CompleteFn = ThreadsafeFunction<Call, Unknown<'static>, Call, Status, false, true>;
-/// `openStream(call)`: settled once the provider's iterator is open; its loop
+/// `complete(...)`: the provider's answer comes back through `native.settle`.
+type CompleteFn = ThreadsafeFunction<CallArgs, Unknown<'static>, CallArgs, Status, false, true>;
+/// `openStream(...)`: settled once the provider's iterator is open; its loop
 /// then pushes the chunks.
 type OpenStreamFn =
-  ThreadsafeFunction<StreamCall, Unknown<'static>, StreamCall, Status, false, true>;
+  ThreadsafeFunction<StreamCallArgs, Unknown<'static>, StreamCallArgs, Status, false, true>;
 /// `credit(grant)`.
 type CreditFn = ThreadsafeFunction<CreditGrant, Unknown<'static>, CreditGrant, Status, false, true>;
 /// `abort(abort)`.
@@ -165,7 +153,7 @@ type Settled = Result<Option<String>, String>;
 type Waiting = (oneshot::Sender<Settled>, Arc<TaskTrace>);
 
 /// Provider calls waiting for their JavaScript reply, by call id. The reply
-/// comes back through `native.settle({ callId, value, error })`, a plain
+/// comes back through `native.settle(callId, value, error)`, a plain
 /// synchronous call, rather than as a Promise handed back through the
 /// threadsafe function (which costs an extra wake-up of the runtime and a pair
 /// of callbacks per call).
@@ -267,12 +255,12 @@ impl StreamTable {
 
   /// `native`: `push(streamId, text, count)` answers the credit left,
   /// `end(streamId, failure)` says the loop stopped (once, however it
-  /// stopped), and `settle({ callId, value, error })` answers a provider call;
+  /// stopped), and `settle(callId, value, error)` answers a provider call;
   /// `chunkIsValid(chunk)` is the check generated from `CompletionChunk`
   /// (src/shape.rs).
   /// Plain synchronous calls on the JavaScript thread: a lock and a copy, no
-  /// wake-up of their own. `push` takes positional arguments: it is the one
-  /// call per batch of chunks, and an object would cost a lookup per field.
+  /// wake-up of their own. `push` and `settle` take positional arguments: they
+  /// are called per batch and per task, and an object would cost a lookup per field.
   fn native<'env>(
     self: &Arc<Self>,
     calls: &Arc<PendingCalls>,
@@ -280,16 +268,15 @@ impl StreamTable {
   ) -> napi::Result<Object<'env>> {
     let mut native = Object::new(env)?;
     let pending = Arc::clone(calls);
-    let settle = env.create_function_from_closure::<Object, _, _>("settle", move |call| {
-      let reply: Object = call.get(0)?;
-      let id: u32 = reply.get_named_property("callId")?;
-      let settled = match reply.get::<String>("error")? {
-        Some(message) => Err(message),
-        None => Ok(reply.get::<String>("value")?),
-      };
-      pending.settle(id, settled);
-      Ok(())
-    })?;
+    let settle = env
+      .create_function_from_closure::<FnArgs<(u32, Option<String>, Option<String>)>, _, _>(
+        "settle",
+        move |call| {
+          let (id, value, error): (u32, Option<String>, Option<String>) = call.args()?;
+          pending.settle(id, error.map_or(Ok(value), Err));
+          Ok(())
+        },
+      )?;
     native.set_named_property("settle", settle)?;
     let pending = Arc::clone(calls);
     let traced = env.create_function_from_closure::<FnArgs<(u32, String, Option<String>)>, _, _>(
@@ -518,12 +505,14 @@ impl Provider for ProviderBridge {
     let arrived_at = call.trace.arrived_ms();
     Box::pin(async move {
       let text = bridge
-        .call_provider(&bridge.complete, "complete", call.trace, |call_id| Call {
-          provider,
-          task_id: call.task_id,
-          options_json: call.options.to_string(),
-          call_id,
-          arrived_at,
+        .call_provider(&bridge.complete, "complete", call.trace, |call_id| {
+          FnArgs::from((
+            provider,
+            call.task_id,
+            call.options.to_string(),
+            call_id,
+            arrived_at,
+          ))
         })
         .await?
         .ok_or_else(|| ProviderFailure("provider.complete: no value".to_owned()))?;
@@ -548,15 +537,15 @@ impl Provider for ProviderBridge {
       let reader = ChunkReader::new(window);
       let opened = bridge
         .call_provider(&bridge.open_stream, "stream", call.trace, |call_id| {
-          StreamCall {
+          FnArgs::from((
             provider,
-            task_id: call.task_id,
-            options_json: call.options.to_string(),
+            call.task_id,
+            call.options.to_string(),
             call_id,
             arrived_at,
             stream_id,
             credit,
-          }
+          ))
         })
         .await;
       if opened.is_err() {

@@ -66,10 +66,10 @@
   }
 
   // GenAI attributes known when the task starts: no messages, no text.
-  function startAttributes(call, options, kind) {
+  function startAttributes(taskId, options, kind) {
     const attributes = {
       'gen_ai.operation.name': 'chat',
-      'mcpctl.task.id': call.taskId,
+      'mcpctl.task.id': taskId,
     }
     const model = options.request?.model
     if (typeof kind === 'string') attributes['gen_ai.provider.name'] = kind
@@ -103,7 +103,7 @@
     // the provider's own calls are its children), or answers null and leaves
     // `options.trace` as mcpd sent it. The tracer is looked up for each task, so
     // a provider registered after start() is used.
-    begin(call, options, kind) {
+    begin(taskId, callId, arrivedAt, options, kind) {
       const otel = load()
       if (!otel) return null
       try {
@@ -114,8 +114,8 @@
           typeof model === 'string' ? `chat ${model}` : 'chat',
           {
             kind: otel.SpanKind.INTERNAL,
-            attributes: startAttributes(call, options, kind),
-            startTime: call.arrivedAt ?? undefined,
+            attributes: startAttributes(taskId, options, kind),
+            startTime: arrivedAt ?? undefined,
           },
           parent.context,
         )
@@ -127,7 +127,7 @@
         // The core puts it on the task's POSTs; a task that already ended says how.
         // (null: live, ended by end() below; a string: the task already ended,
         // and how; false: refused, which only a bug could cause.)
-        const ended = native.traced(call.callId, traceparent, tracestate)
+        const ended = native.traced(callId, traceparent, tracestate)
         if (ended === false) {
           span.end()
           return null
@@ -135,7 +135,7 @@
         if (typeof ended === 'string') {
           finish(span, JSON.parse(ended))
         } else {
-          open.set(call.taskId, span)
+          open.set(taskId, span)
         }
         options.trace = tracestate === undefined ? { traceparent } : { traceparent, tracestate }
         return otel.trace.setSpan(parent.context, span)
