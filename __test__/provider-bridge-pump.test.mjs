@@ -30,9 +30,16 @@ function bridgeWith(credits, { flushBytes = 64 * 1024 } = {}) {
       return credits(calls.pushes.length, count)
     },
     // Once per loop, however it stopped: a failure message, or none when the provider ended.
-    end: (streamId, failure) =>
-      failure == null ? calls.ends.push(streamId) : calls.fails.push({ streamId, message: failure }),
-    settle: (callId, value, error) => calls.settles.push({ callId, value, error }),
+    // The types the addon's native side takes (it throws on any other).
+    end(streamId, failure) {
+      assert.ok(failure == null || typeof failure === 'string', `end: a string or nothing, not ${typeof failure}`)
+      failure == null ? calls.ends.push(streamId) : calls.fails.push({ streamId, message: failure })
+    },
+    settle(callId, value, error) {
+      assert.ok(value === undefined || typeof value === 'string', `settle: value ${typeof value}`)
+      assert.ok(error === undefined || typeof error === 'string', `settle: error ${typeof error}`)
+      calls.settles.push({ callId, value, error })
+    },
   }
   const bridge = vm.runInThisContext(source)(null, null, native)
   /** Resolves once the pushes reach `count`. */
@@ -116,6 +123,46 @@ test('a batch is pushed before its content could exceed flushBytes, counting 6 b
     calls.pushes.map((push) => push.count),
     [2, 2, 1],
   )
+})
+
+test('whatever a provider throws reaches Rust as a string: the call is always answered', async () => {
+  const odd = [
+    Object.assign(new Error(), { message: 42 }),
+    Object.create(null),
+    { big: 1n },
+    Object.assign(Object.create(null), { big: 1n }),
+    Symbol('thrown'),
+    undefined,
+  ]
+  const { bridge, calls } = bridgeWith(() => 512)
+  const unhandled = []
+  const onUnhandled = (reason) => unhandled.push(reason)
+  process.on('unhandledRejection', onUnhandled)
+  try {
+    odd.forEach((thrown, i) => {
+      bridge.publish(`p${i}`, {
+        complete: () => Promise.reject(thrown),
+        stream: () => {
+          throw thrown
+        },
+      })
+      bridge.complete(`p${i}`, `c-${i}`, '{"messages":[]}', i, undefined)
+      bridge.openStream(`p${i}`, `s-${i}`, '{"messages":[]}', 100 + i, undefined, i, 512)
+    })
+    await within(
+      (async () => {
+        while (calls.settles.length < 2 * odd.length) await new Promise((resolve) => setImmediate(resolve))
+      })(),
+      2000,
+      'every call answered',
+    )
+  } finally {
+    process.off('unhandledRejection', onUnhandled)
+  }
+  assert.deepEqual(unhandled, [])
+  for (const settled of calls.settles) assert.equal(typeof settled.error, 'string', `call ${settled.callId}`)
+  assert.equal(calls.settles.find((settled) => settled.callId === 0).error, '42')
+  assert.equal(calls.fails.length, odd.length, 'each stream said it failed, with a string')
 })
 
 test('an object chunk counts 3 bytes a character toward flushBytes, as Rust counts UTF-8', async () => {

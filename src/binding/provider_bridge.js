@@ -1,7 +1,8 @@
 // The JavaScript half of the provider bridge, evaluated once per registrar by
 // provider_bridge.rs. It owns what only JavaScript can hold well: each task's
 // AbortController, the providers' async iterators, and calls made with the
-// right `this`. Rust calls each function with one object of named fields; a
+// right `this`. Rust calls `complete` and `openStream` (once per task) with
+// positional arguments, the others with one object of named fields; a
 // provider call is answered through `native.settle(callId, value, error)`,
 // and nothing here throws or rejects, so a broken provider cannot crash
 // mcplocal. A stream's `for await` loop runs here too (pump below): it hands
@@ -40,7 +41,17 @@
   // The most chunk JSON gathered before a push, whatever the credit.
   const FLUSH_BYTES = native.flushBytes
 
+  // What a provider threw, as a string, whatever it threw: Rust reads a string,
+  // and a throw here would leave the call unanswered (a rejection nobody handles).
   const describe = (error) => {
+    try {
+      const text = describeAs(error)
+      return typeof text === 'string' ? text : String(text)
+    } catch {
+      return 'the provider failed with a value that cannot be described'
+    }
+  }
+  const describeAs = (error) => {
     if (error instanceof Error) return error.message || error.name || 'Error'
     if (typeof error === 'string') return error
     try {
