@@ -20,7 +20,9 @@ use mcpctl_registrar::wire::ProviderDescriptor;
 
 use support::mcpd::{McpdServer, Reply, Response};
 use support::provider::{Behavior, MockProvider};
-use support::{chunks_of, wait_for, Answer, FakeMcpd, Request, Route, TempDir, WAIT};
+use support::{
+  chunks_of, registrar_config, wait_for, Answer, FakeMcpd, Request, Route, TempDir, WAIT,
+};
 
 const TOKEN: &str = "sk-test-token";
 const PROVIDER: &str = "local-qwen";
@@ -1793,19 +1795,14 @@ async fn a_failed_update_register_is_retried_with_backoff_and_the_old_set_served
   let fake = FakeMcpd::start().await;
   let dir = TempDir::new("update-retry");
   let first = MockProvider::answering(hello());
+  let providers = vec![published(PROVIDER, Arc::clone(&first))];
   let config = RegistrarConfig {
-    mcpd_url: fake.url.clone(),
-    token: Secret::new(TOKEN),
-    providers: vec![published(PROVIDER, Arc::clone(&first))],
-    config_dir: dir.path().to_owned(),
-    heartbeat_interval: Duration::from_secs(3600),
-    idle_timeout: None,
     backoff: BackoffPolicy {
       initial: Duration::from_millis(200),
       max: Duration::from_secs(60),
     },
     dispatch: roomy(),
-    allow_insecure_http: false,
+    ..registrar_config(&fake.url, TOKEN, providers, dir.path())
   };
   let registrar =
     Arc::new(Registrar::new(config, None, tracing::Span::none()).expect("valid config"));

@@ -13,16 +13,14 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
-use mcpctl_registrar::backoff::BackoffPolicy;
-use mcpctl_registrar::dispatch::{DispatchSettings, Outcome, PublishedProvider};
+use mcpctl_registrar::dispatch::{Outcome, PublishedProvider};
 use mcpctl_registrar::observe::{TaskObserver, TaskRecord};
 use mcpctl_registrar::owner::{OwnerPolicy, Refusal};
-use mcpctl_registrar::registrar::{Registrar, RegistrarConfig};
-use mcpctl_registrar::secret::Secret;
+use mcpctl_registrar::registrar::Registrar;
 use mcpctl_registrar::wire::ProviderDescriptor;
 
 use support::provider::{Behavior, MockProvider};
-use support::{wait_for, FakeMcpd, TempDir, WAIT};
+use support::{registrar_config, wait_for, FakeMcpd, TempDir, WAIT};
 
 /// Keeps every record it is told about.
 #[derive(Default)]
@@ -88,24 +86,7 @@ impl Rig {
   ) -> Self {
     let fake = FakeMcpd::start().await;
     let dir = TempDir::new(name);
-    let config = RegistrarConfig {
-      mcpd_url: fake.url.clone(),
-      token: Secret::new("sk-observe"),
-      providers,
-      config_dir: dir.path().to_owned(),
-      heartbeat_interval: Duration::from_secs(3600),
-      idle_timeout: None,
-      backoff: BackoffPolicy {
-        initial: Duration::from_millis(20),
-        max: Duration::from_millis(100),
-      },
-      dispatch: DispatchSettings {
-        task_timeout: Duration::from_secs(30),
-        max_concurrency: 4,
-        max_queue: 16,
-      },
-      allow_insecure_http: false,
-    };
+    let config = registrar_config(&fake.url, "sk-observe", providers, dir.path());
     let registrar = Registrar::new(config, None, tracing::Span::none()).expect("valid config");
     registrar.add_observer(observer);
     registrar.start().await.expect("start");

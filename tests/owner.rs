@@ -10,16 +10,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use mcpctl_registrar::backoff::BackoffPolicy;
 use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider};
 use mcpctl_registrar::error::Error;
 use mcpctl_registrar::owner::{OwnerPolicy, PublishLimits, RateLimits};
 use mcpctl_registrar::registrar::{Registrar, RegistrarConfig};
-use mcpctl_registrar::secret::Secret;
 use mcpctl_registrar::wire::ProviderDescriptor;
 
 use support::provider::{Behavior, MockProvider};
-use support::{wait_for, FakeMcpd, Request, Route, TempDir, WAIT};
+use support::{registrar_config, wait_for, FakeMcpd, Request, Route, TempDir, WAIT};
 
 const PROVIDER: &str = "local-qwen";
 
@@ -61,22 +59,12 @@ impl Rig {
     let fake = FakeMcpd::start().await;
     let dir = TempDir::new(name);
     let config = RegistrarConfig {
-      mcpd_url: fake.url.clone(),
-      token: Secret::new("sk-owner"),
-      providers,
-      config_dir: dir.path().to_owned(),
-      heartbeat_interval: Duration::from_secs(3600),
-      idle_timeout: None,
-      backoff: BackoffPolicy {
-        initial: Duration::from_millis(20),
-        max: Duration::from_millis(100),
-      },
       dispatch: DispatchSettings {
         task_timeout: Duration::from_secs(30),
         max_concurrency,
         max_queue,
       },
-      allow_insecure_http: false,
+      ..registrar_config(&fake.url, "sk-owner", providers, dir.path())
     };
     let registrar = Registrar::new(config, None, tracing::Span::none()).expect("valid config");
     registrar.start().await.expect("start");

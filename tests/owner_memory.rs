@@ -19,12 +19,11 @@ use mcpctl_registrar::owner::usage::OTHER_CALLERS;
 use mcpctl_registrar::owner::{OwnerPolicy, PublishLimits, RateLimits, MAX_CALLERS};
 use mcpctl_registrar::provider::{AbortReason, BoxFuture, Provider, ProviderCall, ProviderFailure};
 use mcpctl_registrar::registrar::{Registrar, RegistrarConfig};
-use mcpctl_registrar::secret::Secret;
 use mcpctl_registrar::stream::ChunkReader;
 use mcpctl_registrar::wire::ProviderDescriptor;
 
 use support::mcpd::{McpdServer, Reply, Response, Route};
-use support::{wait_for, TempDir};
+use support::{registrar_config, wait_for, TempDir};
 
 /// 100,000 distinct callers; 30,000 in a debug build (three times the bound, about a
 /// minute on a busy 2-core machine), unless `MCPCTL_HOSTILE_CALLERS` says how many.
@@ -111,30 +110,25 @@ async fn a_hostile_mcpd_sending_100000_caller_ids_grows_no_memory_past_the_bound
     },
     ..OwnerPolicy::default()
   };
+  let providers = vec![PublishedProvider {
+    descriptor: ProviderDescriptor {
+      name: "p".to_owned(),
+      kind: "t".to_owned(),
+      model: None,
+      description: None,
+      context_window: None,
+    },
+    provider: Arc::new(Quiet),
+    policy: Arc::new(policy),
+  }];
   let config = RegistrarConfig {
-    mcpd_url: server.url.clone(),
-    token: Secret::new("sk-owner"),
-    providers: vec![PublishedProvider {
-      descriptor: ProviderDescriptor {
-        name: "p".to_owned(),
-        kind: "t".to_owned(),
-        model: None,
-        description: None,
-        context_window: None,
-      },
-      provider: Arc::new(Quiet),
-      policy: Arc::new(policy),
-    }],
-    config_dir: dir.path().to_owned(),
-    heartbeat_interval: Duration::from_secs(3600),
-    idle_timeout: None,
     backoff: BackoffPolicy::default(),
     dispatch: DispatchSettings {
       task_timeout: Duration::from_secs(30),
       max_concurrency: 64,
       max_queue: BATCH as u32,
     },
-    allow_insecure_http: false,
+    ..registrar_config(&server.url, "sk-owner", providers, dir.path())
   };
   let registrar = Registrar::new(config, None, tracing::Span::none()).unwrap();
   registrar.start().await.unwrap();

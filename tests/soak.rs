@@ -22,12 +22,11 @@ use mcpctl_registrar::dispatch::{DispatchSettings, PublishedProvider, MAX_IDS};
 use mcpctl_registrar::owner::OwnerPolicy;
 use mcpctl_registrar::provider::{AbortReason, BoxFuture, Provider, ProviderCall, ProviderFailure};
 use mcpctl_registrar::registrar::{Registrar, RegistrarConfig};
-use mcpctl_registrar::secret::Secret;
 use mcpctl_registrar::stream::{chunk_channel, ChunkReader, End, WINDOW};
 use mcpctl_registrar::wire::ProviderDescriptor;
 
 use support::mcpd::{McpdServer, Reply, Response, Route};
-use support::{wait_for, TempDir};
+use support::{registrar_config, wait_for, TempDir};
 
 fn env_or(name: &str, default: u64) -> u64 {
   std::env::var(name)
@@ -259,18 +258,13 @@ async fn soak_of_100000_mixed_tasks_keeps_memory_descriptors_and_tasks_flat() {
     allow_callers: Some(vec!["someone-else".to_owned()]),
     ..OwnerPolicy::default()
   };
+  let providers = vec![
+    published("answer", Kind::Answered, OwnerPolicy::default()),
+    published("hang", Kind::Cancelled, OwnerPolicy::default()),
+    published("fail", Kind::Failed, OwnerPolicy::default()),
+    published("guarded", Kind::Refused, guarded),
+  ];
   let config = RegistrarConfig {
-    mcpd_url: server.url.clone(),
-    token: Secret::new("sk-soak"),
-    providers: vec![
-      published("answer", Kind::Answered, OwnerPolicy::default()),
-      published("hang", Kind::Cancelled, OwnerPolicy::default()),
-      published("fail", Kind::Failed, OwnerPolicy::default()),
-      published("guarded", Kind::Refused, guarded),
-    ],
-    config_dir: dir.path().to_owned(),
-    heartbeat_interval: Duration::from_secs(3600),
-    idle_timeout: None,
     backoff: BackoffPolicy::default(),
     dispatch: DispatchSettings {
       task_timeout: Duration::from_secs(60),
@@ -278,7 +272,7 @@ async fn soak_of_100000_mixed_tasks_keeps_memory_descriptors_and_tasks_flat() {
       // A whole batch may queue: no task is refused for a full queue.
       max_queue: BATCH as u32,
     },
-    allow_insecure_http: false,
+    ..registrar_config(&server.url, "sk-soak", providers, dir.path())
   };
   let registrar = Registrar::new(config, None, tracing::Span::none()).unwrap();
   registrar.start().await.unwrap();

@@ -20,6 +20,36 @@ pub use mcpd::Pace;
 pub use mcpd::Route;
 use mcpd::{Endless, McpdServer, Reply, Response};
 
+/// A registrar's config for these tests: mcpd at `url`, the session file in
+/// `dir`, no heartbeat or idle timeout that could fire during a test, a quick
+/// reconnect, and room for 4 tasks (16 queued) of up to 30 s. A test changes
+/// what it needs with `RegistrarConfig { .., ..registrar_config(..) }`.
+pub fn registrar_config(
+  url: &str,
+  token: &str,
+  providers: Vec<mcpctl_registrar::dispatch::PublishedProvider>,
+  dir: &Path,
+) -> mcpctl_registrar::registrar::RegistrarConfig {
+  mcpctl_registrar::registrar::RegistrarConfig {
+    mcpd_url: url.to_owned(),
+    token: mcpctl_registrar::secret::Secret::new(token),
+    providers,
+    config_dir: dir.to_owned(),
+    heartbeat_interval: Duration::from_secs(3600),
+    idle_timeout: None,
+    backoff: mcpctl_registrar::backoff::BackoffPolicy {
+      initial: Duration::from_millis(20),
+      max: Duration::from_millis(100),
+    },
+    dispatch: mcpctl_registrar::dispatch::DispatchSettings {
+      task_timeout: Duration::from_secs(30),
+      max_concurrency: 4,
+      max_queue: 16,
+    },
+    allow_insecure_http: false,
+  }
+}
+
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(5);
 
