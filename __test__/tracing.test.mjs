@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
-import { readdirSync } from 'node:fs'
+import { readdirSync, readFileSync } from 'node:fs'
 import { copyFile, link, mkdir, mkdtemp, rm, symlink } from 'node:fs/promises'
 import http from 'node:http'
 import { createRequire } from 'node:module'
@@ -18,7 +18,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import test from 'node:test'
 import { fileURLToPath } from 'node:url'
-import { SpanKind } from '@opentelemetry/api'
+import vm from 'node:vm'
+import { SpanKind, trace } from '@opentelemetry/api'
 import { HttpInstrumentation } from '@opentelemetry/instrumentation-http'
 import { InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base'
 import { NodeTracerProvider } from '@opentelemetry/sdk-trace-node'
@@ -198,6 +199,31 @@ test('without a tracer provider nothing is recorded and mcpd’s context is pass
   const span = await spanOf(mcpd, later)
   assert.equal(parentId(span), MCPD_SPAN)
   assert.deepEqual(postHeaders(mcpd, later, 'result'), [traceparentOf(span)])
+})
+
+test('a task’s span starts no later than a child started in the same millisecond', async (t) => {
+  exporter.reset()
+  // spans.js alone, over a stand-in for the core; the SDK's clock held in one millisecond.
+  const source = readFileSync(new URL('../src/binding/spans.js', import.meta.url), 'utf8')
+  const native = { traced: () => null }
+  const spans = vm.runInThisContext(source)(import.meta.url, native)
+  const realNow = Date.now
+  const ms = realNow()
+  Date.now = () => ms
+  t.after(() => {
+    Date.now = realNow
+  })
+  const options = { request: { model: 'local' } }
+  // The core's arrival time carries a fraction of a millisecond.
+  const active = spans.begin('t-ms', 1, ms + 0.75, options, 'test')
+  assert.ok(active, 'a span was started')
+  spans.run(active, () => trace.getTracer('test').startSpan('child').end())
+  spans.end('t-ms', JSON.stringify({}))
+  Date.now = realNow
+  const parent = exporter.getFinishedSpans().find((span) => span.name === 'chat local')
+  const child = exporter.getFinishedSpans().find((span) => span.name === 'child')
+  assert.equal(parentId(child), parent.spanContext().spanId)
+  assert.deepEqual(parent.startTime, child.startTime, 'both in the same whole millisecond')
 })
 
 test('a task’s span: mcpd’s span as parent, GenAI attributes, the provider’s HTTP call as its child', async (t) => {

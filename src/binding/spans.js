@@ -51,6 +51,12 @@
     return api
   }
 
+  // The span's start: when the task reached the registrar (ms since the epoch,
+  // with a fraction), in whole milliseconds rounded down. The SDK stamps a span
+  // started without a time with `Date.now()`, in whole milliseconds: a fraction
+  // left on ours could put it after a child started in the same millisecond.
+  const startOf = (arrivedAt) => (typeof arrivedAt === 'number' ? Math.floor(arrivedAt) : undefined)
+
   const HEX_FLAGS = (flags) => (flags & 0xff).toString(16).padStart(2, '0')
 
   // mcpd's context (already validated by the core: src/trace.rs) as a parent.
@@ -115,7 +121,7 @@
           {
             kind: otel.SpanKind.INTERNAL,
             attributes: startAttributes(taskId, options, kind),
-            startTime: arrivedAt ?? undefined,
+            startTime: startOf(arrivedAt),
           },
           parent.context,
         )
