@@ -263,6 +263,8 @@ async function measure(registrar) {
         answer,
         mainUs: after.mainUs - before.mainUs,
         processUs: after.processUs - before.processUs,
+        wakeups: after.wakeups - before.wakeups,
+        mainWakeups: after.mainWakeups - before.mainWakeups,
         // --audit: the log's writer thread (NaN without it).
         writerUs: after.writerUs - before.writerUs,
         writerSwitches: after.writerSwitches - before.writerSwitches,
@@ -295,6 +297,8 @@ async function measure(registrar) {
       figures.mainUsPerTask = latency.mainUs / scale.latency
       figures.processUsPerTask = latency.processUs / scale.latency
       figures.mcpdUsPerTask = latency.answer.mcpdCpuNs / 1000 / scale.latency
+      figures.wakeupsPerTask = latency.wakeups / scale.latency
+      figures.mainWakeupsPerTask = latency.mainWakeups / scale.latency
     }
 
     if (runs('throughput')) {
@@ -305,6 +309,7 @@ async function measure(registrar) {
       // mcpd's one thread busy this share of the run: near 1, mcpd was the cap.
       figures.mcpdBusy64 = throughput.answer.mcpdCpuNs / throughput.answer.elapsedNs
       figures.processBusy64 = (throughput.processUs * 1000) / throughput.answer.elapsedNs
+      figures.wakeupsPerTask64 = throughput.wakeups / scale.throughput
     }
     if (values.scenario && values.scenario !== 'stream') {
       await child.stop()
@@ -318,6 +323,7 @@ async function measure(registrar) {
       figures.processUsPerTaskPaced = paced.processUs / scale.paced
       figures.mainUsPerTaskPaced = paced.mainUs / scale.paced
       figures.mcpdUsPerTaskPaced = paced.answer.mcpdCpuNs / 1000 / scale.paced
+      figures.wakeupsPerTaskPaced = paced.wakeups / scale.paced
     }
 
     // One stream at a time, a few times: the median stream's rate, the CPU of all.
@@ -337,6 +343,8 @@ async function measure(registrar) {
     figures.mainUsPerToken = (streamsAfter.mainUs - streamsBefore.mainUs) / tokensStreamed
     figures.processUsPerToken = (streamsAfter.processUs - streamsBefore.processUs) / tokensStreamed
     figures.mcpdUsPerToken = mcpdNs / 1000 / tokensStreamed
+    figures.wakeupsPer1kTokens = ((streamsAfter.wakeups - streamsBefore.wakeups) / tokensStreamed) * 1000
+    figures.mainWakeupsPer1kTokens = ((streamsAfter.mainWakeups - streamsBefore.mainWakeups) / tokensStreamed) * 1000
     figures.oneStreamPosts = posts / scale.oneStreamRuns
     if (values.scenario) {
       await child.stop()
@@ -456,6 +464,12 @@ const others = [
   ['mcpd CPU per task, sequential', 'mcpdUsPerTask', 'µs'],
   ['mcpd CPU per task, paced', 'mcpdUsPerTaskPaced', 'µs'],
   ['mcpd CPU per streamed token', 'mcpdUsPerToken', 'µs'],
+  ['wake-ups per task, sequential (all threads)', 'wakeupsPerTask', ''],
+  ['wake-ups per task, sequential (main thread)', 'mainWakeupsPerTask', ''],
+  ['wake-ups per task, paced (all threads)', 'wakeupsPerTaskPaced', ''],
+  ['wake-ups per task, 64 in flight (all threads)', 'wakeupsPerTask64', ''],
+  ['wake-ups per 1,000 streamed tokens (all threads)', 'wakeupsPer1kTokens', ''],
+  ['wake-ups per 1,000 streamed tokens (main thread)', 'mainWakeupsPer1kTokens', ''],
   ['load average (1 min) at the measurement', 'load', ''],
   ...(auditModes.length
     ? [
