@@ -836,6 +836,44 @@ pub struct CompletionChunk {
   pub usage: Option<Usage>,
 }
 
+/// A chunk's non-empty content as the JSON string that carried it (quotes
+/// included), when that string is written exactly as the registrar writes one
+/// ([`crate::wire::written_json_str_chars`]): a payload can take it as it is.
+/// `JSON.stringify` writes every string so but one holding a lone surrogate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawContent<'a> {
+  json: &'a str,
+  /// The characters it stands for (the token estimate counts them).
+  chars: u64,
+}
+
+impl<'a> RawContent<'a> {
+  /// `json` (valid JSON) as a content, or `None`: not a string, an empty one,
+  /// or one written otherwise (which the typed parse then reads).
+  pub fn new(json: &'a str) -> Option<Self> {
+    let chars = crate::wire::written_json_str_chars(json).filter(|&chars| chars > 0)?;
+    Some(Self { json, chars })
+  }
+
+  pub fn json(&self) -> &'a str {
+    self.json
+  }
+
+  /// The content itself.
+  pub fn decode(&self) -> String {
+    // Valid JSON and a string (`new` checked both), so this parse succeeds.
+    serde_json::from_str(self.json).unwrap_or_default()
+  }
+
+  /// The chunk it is, typed.
+  pub fn into_chunk(self) -> CompletionChunk {
+    CompletionChunk {
+      content: Some(self.decode()),
+      ..CompletionChunk::default()
+    }
+  }
+}
+
 /// Providers sometimes hand arguments over as an object; the wire wants JSON text.
 fn arguments_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
   Ok(optional_arguments_text(deserializer)?.unwrap_or_default())
@@ -1152,20 +1190,36 @@ impl StreamEncoder {
   /// The payload of a chunk with only content: the one made per token, from
   /// the parts made once, without building the JSON text first.
   fn content_payload(&mut self, content: &str) -> String {
+    let mut json = std::mem::take(&mut self.scratch);
+    json.clear();
+    write_json_str(&mut json, content);
+    let payload = self.content_json_payload(&json);
+    self.scratch = json;
+    payload
+  }
+
+  /// [`Self::content_payload`] from the content's JSON string (quotes
+  /// included), as [`write_json_str`] writes it.
+  fn content_json_payload(&self, json: &str) -> String {
     let mut payload = String::with_capacity(
-      self.content_head.len() + content.len() + content.len() / 4 + 8 + self.content_end.len(),
+      self.content_head.len() + json.len() + json.len() / 4 + self.content_end.len(),
     );
     payload.push_str(&self.content_head);
     match self.form {
-      PayloadForm::Json => write_json_str(&mut payload, content),
-      PayloadForm::JsonStringContent => {
-        self.scratch.clear();
-        write_json_str(&mut self.scratch, content);
-        write_json_str_content(&mut payload, &self.scratch);
-      }
+      PayloadForm::Json => payload.push_str(json),
+      PayloadForm::JsonStringContent => write_json_str_content(&mut payload, json),
     }
     payload.push_str(&self.content_end);
     payload
+  }
+
+  /// [`Self::push`] for a chunk with only content, handed over as its JSON
+  /// string: the same payload, made without decoding the content or escaping
+  /// it twice (the path of nearly every streamed token).
+  pub fn push_content(&mut self, content: RawContent<'_>, out: &mut Vec<String>) {
+    self.start(out);
+    self.text_chars += content.chars;
+    out.push(self.content_json_payload(content.json));
   }
 
   fn start(&mut self, out: &mut Vec<String>) {
@@ -1797,6 +1851,45 @@ mod tests {
         let quoted = serde_json::to_string(plain).unwrap();
         assert_eq!(&quoted[1..quoted.len() - 1], inside);
       }
+    }
+  }
+
+  #[test]
+  fn a_content_pushed_as_its_json_string_makes_the_payloads_the_typed_chunk_makes() {
+    let contents = [
+      "tok ",
+      "tok \"q\" \\ \n\r\t\u{8}\u{c} 🦀 \u{1f}\u{7f} é",
+      "\\u0041",
+      "a",
+    ];
+    for form in [PayloadForm::Json, PayloadForm::JsonStringContent] {
+      let (mut typed, mut raw) = (
+        StreamEncoder::with_form(identity(), true, form),
+        StreamEncoder::with_form(identity(), true, form),
+      );
+      let (mut typed_out, mut raw_out) = (Vec::new(), Vec::new());
+      for content in contents {
+        typed.push(
+          CompletionChunk {
+            content: Some(content.into()),
+            ..CompletionChunk::default()
+          },
+          &mut typed_out,
+        );
+        let json = serde_json::to_string(content).unwrap();
+        let text = RawContent::new(&json).expect("serde_json's writing is taken");
+        assert_eq!(text.decode(), content);
+        raw.push_content(text, &mut raw_out);
+      }
+      typed.finish(&mut typed_out);
+      raw.finish(&mut raw_out);
+      assert_eq!(raw_out, typed_out, "{form:?}");
+      assert_eq!(raw.spent(), typed.spent(), "{form:?}");
+      assert_eq!(raw.answer(), typed.answer());
+    }
+    // Neither an empty content nor another writing is taken as it is.
+    for json in [r#""""#, r#""\/""#, r#""\ud800""#, "7"] {
+      assert_eq!(RawContent::new(json), None, "{json}");
     }
   }
 

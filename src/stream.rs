@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use crate::openai::{parse_chunk, CompletionChunk};
+use crate::openai::{parse_chunk, CompletionChunk, RawContent};
 use crate::provider::ProviderFailure;
 
 /// How much may wait between a stream's producer and its reader.
@@ -271,6 +271,35 @@ fn parse_chunk_text(text: &str) -> Result<CompletionChunk, ProviderFailure> {
   }
 }
 
+/// One chunk of a run, as [`ChunkReader::next_items`] hands it over.
+#[derive(Debug)]
+pub enum ChunkItem<'a> {
+  /// A chunk with only content (a batch's string item), as the JSON string
+  /// the batch holds: nearly every chunk of a stream.
+  Content(RawContent<'a>),
+  /// Any other chunk, typed.
+  Chunk(CompletionChunk),
+}
+
+impl ChunkItem<'_> {
+  /// The chunk, typed.
+  pub fn into_chunk(self) -> CompletionChunk {
+    match self {
+      ChunkItem::Content(content) => content.into_chunk(),
+      ChunkItem::Chunk(chunk) => chunk,
+    }
+  }
+}
+
+/// An item's JSON text as a chunk: a string written as the registrar writes
+/// one as it is, anything else typed ([`parse_chunk_text`]).
+fn read_item(text: &str) -> Result<ChunkItem<'_>, ProviderFailure> {
+  match RawContent::new(text) {
+    Some(content) => Ok(ChunkItem::Content(content)),
+    None => parse_chunk_text(text).map(ChunkItem::Chunk),
+  }
+}
+
 /// A batch's string item: a chunk with only `content`.
 fn content_chunk(content: String) -> CompletionChunk {
   CompletionChunk {
@@ -311,15 +340,25 @@ impl ChunkReader {
     &mut self,
     out: &mut Vec<CompletionChunk>,
   ) -> Result<bool, ProviderFailure> {
+    self.next_items(|item| out.push(item.into_chunk())).await
+  }
+
+  /// [`Self::next_chunks`], each chunk handed to `each` as it is read, a
+  /// content one as the JSON string the batch holds (borrowed from it, so
+  /// nothing is allocated for it).
+  pub async fn next_items(
+    &mut self,
+    mut each: impl FnMut(ChunkItem<'_>),
+  ) -> Result<bool, ProviderFailure> {
     if let Some(failure) = self.failure.take() {
       return Err(failure);
     }
     let mut failure = None;
     let mut parsed = 0;
     let run = self
-      .next_run(CHUNKS_PER_RUN, |text| match parse_chunk_text(text) {
-        Ok(chunk) => {
-          out.push(chunk);
+      .next_run(CHUNKS_PER_RUN, |text| match read_item(text) {
+        Ok(item) => {
+          each(item);
           parsed += 1;
           true
         }
@@ -659,6 +698,41 @@ mod tests {
     assert_eq!(contents, ["a\"b\n,]", "\u{fffd}x", "c"]);
     assert_eq!(chunks[0].finish_reason, None);
     assert_eq!(chunks[2].finish_reason.as_deref(), Some("stop"));
+  }
+
+  #[tokio::test]
+  async fn a_string_item_as_written_is_handed_over_as_it_is_and_any_other_typed() {
+    let (window, _) = window(16, 1 << 20);
+    window.push(
+      r#"["a\"b\n,]","\/","\ud800x","",{"content":"c"},"\u0041"]"#.to_owned(),
+      6,
+    );
+    window.finish(End::Done);
+    let mut reader = ChunkReader::new(Arc::clone(&window));
+    let mut items = Vec::new();
+    assert!(reader
+      .next_items(|item| items.push(match item {
+        ChunkItem::Content(content) => (true, content.json().to_owned(), content.decode()),
+        ChunkItem::Chunk(chunk) => (false, String::new(), chunk.content.unwrap()),
+      }))
+      .await
+      .unwrap());
+    let expected = [
+      (true, r#""a\"b\n,]""#, "a\"b\n,]"),
+      (false, "", "/"),
+      (false, "", "\u{fffd}x"),
+      (false, "", ""),
+      (false, "", "c"),
+      (false, "", "A"),
+    ];
+    assert_eq!(items.len(), expected.len());
+    for (item, (raw, json, content)) in items.iter().zip(expected) {
+      assert_eq!(
+        (item.0, item.1.as_str(), item.2.as_str()),
+        (raw, json, content)
+      );
+    }
+    assert!(!reader.next_items(|_| panic!("no more")).await.unwrap());
   }
 
   #[tokio::test]

@@ -274,6 +274,44 @@ pub fn write_json_str_content(out: &mut String, text: &str) {
   out.push_str(&text[run..]);
 }
 
+/// The characters `json` stands for, when it is a JSON string (quotes
+/// included, already known to be valid JSON) written exactly as
+/// [`write_json_str`] writes its value: every escape one that it writes (`\"`,
+/// `\\`, the short forms, `\u00xx` in lower case for the other control
+/// characters), nothing else escaped. `JSON.stringify` writes strings so, but
+/// for a lone surrogate. `None` for any other text: `\/`, `\u0041`, upper-case
+/// hex, a surrogate escape, a non-string.
+pub fn written_json_str_chars(json: &str) -> Option<u64> {
+  let inner = json.strip_prefix('"')?.strip_suffix('"')?;
+  let bytes = inner.as_bytes();
+  // A char per byte that does not continue a UTF-8 sequence, less what the
+  // escapes take beyond their one character.
+  let mut chars = bytes.iter().filter(|&&byte| byte & 0xc0 != 0x80).count() as u64;
+  let mut at = 0;
+  while let Some(found) = bytes[at..].iter().position(|&byte| byte == b'\\') {
+    let escape = at + found;
+    let taken: usize = match bytes.get(escape + 1)? {
+      b'"' | b'\\' | b'n' | b'r' | b't' | b'b' | b'f' => 2,
+      b'u' => {
+        let digits = bytes.get(escape + 2..escape + 6)?;
+        let lower_hex = |byte: &u8| byte.is_ascii_digit() || (b'a'..=b'f').contains(byte);
+        if digits[..2] != *b"00" || !digits.iter().all(lower_hex) {
+          return None;
+        }
+        let unit = u8::from_str_radix(std::str::from_utf8(&digits[2..]).ok()?, 16).ok()?;
+        if unit >= 0x20 || matches!(unit, b'\n' | b'\r' | b'\t' | 0x08 | 0x0c) {
+          return None;
+        }
+        6
+      }
+      _ => return None,
+    };
+    chars -= (taken - 1) as u64;
+    at = escape + taken;
+  }
+  Some(chars)
+}
+
 /// `text` (JSON) with every `\u` escape of a lone UTF-16 surrogate replaced by
 /// `\ufffd`; `None` when it has none. A JavaScript string may hold a lone
 /// surrogate, and `JSON.stringify` writes it as such an escape, which no JSON
@@ -350,6 +388,95 @@ mod tests {
       let mut ours = String::new();
       write_json_str(&mut ours, text);
       assert_eq!(ours, serde_json::to_string(text).unwrap(), "{text:?}");
+    }
+  }
+
+  #[test]
+  fn a_json_string_as_written_gives_its_chars_and_any_other_text_none() {
+    let mut every_char_below_0x80 = String::new();
+    for byte in 0u8..0x80 {
+      every_char_below_0x80.push(char::from(byte));
+    }
+    for text in [
+      "",
+      "tok ",
+      every_char_below_0x80.as_str(),
+      "é ü 雪 🦀 \u{2028}\u{2029}",
+      "\"\\\"\\",
+      "\\u0041",
+      "end\u{1f}\u{7f}",
+    ] {
+      let mut written = String::new();
+      write_json_str(&mut written, text);
+      assert_eq!(
+        written_json_str_chars(&written),
+        Some(text.chars().count() as u64),
+        "{written}"
+      );
+    }
+    // Valid JSON strings of the same text, written otherwise, and non-strings.
+    for other in [
+      r#""\/""#,
+      r#""\u0041""#,
+      r#""\u001F""#,
+      r#""\u000a""#,
+      r#""\u0009""#,
+      r#""\u007f""#,
+      r#""\ud800""#,
+      r#""\ud83e\udd80""#,
+      r#""a\u00e9""#,
+      "1",
+      "{}",
+      "null",
+      r#"["a"]"#,
+    ] {
+      assert_eq!(written_json_str_chars(other), None, "{other}");
+    }
+  }
+
+  /// A JSON string as a JSON writer may spell it: each piece a character
+  /// either as it is or escaped in one of the ways JSON allows.
+  fn spelled_json_string() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let piece = prop_oneof![
+      any::<char>()
+        .prop_filter("unescaped", |c| *c >= ' ' && *c != '"' && *c != '\\')
+        .prop_map(String::from),
+      prop::sample::select(vec![
+        r#"\""#, r#"\\"#, r#"\/"#, r#"\n"#, r#"\r"#, r#"\t"#, r#"\b"#, r#"\f"#,
+      ])
+      .prop_map(str::to_owned),
+      (0u32..0x80, any::<bool>()).prop_map(|(unit, upper)| if upper {
+        format!("\\u{unit:04X}")
+      } else {
+        format!("\\u{unit:04x}")
+      }),
+    ];
+    prop::collection::vec(piece, 0..12).prop_map(|pieces| format!("\"{}\"", pieces.concat()))
+  }
+
+  proptest::proptest! {
+    #![proptest_config(crate::proptest_config(3000))]
+
+    /// Every string as written is taken, with its count of chars; a spelling is
+    /// taken only when it is exactly that writing.
+    #[test]
+    fn only_the_written_spelling_is_taken(text in ".*", spelled in spelled_json_string()) {
+      let mut written = String::new();
+      write_json_str(&mut written, &text);
+      proptest::prop_assert_eq!(
+        written_json_str_chars(&written),
+        Some(text.chars().count() as u64)
+      );
+      let decoded: String = serde_json::from_str(&spelled).unwrap();
+      let mut canonical = String::new();
+      write_json_str(&mut canonical, &decoded);
+      let taken = written_json_str_chars(&spelled);
+      if spelled == canonical {
+        proptest::prop_assert_eq!(taken, Some(decoded.chars().count() as u64));
+      } else {
+        proptest::prop_assert_eq!(taken, None, "{} is written {}", spelled, canonical);
+      }
     }
   }
 

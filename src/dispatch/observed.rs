@@ -20,7 +20,7 @@ use super::task::{Decision, Outcome, TaskContext};
 use super::{Metering, TaskDispatcher};
 use crate::observe::metrics::{Measures, ProviderMetrics, Scrape, UNKNOWN_PROVIDER};
 use crate::observe::{TaskObserver, TaskRecord};
-use crate::openai::{CompletionChunk, CompletionResult, ErrorReply};
+use crate::openai::{CompletionChunk, CompletionResult, ErrorReply, RawContent};
 use crate::owner::Refusal;
 use crate::wire::{self, TaskEvent};
 
@@ -98,19 +98,44 @@ impl TaskClock {
   }
 
   /// A run of chunks read from a provider's stream (the chunks of one push).
+  #[cfg(test)]
   pub fn chunks_read(&self, chunks: &[CompletionChunk]) {
     let mut content = false;
     for chunk in chunks {
-      let text = chunk.content.as_deref().unwrap_or_default();
-      let calls = chunk
-        .tool_calls
-        .as_ref()
-        .is_some_and(|calls| !calls.is_empty());
-      content |= !text.is_empty() || calls;
-      if let (Some(kept), false) = (&self.text, text.is_empty()) {
-        kept.lock().push_str(text);
-      }
+      content |= self.chunk_read(chunk);
     }
+    self.run_read(content);
+  }
+
+  /// One typed chunk of a run: its content kept for the observer (if it keeps
+  /// the text); answers whether it carried content or a tool call.
+  pub fn chunk_read(&self, chunk: &CompletionChunk) -> bool {
+    let text = chunk.content.as_deref().unwrap_or_default();
+    self.keep_text(text);
+    let calls = chunk
+      .tool_calls
+      .as_ref()
+      .is_some_and(|calls| !calls.is_empty());
+    !text.is_empty() || calls
+  }
+
+  /// One chunk of a run with only content, as its JSON string: decoded only
+  /// for an observer that keeps the text.
+  pub fn content_chunk_read(&self, content: RawContent<'_>) {
+    if self.text.is_some() {
+      self.keep_text(&content.decode());
+    }
+  }
+
+  fn keep_text(&self, text: &str) {
+    if let (Some(kept), false) = (&self.text, text.is_empty()) {
+      kept.lock().push_str(text);
+    }
+  }
+
+  /// A run read: `content`, whether any of its chunks carried content or a
+  /// tool call (the first token's time, or one inter-token gap).
+  pub fn run_read(&self, content: bool) {
     if content {
       self.content_read();
     }

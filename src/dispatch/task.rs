@@ -37,6 +37,7 @@ use crate::mcpd::McpdClient;
 use crate::openai::{self, AnswerIdentity, ErrorReply, PayloadForm, StreamEncoder, Usage};
 use crate::owner::ErrorDetail;
 use crate::provider::{AbortReason, Provider, ProviderCall};
+use crate::stream::ChunkItem;
 use crate::trace::{SpanEnd, TaskTrace};
 
 /// A task's tokens: mcpd's cancel (its own), the stop (a child of the
@@ -498,16 +499,26 @@ async fn produce(
       .stream(call)
       .await
       .map_err(|failure| provider_failed(failure.0))?;
-    let mut chunks = Vec::new();
-    while reader
-      .next_chunks(&mut chunks)
-      .await
-      .map_err(|failure| provider_failed(failure.0))?
-    {
-      clock.chunks_read(&chunks);
-      for chunk in chunks.drain(..) {
-        encoder.push(chunk, &mut out);
+    loop {
+      let mut content = false;
+      let more = reader
+        .next_items(|item| match item {
+          ChunkItem::Content(text) => {
+            content = true;
+            clock.content_chunk_read(text);
+            encoder.push_content(text, &mut out);
+          }
+          ChunkItem::Chunk(chunk) => {
+            content |= clock.chunk_read(&chunk);
+            encoder.push(chunk, &mut out);
+          }
+        })
+        .await
+        .map_err(|failure| provider_failed(failure.0))?;
+      if !more {
+        break;
       }
+      clock.run_read(content);
       send_all(outbox, &mut out).await?;
     }
   } else {
