@@ -128,6 +128,18 @@ mod linux {
     Bytes::from(format!(r#"{{"status":200,"body":{RESULT}}}"#))
   }
 
+  /// Waits (within the timeout) for a 2xx answer and reads its body.
+  async fn answered<E: std::fmt::Debug>(
+    response: impl std::future::Future<Output = Result<hyper::Response<hyper::body::Incoming>, E>>,
+  ) {
+    let response = tokio::time::timeout(TIMEOUT, response)
+      .await
+      .expect("in time")
+      .expect("an answer");
+    assert!(response.status().is_success());
+    response.into_body().collect().await.expect("its body");
+  }
+
   async fn hyper_util_client(port: u16, in_flight: usize) {
     let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
       hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -148,12 +160,7 @@ mod linux {
           .header("user-agent", "mcpctl-registrar/bench")
           .body(Full::new(body.clone()))
           .expect("a request");
-          let response = tokio::time::timeout(TIMEOUT, client.request(request))
-            .await
-            .expect("in time")
-            .expect("an answer");
-          assert!(response.status().is_success());
-          response.into_body().collect().await.expect("its body");
+          answered(client.request(request)).await;
         }
       });
     }
@@ -183,12 +190,7 @@ mod linux {
             .body(Full::new(body.clone()))
             .expect("a request");
           sender.ready().await.expect("ready");
-          let response = tokio::time::timeout(TIMEOUT, sender.send_request(request))
-            .await
-            .expect("in time")
-            .expect("an answer");
-          assert!(response.status().is_success());
-          response.into_body().collect().await.expect("its body");
+          answered(sender.send_request(request)).await;
         }
       });
     }

@@ -66,33 +66,42 @@ fn before(texts: &[String]) -> usize {
   bytes
 }
 
+/// The outbox's work: the ready-escaped payloads copied into a chunk POST's body,
+/// a body every BATCH payloads or at `[DONE]`; counts the bytes of the bodies.
+#[derive(Default)]
+struct Body {
+  text: String,
+  payloads: usize,
+  bytes: usize,
+}
+
+impl Body {
+  fn append(&mut self, out: &mut Vec<String>) {
+    for payload in out.drain(..) {
+      if self.payloads == 0 {
+        self.text.clear();
+        self.text.push_str(r#"{"seq":0,"chunks":["#);
+      } else {
+        self.text.push(',');
+      }
+      self.text.push('"');
+      self.text.push_str(&payload);
+      self.text.push('"');
+      self.payloads += 1;
+      if self.payloads == BATCH || payload == DONE {
+        self.text.push_str("]}");
+        self.bytes += self.text.len();
+        self.payloads = 0;
+      }
+    }
+  }
+}
+
 fn typed(texts: &[String]) -> usize {
   let mut encoder = StreamEncoder::with_form(identity(), false, PayloadForm::JsonStringContent);
   let mut out = Vec::new();
   let mut chunks: Vec<CompletionChunk> = Vec::new();
-  // The outbox's work: the ready-escaped payloads copied into the body.
-  let mut body = String::new();
-  let mut in_body = 0;
-  let mut bytes = 0;
-  let mut append = |body: &mut String, out: &mut Vec<String>, bytes: &mut usize| {
-    for payload in out.drain(..) {
-      if in_body == 0 {
-        body.clear();
-        body.push_str(r#"{"seq":0,"chunks":["#);
-      } else {
-        body.push(',');
-      }
-      body.push('"');
-      body.push_str(&payload);
-      body.push('"');
-      in_body += 1;
-      if in_body == BATCH || payload == DONE {
-        body.push_str("]}");
-        *bytes += body.len();
-        in_body = 0;
-      }
-    }
-  };
+  let mut body = Body::default();
   for run in texts.chunks(128) {
     for text in run {
       chunks.push(CompletionChunk {
@@ -103,48 +112,26 @@ fn typed(texts: &[String]) -> usize {
     for chunk in chunks.drain(..) {
       encoder.push(chunk, &mut out);
     }
-    append(&mut body, &mut out, &mut bytes);
+    body.append(&mut out);
   }
   encoder.finish(&mut out);
-  append(&mut body, &mut out, &mut bytes);
-  bytes
+  body.append(&mut out);
+  body.bytes
 }
 
 fn now(texts: &[String]) -> usize {
   let mut encoder = StreamEncoder::with_form(identity(), false, PayloadForm::JsonStringContent);
   let mut out = Vec::new();
-  // The outbox's work: the ready-escaped payloads copied into the body.
-  let mut body = String::new();
-  let mut in_body = 0;
-  let mut bytes = 0;
-  let mut append = |body: &mut String, out: &mut Vec<String>, bytes: &mut usize| {
-    for payload in out.drain(..) {
-      if in_body == 0 {
-        body.clear();
-        body.push_str(r#"{"seq":0,"chunks":["#);
-      } else {
-        body.push(',');
-      }
-      body.push('"');
-      body.push_str(&payload);
-      body.push('"');
-      in_body += 1;
-      if in_body == BATCH || payload == DONE {
-        body.push_str("]}");
-        *bytes += body.len();
-        in_body = 0;
-      }
-    }
-  };
+  let mut body = Body::default();
   for run in texts.chunks(128) {
     for text in run {
       encoder.push_content(RawContent::new(text).unwrap(), &mut out);
     }
-    append(&mut body, &mut out, &mut bytes);
+    body.append(&mut out);
   }
   encoder.finish(&mut out);
-  append(&mut body, &mut out, &mut bytes);
-  bytes
+  body.append(&mut out);
+  body.bytes
 }
 
 fn report(name: &str, run: fn(&[String]) -> usize, texts: &[String]) {
