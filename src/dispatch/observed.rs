@@ -458,6 +458,39 @@ mod tests {
   }
 
   #[tokio::test(start_paused = true)]
+  async fn content_handed_over_as_its_json_string_is_kept_decoded_and_timed_once_a_run() {
+    let metrics = crate::observe::metrics::RegistrarMetrics::new();
+    let lane = metrics.provider("p");
+    let clock = TaskClock::new(Instant::now(), Some(Arc::clone(&lane)), true, false);
+    let json = [r#""a \"q\"""#, r#""\n\u001f🦀""#];
+    let raw = json.map(|json| RawContent::new(json).unwrap());
+    tokio::time::advance(Duration::from_millis(30)).await;
+    clock.content_chunk_read(raw[0]);
+    clock.content_chunk_read(raw[1]);
+    clock.run_read(true);
+    tokio::time::advance(Duration::from_millis(20)).await;
+    let typed = CompletionChunk {
+      content: Some("!".to_owned()),
+      ..CompletionChunk::default()
+    };
+    let content = clock.chunk_read(&typed);
+    clock.run_read(content);
+    assert_eq!(
+      clock.text.as_ref().unwrap().lock().as_str(),
+      "a \"q\"\n\u{1f}🦀!"
+    );
+    assert_eq!(
+      TaskClock::read(&clock.first_content),
+      Some(Duration::from_millis(30))
+    );
+    assert_eq!(lane.inter_token_latency.get_sample_count(), 1);
+    // Without an observer that keeps the text, nothing is decoded or kept.
+    let bare = TaskClock::new(Instant::now(), None, false, false);
+    bare.content_chunk_read(raw[0]);
+    assert!(bare.text.is_none());
+  }
+
+  #[tokio::test(start_paused = true)]
   async fn a_clock_without_content_wanted_keeps_no_text() {
     let clock = TaskClock::new(Instant::now(), None, false, false);
     clock.result_read(&CompletionResult {
