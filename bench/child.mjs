@@ -92,17 +92,17 @@ function writerThread() {
  *  thread: about one per wake-up), and the main thread's share. A thread that ended
  *  between two snaps drops out of the sum; the registrars' threads live as long as they. */
 function wakeups() {
-  let process = 0
+  let all = 0
   let main = 0
   for (const tid of readdirSync('/proc/self/task')) {
     try {
       const sched = readFileSync(`/proc/self/task/${tid}/sched`, 'utf8')
       const switches = Number(/nr_voluntary_switches\s*:\s*(\d+)/.exec(sched)?.[1])
-      process += switches
-      if (tid === String(globalThis.process.pid)) main = switches
+      all += switches
+      if (tid === String(process.pid)) main = switches
     } catch {}
   }
-  return { wakeups: process, mainWakeups: main }
+  return { wakeups: all, mainWakeups: main }
 }
 const entry = { name: 'bench', type: 'bench', model: 'bench', publish: true, provider }
 let registrar

@@ -332,20 +332,12 @@ impl ChunkReader {
     }
   }
 
-  /// The next chunks, typed: waits for one, then appends it and as many more
-  /// of the same push as are there (at most 128) to `out`; `false` at the
-  /// end. A chunk that is not a valid `CompletionChunk` is a failure,
-  /// reported after the valid chunks before it. One await for many chunks.
-  pub async fn next_chunks(
-    &mut self,
-    out: &mut Vec<CompletionChunk>,
-  ) -> Result<bool, ProviderFailure> {
-    self.next_items(|item| out.push(item.into_chunk())).await
-  }
-
-  /// [`Self::next_chunks`], each chunk handed to `each` as it is read, a
-  /// content one as the JSON string the batch holds (borrowed from it, so
-  /// nothing is allocated for it).
+  /// The next chunks: waits for one, then hands it and as many more of the
+  /// same push as are there (at most 128) to `each`, a content-only one as the
+  /// JSON string the batch holds (borrowed from it, so nothing is allocated
+  /// for it), any other typed; `false` at the end. A chunk that is not a valid
+  /// `CompletionChunk` is a failure, reported after the valid chunks before
+  /// it. One await for many chunks.
   pub async fn next_items(
     &mut self,
     mut each: impl FnMut(ChunkItem<'_>),
@@ -549,6 +541,16 @@ mod tests {
   }
 
   /// Reads the stream to its end: every chunk's content, and how it ended.
+  impl ChunkReader {
+    /// [`ChunkReader::next_items`], each chunk typed, appended to `out`.
+    async fn next_chunks(
+      &mut self,
+      out: &mut Vec<CompletionChunk>,
+    ) -> Result<bool, ProviderFailure> {
+      self.next_items(|item| out.push(item.into_chunk())).await
+    }
+  }
+
   async fn read_all(reader: &mut ChunkReader) -> (Vec<String>, Result<(), ProviderFailure>) {
     let mut seen = Vec::new();
     let mut chunks = Vec::new();
