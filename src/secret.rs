@@ -15,7 +15,16 @@ const MASK: &str = "***";
 /// The tokens of every live [`Secret`]: text from any registrar is redacted of
 /// all of them, so that an error made where no token is at hand (a transport
 /// error's URL, a panic message) is still safe once it becomes text.
-static LIVE: Mutex<Vec<Weak<str>>> = parking_lot::const_mutex(Vec::new());
+static LIVE: Mutex<Vec<Entry>> = parking_lot::const_mutex(Vec::new());
+
+/// One secret in [`LIVE`]: its token, copied, and a weak handle to the secret's
+/// own, which tells whether it still lives. The copy is what a redaction holds
+/// while it runs, so a redaction on another thread never keeps a dropped secret
+/// alive, as upgrading the weak handle would.
+struct Entry {
+  alive: Weak<str>,
+  token: Arc<str>,
+}
 
 /// A secret string; read it only with [`Secret::expose`] where it goes on the wire.
 #[derive(Clone)]
@@ -26,8 +35,11 @@ impl Secret {
     let value: Arc<str> = Arc::from(value.into());
     if value.len() >= MIN_REDACTED_LEN {
       let mut live = LIVE.lock();
-      live.retain(|token| token.strong_count() > 0);
-      live.push(Arc::downgrade(&value));
+      live.retain(|entry| entry.alive.strong_count() > 0);
+      live.push(Entry {
+        alive: Arc::downgrade(&value),
+        token: Arc::from(&*value),
+      });
     }
     Self(value)
   }
@@ -67,12 +79,21 @@ impl fmt::Display for Secret {
 /// in a URL's path or query), and the value after every `Authorization` and
 /// `Bearer`.
 pub fn redact(text: &str) -> String {
-  let tokens: Vec<Arc<str>> = LIVE.lock().iter().filter_map(Weak::upgrade).collect();
   let mut text = text.to_owned();
-  for token in &tokens {
+  for token in &live_tokens() {
     text = mask_token(token, &text);
   }
   mask_authorization(&text)
+}
+
+/// The tokens of the secrets alive now.
+fn live_tokens() -> Vec<Arc<str>> {
+  let live = LIVE.lock();
+  live
+    .iter()
+    .filter(|entry| entry.alive.strong_count() > 0)
+    .map(|entry| Arc::clone(&entry.token))
+    .collect()
 }
 
 /// Replaces each occurrence of `token`, where any of its bytes may be written
@@ -269,6 +290,17 @@ mod tests {
     drop(secret);
     // A secret no longer alive is no longer searched for.
     assert_eq!(redact("tok/en+1~x"), "tok/en+1~x");
+  }
+
+  #[test]
+  fn a_redaction_elsewhere_does_not_keep_a_dropped_secret_alive() {
+    let secret = Secret::new("held-elsewhere-9");
+    // What a redaction on another thread holds while it runs.
+    let held = live_tokens();
+    assert!(held.iter().any(|token| &**token == "held-elsewhere-9"));
+    drop(secret);
+    assert_eq!(redact("held-elsewhere-9"), "held-elsewhere-9");
+    drop(held);
   }
 
   #[test]
