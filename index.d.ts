@@ -346,7 +346,12 @@ export interface CompletionOptions {
    * `complete()` or `stream()` runs.
    */
   trace?: CompletionTrace
-  /** The OpenAI request as mcpd sent it, for providers that forward it as is. */
+  /**
+   * The OpenAI request as mcpd sent it (its keys in their order, its numbers
+   * as written), for providers that forward it as is. The one change: the
+   * owner's `maxOutputTokens` is set as `max_tokens` when the request asked
+   * for no limit.
+   */
   request: Record<string, unknown>
 }
 

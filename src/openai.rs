@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Number, Value};
 
 use crate::owner::Refusal;
@@ -157,7 +158,7 @@ pub type Nullable<T> = Option<T>;
 /// as JSON text, parsed once there: the fields are camelCase, an absent one is left
 /// out (`content: null` stays).
 #[napi(object, object_from_js = false, object_to_js = false)]
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CompletionOptions {
   pub messages: Vec<ChatMessage>,
@@ -212,21 +213,18 @@ pub struct CompletionOptions {
   /// `complete()` or `stream()` runs.
   #[serde(skip_serializing_if = "Option::is_none")]
   pub trace: Option<CompletionTrace>,
-  /// The OpenAI request as mcpd sent it, for providers that forward it as is.
+  /// The OpenAI request as mcpd sent it (its keys in their order, its numbers
+  /// as written), for providers that forward it as is. The one change: the
+  /// owner's `maxOutputTokens` is set as `max_tokens` when the request asked
+  /// for no limit.
   #[napi(ts_type = "Record<string, unknown>")]
-  pub request: Value,
+  pub request: Box<RawValue>,
 }
 
 impl CompletionOptions {
-  /// The options as a JSON value (keys sorted, as `Value` keeps them), moving
-  /// `request` into it rather than copying it a second time.
-  pub fn into_value(mut self) -> Value {
-    let request = std::mem::take(&mut self.request);
-    let mut value = serde_json::to_value(&self).unwrap_or_default();
-    if let Some(fields) = value.as_object_mut() {
-      fields.insert("request".into(), request);
-    }
-    value
+  /// The options' JSON text, as JavaScript parses them.
+  pub fn to_json(&self) -> String {
+    serde_json::to_string(self).expect("options serialize: string keys, finite numbers")
   }
 }
 
@@ -421,8 +419,9 @@ pub struct FunctionName {
 
 type Invalid = ErrorReply;
 
-/// Turns an OpenAI `POST /v1/chat/completions` body into `CompletionOptions`.
-pub fn to_completion_options(body: &Value) -> Result<ChatRequest, Invalid> {
+/// Turns an OpenAI `POST /v1/chat/completions` body, parsed, into
+/// `CompletionOptions`; `sent` is the same body as text, kept as mcpd sent it.
+pub fn to_completion_options(body: &Value, sent: Box<RawValue>) -> Result<ChatRequest, Invalid> {
   let request = body
     .as_object()
     .ok_or_else(|| ErrorReply::invalid_request("the request body must be a JSON object"))?;
@@ -537,7 +536,7 @@ pub fn to_completion_options(body: &Value) -> Result<ChatRequest, Invalid> {
       user,
       caller: None,
       trace: None,
-      request: body.clone(),
+      request: sent,
     }),
     model,
     include_usage,
@@ -1384,6 +1383,16 @@ impl StreamEncoder {
 mod tests {
   use super::*;
 
+  /// `to_completion_options` of a body sent as `serde_json` prints it.
+  fn convert(body: &Value) -> Result<ChatRequest, Invalid> {
+    to_completion_options(body, serde_json::value::to_raw_value(body).unwrap())
+  }
+
+  /// The options as JavaScript parses them.
+  fn parsed(options: &CompletionOptions) -> Value {
+    serde_json::from_str(&options.to_json()).unwrap()
+  }
+
   fn identity() -> AnswerIdentity {
     AnswerIdentity {
       id: "chatcmpl-t-1".into(),
@@ -1408,10 +1417,10 @@ mod tests {
       "response_format": { "type": "json_object" }, "seed": 7, "presence_penalty": 0.1, "frequency_penalty": 0.3,
       "user": "u1", "stream": true, "stream_options": { "include_usage": true }, "vendor_extra": 1
     });
-    let request = to_completion_options(&body).unwrap();
+    let request = convert(&body).unwrap();
     assert!(request.include_usage);
     assert_eq!(request.model.as_deref(), Some("local-qwen"));
-    let options = &request.options.into_value();
+    let options = &parsed(&request.options);
     assert_eq!(options["maxTokens"], json!(64));
     assert_eq!(options["stop"], json!(["END"]));
     assert_eq!(options["topP"], json!(0.9));
@@ -1438,55 +1447,55 @@ mod tests {
 
   #[test]
   fn max_tokens_alone_is_used() {
-    let request = to_completion_options(&json!({ "messages": [{ "role": "user", "content": "x" }], "max_tokens": 5, "temperature": null })).unwrap();
+    let request = convert(&json!({ "messages": [{ "role": "user", "content": "x" }], "max_tokens": 5, "temperature": null })).unwrap();
     assert!(!request.include_usage);
-    let options = request.options.into_value();
+    let options = parsed(&request.options);
     assert_eq!(options["maxTokens"], json!(5));
     assert!(options.get("temperature").is_none());
   }
 
-  /// The text a provider's options are parsed from: the fields in the order a JSON
-  /// object's keys are printed (sorted), absent ones left out, numbers as sent
-  /// (`1` stays `1`, `0.50` is `0.5`), `content: null` kept, `model` the request's
-  /// here (the task sets the entry's).
+  /// The text a provider's options are parsed from: the fields in the order
+  /// `CompletionOptions` declares them, absent ones left out, numbers as read
+  /// (`1` stays `1`, `0.50` is `0.5`, `1e2` is `100.0`), `content: null` kept,
+  /// `model` the request's here (the task sets the entry's), and `request` the
+  /// body's text as mcpd sent it, byte for byte.
   #[test]
   fn options_text_is_these_exact_bytes() {
-    let body = json!({
-      "model": "m",
-      "messages": [
-        { "role": "system", "content": "be brief", "name": "sys" },
-        { "role": "user", "content": [ { "type": "text", "text": "hi" }, { "type": "image_url", "image_url": "data:x" }, { "type": "image_url", "image_url": { "url": "u", "detail": 3 } } ] },
-        { "role": "assistant", "content": null, "tool_calls": [ { "id": "c1", "type": "function", "function": { "name": "f" } } ] },
-        { "role": "tool", "tool_call_id": "c1", "content": "42" }
-      ],
-      "temperature": 1, "top_p": 0.50, "max_tokens": 7, "seed": -3, "stop": ["a", "b"],
-      "presence_penalty": 0, "frequency_penalty": 1e2,
-      "tools": [ { "type": "function", "function": { "name": "f", "description": "d", "parameters": { "type": "object" } } }, { "type": "function", "function": { "name": "g" } } ],
-      "tool_choice": "auto", "response_format": { "type": "text" }, "user": "u1"
-    });
-    let options = to_completion_options(&body).unwrap().options;
-    let text = options.clone().into_value().to_string();
-    let request = body.to_string();
+    let sent = concat!(
+      r#"{ "model": "m", "messages": ["#,
+      r#"{ "role": "system", "content": "be brief", "name": "sys" },"#,
+      r#"{ "role": "user", "content": [ { "type": "text", "text": "hi" }, { "type": "image_url", "image_url": "data:x" }, { "type": "image_url", "image_url": { "url": "u", "detail": 3 } } ] },"#,
+      r#"{ "role": "assistant", "content": null, "tool_calls": [ { "id": "c1", "type": "function", "function": { "name": "f" } } ] },"#,
+      r#"{ "role": "tool", "tool_call_id": "c1", "content": "42" } ],"#,
+      r#" "temperature": 1, "top_p": 0.50, "max_tokens": 7, "seed": -3, "stop": ["a", "b"],"#,
+      r#" "presence_penalty": 0, "frequency_penalty": 1e2,"#,
+      r#" "tools": [ { "type": "function", "function": { "name": "f", "description": "d", "parameters": { "type": "object", "b": 1, "a": 2 } } }, { "type": "function", "function": { "name": "g" } } ],"#,
+      r#" "tool_choice": "auto", "response_format": { "type": "text" }, "user": "u\u0031" }"#
+    );
+    let body: Value = serde_json::from_str(sent).unwrap();
+    let raw = RawValue::from_string(sent.to_owned()).unwrap();
+    let options = to_completion_options(&body, raw).unwrap().options;
     assert_eq!(
-      text,
+      options.to_json(),
       format!(
         concat!(
-          r#"{{"frequencyPenalty":100.0,"maxTokens":7,"messages":["#,
-          r#"{{"content":"be brief","name":"sys","role":"system"}},"#,
-          r#"{{"content":[{{"text":"hi","type":"text"}},{{"imageUrl":{{"url":"data:x"}},"type":"image_url"}},{{"imageUrl":{{"url":"u"}},"type":"image_url"}}],"role":"user"}},"#,
-          r#"{{"content":null,"role":"assistant","toolCalls":[{{"function":{{"arguments":"","name":"f"}},"id":"c1","type":"function"}}]}},"#,
-          r#"{{"content":"42","role":"tool","toolCallId":"c1"}}],"#,
-          r#""model":"m","presencePenalty":0,"request":{request},"responseFormat":{{"type":"text"}},"seed":-3,"stop":["a","b"],"temperature":1,"toolChoice":"auto","#,
-          r#""tools":[{{"function":{{"description":"d","name":"f","parameters":{{"type":"object"}}}},"type":"function"}},{{"function":{{"name":"g"}},"type":"function"}}],"#,
-          r#""topP":0.5,"user":"u1"}}"#
+          r#"{{"messages":["#,
+          r#"{{"role":"system","content":"be brief","name":"sys"}},"#,
+          r#"{{"role":"user","content":[{{"type":"text","text":"hi"}},{{"type":"image_url","imageUrl":{{"url":"data:x"}}}},{{"type":"image_url","imageUrl":{{"url":"u"}}}}]}},"#,
+          r#"{{"role":"assistant","content":null,"toolCalls":[{{"id":"c1","type":"function","function":{{"name":"f","arguments":""}}}}]}},"#,
+          r#"{{"role":"tool","content":"42","toolCallId":"c1"}}],"#,
+          r#""model":"m","temperature":1,"maxTokens":7,"topP":0.5,"stop":["a","b"],"#,
+          r#""tools":[{{"type":"function","function":{{"name":"f","description":"d","parameters":{{"a":2,"b":1,"type":"object"}}}}}},{{"type":"function","function":{{"name":"g"}}}}],"#,
+          r#""toolChoice":"auto","responseFormat":{{"type":"text"}},"seed":-3,"presencePenalty":0,"frequencyPenalty":100.0,"user":"u1","#,
+          r#""request":{sent}}}"#
         ),
-        request = request
+        sent = sent
       )
     );
-    let choice = to_completion_options(&json!({ "messages": [{ "role": "user", "content": "x" }], "tool_choice": { "type": "function", "function": { "name": "f" } } })).unwrap();
-    let text = choice.options.into_value().to_string();
+    let choice = convert(&json!({ "messages": [{ "role": "user", "content": "x" }], "tool_choice": { "type": "function", "function": { "name": "f" } } })).unwrap();
+    let text = choice.options.to_json();
     assert!(
-      text.contains(r#""toolChoice":{"function":{"name":"f"},"type":"function"}"#),
+      text.contains(r#""toolChoice":{"type":"function","function":{"name":"f"}}"#),
       "{text}"
     );
   }
@@ -1530,7 +1539,7 @@ mod tests {
         "'tool_choice'",
       ),
     ] {
-      let error = to_completion_options(&body).unwrap_err();
+      let error = convert(&body).unwrap_err();
       assert_eq!(error.status, 400);
       assert_eq!(error.kind, "invalid_request_error");
       assert!(

@@ -15,11 +15,11 @@ use crate::trace::{SpanEnd, TaskTrace};
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// One provider call: the task it serves and its `CompletionOptions` as JSON
-/// (the bridge adds the `AbortSignal`).
+/// text (the bridge adds the `AbortSignal`).
 #[derive(Debug, Clone)]
 pub struct ProviderCall {
   pub task_id: String,
-  pub options: Value,
+  pub options: String,
   /// The task's trace: the bridge records the registrar's span in it, if it
   /// makes one, before the call settles.
   pub trace: Arc<TaskTrace>,

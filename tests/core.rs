@@ -1612,6 +1612,37 @@ async fn the_provider_gets_the_configured_model() {
   rig.stop().await;
 }
 
+/// `options.request` is the body's text as mcpd sent it, byte for byte: its
+/// spacing, its keys' order, its numbers and escapes as written, a key the
+/// registrar does not know; the typed fields beside it are read from it.
+#[tokio::test]
+async fn the_request_reaches_the_provider_as_mcpd_wrote_it() {
+  let provider = MockProvider::answering(hello());
+  let rig = Rig::connected(
+    "model",
+    vec![published(PROVIDER, Arc::clone(&provider))],
+    roomy(),
+  )
+  .await;
+  let sent = r#"{ "stream":false, "vendor_x": {"z": 1, "a": [1.50, 1e2]}, "temperature": 0.50,
+    "messages": [ {"content": "hi é", "role": "user"} ], "model": "virtual-name" }"#;
+  rig.fake.push(format!(
+    "event: task\ndata: {{\"taskId\":\"t-raw\",\"provider\":\"{PROVIDER}\",\"body\":{}}}\n\n",
+    sent.replace('\n', " ")
+  ));
+  rig.fake.result("t-raw").await;
+  let text = provider.options_text(0);
+  let expected_tail = format!(r#""request":{}}}"#, sent.replace('\n', " "));
+  assert!(text.ends_with(&expected_tail), "{text}");
+  let options = provider.call(0).options;
+  assert_eq!(options["temperature"], json!(0.5));
+  assert_eq!(
+    options["messages"],
+    json!([{ "role": "user", "content": "hi é" }])
+  );
+  rig.stop().await;
+}
+
 /// start() resolves once the channel is open, so a task sent right after it
 /// is run, even when the first connect failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,6 +30,11 @@ use mcpctl_registrar::wire::{
 
 /// `PROPTEST_CASES` when set, else `default`; no regression files (a shrunk
 /// failure is kept as an example test instead).
+/// `to_completion_options` of a body sent as `serde_json` prints it.
+fn convert(body: &Value) -> Result<mcpctl_registrar::openai::ChatRequest, ErrorReply> {
+  to_completion_options(body, serde_json::value::to_raw_value(body).unwrap())
+}
+
 fn config(default: u32) -> ProptestConfig {
   let cases = std::env::var("PROPTEST_CASES")
     .ok()
@@ -683,7 +688,7 @@ proptest! {
       changed[field.as_str()] = replacement;
       changed
     }] {
-      if let Err(refused) = to_completion_options(&body) {
+      if let Err(refused) = convert(&body) {
         prop_assert_eq!((refused.status, refused.code), (400, "invalid_request"));
       }
     }
@@ -693,7 +698,7 @@ proptest! {
   /// terms, keep the request as sent, and ask for usage as it did.
   #[test]
   fn a_valid_request_round_trips_through_completion_options(request in valid_request()) {
-    let converted = to_completion_options(&request).map_err(|refused| {
+    let converted = convert(&request).map_err(|refused| {
       TestCaseError::fail(format!("refused: {}", refused.message))
     })?;
     prop_assert_eq!(
@@ -701,7 +706,7 @@ proptest! {
       request["stream_options"]["include_usage"] == json!(true)
     );
     prop_assert_eq!(converted.model.as_deref(), request["model"].as_str());
-    let options = converted.options.into_value();
+    let options: Value = serde_json::from_str(&converted.options.to_json()).unwrap();
     prop_assert_eq!(&options["request"], &request);
     prop_assert_eq!(back_to_openai(&options), canonical(&request));
   }

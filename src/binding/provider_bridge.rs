@@ -506,13 +506,7 @@ impl Provider for ProviderBridge {
     Box::pin(async move {
       let text = bridge
         .call_provider(&bridge.complete, "complete", call.trace, |call_id| {
-          FnArgs::from((
-            provider,
-            call.task_id,
-            call.options.to_string(),
-            call_id,
-            arrived_at,
-          ))
+          FnArgs::from((provider, call.task_id, call.options, call_id, arrived_at))
         })
         .await?
         .ok_or_else(|| ProviderFailure("provider.complete: no value".to_owned()))?;
@@ -540,7 +534,7 @@ impl Provider for ProviderBridge {
           FnArgs::from((
             provider,
             call.task_id,
-            call.options.to_string(),
+            call.options,
             call_id,
             arrived_at,
             stream_id,

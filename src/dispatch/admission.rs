@@ -23,7 +23,9 @@ use crate::wire::ProviderLoad;
 /// descriptor it runs new tasks with are swapped when mcpd accepted the set.
 pub struct Lane {
   name: String,
-  published: Mutex<PublishedProvider>,
+  /// Shared, not copied, with each task that starts (a task keeps the one it
+  /// started with).
+  published: Mutex<Arc<PublishedProvider>>,
   max_concurrency: u32,
   max_queue: u32,
   slots: Mutex<Slots>,
@@ -82,7 +84,7 @@ impl Lane {
   pub fn new(published: PublishedProvider, max_concurrency: u32, max_queue: u32) -> Self {
     Self {
       name: published.descriptor.name.clone(),
-      published: Mutex::new(published),
+      published: Mutex::new(Arc::new(published)),
       max_concurrency,
       max_queue,
       slots: Mutex::new(Slots::default()),
@@ -118,13 +120,13 @@ impl Lane {
   }
 
   /// The provider and descriptor a task starting now runs with.
-  pub fn published(&self) -> PublishedProvider {
-    self.published.lock().clone()
+  pub fn published(&self) -> Arc<PublishedProvider> {
+    Arc::clone(&self.published.lock())
   }
 
   /// What later tasks run with (same name; an `update()` accepted by mcpd).
   pub fn republish(&self, published: PublishedProvider) {
-    *self.published.lock() = published;
+    *self.published.lock() = Arc::new(published);
   }
 
   /// A slot, a place in the queue, or `None` when both are full.

@@ -243,7 +243,7 @@ impl TaskDispatcher {
       .published
       .iter()
       .filter_map(|name| lanes.serving.get(name))
-      .map(|lane| lane.published())
+      .map(|lane| PublishedProvider::clone(&lane.published()))
       .collect()
   }
 
@@ -525,23 +525,27 @@ impl TaskDispatcher {
     }
     // The body is parsed here, with serde_json's recursion limit: a body
     // too deep or of the wrong shape is answered 400.
-    let body: Value = match event
-      .body
-      .as_deref()
-      .map(|raw| serde_json::from_str(raw.get()))
-    {
-      None => Value::Null,
-      Some(Ok(body)) => body,
-      Some(Err(error)) => {
+    let Some(sent) = event.body.as_deref() else {
+      return answer(ErrorReply::invalid_request(
+        "the request body must be a JSON object",
+      ));
+    };
+    let body: Value = match serde_json::from_str(sent.get()) {
+      Ok(body) => body,
+      Err(error) => {
         return answer(ErrorReply::invalid_request(format!(
           "the request body cannot be read: {error}"
         )))
       }
     };
-    let mut request = match openai::to_completion_options(&body) {
+    let mut request = match openai::to_completion_options(&body, sent.to_owned()) {
       Ok(request) => request,
       Err(reply) => return answer(reply),
     };
+    let stream = event
+      .stream
+      .or_else(|| body.get("stream").and_then(Value::as_bool))
+      .unwrap_or(false);
     if let Some(max) = limits.max_output_tokens {
       match request.options.max_tokens {
         Some(asked) if asked > max => {
@@ -561,16 +565,15 @@ impl TaskDispatcher {
         None => {
           // Capped for a provider that forwards the request as is, too.
           request.options.max_tokens = Some(max);
-          if let Some(fields) = request.options.request.as_object_mut() {
+          let mut capped = body;
+          if let Some(fields) = capped.as_object_mut() {
             fields.insert("max_tokens".to_owned(), max.into());
           }
+          request.options.request =
+            serde_json::value::to_raw_value(&capped).expect("a parsed body serializes");
         }
       }
     }
-    let stream = event
-      .stream
-      .or_else(|| body.get("stream").and_then(Value::as_bool))
-      .unwrap_or(false);
     let over = lane.meter.lock().check(limits, caller.as_ref());
     if let Some(over) = over {
       let what = match over.refusal {

@@ -185,7 +185,7 @@ impl TaskContext<'_> {
     options.model.clone_from(&descriptor.model);
     let call = ProviderCall {
       task_id: task_id.to_owned(),
-      options: options.into_value(),
+      options: options.to_json(),
       trace: Arc::clone(&self.trace),
     };
     let provider = &published.provider;
@@ -600,7 +600,7 @@ mod tests {
     let provider: Arc<dyn Provider> = silent.clone();
     let call = ProviderCall {
       task_id: "t".into(),
-      options: Value::Null,
+      options: String::new(),
       trace: Arc::default(),
     };
     let identity = AnswerIdentity::new("t", "m".into());

@@ -36,6 +36,13 @@ pub enum Behavior {
   GatedStream { count: usize },
 }
 
+/// A call as the provider saw it, its options parsed as JavaScript parses them.
+#[derive(Debug, Clone)]
+pub struct SeenCall {
+  pub task_id: String,
+  pub options: Value,
+}
+
 pub struct MockProvider {
   can_stream: bool,
   /// Used up front to back; the last one repeats.
@@ -88,8 +95,19 @@ impl MockProvider {
       .collect()
   }
 
-  pub fn call(&self, index: usize) -> ProviderCall {
-    self.calls.lock()[index].clone()
+  /// The `index`th call's options, as the text JavaScript would parse.
+  pub fn options_text(&self, index: usize) -> String {
+    self.calls.lock()[index].options.clone()
+  }
+
+  /// The `index`th call; its options must be JSON text.
+  pub fn call(&self, index: usize) -> SeenCall {
+    let calls = self.calls.lock();
+    let call = &calls[index];
+    SeenCall {
+      task_id: call.task_id.clone(),
+      options: serde_json::from_str(&call.options).expect("the options are JSON text"),
+    }
   }
 
   pub fn aborts(&self) -> Vec<(String, AbortReason)> {
