@@ -1099,6 +1099,84 @@ pub enum PayloadForm {
 
 pub const DONE: &str = "[DONE]";
 
+/// Where a [`StreamEncoder`] puts its payloads: a list of strings (the tests',
+/// one allocation per payload) or [`Payloads`] (the registrar's, none).
+pub trait PayloadSink {
+  /// Adds one payload, which `write` writes (about `capacity` bytes) at the
+  /// end of a text it must only append to.
+  fn write_payload(&mut self, capacity: usize, write: impl FnOnce(&mut String));
+
+  /// Adds one payload made elsewhere.
+  fn push_payload(&mut self, payload: String) {
+    self.write_payload(payload.len(), |text| text.push_str(&payload));
+  }
+}
+
+impl PayloadSink for Vec<String> {
+  fn write_payload(&mut self, capacity: usize, write: impl FnOnce(&mut String)) {
+    let mut payload = String::with_capacity(capacity);
+    write(&mut payload);
+    self.push(payload);
+  }
+
+  fn push_payload(&mut self, payload: String) {
+    self.push(payload);
+  }
+}
+
+/// Payloads written one after another into one text, each one's end kept: a
+/// streamed token's payload costs no allocation of its own (the text and the
+/// ends grow to a run's size once and are reused, run after run).
+#[derive(Debug, Default)]
+pub struct Payloads {
+  text: String,
+  ends: Vec<usize>,
+}
+
+impl Payloads {
+  pub fn len(&self) -> usize {
+    self.ends.len()
+  }
+
+  pub fn is_empty(&self) -> bool {
+    self.ends.is_empty()
+  }
+
+  /// The `index`th payload.
+  pub fn get(&self, index: usize) -> &str {
+    let start = index.checked_sub(1).map_or(0, |before| self.ends[before]);
+    &self.text[start..self.ends[index]]
+  }
+
+  pub fn iter(&self) -> impl Iterator<Item = &str> {
+    (0..self.len()).map(|index| self.get(index))
+  }
+
+  /// Empties the list, keeping its room.
+  pub fn clear(&mut self) {
+    self.text.clear();
+    self.ends.clear();
+  }
+}
+
+impl PayloadSink for Payloads {
+  fn write_payload(&mut self, capacity: usize, write: impl FnOnce(&mut String)) {
+    self.text.reserve(capacity);
+    write(&mut self.text);
+    self.ends.push(self.text.len());
+  }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for Payloads {
+  fn from_iter<I: IntoIterator<Item = S>>(payloads: I) -> Self {
+    let mut list = Payloads::default();
+    for payload in payloads {
+      list.write_payload(0, |text| text.push_str(payload.as_ref()));
+    }
+    list
+  }
+}
+
 /// What every chunk payload starts with, up to its delta.
 const CHUNK_HEAD: &str = r#"{"choices":[{"delta":"#;
 /// A chunk's end after its delta, when it has no finish reason.
@@ -1188,47 +1266,45 @@ impl StreamEncoder {
 
   /// The payload of a chunk with only content: the one made per token, from
   /// the parts made once, without building the JSON text first.
-  fn content_payload(&mut self, content: &str) -> String {
+  fn content_payload(&mut self, content: &str, out: &mut impl PayloadSink) {
     let mut json = std::mem::take(&mut self.scratch);
     json.clear();
     write_json_str(&mut json, content);
-    let payload = self.content_json_payload(&json);
+    self.content_json_payload(&json, out);
     self.scratch = json;
-    payload
   }
 
   /// [`Self::content_payload`] from the content's JSON string (quotes
-  /// included), as [`write_json_str`] writes it.
-  fn content_json_payload(&self, json: &str) -> String {
-    let mut payload = String::with_capacity(
-      self.content_head.len() + json.len() + json.len() / 4 + self.content_end.len(),
-    );
-    payload.push_str(&self.content_head);
-    match self.form {
-      PayloadForm::Json => payload.push_str(json),
-      PayloadForm::JsonStringContent => write_json_str_content(&mut payload, json),
-    }
-    payload.push_str(&self.content_end);
-    payload
+  /// included), as [`write_json_str`] writes it, written into `out`.
+  fn content_json_payload(&self, json: &str, out: &mut impl PayloadSink) {
+    let capacity = self.content_head.len() + json.len() + json.len() / 4 + self.content_end.len();
+    out.write_payload(capacity, |payload| {
+      payload.push_str(&self.content_head);
+      match self.form {
+        PayloadForm::Json => payload.push_str(json),
+        PayloadForm::JsonStringContent => write_json_str_content(payload, json),
+      }
+      payload.push_str(&self.content_end);
+    });
   }
 
   /// [`Self::push`] for a chunk with only content, handed over as its JSON
   /// string: the same payload, made without decoding the content or escaping
   /// it twice (the path of nearly every streamed token).
-  pub fn push_content(&mut self, content: RawContent<'_>, out: &mut Vec<String>) {
+  pub fn push_content(&mut self, content: RawContent<'_>, out: &mut impl PayloadSink) {
     self.start(out);
     self.text_chars += content.chars;
-    out.push(self.content_json_payload(content.json));
+    self.content_json_payload(content.json, out);
   }
 
-  fn start(&mut self, out: &mut Vec<String>) {
+  fn start(&mut self, out: &mut impl PayloadSink) {
     if !self.started {
       self.started = true;
-      out.push(self.emit(self.payload(r#"{"content":"","role":"assistant"}"#, None)));
+      out.push_payload(self.emit(self.payload(r#"{"content":"","role":"assistant"}"#, None)));
     }
   }
 
-  pub fn push(&mut self, chunk: CompletionChunk, out: &mut Vec<String>) {
+  pub fn push(&mut self, chunk: CompletionChunk, out: &mut impl PayloadSink) {
     self.start(out);
     if let Some(reason) = normalize_finish_reason(chunk.finish_reason.as_deref()) {
       self.finish_reason = Some(reason);
@@ -1249,8 +1325,7 @@ impl StreamEncoder {
     };
     if calls.is_empty() {
       if let Some(content) = content {
-        let payload = self.content_payload(&content);
-        out.push(payload);
+        self.content_payload(&content, out);
       }
       return;
     }
@@ -1269,7 +1344,7 @@ impl StreamEncoder {
       delta.push_str(&Value::Array(calls).to_string());
     }
     delta.push('}');
-    out.push(self.emit(self.payload(&delta, None)));
+    out.push_payload(self.emit(self.payload(&delta, None)));
   }
 
   /// The usage the provider reported, if any, and the characters of the text
@@ -1316,7 +1391,7 @@ impl StreamEncoder {
   }
 
   /// The v1 answer of a provider without `stream()`: its whole result as one delta.
-  pub fn push_result(&mut self, result: CompletionResult, out: &mut Vec<String>) {
+  pub fn push_result(&mut self, result: CompletionResult, out: &mut impl PayloadSink) {
     let tool_calls = result.tool_calls.map(|calls| {
       calls
         .into_iter()
@@ -1343,7 +1418,7 @@ impl StreamEncoder {
   }
 
   /// The finish chunk, the usage chunk when asked for, and `[DONE]`.
-  pub fn finish(&mut self, out: &mut Vec<String>) {
+  pub fn finish(&mut self, out: &mut impl PayloadSink) {
     self.start(out);
     let reason = self
       .finish_reason
@@ -1352,7 +1427,7 @@ impl StreamEncoder {
       } else {
         "tool_calls"
       });
-    out.push(self.emit(self.payload("{}", Some(reason))));
+    out.push_payload(self.emit(self.payload("{}", Some(reason))));
     if self.include_usage {
       let usage = self.usage.unwrap_or(Usage {
         prompt_tokens: 0,
@@ -1367,15 +1442,15 @@ impl StreamEncoder {
         "choices": [],
         "usage": usage.wire(),
       });
-      out.push(self.emit(chunk.to_string()));
+      out.push_payload(self.emit(chunk.to_string()));
     }
-    out.push(DONE.to_owned());
+    out.write_payload(DONE.len(), |text| text.push_str(DONE));
   }
 
   /// An error after payloads went out: `{"error":{…}}` in-band, then `[DONE]`.
-  pub fn fail(&mut self, error: &ErrorReply, out: &mut Vec<String>) {
-    out.push(self.emit(error.body().to_string()));
-    out.push(DONE.to_owned());
+  pub fn fail(&mut self, error: &ErrorReply, out: &mut impl PayloadSink) {
+    out.push_payload(self.emit(error.body().to_string()));
+    out.write_payload(DONE.len(), |text| text.push_str(DONE));
   }
 }
 
@@ -1876,7 +1951,8 @@ mod tests {
         StreamEncoder::with_form(identity(), true, form),
         StreamEncoder::with_form(identity(), true, form),
       );
-      let (mut typed_out, mut raw_out) = (Vec::new(), Vec::new());
+      // The registrar's sink on the raw path, a list of strings on the typed.
+      let (mut typed_out, mut raw_out) = (Vec::new(), Payloads::default());
       for content in contents {
         typed.push(
           CompletionChunk {
@@ -1892,7 +1968,7 @@ mod tests {
       }
       typed.finish(&mut typed_out);
       raw.finish(&mut raw_out);
-      assert_eq!(raw_out, typed_out, "{form:?}");
+      assert_eq!(raw_out.iter().collect::<Vec<_>>(), typed_out, "{form:?}");
       assert_eq!(raw.spent(), typed.spent(), "{form:?}");
       assert_eq!(raw.answer(), typed.answer());
     }
@@ -1900,6 +1976,22 @@ mod tests {
     for json in [r#""""#, r#""\/""#, r#""\ud800""#, "7"] {
       assert_eq!(RawContent::new(json), None, "{json}");
     }
+  }
+
+  #[test]
+  fn payloads_keep_each_one_whole_and_their_room_when_cleared() {
+    let mut list: Payloads = ["a", "", "bc"].into_iter().collect();
+    list.write_payload(4, |text| text.push_str("déf"));
+    assert_eq!(list.len(), 4);
+    assert_eq!(list.get(1), "");
+    assert_eq!(list.get(3), "déf");
+    assert_eq!(list.iter().collect::<Vec<_>>(), ["a", "", "bc", "déf"]);
+    let room = (list.text.capacity(), list.ends.capacity());
+    list.clear();
+    assert!(list.is_empty());
+    assert_eq!((list.text.capacity(), list.ends.capacity()), room);
+    list.push_payload("x".into());
+    assert_eq!(list.iter().collect::<Vec<_>>(), ["x"]);
   }
 
   #[test]

@@ -20,8 +20,8 @@ use serde_json::{json, Map, Number, Value};
 
 use mcpctl_registrar::openai::{
   chat_completion, to_completion_options, AnswerIdentity, CompletionChunk, CompletionResult,
-  ErrorReply, FunctionCall, FunctionDelta, FunctionKind, PayloadForm, StreamEncoder, ToolCall,
-  ToolCallDelta, Usage, DONE,
+  ErrorReply, FunctionCall, FunctionDelta, FunctionKind, PayloadForm, Payloads, StreamEncoder,
+  ToolCall, ToolCallDelta, Usage, DONE,
 };
 use mcpctl_registrar::wire::{
   parse_caller, parse_task, replace_lone_surrogates, write_json_str, ChunkPost, MAX_CALLER_BYTES,
@@ -587,6 +587,24 @@ fn encode(
     encoder.push(chunk.clone(), &mut out);
   }
   encoder.finish(&mut out);
+  // The registrar's sink, emptied and reused every few chunks as its runs
+  // are, holds the same payloads.
+  let mut encoder = StreamEncoder::with_form(identity.clone(), include_usage, form);
+  let mut list = Payloads::default();
+  let mut taken = Vec::new();
+  let mut take = |list: &mut Payloads| {
+    taken.extend(list.iter().map(str::to_owned));
+    list.clear();
+  };
+  for (index, chunk) in chunks.iter().enumerate() {
+    encoder.push(chunk.clone(), &mut list);
+    if index % 3 == 2 {
+      take(&mut list);
+    }
+  }
+  encoder.finish(&mut list);
+  take(&mut list);
+  assert_eq!(taken, out);
   out
 }
 

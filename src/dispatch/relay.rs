@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::delivery::{deliver, Delivery, DeliverySignals};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
-use crate::openai::{PayloadForm, DONE};
+use crate::openai::{PayloadForm, Payloads, DONE};
 use crate::trace::TaskTrace;
 use crate::wire::write_json_str;
 
@@ -127,16 +127,17 @@ impl Outbox {
   /// while the next POST's body is full. (The registrar pushes escaped ones.)
   #[cfg(test)]
   pub async fn push(&self, payloads: &mut Vec<String>) -> Result<(), RelayGone> {
-    self.push_in(payloads, PayloadForm::Json).await
+    let mut list: Payloads = payloads.drain(..).collect();
+    self.push_in(&mut list, PayloadForm::Json).await
   }
 
   /// [`Outbox::push`] for payloads already escaped as the inside of a JSON
   /// string (`PayloadForm::JsonStringContent`): they are copied, not escaped.
-  pub async fn push_escaped(&self, payloads: &mut Vec<String>) -> Result<(), RelayGone> {
+  pub async fn push_escaped(&self, payloads: &mut Payloads) -> Result<(), RelayGone> {
     self.push_in(payloads, PayloadForm::JsonStringContent).await
   }
 
-  async fn push_in(&self, payloads: &mut Vec<String>, form: PayloadForm) -> Result<(), RelayGone> {
+  async fn push_in(&self, payloads: &mut Payloads, form: PayloadForm) -> Result<(), RelayGone> {
     let mut at = 0;
     while at < payloads.len() {
       let wake_relay = {
@@ -147,7 +148,7 @@ impl Outbox {
         }
         let was_empty = state.payloads == 0;
         while at < payloads.len() && !state.full() {
-          let payload = &payloads[at];
+          let payload = payloads.get(at);
           if state.payloads > 0 {
             state.body.push(',');
           }
@@ -373,7 +374,7 @@ mod tests {
     let escaped = Outbox::new();
     let mut payloads = payloads(0, 3);
     payloads.push(DONE.to_owned());
-    let mut inside: Vec<String> = payloads
+    let mut inside: Payloads = payloads
       .iter()
       .map(|payload| {
         let quoted = serde_json::to_string(payload).unwrap();
@@ -382,6 +383,7 @@ mod tests {
       .collect();
     plain.push(&mut payloads.clone()).await.unwrap();
     escaped.push_escaped(&mut inside).await.unwrap();
+    assert!(inside.is_empty());
     let (plain, escaped) = (
       plain.take(0, false).await.unwrap(),
       escaped.take(0, false).await.unwrap(),

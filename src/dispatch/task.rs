@@ -34,7 +34,9 @@ use super::observed::TaskClock;
 use super::relay::{relay_chunks, Outbox, Relayed};
 use crate::error::describe;
 use crate::mcpd::McpdClient;
-use crate::openai::{self, AnswerIdentity, ErrorReply, PayloadForm, StreamEncoder, Usage};
+use crate::openai::{
+  self, AnswerIdentity, ErrorReply, PayloadForm, Payloads, StreamEncoder, Usage,
+};
 use crate::owner::ErrorDetail;
 use crate::provider::{AbortReason, Provider, ProviderCall};
 use crate::stream::ChunkItem;
@@ -339,7 +341,7 @@ impl TaskContext<'_> {
       };
       if encoder.started() {
         // Payloads went out: the error goes in-band, then [DONE].
-        let mut out = Vec::new();
+        let mut out = Payloads::default();
         *self.failure.lock() = Some(reply.kind);
         encoder.fail(&failure::scrubbed(&reply, self.client.token()), &mut out);
         let _ = outbox.push_escaped(&mut out).await;
@@ -490,7 +492,7 @@ async fn produce(
 ) -> Result<(), Produced> {
   let provider_failed =
     |message: String| Produced::Failed(failure::provider_failed(detail, message));
-  let mut out = Vec::new();
+  let mut out = Payloads::default();
   called.store(true, Ordering::Relaxed);
   if provider.can_stream() {
     // The one call into the provider; its chunks then come from the core's
@@ -534,7 +536,7 @@ async fn produce(
   send_all(outbox, &mut out).await
 }
 
-async fn send_all(outbox: &Outbox, out: &mut Vec<String>) -> Result<(), Produced> {
+async fn send_all(outbox: &Outbox, out: &mut Payloads) -> Result<(), Produced> {
   outbox
     .push_escaped(out)
     .await
