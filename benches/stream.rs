@@ -14,8 +14,8 @@
 use std::time::{Duration, Instant};
 
 use mcpctl_registrar::openai::{
-  parse_chunk, AnswerIdentity, CompletionChunk, PayloadForm, Payloads, RawContent, StreamEncoder,
-  DONE,
+  parse_chunk, AnswerIdentity, CompletionChunk, PayloadForm, PayloadSink, Payloads, RawContent,
+  StreamEncoder, DONE,
 };
 use mcpctl_registrar::wire::ChunkPost;
 use serde_json::{json, Value};
@@ -123,35 +123,39 @@ fn typed(texts: &[String]) -> usize {
   body.bytes
 }
 
-fn raw(texts: &[String]) -> usize {
-  let mut encoder = StreamEncoder::with_form(identity(), false, PayloadForm::JsonStringContent);
-  let mut out = Vec::new();
-  let mut body = Body::default();
-  for run in texts.chunks(128) {
-    for text in run {
-      encoder.push_content(RawContent::new(text).unwrap(), &mut out);
-    }
-    body.append(out.iter().map(String::as_str));
-    out.clear();
-  }
-  encoder.finish(&mut out);
-  body.append(out.iter().map(String::as_str));
-  body.bytes
+/// A sink the bench can empty into a body: the payloads as strings ("raw") or in
+/// one text ("now").
+trait Emptied: PayloadSink + Default {
+  fn empty_into(&mut self, body: &mut Body);
 }
 
-fn now(texts: &[String]) -> usize {
+impl Emptied for Vec<String> {
+  fn empty_into(&mut self, body: &mut Body) {
+    body.append(self.iter().map(String::as_str));
+    self.clear();
+  }
+}
+
+impl Emptied for Payloads {
+  fn empty_into(&mut self, body: &mut Body) {
+    body.append(self.iter());
+    self.clear();
+  }
+}
+
+/// Each item taken as it is, its payload written into a sink of type `S`.
+fn taken<S: Emptied>(texts: &[String]) -> usize {
   let mut encoder = StreamEncoder::with_form(identity(), false, PayloadForm::JsonStringContent);
-  let mut out = Payloads::default();
+  let mut out = S::default();
   let mut body = Body::default();
   for run in texts.chunks(128) {
     for text in run {
       encoder.push_content(RawContent::new(text).unwrap(), &mut out);
     }
-    body.append(out.iter());
-    out.clear();
+    out.empty_into(&mut body);
   }
   encoder.finish(&mut out);
-  body.append(out.iter());
+  out.empty_into(&mut body);
   body.bytes
 }
 
@@ -174,6 +178,6 @@ fn main() {
   let texts = texts();
   report("before", before, &texts);
   report("typed", typed, &texts);
-  report("raw", raw, &texts);
-  report("now", now, &texts);
+  report("raw", taken::<Vec<String>>, &texts);
+  report("now", taken::<Payloads>, &texts);
 }
