@@ -285,7 +285,14 @@ async function measure(registrar) {
 
     await run('warm-up', scale.warmup, 1, 0)
     await run('warm-up 64', scale.warmup * 4, 64, 0)
-    if (!values.scenario || values.scenario === 'stream') await run('warm-up streams', 4, 4, 200)
+    if (!values.scenario || values.scenario === 'stream') {
+      await run('warm-up streams', 4, 4, 200)
+      // Two whole streams, not measured: after 800 tokens the stream path's JIT
+      // (the provider's generator, each registrar's loop) is still cold, and the
+      // first two streams of 20,000 tokens cost either registrar 1.3–4× the CPU
+      // per token of the later ones (docs/benchmark.md, "Steady streams").
+      for (let i = 0; i < 2; i++) await run('warm-up one stream', 1, 1, scale.oneStream)
+    }
 
     // Both kept for the audit rows at the end (set whenever no --scenario returns early).
     let latency
