@@ -347,10 +347,10 @@ export interface CompletionOptions {
    */
   trace?: CompletionTrace
   /**
-   * The OpenAI request as mcpd sent it (its keys in their order, its numbers
-   * as written), for providers that forward it as is. The one change: the
-   * owner's `maxOutputTokens` is set as `max_tokens` when the request asked
-   * for no limit.
+   * The OpenAI request as mcpd sent it, every field included, for providers
+   * that forward it as is. When the entry has `maxOutputTokens` and the request
+   * sets neither `max_tokens` nor `max_completion_tokens`, `max_tokens` is set
+   * to it.
    */
   request: Record<string, unknown>
 }

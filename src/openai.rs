@@ -213,10 +213,10 @@ pub struct CompletionOptions {
   /// `complete()` or `stream()` runs.
   #[serde(skip_serializing_if = "Option::is_none")]
   pub trace: Option<CompletionTrace>,
-  /// The OpenAI request as mcpd sent it (its keys in their order, its numbers
-  /// as written), for providers that forward it as is. The one change: the
-  /// owner's `maxOutputTokens` is set as `max_tokens` when the request asked
-  /// for no limit.
+  /// The OpenAI request as mcpd sent it, every field included, for providers
+  /// that forward it as is. When the entry has `maxOutputTokens` and the request
+  /// sets neither `max_tokens` nor `max_completion_tokens`, `max_tokens` is set
+  /// to it.
   #[napi(ts_type = "Record<string, unknown>")]
   pub request: Box<RawValue>,
 }
@@ -1126,7 +1126,8 @@ impl PayloadSink for Vec<String> {
 
 /// Payloads written one after another into one text, each one's end kept: a
 /// streamed token's payload costs no allocation of its own (the text and the
-/// ends grow to a run's size once and are reused, run after run).
+/// ends grow to a run's size once and are reused, run after run; room above
+/// [`Payloads::KEPT_ROOM`], left by an outsized chunk, is given back).
 #[derive(Debug, Default)]
 pub struct Payloads {
   text: String,
@@ -1134,6 +1135,10 @@ pub struct Payloads {
 }
 
 impl Payloads {
+  /// The most room [`Payloads::clear`] keeps: a run of 128 ordinary tokens'
+  /// payloads takes a tenth of it.
+  pub const KEPT_ROOM: usize = 256 * 1024;
+
   pub fn len(&self) -> usize {
     self.ends.len()
   }
@@ -1152,10 +1157,11 @@ impl Payloads {
     (0..self.len()).map(|index| self.get(index))
   }
 
-  /// Empties the list, keeping its room.
+  /// Empties the list, keeping its room up to [`Payloads::KEPT_ROOM`].
   pub fn clear(&mut self) {
     self.text.clear();
     self.ends.clear();
+    self.text.shrink_to(Self::KEPT_ROOM);
   }
 }
 
@@ -1518,6 +1524,30 @@ mod tests {
     assert_eq!(options["messages"][3]["toolCallId"], json!("c1"));
     assert_eq!(options["request"], body);
     assert!(options.get("signal").is_none());
+  }
+
+  /// A typed number reads as `JSON.parse` reads it, so it agrees with the same
+  /// number in `request` (serde_json's default float parsing can be one unit in
+  /// the last place off).
+  #[test]
+  fn typed_numbers_read_as_javascript_reads_them() {
+    for literal in [
+      "7.038531e-26",
+      "2.2250738585072011e-308",
+      "0.1",
+      "1e2",
+      "0.30000000000000004",
+    ] {
+      let sent =
+        format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"temperature":{literal}}}"#);
+      let body: Value = serde_json::from_str(&sent).unwrap();
+      let options = to_completion_options(&body, RawValue::from_string(sent).unwrap())
+        .unwrap()
+        .options;
+      let exact: f64 = literal.parse().unwrap();
+      let typed = parsed(&options)["temperature"].as_f64().unwrap();
+      assert_eq!(typed.to_bits(), exact.to_bits(), "{literal}");
+    }
   }
 
   #[test]
@@ -1992,6 +2022,12 @@ mod tests {
     assert_eq!((list.text.capacity(), list.ends.capacity()), room);
     list.push_payload("x".into());
     assert_eq!(list.iter().collect::<Vec<_>>(), ["x"]);
+    // An outsized payload's room is given back, down to what a list keeps.
+    list.push_payload("\"".repeat(4 * Payloads::KEPT_ROOM));
+    assert!(list.text.capacity() >= 4 * Payloads::KEPT_ROOM);
+    list.clear();
+    assert!(list.text.capacity() <= Payloads::KEPT_ROOM);
+    assert!(list.text.capacity() >= room.0.min(Payloads::KEPT_ROOM));
   }
 
   #[test]

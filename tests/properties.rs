@@ -30,11 +30,6 @@ use mcpctl_registrar::wire::{
 
 /// `PROPTEST_CASES` when set, else `default`; no regression files (a shrunk
 /// failure is kept as an example test instead).
-/// `to_completion_options` of a body sent as `serde_json` prints it.
-fn convert(body: &Value) -> Result<mcpctl_registrar::openai::ChatRequest, ErrorReply> {
-  to_completion_options(body, serde_json::value::to_raw_value(body).unwrap())
-}
-
 fn config(default: u32) -> ProptestConfig {
   let cases = std::env::var("PROPTEST_CASES")
     .ok()
@@ -45,6 +40,11 @@ fn config(default: u32) -> ProptestConfig {
     failure_persistence: None,
     ..ProptestConfig::default()
   }
+}
+
+/// `to_completion_options` of a body sent as `serde_json` prints it.
+fn convert(body: &Value) -> Result<mcpctl_registrar::openai::ChatRequest, ErrorReply> {
+  to_completion_options(body, serde_json::value::to_raw_value(body).unwrap())
 }
 
 // ---------------------------------------------------------------------------

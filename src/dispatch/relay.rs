@@ -233,8 +233,14 @@ impl Outbox {
         let lingering = deadline.is_some_and(|at| tokio::time::Instant::now() < at);
         if state.payloads > 0 && (state.ready() || !lingering) {
           let next_seq = seq + state.payloads as u64;
-          // The next body starts as large as this one; after [DONE] there is none.
-          let capacity = if state.done { 0 } else { state.body.capacity() };
+          // The next body starts as large as this one (up to twice a full one's
+          // bytes, whatever an outsized payload grew it to); after [DONE] there
+          // is none.
+          let capacity = if state.done {
+            0
+          } else {
+            state.body.capacity().min(2 * MAX_BATCH_BYTES)
+          };
           let mut body = std::mem::replace(&mut state.body, body_head(next_seq, capacity));
           body.push_str("]}");
           let batch = Batch {
@@ -366,6 +372,26 @@ mod tests {
     assert_eq!((second.payloads, second.done), (3, true));
     outbox.close_producer();
     assert!(outbox.take(6, false).await.is_none());
+  }
+
+  #[tokio::test]
+  async fn an_outsized_payload_does_not_size_every_later_body() {
+    let outbox = Outbox::new();
+    outbox
+      .push_escaped(
+        &mut [format!("{{{}}}", "x".repeat(3 * MAX_BATCH_BYTES))]
+          .into_iter()
+          .collect(),
+      )
+      .await
+      .unwrap();
+    let batch = outbox.take(0, false).await.unwrap();
+    assert!(batch.body.len() > 3 * MAX_BATCH_BYTES);
+    let next = outbox.state.lock().body.capacity();
+    assert!(
+      (MAX_BATCH_BYTES..=2 * MAX_BATCH_BYTES).contains(&next),
+      "{next}"
+    );
   }
 
   #[tokio::test]
