@@ -607,7 +607,12 @@ async fn invalid_body_is_answered_400() {
     "task",
     &json!({ "taskId": "t-3", "provider": PROVIDER, "stream": "yes", "body": chat(false) }),
   );
-  for task in ["t-1", "t-2", "t-3"] {
+  // A task event without a body.
+  rig.fake.send(
+    "task",
+    &json!({ "taskId": "t-4", "provider": PROVIDER, "stream": false }),
+  );
+  for task in ["t-1", "t-2", "t-3", "t-4"] {
     let result = rig.fake.result(task).await;
     assert_eq!(
       error_of(&result),
@@ -624,6 +629,10 @@ async fn invalid_body_is_answered_400() {
       .as_str()
       .unwrap()
       .contains("'messages'")
+  );
+  assert_eq!(
+    rig.fake.result("t-4").await.body["body"]["error"]["message"],
+    "the request body must be a JSON object"
   );
   tasks_ended(&rig, 0).await;
   assert!(provider.calls().is_empty());

@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use parking_lot::{Mutex, RwLock};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -524,12 +525,8 @@ impl TaskDispatcher {
       }
     }
     // The body is parsed here, with serde_json's recursion limit: a body
-    // too deep or of the wrong shape is answered 400.
-    let Some(sent) = event.body.as_deref() else {
-      return answer(ErrorReply::invalid_request(
-        "the request body must be a JSON object",
-      ));
-    };
+    // too deep or of the wrong shape is answered 400 (an absent one as `null`).
+    let sent = event.body.as_deref().unwrap_or(RawValue::NULL);
     let body: Value = match serde_json::from_str(sent.get()) {
       Ok(body) => body,
       Err(error) => {
