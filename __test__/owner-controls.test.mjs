@@ -223,7 +223,12 @@ test('usage(): since as ISO time, every reason per provider, callers by id', asy
   await registrar.pause({ provider: 'local' })
   const paused = mcpd.sendTask({ provider: 'local', body: chatBody() })
   assert.equal((await mcpd.outcome(paused)).status, 503)
-  await mcpd.waitFor(() => registrar.usage().providers.local?.refused.provider_paused === 1)
+  // The task that ran is booked once its result POST is answered, which can come
+  // after the paused one's refusal: wait for both.
+  await mcpd.waitFor(() => {
+    const local = registrar.usage().providers.local
+    return local?.refused.provider_paused === 1 && local.tasks === 1
+  })
   const usage = registrar.usage().providers.local
   assert.deepEqual(
     { ...usage, refused: undefined },
