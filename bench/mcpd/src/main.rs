@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -353,12 +354,14 @@ const RESULT_CONTENT: &str = "ok";
 /// Each content token the bench provider's `stream()` yields (bench/child.mjs).
 const TOKEN: &str = "tok ";
 
-/// One chunk POST as read: typed, borrowing where it can, so checking every payload
-/// costs this single-threaded server little (it must not become the cap).
+/// One chunk POST as read: each payload as its JSON string token, escapes and all, so that
+/// checking every payload costs this single-threaded server little (it must not become the
+/// cap): see [`chunk_post`].
 #[derive(Deserialize)]
-struct ChunkPostBody {
+struct ChunkPostBody<'a> {
   seq: u64,
-  chunks: Vec<String>,
+  #[serde(borrow)]
+  chunks: Vec<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -394,8 +397,18 @@ struct ChunkCounts {
   problem: Option<String>,
 }
 
+/// One payload's counts (not `[DONE]`).
+#[derive(Clone, Copy, Default)]
+struct PayloadCounts {
+  tokens: u64,
+  finishes: u32,
+}
+
 /// `{"seq":N,"chunks":["…",…]}`: the seq, the payloads, and each payload read for its
-/// content deltas and finish_reasons.
+/// content deltas and finish_reasons. A payload byte for byte the same as the one before
+/// it (as its JSON string token: a stream of one repeated token is nearly all such) has
+/// the same counts and is not read again: every payload is still checked, by that
+/// comparison or by reading it.
 fn chunk_post(body: &[u8]) -> Result<ChunkCounts, String> {
   let body: ChunkPostBody = serde_json::from_slice(body).map_err(|error| error.to_string())?;
   let mut counts = ChunkCounts {
@@ -406,42 +419,62 @@ fn chunk_post(body: &[u8]) -> Result<ChunkCounts, String> {
     done: false,
     problem: None,
   };
-  for (at, payload) in body.chunks.iter().enumerate() {
-    if payload == "[DONE]" {
+  let mut last: Option<(&str, PayloadCounts)> = None;
+  for (at, raw) in body.chunks.iter().enumerate() {
+    let raw = raw.get();
+    if raw == r#""[DONE]""# {
       counts.done = true;
       if at + 1 != body.chunks.len() {
         counts.problem = Some("payloads after [DONE]".to_owned());
       }
       continue;
     }
-    let payload: Payload = match serde_json::from_str(payload) {
-      Ok(payload) => payload,
-      Err(error) => {
-        counts
-          .problem
-          .get_or_insert(format!("payload {at}: {error}"));
-        continue;
+    let payload = match last {
+      Some((before, payload)) if before == raw => payload,
+      _ => {
+        let payload = payload_counts(raw, at, &mut counts.problem);
+        last = Some((raw, payload));
+        payload
       }
     };
-    if payload.error.is_some() {
-      counts
-        .problem
-        .get_or_insert(format!("an error payload: {}", body.chunks[at]));
-    }
-    for choice in payload.choices {
-      match choice.delta.content.as_deref() {
-        None | Some("") => {}
-        Some(TOKEN) => counts.tokens += 1,
-        Some(other) => {
-          counts
-            .problem
-            .get_or_insert(format!("content {other:?}, not {TOKEN:?}"));
-        }
-      }
-      counts.finishes += u32::from(choice.finish_reason.is_some());
-    }
+    counts.tokens += payload.tokens;
+    counts.finishes += payload.finishes;
   }
   Ok(counts)
+}
+
+/// One payload (its JSON string token) read: its counts, and the first thing wrong with it
+/// kept in `problem` (if nothing was wrong before it).
+fn payload_counts(raw: &str, at: usize, problem: &mut Option<String>) -> PayloadCounts {
+  let mut counts = PayloadCounts::default();
+  let text: String = match serde_json::from_str(raw) {
+    Ok(text) => text,
+    Err(error) => {
+      problem.get_or_insert(format!("payload {at} is not a JSON string: {error}"));
+      return counts;
+    }
+  };
+  let payload: Payload = match serde_json::from_str(&text) {
+    Ok(payload) => payload,
+    Err(error) => {
+      problem.get_or_insert(format!("payload {at}: {error}"));
+      return counts;
+    }
+  };
+  if payload.error.is_some() {
+    problem.get_or_insert(format!("an error payload: {text}"));
+  }
+  for choice in payload.choices {
+    match choice.delta.content.as_deref() {
+      None | Some("") => {}
+      Some(TOKEN) => counts.tokens += 1,
+      Some(other) => {
+        problem.get_or_insert(format!("content {other:?}, not {TOKEN:?}"));
+      }
+    }
+    counts.finishes += u32::from(choice.finish_reason.is_some());
+  }
+  counts
 }
 
 /// This thread's CPU time in ns (the server's one runtime thread): the first field of its
@@ -451,4 +484,80 @@ fn own_cpu_ns() -> u64 {
     .ok()
     .and_then(|text| text.split_whitespace().next()?.parse().ok())
     .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  /// A content payload as a chunk POST holds it: a JSON string of the chunk's JSON text.
+  fn content(token: &str, finish: Option<&str>) -> String {
+    let finish = finish.map_or("null".to_owned(), |reason| format!("{reason:?}"));
+    let chunk = format!(
+      r#"{{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{{"index":0,"delta":{{"content":{token:?}}},"finish_reason":{finish}}}]}}"#
+    );
+    serde_json::to_string(&chunk).unwrap()
+  }
+
+  fn post(seq: u64, payloads: &[String]) -> Vec<u8> {
+    format!(r#"{{"seq":{seq},"chunks":[{}]}}"#, payloads.join(",")).into_bytes()
+  }
+
+  #[test]
+  fn repeated_payloads_are_counted_each_time() {
+    let mut payloads = vec![content(TOKEN, None); 5];
+    payloads.push(content("", Some("stop")));
+    payloads.push(r#""[DONE]""#.to_owned());
+    let counts = chunk_post(&post(7, &payloads)).unwrap();
+    assert_eq!(counts.seq, 7);
+    assert_eq!(counts.payloads, 7);
+    assert_eq!(counts.tokens, 5);
+    assert_eq!(counts.finishes, 1);
+    assert!(counts.done);
+    assert_eq!(counts.problem, None);
+  }
+
+  #[test]
+  fn a_payload_unlike_the_one_before_it_is_read() {
+    // The same token after a different one is read again, not taken for the first.
+    let payloads = [
+      content(TOKEN, None),
+      content(TOKEN, None),
+      content("tok!", None),
+      content(TOKEN, None),
+    ];
+    let counts = chunk_post(&post(0, &payloads)).unwrap();
+    assert_eq!(counts.tokens, 3);
+    assert_eq!(
+      counts.problem.as_deref(),
+      Some(r#"content "tok!", not "tok ""#)
+    );
+  }
+
+  #[test]
+  fn a_payload_that_is_not_a_string_or_not_a_chunk_is_a_problem() {
+    let counts = chunk_post(&post(0, &[content(TOKEN, None), "{}".to_owned()])).unwrap();
+    assert_eq!(counts.tokens, 1);
+    assert!(counts
+      .problem
+      .unwrap()
+      .starts_with("payload 1 is not a JSON string"));
+    let counts = chunk_post(&post(0, &[r#""{""#.to_owned()])).unwrap();
+    assert!(counts.problem.unwrap().starts_with("payload 0: "));
+    let error = serde_json::to_string(r#"{"error":{"message":"boom"}}"#).unwrap();
+    let counts = chunk_post(&post(0, &[error.clone(), error])).unwrap();
+    assert_eq!(
+      counts.problem.as_deref(),
+      Some(r#"an error payload: {"error":{"message":"boom"}}"#)
+    );
+  }
+
+  #[test]
+  fn payloads_after_done_are_a_problem() {
+    let payloads = [r#""[DONE]""#.to_owned(), content(TOKEN, None)];
+    let counts = chunk_post(&post(0, &payloads)).unwrap();
+    assert!(counts.done);
+    assert_eq!(counts.problem.as_deref(), Some("payloads after [DONE]"));
+    assert!(chunk_post(b"{\"seq\":0}").is_err());
+  }
 }
