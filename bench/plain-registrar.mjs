@@ -14,7 +14,7 @@
 // - the addon's batching rules and window: one chunk POST in flight per task; the
 //   payloads made meanwhile are appended to the next POST's body as they come; the
 //   first POST goes at once, later ones linger up to 5 ms for company; the provider
-//   is paused only while that body holds 1,024 payloads or 1 MiB (no other buffer);
+//   is paused only while that body holds 4,096 payloads or 1 MiB (no other buffer);
 // - the SSE channel is read with indexOf on the decoded text, no regex per line.
 //
 // Where it does less than the addon (none of it is on the measured path): no
@@ -25,7 +25,7 @@
 import http from 'node:http'
 import { completionOptions } from './completion-options.mjs'
 
-const MAX_BATCH_PAYLOADS = 1024
+const MAX_BATCH_PAYLOADS = 4096
 const MAX_BATCH_BYTES = 1024 * 1024
 const BATCH_LINGER_MS = 5
 const DONE = '[DONE]'
