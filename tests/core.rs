@@ -499,28 +499,44 @@ async fn streaming_v1_from_a_provider_without_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_provider_is_batched_under_slow_chunk_posts() {
-  let provider = MockProvider::streaming(2000, Duration::ZERO, None);
+  // More chunks than two chunk POSTs may carry (4,096 payloads each): while the first
+  // POST (sent at once, with what was made by then: up to a window's 2,048 chunks, or
+  // the cap) is held, the provider fills the next POST's body to its cap and waits;
+  // that body then goes whole. The hold is long beside the time a debug build takes to
+  // make 4,096 chunks, even on a loaded machine (tens of ms).
+  const COUNT: usize = 10_000;
+  const CAP: usize = 4096;
+  let provider = MockProvider::streaming(COUNT, Duration::ZERO, None);
   let rig = Rig::one("batch", &provider, roomy()).await;
-  rig.fake.delay(Route::Chunks, Duration::from_millis(20));
+  rig.fake.delay(Route::Chunks, Duration::from_millis(600));
   rig.fake.send_task("t-1", PROVIDER, true, chat(true));
   rig.fake.done("t-1").await;
   let posts = rig.fake.for_task(Route::Chunks, "t-1");
   let payloads = payloads_in_seq_order(&posts);
   assert_eq!(
     payloads.len(),
-    2003,
-    "role + 2000 contents + finish + [DONE]"
+    COUNT + 3,
+    "role + {COUNT} contents + finish + [DONE]"
   );
-  let chunks = parse(&payloads[..2002]);
+  let chunks = parse(&payloads[..COUNT + 2]);
   assert_eq!(chunks[0]["choices"][0]["delta"]["role"], json!("assistant"));
-  for (i, chunk) in chunks[1..2001].iter().enumerate() {
+  for (i, chunk) in chunks[1..=COUNT].iter().enumerate() {
     assert_eq!(
       chunk["choices"][0]["delta"],
       json!({ "content": format!("c{i} ") })
     );
   }
-  assert_eq!(chunks[2001]["choices"][0]["finish_reason"], json!("stop"));
-  assert!(posts.len() < 100, "{} POSTs for 2003 payloads", posts.len());
+  assert_eq!(
+    chunks[COUNT + 1]["choices"][0]["finish_reason"],
+    json!("stop")
+  );
+  let sizes: Vec<usize> = posts.iter().map(|post| chunks_of(post).len()).collect();
+  assert_eq!(
+    sizes.iter().max(),
+    Some(&CAP),
+    "a full body goes whole, and never more than the cap: {sizes:?}"
+  );
+  assert!(posts.len() <= 4, "POSTs of {sizes:?} payloads");
   assert_eq!(
     rig
       .fake

@@ -28,9 +28,10 @@ use crate::wire::write_json_str;
 /// The most payloads and bytes (of payloads as the body holds them) one chunk
 /// POST carries; the producer waits while the next POST's body holds this much.
 /// The byte bound is what bounds memory and a POST's size; the count is high
-/// enough that a fast stream of short tokens (a payload of ~150 bytes) fills
-/// about 600 KiB per POST rather than 150 KiB: a quarter of the POSTs and of
-/// the relay's wake-ups (docs/benchmark.md, "Fuller chunk POSTs").
+/// enough that a fast stream of short tokens (a payload of about 200 bytes as
+/// the body holds it) fills about 800 KiB per POST rather than 200 KiB: a
+/// quarter of the POSTs and of the relay's wake-ups (docs/benchmark.md,
+/// "Fuller chunk POSTs"). Longer payloads reach the byte bound first.
 const MAX_BATCH_PAYLOADS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// How long a chunk POST after the first waits for more payloads to join it.

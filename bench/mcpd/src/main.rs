@@ -422,6 +422,8 @@ fn chunk_post(body: &[u8]) -> Result<ChunkCounts, String> {
   let mut last: Option<(&str, PayloadCounts)> = None;
   for (at, raw) in body.chunks.iter().enumerate() {
     let raw = raw.get();
+    // Only as both registrars write it: an escaped spelling (`"[DONE\u005d"`) is a payload
+    // that does not parse, so the run fails on it rather than ending the stream.
     if raw == r#""[DONE]""# {
       counts.done = true;
       if at + 1 != body.chunks.len() {
