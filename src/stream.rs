@@ -660,6 +660,25 @@ mod tests {
     assert_eq!(woken.lock().len(), 1, "no wake-up per run");
   }
 
+  /// The registrar's own window: a stream of short tokens (as provider_bridge.js
+  /// pushes them, bare strings) fills its 2,048 chunks long before its bytes, and
+  /// its loop, once full, is woken once for 1,024 of them.
+  #[tokio::test]
+  async fn the_window_takes_2048_short_tokens_and_wakes_the_loop_at_1024() {
+    let (window, woken) = window(WINDOW.chunks, WINDOW.bytes);
+    let batch = format!("[{}]", vec![r#""tok ""#; 2048].join(","));
+    assert_eq!(window.push(batch, 2048), 0, "full after 2,048 chunks");
+    assert!(
+      window.state.lock().byte_credit > (WINDOW.bytes / 2) as i64,
+      "by their count, not their bytes"
+    );
+    let mut reader = ChunkReader::new(Arc::clone(&window));
+    read(&mut reader, 896).await;
+    assert!(woken.lock().is_empty(), "less than half free: no wake-up");
+    read(&mut reader, 128).await;
+    assert_eq!(*woken.lock(), vec![1024], "half free: one wake-up");
+  }
+
   #[tokio::test]
   async fn the_byte_credit_also_stops_the_producer() {
     let (window, _) = window(1000, 100);
