@@ -50,10 +50,10 @@ pub(crate) fn proptest_config(default: u32) -> proptest::test_runner::Config {
 /// The registrar runs on its own small runtime with named threads, so that its
 /// threads are recognisable in a profiler or a thread dump of mcplocal. One
 /// worker: against two (`npm run bench`, docs/benchmark.md "One runtime worker")
-/// it takes a third less CPU per task at 64 in flight and a tenth less
-/// sequentially, with 3 wake-ups a sequential task instead of 4.5, because mcpd's
-/// answer and the next task event are read in one wake-up and no block moves
-/// between two workers' caches. Nothing on it blocks: the audit log writes on its
+/// it takes a fifth to a third less CPU per task at 64 in flight and about a tenth
+/// less sequentially, with 3 wake-ups a sequential task instead of 4.5: mcpd's
+/// answer and the next task's event are read in one wake-up, and no second worker
+/// is woken to look for work. Nothing on it blocks: the audit log writes on its
 /// own thread, and `spawn_blocking` has its own pool.
 #[napi_derive::module_init]
 fn init() {
