@@ -176,6 +176,23 @@ impl SessionStore {
     Ok(removed)
   }
 
+  /// [`SessionStore::save`] on tokio's blocking pool, in the caller's span: a save
+  /// creates, locks, fsyncs and renames a file, and a slow disk must not hold the
+  /// registrar's one runtime worker (src/lib.rs), which reads the control channel
+  /// and posts every task's answers.
+  pub async fn save_off_runtime(&self, id: &str) -> Result<()> {
+    let store = self.clone();
+    let id = id.to_owned();
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(|| store.save(&id))).await {
+      Ok(saved) => saved,
+      Err(error) => Err(Error::io(
+        format!("cannot write {}", self.path().display()),
+        std::io::Error::other(error),
+      )),
+    }
+  }
+
   /// Writes the id atomically with mode 0600: a temp file with a random name,
   /// created with `O_EXCL` in the config dir (so a planted symlink is never
   /// written through), fsynced, then renamed over the session file. The rename
@@ -462,6 +479,44 @@ mod tests {
     store.save("ps-3").unwrap();
     assert!(!temp.path().join("nowhere").exists());
     assert_eq!(store.load().unwrap().as_deref(), Some("ps-3"));
+  }
+
+  /// A save made on the runtime runs on tokio's blocking pool, not on the runtime's
+  /// thread (the registrar has one worker), and in the caller's span: its warning
+  /// reaches the caller's registrar's logger.
+  #[cfg(unix)]
+  #[test]
+  fn a_save_from_the_runtime_runs_off_its_thread_in_the_callers_span() {
+    use std::sync::Arc;
+    use std::thread::ThreadId;
+    let temp = temp_dir();
+    let store = SessionStore::new(temp.path().to_path_buf());
+    std::os::unix::fs::symlink(temp.path().join("nowhere"), store.path()).unwrap();
+    let seen: Arc<parking_lot::Mutex<Vec<(String, ThreadId)>>> = Arc::default();
+    let captured = Arc::clone(&seen);
+    let route = crate::logging::LogRoute::register(
+      Some(Arc::new(move |_, message, _| {
+        captured.lock().push((message, std::thread::current().id()))
+      })),
+      None,
+    );
+    // A current-thread runtime runs its tasks on the thread that blocks on it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+      .build()
+      .unwrap();
+    let runtime_thread = std::thread::current().id();
+    route
+      .span()
+      .in_scope(|| runtime.block_on(store.save_off_runtime("ps-7")))
+      .unwrap();
+    assert_eq!(store.load().unwrap().as_deref(), Some("ps-7"));
+    let seen = seen.lock();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].0.contains("symbolic link"), "{seen:?}");
+    assert_ne!(
+      seen[0].1, runtime_thread,
+      "the save ran on the runtime's thread"
+    );
   }
 
   /// The sweep at start removes an abandoned temp file of a save, but not one a live

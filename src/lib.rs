@@ -50,11 +50,12 @@ pub(crate) fn proptest_config(default: u32) -> proptest::test_runner::Config {
 /// The registrar runs on its own small runtime with named threads, so that its
 /// threads are recognisable in a profiler or a thread dump of mcplocal. One
 /// worker: against two (`npm run bench`, docs/benchmark.md "One runtime worker")
-/// it takes a fifth to a third less CPU per task at 64 in flight and about a tenth
-/// less sequentially, with 3 wake-ups a sequential task instead of 4.5: mcpd's
-/// answer and the next task's event are read in one wake-up, and no second worker
-/// is woken to look for work. Nothing on it blocks: the audit log writes on its
-/// own thread, and `spawn_blocking` has its own pool.
+/// it takes a fifth to a third less CPU per task at 64 in flight and 0.88-0.97x
+/// the CPU per sequential task, with 3 wake-ups a back-to-back task instead of 4.5:
+/// mcpd's answer and the next task's event are read in one wake-up, and no second
+/// worker is woken to look for work. Measured on a quiet machine; at load 10-12 one
+/// worker was no cheaper and streamed half as fast (the same document). Nothing may block it: the session file is saved
+/// on `spawn_blocking`'s pool, and the audit log writes on its own thread.
 #[napi_derive::module_init]
 fn init() {
   let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -348,11 +348,13 @@ where
         other => (key, other),
       })
       .collect();
-    match route.and_then(|route| route.sink.clone()) {
-      Some(sink) => {
-        drop(routes);
-        sink(level, message, fields);
-      }
+    // The routes' lock is let go before the line is written: a JavaScript logger
+    // or a full stderr pipe must not hold it while the main thread waits to add
+    // or drop a route.
+    let sink = route.and_then(|route| route.sink.clone());
+    drop(routes);
+    match sink {
+      Some(sink) => sink(level, message, fields),
       None => eprintln!("{}", stderr_line(level, &message, &fields)),
     }
   }

@@ -208,7 +208,7 @@ impl Core {
       if previous.is_some() {
         tracing::info!("mcpd assigned a new session id");
       }
-      if let Err(error) = self.store.save(&id) {
+      if let Err(error) = self.store.save_off_runtime(&id).await {
         let text = describe(&error);
         tracing::warn!(error = %text, "cannot persist the session id");
         self.record_error(text);
