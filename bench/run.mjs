@@ -75,7 +75,7 @@ const rounds = Math.max(1, Number(values.rounds ?? (smoke ? 1 : 3)) || 1)
 
 const scale = smoke
   ? { warmup: 50, latency: 200, throughput: 300, paced: 100, pacedRate: 500, oneStream: 2000, oneStreamRuns: 2, streams: 16, streamTokens: 100, idleMs: 300, idleSettleMs: 300, floor: 100, floorTokens: 2000 }
-  : { warmup: 500, latency: 3000, throughput: 20_000, paced: 4000, pacedRate: 2000, oneStream: 20_000, oneStreamRuns: 5, streams: 64, streamTokens: 2000, idleMs: 3000, idleSettleMs: 3000, floor: 2000, floorTokens: 100_000 }
+  : { warmup: 500, latency: 3000, throughput: 20_000, paced: 4000, pacedRate: 2000, oneStream: 20_000, oneStreamRuns: 20, streams: 64, streamTokens: 2000, idleMs: 3000, idleSettleMs: 3000, floor: 2000, floorTokens: 100_000 }
 if (values.paced) scale.pacedRate = Math.max(1, Number(values.paced) || scale.pacedRate)
 
 function findAddons() {
