@@ -54,8 +54,9 @@ pub(crate) fn proptest_config(default: u32) -> proptest::test_runner::Config {
 /// the CPU per sequential task, with 3 wake-ups a back-to-back task instead of 4.5:
 /// mcpd's answer and the next task's event are read in one wake-up, and no second
 /// worker is woken to look for work. Measured on a quiet machine; at load 10-12 one
-/// worker was no cheaper and streamed half as fast (the same document). Nothing may block it: the session file is saved
-/// on `spawn_blocking`'s pool, and the audit log writes on its own thread.
+/// worker was no cheaper and streamed half as fast (the same document). Nothing may
+/// block it: the session file is saved on `spawn_blocking`'s pool, and the audit log
+/// writes on its own thread.
 #[napi_derive::module_init]
 fn init() {
   let runtime = tokio::runtime::Builder::new_multi_thread()
